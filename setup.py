@@ -1,0 +1,40 @@
+"""Packaging for cngmrv.
+
+The folders at the repository root (``agent``, ``drivers``, ``native``, ``sim``)
+install as subpackages of one implicit namespace package ``cngmrv``, so no
+generic top-level names land in site-packages.  The C integrator is built by
+cffi in API (out-of-line) mode through ``cffi_modules``.
+"""
+
+from setuptools import setup
+
+SUBPACKAGES = ("agent", "drivers", "native", "sim")
+
+setup(
+    name="cngmrv",
+    version="0.1.0",
+    description="Edge agent: signed, verifiable fuel and emission data from dual-fuel (diesel-CNG) buses",
+    python_requires=">=3.11",
+    packages=[f"cngmrv.{name}" for name in SUBPACKAGES],
+    package_dir={f"cngmrv.{name}": name for name in SUBPACKAGES},
+    package_data={"cngmrv.native": ["*.h", "*.c"]},
+    setup_requires=["cffi>=1.16"],
+    cffi_modules=["native/build_integrator.py:ffibuilder"],
+    install_requires=[
+        "python-can>=4.4",
+        "pyserial>=3.5",
+        "cffi>=1.16",
+        "msgpack>=1.0.7",
+        "cryptography>=42",
+        "cantools>=39.4",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "mypy>=1.10",
+            "ruff>=0.5",
+        ],
+    },
+    entry_points={"console_scripts": ["cngmrv = cngmrv.agent.cli:main"]},
+)
