@@ -34,7 +34,14 @@ setup(
             "hypothesis>=6.100",
             "mypy>=1.10",
             "ruff>=0.5",
+            "numpy>=1.26",
+            # Reads the shared real MF4 recording through can.LogReader.
+            "asammdf>=7.4",
         ],
     },
-    entry_points={"console_scripts": ["cngmrv = cngmrv.agent.cli:main"]},
+    entry_points={
+        "console_scripts": ["cngmrv = cngmrv.agent.cli:main"],
+        # Subcommands contributed by other packages, so the agent never imports the simulator.
+        "cngmrv.commands": ["sim = cngmrv.sim.harness:register"],
+    },
 )

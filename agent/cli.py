@@ -1,3 +1,213 @@
-def main() -> None:
-    from cngmrv.native._integrator import lib
-    print(lib.add(1, 2))
+"""The ``cngmrv`` command line.
+
+Subcommands live here, except those other packages contribute through the
+``cngmrv.commands`` entry-point group (``sim`` comes from ``cngmrv.sim``), so
+the agent never imports the simulator.  Every failure the user can cause
+(a missing key, an unreadable store, a bad option) ends in one line on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import NoReturn
+
+from cngmrv.agent import batch, config, keys
+from cngmrv.agent.store import StoreError, open_readonly
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage dump: the user asked for `--help` if they want it.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    key_path, pub_path = keys.generate(Path(args.out), overwrite=args.force)
+    signer = keys.load_signer(key_path)
+    out = {"key": str(key_path), "pub": str(pub_path), "kid": signer.kid}
+    print(json.dumps(out) if args.json else f"wrote {key_path} and {pub_path}\nkid {signer.kid}")
+    return 0
+
+
+def _read_batches(db_path: Path) -> list[tuple[int, bytes]]:
+    db = open_readonly(db_path)
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "batches" not in tables:
+            raise StoreError(f"{db_path} is not a cngmrv store (no batches table)")
+        return [
+            (int(s), bytes(b)) for s, b in db.execute("SELECT seq, bytes FROM batches ORDER BY seq")
+        ]
+    finally:
+        db.close()
+
+
+def _export(args: argparse.Namespace) -> int:
+    rows = _read_batches(Path(args.db))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for seq, raw in rows:
+        (out / f"{seq}.batch").write_bytes(raw)
+    if args.json:
+        print(json.dumps({"exported": len(rows), "out": str(out)}))
+    else:
+        print(f"exported {len(rows)} batches to {out}")
+    return 0
+
+
+def _collect(paths: list[str]) -> list[tuple[str, bytes]]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(p.glob("*.batch")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    if not files:
+        raise FileNotFoundError("no batch files given (a folder is searched for *.batch)")
+    return [(str(f), f.read_bytes()) for f in files]
+
+
+def _verify(args: argparse.Namespace) -> int:
+    pub = keys.load_public_key(Path(args.pubkey))
+    report = batch.verify_set(_collect(args.paths), pub)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "passed": report.passed,
+                    "ok": len(report.ok),
+                    "bad": report.bad,
+                    "gaps": [list(g) for g in report.gaps],
+                }
+            )
+        )
+    else:
+        for name, reasons in sorted(report.bad.items()):
+            for r in reasons:
+                print(f"BAD  {name}: {r}")
+        for lo, hi in report.gaps:
+            print(f"GAP  batch_seq {lo}" + (f"..{hi}" if hi != lo else "") + " missing")
+        print(f"{len(report.ok)} batches verified, {len(report.bad)} bad, {len(report.gaps)} gaps")
+    return 0 if report.passed else EXIT_FAILED
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from cngmrv.agent.ingest import IngestServer, register_device
+
+    server = IngestServer(Path(args.db), args.host, args.port)
+    for item in args.register or []:
+        device_id, sep, pub = item.partition("=")
+        if not sep:
+            raise ValueError(f"--register takes DEVICE_ID=PUBKEY_FILE, got {item!r}")
+        kid = register_device(server.db, device_id, Path(pub).read_bytes())
+        print(f"registered {device_id} kid {kid}", file=sys.stderr)
+    print(f"ingest listening on {server.url}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.stop).start())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cngmrv.agent.runtime import Agent
+
+    cfg = config.load(Path(args.config))
+    agent = Agent(cfg)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    agent.start()
+    try:
+        agent.run(stop)
+    finally:
+        agent.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cngmrv", description="Signed fuel and emission data from dual-fuel buses.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("run", help="run the agent from a TOML config")
+    s.add_argument("--config", required=True, help="TOML config file")
+    s.set_defaults(func=_run)
+
+    s = sub.add_parser("keygen", help="make a device key pair (device.key 0600, device.pub)")
+    s.add_argument("--out", required=True, help="folder for device.key and device.pub")
+    s.add_argument("--force", action="store_true", help="replace an existing key")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_keygen)
+
+    s = sub.add_parser("export", help="write each batch of a store as <batch_seq>.batch")
+    s.add_argument("--db", required=True, help="device store (SQLite)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_export)
+
+    s = sub.add_parser("verify", help="check signatures, hash chain and sequence gaps")
+    s.add_argument("paths", nargs="+", metavar="FILES_OR_DIR")
+    s.add_argument("--pubkey", required=True, help="the device's public key (PEM)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_verify)
+
+    s = sub.add_parser("ingest", help="run the reference ingest server")
+    s.add_argument("--db", required=True, help="ingest database (SQLite)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument(
+        "--register", action="append", metavar="DEVICE_ID=PUBKEY", help="register a device key"
+    )
+    s.set_defaults(func=_ingest)
+
+    for ep in entry_points(group="cngmrv.commands"):
+        ep.load()(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code = int(args.func(args))
+    except (
+        keys.KeyFileError,
+        StoreError,
+        config.ConfigError,
+        batch.BatchFormatError,
+        FileNotFoundError,
+        PermissionError,
+        ValueError,
+    ) as e:
+        print(f"cngmrv {args.command}: error: {e}", file=sys.stderr)
+        code = EXIT_USAGE
+    except OSError as e:
+        print(f"cngmrv {args.command}: error: {e}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from cngmrv.drivers import j1939
 from cngmrv.drivers.j1939 import (
     PGN_CCVS,
@@ -38,8 +41,6 @@ from cngmrv.drivers.j1939 import (
     make_id,
     parse_id,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 ALL_SIGNALS = [(pgn, spec) for pgn, specs in SIGNALS.items() for spec in specs]
 

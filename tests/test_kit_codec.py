@@ -9,9 +9,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from cngmrv.drivers import kit_codec as kc
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+
+from cngmrv.drivers import kit_codec as kc
 
 CODEC_PATH = Path(kc.__file__)
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from cngmrv.drivers import kit_codec as kc
 from cngmrv.drivers.kit_link import KitSerialSource
 

@@ -1,0 +1,149 @@
+"""Device keys: generation, loading and the signing interface.
+
+Signing sits behind :class:`Signer` so a secure element (which only does
+ECDSA P-256) can replace the key file later without touching the batch code.
+The private key never leaves this module: nothing here logs or formats it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import Protocol
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+ALG = "ES256"
+KEY_FILE = "device.key"
+PUB_FILE = "device.pub"
+
+
+class KeyFileError(Exception):
+    """A key file is missing, unreadable, of the wrong type or too widely readable."""
+
+
+def kid_of(public_key: ec.EllipticCurvePublicKey) -> str:
+    """Key id: hex SHA-256 of the public key's SubjectPublicKeyInfo DER."""
+    der = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+class Signer(Protocol):
+    """What the batch sealer needs from a key: an id and a signature over bytes."""
+
+    @property
+    def kid(self) -> str: ...
+
+    def sign(self, data: bytes) -> bytes:
+        """Return the DER ECDSA-P256-SHA256 signature of ``data``."""
+        ...
+
+    def public_pem(self) -> bytes: ...
+
+
+class FileSigner:
+    """A P-256 key held in a PKCS#8 PEM file of mode 0600."""
+
+    def __init__(self, private_key: ec.EllipticCurvePrivateKey) -> None:
+        if not isinstance(private_key.curve, ec.SECP256R1):
+            raise KeyFileError("device key must be ECDSA P-256")
+        self._key = private_key
+        self._kid = kid_of(private_key.public_key())
+
+    def __repr__(self) -> str:  # never show key material
+        return f"FileSigner(kid={self._kid[:16]}…)"
+
+    @property
+    def kid(self) -> str:
+        return self._kid
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+    def public_pem(self) -> bytes:
+        return self._key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+
+def generate(out_dir: Path, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``device.key`` (PKCS#8 PEM, mode 0600) and ``device.pub`` into ``out_dir``.
+
+    Refuses to replace an existing key unless ``overwrite``: a device that
+    silently changes key breaks its own signature chain at the ingest.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key_path, pub_path = out_dir / KEY_FILE, out_dir / PUB_FILE
+    if key_path.exists() and not overwrite:
+        raise KeyFileError(f"{key_path} already exists; refusing to replace a device key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # Create with 0600 from the start so the key is never briefly world-readable.
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    os.chmod(key_path, 0o600)
+    pub_path.write_bytes(FileSigner(key).public_pem())
+    return key_path, pub_path
+
+
+def load_signer(key_path: Path) -> FileSigner:
+    """Load the device key, refusing one that group or others can read."""
+    try:
+        mode = key_path.stat().st_mode
+    except FileNotFoundError:
+        raise KeyFileError(f"key file not found: {key_path}") from None
+    except OSError as e:
+        raise KeyFileError(f"cannot read key file {key_path}: {e.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"key file {key_path} is accessible by group/others (mode {stat.S_IMODE(mode):04o}); "
+            "run: chmod 600 " + str(key_path)
+        )
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError, OSError) as e:
+        raise KeyFileError(
+            f"key file {key_path} is not an unencrypted PKCS#8 PEM key: {e}"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise KeyFileError(f"key file {key_path} is not an EC key")
+    return FileSigner(key)
+
+
+def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
+    """Load a PEM public key (``device.pub``)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise KeyFileError(f"cannot read public key {path}: {e.strerror}") from None
+    return public_key_from_pem(data, str(path))
+
+
+def public_key_from_pem(data: bytes, where: str = "public key") -> ec.EllipticCurvePublicKey:
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as e:
+        raise KeyFileError(f"{where} is not a PEM public key: {e}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise KeyFileError(f"{where} is not an ECDSA P-256 public key")
+    return key
+
+
+def verify_signature(public_key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
+    """True when ``signature`` is a valid DER ECDSA-P256-SHA256 signature of ``data``."""
+    try:
+        public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True

@@ -1,0 +1,201 @@
+"""The deterministic core: decoded signals in, 1-second readings out.
+
+No I/O and no wall-clock reads: time comes only from the frames and kit
+messages fed in, so the simulation can run it faster than real time and a
+replay gives the same readings every time.
+
+Two sources run on different clocks.  CAN frames carry the bus timestamp; kit
+messages carry the kit's millisecond tick, which is precise for intervals but
+has an unknown offset.  The offset is anchored to the latest bus time when the
+first kit message arrives (or to the receive time before any CAN frame), and
+re-anchored, with an event, only when the two drift apart by more than
+``kit_resync_s``.
+
+Readings are emitted when every *active* source has moved past the window end
+plus the integrator's lateness (a per-source watermark, as in stream
+processors), so a slow source cannot have its samples land in a window that
+was already closed.  A source that falls ``stale_s`` behind the others stops
+holding readings back; if it comes back its late samples are counted, not
+integrated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cngmrv.drivers import j1939
+from cngmrv.drivers.kit_codec import MODE_DIESEL, MODE_DUAL, MODE_FAULT
+from cngmrv.native import ChannelSpec, Integrator, Window
+
+log = logging.getLogger("cngmrv.pipeline")
+
+PER_HOUR = 1.0 / 3600.0
+MODE_NAMES = {MODE_DIESEL: "diesel", MODE_DUAL: "dual", MODE_FAULT: "fault"}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Tunables of the core; the agent's config file maps onto these."""
+
+    period_s: float = 1.0
+    can_max_gap_s: float = 1.0
+    kit_max_gap_s: float = 1.0
+    engine_source_address: int = 0
+    kit_resync_s: float = 10.0
+    stale_s: float = 5.0
+
+
+@dataclass
+class PipelineStats:
+    frames: int = 0
+    decode_errors: int = 0
+    foreign_source: int = 0
+    kit_messages: int = 0
+    kit_reanchors: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Feeds J1939 frames and kit messages into the native integrator and builds readings."""
+
+    def __init__(self, config: PipelineConfig, boot_epoch: int = 0, clock: str = "unknown"):
+        self.config = config
+        self.boot_epoch = boot_epoch
+        self.clock = clock
+        can_gap, kit_gap = config.can_max_gap_s, config.kit_max_gap_s
+        self._channels = (
+            ChannelSpec("diesel_l", can_gap, PER_HOUR),
+            ChannelSpec("distance_km", can_gap, PER_HOUR),
+            ChannelSpec("gas_kg", kit_gap, PER_HOUR),
+            # Mode indicators (1 while in that mode) integrate to seconds per mode,
+            # with the same gap rules as the gas flow they qualify.
+            *(ChannelSpec(f"mode_{name}", kit_gap, 1.0) for name in MODE_NAMES.values()),
+        )
+        self._integ = Integrator(self._channels, period=config.period_s)
+        self.stats = PipelineStats()
+        self.events: list[dict[str, Any]] = []
+        self._latest: dict[str, float] = {}
+        self._kit_offset: float | None = None
+        self._kit_last_tick: int | None = None
+        self._kit_wraps = 0
+
+    # -- inputs ---------------------------------------------------------
+
+    def _reject(self, reason: str) -> None:
+        self.stats.decode_errors += 1
+        n = self.stats.reasons.get(reason, 0) + 1
+        self.stats.reasons[reason] = n
+        # Log each distinct reason once, then every 1000th time, so a babbling
+        # ECU cannot flood the journal but the reason is never hidden.
+        if n == 1 or n % 1000 == 0:
+            log.warning("event=decode_rejected reason=%r count=%d", reason, n)
+
+    def on_can(self, t: float, can_id: int, data: bytes) -> None:
+        """One CAN frame with its bus timestamp (seconds)."""
+        self.stats.frames += 1
+        jid = j1939.parse_id(can_id)
+        pgn = jid.pgn
+        if pgn not in (j1939.PGN_LFE, j1939.PGN_CCVS):
+            self._latest["can"] = max(t, self._latest.get("can", t))
+            return
+        if jid.source != self.config.engine_source_address:
+            # Another ECU's fuel rate or speed must never be mixed into the engine's.
+            self.stats.foreign_source += 1
+            return
+        try:
+            signals = j1939.decode_detail(pgn, data)
+        except j1939.DecodeError as e:
+            self._reject(str(e))
+            return
+        if pgn == j1939.PGN_LFE:
+            self._push_signal("diesel_l", t, signals["fuel_rate_lph"], pgn)
+        else:
+            self._push_signal("distance_km", t, signals["wheel_speed_kmh"], pgn)
+        self._latest["can"] = max(t, self._latest.get("can", t))
+
+    def _push_signal(self, channel: str, t: float, sig: j1939.Decoded, pgn: int) -> None:
+        if sig.value is None:
+            self._reject(f"PGN {pgn} {channel}: {sig.status}")
+            self._integ.push_one(channel, t, 0.0, False)
+        else:
+            self._integ.push_one(channel, t, sig.value, True)
+
+    def on_kit(self, received_at: float, msg: Mapping[str, Any]) -> None:
+        """One decoded kit message; ``received_at`` is used only before any CAN time exists."""
+        if msg.get("type") != "status":
+            return
+        self.stats.kit_messages += 1
+        t = self._kit_time(int(msg["tick_ms"]), received_at)
+        flow = msg.get("gas_flow_kgph")
+        self._integ.push_one("gas_kg", t, 0.0 if flow is None else float(flow), flow is not None)
+        mode = msg.get("mode")
+        for code, name in MODE_NAMES.items():
+            self._integ.push_one(f"mode_{name}", t, 1.0 if mode == code else 0.0, mode is not None)
+        self._latest["kit"] = max(t, self._latest.get("kit", t))
+
+    def _kit_time(self, tick_ms: int, received_at: float) -> float:
+        if self._kit_last_tick is not None and tick_ms < self._kit_last_tick - (1 << 31):
+            self._kit_wraps += 1
+        self._kit_last_tick = tick_ms
+        tick_s = (tick_ms + (self._kit_wraps << 32)) / 1000.0
+        reference = self._latest.get("can", received_at)
+        if self._kit_offset is None:
+            self._kit_offset = reference - tick_s
+        elif abs(self._kit_offset + tick_s - reference) > self.config.kit_resync_s:
+            old = self._kit_offset
+            self._kit_offset = reference - tick_s
+            self.stats.kit_reanchors += 1
+            self.events.append(
+                {"t": reference, "kind": "KIT_CLOCK_REANCHORED", "shift_s": self._kit_offset - old}
+            )
+        return self._kit_offset + tick_s
+
+    # -- outputs --------------------------------------------------------
+
+    def watermark(self) -> float | None:
+        if not self._latest:
+            return None
+        newest = max(self._latest.values())
+        active = [v for v in self._latest.values() if v >= newest - self.config.stale_s]
+        return min(active)
+
+    def advance(self) -> list[dict[str, Any]]:
+        """Readings for every window that all active sources have passed."""
+        wm = self.watermark()
+        return [] if wm is None else [self._reading(w) for w in self._integ.pop(wm)]
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Readings for every remaining window (end of run or shutdown)."""
+        return [self._reading(w) for w in self._integ.flush()]
+
+    def counters(self) -> dict[str, Any]:
+        return {**self._integ.counters, "frames": self.stats.frames}
+
+    def _reading(self, w: Window) -> dict[str, Any]:
+        ch = w.channels
+        gaps = {
+            name: [c.gaps, round(c.longest_gap_s, 3)]
+            for name, c in ch.items()
+            if c.gaps and not name.startswith("mode_")
+        }
+        reading: dict[str, Any] = {
+            "t0": w.t0,
+            "dur": w.t1 - w.t0,
+            "epoch": self.boot_epoch,
+            "clock": self.clock,
+            "diesel_l": ch["diesel_l"].integral,
+            "gas_kg": ch["gas_kg"].integral,
+            "distance_km": ch["distance_km"].integral,
+            "cov": {
+                "diesel_l": ch["diesel_l"].covered_s,
+                "gas_kg": ch["gas_kg"].covered_s,
+                "distance_km": ch["distance_km"].covered_s,
+            },
+            "mode_s": {name: ch[f"mode_{name}"].integral for name in MODE_NAMES.values()},
+        }
+        if gaps:
+            reading["gaps"] = gaps
+        return reading

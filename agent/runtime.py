@@ -1,0 +1,150 @@
+"""The running agent: sources → pipeline → store → sealed batches → uploader.
+
+This is the I/O shell around the deterministic :class:`Pipeline`.  Its one
+loop reads whatever the CAN and kit sources queued, feeds the pipeline,
+commits the readings it returns, seals a batch every ``readings_per_batch``
+readings and wakes the uploader thread.  :meth:`Agent.close` flushes the
+partial window, seals what is left and gives the uploader a bounded time
+to drain; nothing committed is lost if it runs out, the batches simply stay
+pending for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from cngmrv.agent.config import Config
+from cngmrv.agent.keys import load_signer
+from cngmrv.agent.pipeline import Pipeline
+from cngmrv.agent.store import Store
+from cngmrv.agent.upload import Uploader
+from cngmrv.drivers.can_source import CanSource, open_bus
+from cngmrv.drivers.kit_link import KitSerialSource
+
+log = logging.getLogger("cngmrv.agent")
+
+
+class Agent:
+    """One device's agent, built from a validated :class:`Config`."""
+
+    def __init__(self, config: Config, clock: str = "unknown") -> None:
+        self.config = config
+        self.signer = load_signer(config.key_file)
+        self.store = Store(config.store_path, config.device_id)
+        self.boot_epoch = self.store.begin_boot()
+        self.store.add_event(
+            time.time(),
+            "BOOT",
+            {"epoch": self.boot_epoch, "kid": self.signer.kid, "clock": clock},
+        )
+        self.pipeline = Pipeline(config.pipeline, self.boot_epoch, clock)
+        self.can = CanSource(
+            open_bus(config.can_interface, config.can_channel, config.can_listen_only),
+            queue_size=config.can_queue_size,
+        )
+        self.kit = (
+            KitSerialSource(config.kit_port, config.kit_baudrate) if config.kit_port else None
+        )
+        self.uploader = (
+            Uploader(config.store_path, config.device_id, config.upload_url)
+            if config.upload_url
+            else None
+        )
+        self.readings = 0
+        self.sealed: list[int] = []
+        self.totals = {"diesel_l": 0.0, "gas_kg": 0.0, "distance_km": 0.0}
+        self._events_done = 0
+
+    def start(self) -> None:
+        self.can.start()
+        if self.kit:
+            self.kit.start()
+        if self.uploader:
+            self.uploader.start()
+        log.info(
+            "event=agent_started device=%s epoch=%d kid=%s",
+            self.config.device_id,
+            self.boot_epoch,
+            self.signer.kid[:16],
+        )
+
+    def poll(self, timeout: float = 0.05) -> int:
+        """Process what the sources queued (waiting up to ``timeout``); returns inputs handled."""
+        frames = self.can.wait(timeout)
+        on_can = self.pipeline.on_can
+        for t, can_id, data in frames:
+            on_can(t, can_id, data)
+        n = len(frames)
+        if self.kit:
+            # The kit source stamps with the monotonic clock; the pipeline wants
+            # epoch seconds for its (rarely used) pre-CAN anchor.
+            to_wall = time.time() - time.monotonic()
+            for received, msg in self.kit.drain():
+                self.pipeline.on_kit(received + to_wall, msg)
+                n += 1
+        self._commit(self.pipeline.advance())
+        return n
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.poll()
+
+    def _commit(self, readings: list[dict[str, Any]]) -> None:
+        events = self.pipeline.events[self._events_done :]
+        for ev in events:
+            self.store.add_event(float(ev["t"]), str(ev["kind"]), ev)
+        self._events_done += len(events)
+        if not readings:
+            return
+        self.store.add_readings(readings)
+        self.readings += len(readings)
+        for r in readings:
+            for k in self.totals:
+                self.totals[k] += r[k]
+        while self.store.unbatched_count() >= self.config.readings_per_batch:
+            self._seal()
+
+    def _seal(self) -> bool:
+        seq = self.store.seal(
+            self.signer, self.config.readings_per_batch, {"boot_epoch": self.boot_epoch}
+        )
+        if seq is None:
+            return False
+        self.sealed.append(seq)
+        if self.uploader:
+            self.uploader.notify()
+        return True
+
+    def close(self, upload_timeout: float = 10.0) -> None:
+        """Stop sources, flush and seal everything, let the uploader drain for a bounded time."""
+        self.can.stop()
+        if self.kit:
+            self.kit.stop()
+        self.poll(0.0)
+        self._commit(self.pipeline.finish())
+        self.store.add_event(time.time(), "STOP", {"epoch": self.boot_epoch, "clean": True})
+        while self._seal():
+            pass
+        if self.uploader:
+            self.uploader.notify()
+            self.uploader.wait_idle(upload_timeout)
+            self.uploader.stop()
+        self.store.close()
+        log.info("event=agent_stopped readings=%d batches=%d", self.readings, len(self.sealed))
+
+    def stats(self) -> dict[str, Any]:
+        s = self.pipeline.stats
+        out: dict[str, Any] = {
+            "frames": s.frames,
+            "kit_messages": s.kit_messages,
+            "decode_errors": s.decode_errors,
+            "foreign_source": s.foreign_source,
+            "can_queue_dropped": self.can.stats["queue_dropped"],
+            "integrator": self.pipeline.counters(),
+        }
+        if self.kit:
+            out["kit_link"] = self.kit.stats
+        return out

@@ -1,0 +1,107 @@
+"""Command-line contract: one-line errors and non-zero exits, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from cngmrv.agent import config, keys
+
+
+def _one_line_error(r) -> str:  # type: ignore[no-untyped-def]
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_keygen_writes_a_private_key_only_the_owner_can_read(tmp_path: Path, cli) -> None:
+    r = cli("keygen", "--out", str(tmp_path / "k"))
+    assert r.returncode == 0, r.stderr
+    key = tmp_path / "k" / "device.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert (tmp_path / "k" / "device.pub").read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    # The private key never shows up in what the command prints.
+    assert "PRIVATE" not in r.stdout + r.stderr
+    again = cli("keygen", "--out", str(tmp_path / "k"))
+    assert "refusing to replace" in _one_line_error(again)
+
+
+def test_a_key_readable_by_others_is_refused(keydir: Path) -> None:
+    os.chmod(keydir / keys.KEY_FILE, 0o644)
+    with pytest.raises(keys.KeyFileError, match="chmod 600"):
+        keys.load_signer(keydir / keys.KEY_FILE)
+
+
+def test_missing_key_file_is_one_line(tmp_path: Path, cli) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        '[device]\nid = "bus-1"\nkey_file = "nope/device.key"\n'
+        '[can]\ninterface = "virtual"\nchannel = "t"\n[store]\npath = "s.sqlite"\n'
+    )
+    line = _one_line_error(cli("run", "--config", str(cfg)))
+    assert "key file not found" in line
+
+
+def test_unreadable_store_is_one_line(tmp_path: Path, cli) -> None:
+    bogus = tmp_path / "store.sqlite"
+    bogus.write_bytes(b"this is not a database" * 100)
+    line = _one_line_error(cli("export", "--db", str(bogus), "--out", str(tmp_path / "o")))
+    assert "cannot read database" in line
+    line = _one_line_error(cli("export", "--db", str(tmp_path / "absent.sqlite"), "--out", "o"))
+    assert "no such database file" in line
+
+
+def test_unknown_option_is_one_line(cli) -> None:
+    line = _one_line_error(cli("verify", "--frobnicate"))
+    assert "unrecognized arguments" in line or "required" in line
+    line = _one_line_error(cli("sim", "--no-such-option"))
+    assert "unrecognized arguments: --no-such-option" in line
+
+
+def test_verify_with_missing_files_is_one_line(tmp_path: Path, keydir: Path, cli) -> None:
+    line = _one_line_error(
+        cli("verify", str(tmp_path / "none"), "--pubkey", str(keydir / keys.PUB_FILE))
+    )
+    assert "no such file or folder" in line
+
+
+def _cfg(tmp_path: Path, extra: str) -> Path:
+    p = tmp_path / "agent.toml"
+    p.write_text('[device]\nid = "bus-1"\nkey_file = "k/device.key"\n[store]\npath = "s"\n' + extra)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('[can]\nchanel = "can0"\n', "can.chanel: unknown key"),
+        ("[batch]\nreadings_per_batch = 0\n", "batch.readings_per_batch: must be > 0"),
+        ('[batch]\nreadings_per_batch = "60"\n', "batch.readings_per_batch: expected int"),
+        ("[pipeline]\nengine_source_address = 255\n", "pipeline.engine_source_address"),
+        ('[upload]\nurl = "ftp://x"\n', "upload.url: must be an http(s) URL"),
+        ("[nonsense]\n", "nonsense: unknown section"),
+        ("[can]\nlisten_only = 1\n", "can.listen_only: expected bool"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, extra: str, message: str) -> None:
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.load(_cfg(tmp_path, extra))
+
+
+def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
+    cfg = config.load(_cfg(tmp_path, ""))
+    assert cfg.can_interface == "socketcan" and cfg.can_listen_only is True
+    assert cfg.key_file == tmp_path.resolve() / "k" / "device.key"
+    assert cfg.readings_per_batch == 60
+
+
+def test_bad_config_via_cli_is_one_line(tmp_path: Path, cli) -> None:
+    line = _one_line_error(cli("run", "--config", str(_cfg(tmp_path, "[can]\nbogus = 1\n"))))
+    assert "can.bogus: unknown key" in line
