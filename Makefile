@@ -22,6 +22,10 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy agent drivers native sim
+	# The kit codec again, against MicroPython's stdlib stubs (mypy-micropython.ini).
+	$(BIN)/mypy --config-file mypy-micropython.ini \
+		--custom-typeshed-dir "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 
 bench: setup
 	$(BIN)/python bench/integrator.py
+	$(BIN)/python bench/kit.py

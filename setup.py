@@ -37,6 +37,10 @@ setup(
             "numpy>=1.26",
             # Reads the shared real MF4 recording through can.LogReader.
             "asammdf>=7.4",
+            # The kit codec is type-checked against MicroPython's stdlib (typeshed
+            # layout) and a board's stubs: `make lint`, mypy-micropython.ini.
+            "micropython-stdlib-stubs~=1.29.0",
+            "micropython-rp2-stubs~=1.29.0",
         ],
     },
     entry_points={

@@ -1,106 +1,80 @@
 # ruff: noqa: UP031, UP032
 # %-formatting on purpose: this file must run on the kit microcontroller, and
 # MicroPython compiles f-strings only as a build option, with fewer features.
-"""Kit link codec: wire format v1 between the converter-kit ECU and the agent.
+"""Kit link codec: the wire format between the converter-kit ECU and the agent.
 
-No public protocol exists for dual-fuel kit ECUs, so cngmrv defines this one.
-It is deliberately small; a later revision adds a handshake and event streams
-without breaking what is written here (see "Extension rules").
+No public protocol exists for dual-fuel kit ECUs, so cngmrv defines one. The
+specification, with units, rates, the handshake, the extension rules and test
+vectors, is ``docs/kit-protocol.md``; this module is its reference
+implementation, and the two must agree byte for byte (the tests check the
+document's vectors against this code).
 
-This module is the single reference implementation. It runs both on CPython
-(the agent, the simulated kit) and on MicroPython (the kit microcontroller),
-so it uses only ``struct``, no f-strings, no dataclasses, no runtime typing,
-and it does no I/O.
+It runs both on CPython (the agent, the simulated kit) and on MicroPython (the
+kit microcontroller), so it uses only ``struct``, no f-strings, no
+dataclasses, no runtime typing (types are in comments, checked by mypy against
+the MicroPython stubs), and it does no I/O.
 
-Framing
-=======
-A frame on the wire is::
+In short: a frame is ``COBS(body || crc16_be) || 0x00`` with CRC-16/CCITT-FALSE.
+A body is an 8-byte header (version, msg_type, seq, tick_ms; little-endian)
+followed by the message's fields. Fields are declared once, in ``LAYOUTS``,
+with the protocol version that introduced them; fields are append-only, so
+any receiver decodes any version >= 1 by the prefix it knows.
 
-    COBS(body || crc16) || 0x00
+Messages are plain dicts, the same for encoding and decoding::
 
-* COBS is Consistent Overhead Byte Stuffing (Cheshire & Baker, 1999). It
-  removes every 0x00 from the frame, so 0x00 is the only delimiter and a
-  receiver that starts mid-stream resynchronises at the next 0x00.
-  Encoders emit the original Cheshire & Baker form (a final block of 254
-  non-zero bytes is followed by a 0x01 code byte); decoders also accept the
-  common variant that omits that trailing 0x01.
-* crc16 is CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF, not reflected,
-  xorout 0x0000; the check value of b"123456789" is 0x29B1) over ``body``,
-  appended big-endian.
-* The COBS-encoded frame, without its delimiter, is at most MAX_FRAME_LEN
-  (256) bytes, so a body is at most MAX_BODY_LEN (252) bytes. Receivers
-  discard longer runs, which bounds their memory.
-* A sender may emit extra 0x00 bytes (empty frames); receivers ignore them.
-  A kit SHOULD send one 0x00 before its first frame after boot, so that a
-  receiver holding a partial frame from before drops it at once.
+    {"type": "status", "version": 2, "seq": 7, "tick_ms": 1000, "mode": 1,
+     "tank_bar": 200.0, ...}
 
-Body
-====
-Multi-byte integers in the body are little-endian (only the CRC after it is
-big-endian). Every body starts with the 8-byte header::
-
-    offset size type  field
-    0      1    u8    version   protocol revision; this document is 1
-    1      1    u8    msg_type  see below
-    2      2    u16   seq       frame counter, +1 for every frame of any
-                                type, wraps 65535 -> 0
-    4      4    u32   tick_ms   kit milliseconds since kit boot, wraps
-
-msg_type 1, STATUS (7 bytes after the header, body length 15)::
-
-    offset size type  field          unit / scale       not available
-    8      1    u8    mode           0 diesel-only,     0xFF
-                                     1 dual-fuel,
-                                     2 fault
-    9      2    u16   tank_pressure  0.01 bar/bit       0xFFFF
-    11     2    i16   gas_temp       0.1 degC/bit       0x7FFF
-    13     2    u16   gas_mass_flow  0.001 kg/h/bit     0xFFFF
-
-Ranges: tank pressure 0..655.34 bar, gas temperature -3276.8..3276.6 degC,
-gas mass flow 0..65.534 kg/h (a city bus needs up to about 40 kg/h).
-Mode values 3..254 are reserved; receivers pass them through and consumers
-treat them as "not dual-fuel" (conservative for emission reductions).
-
-Extension rules
-===============
-* Fields are append-only: a later revision may add fields at the end of a
-  message, never move, resize, rescale or reinterpret an existing one.
-  Receivers ignore trailing bytes they do not know and reject bodies shorter
-  than the fields they need.
-* ``version`` is raised whenever fields or message types are added. Because
-  every revision is a superset of the previous one, a receiver decodes any
-  version >= 1 with the fields it knows and reports the version it saw.
-  Version 0 is invalid.
-* A new message type gets a new msg_type number. A receiver passes a frame
-  with a valid CRC and an unknown msg_type on as an "unknown" message (and
-  counts it) instead of treating it as an error. msg_type 0 is reserved.
-
-Decoded messages
-================
-``decode_body`` returns plain dicts, for STATUS::
-
-    {"type": "status", "version": 1, "seq": 7, "tick_ms": 1000, "mode": 1,
-     "tank_bar": 200.0, "gas_temp_c": 15.5, "gas_flow_kgph": 12.345}
-
-with None for a field that is not available, and for an unknown type::
-
-    {"type": "unknown", "version": 1, "seq": 7, "tick_ms": 1000,
-     "msg_type": 9, "payload": b"..."}
+A field that is "not available" is None. A frame with a valid CRC and a
+msg_type this code does not know decodes as ``{"type": "unknown", ...,
+"msg_type": n, "payload": b"..."}``, which is a message, not an error.
 """
 
 import struct
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 MSG_STATUS = 1
+MSG_INJECTION = 2
+MSG_MODE = 3
+MSG_FAULT = 4
+MSG_HELLO = 5
 
 MODE_DIESEL = 0
 MODE_DUAL = 1
 MODE_FAULT = 2
 
-# Encoded frame length without the delimiter. 256 is plenty for v1 (18 bytes
-# for STATUS) and leaves room for later message types, while keeping the
-# receive buffer of a microcontroller small.
+# Why the kit is not in dual-fuel mode (STATUS.reason, MODE.reason).
+REASON_NONE = 0
+REASON_LOW_TANK = 1
+REASON_DPF_REGEN = 2
+REASON_FAULT = 3
+REASON_SWITCH = 4
+REASON_ENGINE = 5
+
+# Fault codes 1..32; bit (code - 1) of the ``faults`` bitmaps.
+FAULT_LOW_TANK = 1
+FAULT_REDUCER_TEMP = 2
+FAULT_INJECTOR_OPEN = 3
+FAULT_TANK_SENSOR = 4
+FAULT_TEMP_SENSOR = 5
+FAULT_RAIL_SENSOR = 6
+FAULT_REGULATOR = 7
+
+# STATUS.flags bits.
+FLAG_DPF_REGEN = 0x01
+FLAG_SOLENOID_OPEN = 0x02
+FLAG_ENGINE_RUNNING = 0x04
+
+# HELLO.role and HELLO.capabilities bits.
+ROLE_KIT = 0
+ROLE_AGENT = 1
+CAP_STATUS_V2 = 0x0001
+CAP_INJECTION = 0x0002
+CAP_HELLO_REPLY = 0x0004
+
+# Encoded frame length without the delimiter. Leaves room for later message
+# types while keeping the receive buffer of a microcontroller small.
 MAX_FRAME_LEN = 256
 # The largest body whose COBS encoding of body+crc fits MAX_FRAME_LEN:
 # n bytes encode to at most n + 1 + n // 254 bytes.
@@ -108,12 +82,86 @@ MAX_BODY_LEN = 252
 
 HEADER_FMT = "<BBHI"
 HEADER_LEN = 8
+# The version 1 STATUS fields, kept as named constants for older callers.
 STATUS_FMT = "<BHhH"
 STATUS_LEN = 7
 
 NA_U8 = 0xFF
 NA_U16 = 0xFFFF
 NA_I16 = 0x7FFF
+NA_U32 = 0xFFFFFFFF
+NO_NA = -1  # for bitmaps: every raw value is valid
+
+# Field: (name, struct code, scale, raw_lo, raw_hi, raw_na, since_version).
+# scale 0: an integer passed through as is (enum, counter, bitmap); otherwise
+# the physical value is raw / scale. Raw values outside raw_lo..raw_hi that
+# are not raw_na decode as None (out of range is as good as not available).
+# Every field of a message is listed in wire order; a later version may only
+# append.
+LAYOUTS = {
+    MSG_STATUS: (
+        ("mode", "B", 0, 0, 0xFE, NA_U8, 1),
+        ("tank_bar", "H", 100, 0, 0xFFFE, NA_U16, 1),
+        ("gas_temp_c", "h", 10, -0x8000, 0x7FFE, NA_I16, 1),
+        ("gas_flow_kgph", "H", 1000, 0, 0xFFFE, NA_U16, 1),
+        ("reason", "B", 0, 0, 0xFE, NA_U8, 2),
+        ("flags", "B", 0, 0, 0xFF, NO_NA, 2),
+        ("faults", "I", 0, 0, 0xFFFFFFFF, NO_NA, 2),
+        ("sub_set_pct", "B", 2, 0, 200, NA_U8, 2),
+        ("sub_act_pct", "B", 2, 0, 200, NA_U8, 2),
+        ("regulator_bar", "H", 1000, 0, 0xFFFE, NA_U16, 2),
+        ("rpm", "H", 8, 0, 0xFFFE, NA_U16, 2),
+        ("map_kpa", "H", 10, 0, 0xFFFE, NA_U16, 2),
+        ("pulse_ms", "H", 1000, 0, 0xFFFE, NA_U16, 2),
+        ("gas_total_kg", "I", 1000, 0, 0xFFFFFFFE, NA_U32, 2),
+    ),
+    MSG_INJECTION: (
+        ("injector", "B", 0, 0, 0xFE, NA_U8, 2),
+        ("offset_us", "H", 0, 0, 999, NA_U16, 2),
+        ("pulse_ms", "H", 1000, 0, 0xFFFE, NA_U16, 2),
+        ("rail_bar", "H", 1000, 0, 0xFFFE, NA_U16, 2),
+        ("gas_temp_c", "h", 10, -0x8000, 0x7FFE, NA_I16, 2),
+        ("mass_mg", "H", 100, 0, 0xFFFE, NA_U16, 2),
+    ),
+    MSG_MODE: (
+        ("mode", "B", 0, 0, 0xFE, NA_U8, 2),
+        ("previous", "B", 0, 0, 0xFE, NA_U8, 2),
+        ("reason", "B", 0, 0, 0xFE, NA_U8, 2),
+    ),
+    MSG_FAULT: (
+        ("code", "B", 0, 1, 32, NA_U8, 2),
+        ("active", "B", 0, 0, 1, NA_U8, 2),
+        ("faults", "I", 0, 0, 0xFFFFFFFF, NO_NA, 2),
+    ),
+    MSG_HELLO: (
+        ("role", "B", 0, 0, 0xFE, NA_U8, 2),
+        ("max_version", "B", 0, 1, 0xFE, NA_U8, 2),
+        ("kit_id", "I", 0, 0, 0xFFFFFFFE, NA_U32, 2),
+        ("fw_major", "B", 0, 0, 0xFE, NA_U8, 2),
+        ("fw_minor", "B", 0, 0, 0xFE, NA_U8, 2),
+        ("fw_patch", "B", 0, 0, 0xFE, NA_U8, 2),
+        ("status_period_ms", "H", 0, 1, 0xFFFE, NA_U16, 2),
+        ("injectors", "B", 0, 0, 0xFE, NA_U8, 2),
+        ("inj_flow", "H", 1000, 0, 0xFFFE, NA_U16, 2),
+        ("inj_dead_ms", "H", 1000, 0, 0xFFFE, NA_U16, 2),
+        ("capabilities", "H", 0, 0, 0xFFFF, NO_NA, 2),
+    ),
+}  # type: dict[int, tuple[tuple[str, str, int, int, int, int, int], ...]]
+
+TYPE_NAMES = {
+    MSG_STATUS: "status",
+    MSG_INJECTION: "injection",
+    MSG_MODE: "mode",
+    MSG_FAULT: "fault",
+    MSG_HELLO: "hello",
+}
+TYPE_CODES = {name: code for code, name in TYPE_NAMES.items()}
+
+# Highest rates a kit may send (docs/kit-protocol.md, "Rates"): the agent's
+# buffers and the benchmark goal are sized from these.
+MAX_STATUS_HZ = 100
+MAX_INJECTION_HZ = 400
+MAX_FRAMES_PER_S = 500
 
 
 class KitProtocolError(ValueError):
@@ -219,7 +267,7 @@ def cobs_decode(data):
 
 
 def _check_int(name, value, lo, hi):
-    # type: (str, int, int, int) -> int
+    # type: (str, object, int, int) -> int
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError("%s must be an int, got %r" % (name, value))
     if value < lo or value > hi:
@@ -228,7 +276,7 @@ def _check_int(name, value, lo, hi):
 
 
 def _scaled(name, value, scale, lo, hi, na):
-    # type: (str, float | None, int, int, int, int) -> int
+    # type: (str, object, int, int, int, int) -> int
     """Raw integer for a physical value, ``na`` for None.
 
     ``lo``/``hi`` are the raw limits; ``na`` lies outside them so a real value
@@ -247,6 +295,34 @@ def _scaled(name, value, scale, lo, hi, na):
     if raw < lo or raw > hi:
         raise ValueError("%s=%r out of range %r..%r" % (name, value, lo / scale, hi / scale))
     return raw
+
+
+def _build_layouts():
+    # type: () -> dict[tuple[int, int], tuple[str, int, tuple[tuple[str, str, int, int, int, int, int], ...], tuple[str, ...]]]
+    """(msg_type, version) -> (struct format, size, fields sent, field names not yet defined)."""
+    out = {}
+    for code in LAYOUTS:
+        fields = LAYOUTS[code]
+        first = fields[0][6]
+        for version in range(first, PROTOCOL_VERSION + 1):
+            sent = tuple([f for f in fields if f[6] <= version])
+            later = tuple([f[0] for f in fields if f[6] > version])
+            fmt = "<" + "".join([f[1] for f in sent])
+            out[(code, version)] = (fmt, struct.calcsize(fmt), sent, later)
+    return out
+
+
+_LAYOUT = _build_layouts()
+
+
+def _layout(code, version):
+    # type: (int, int) -> tuple[str, int, tuple[tuple[str, str, int, int, int, int, int], ...], tuple[str, ...]]
+    first = LAYOUTS[code][0][6]
+    if version < first:
+        version = first
+    elif version > PROTOCOL_VERSION:
+        version = PROTOCOL_VERSION
+    return _LAYOUT[(code, version)]
 
 
 def encode_header(msg_type, seq, tick_ms, version=PROTOCOL_VERSION):
@@ -268,55 +344,89 @@ def encode_frame(body):
     return cobs_encode(body + struct.pack(">H", crc)) + b"\x00"
 
 
-def encode_status(seq, tick_ms, mode, tank_bar, gas_temp_c, gas_flow_kgph):
-    # type: (int, int, int | None, float | None, float | None, float | None) -> bytes
-    """Complete wire frame (with trailing 0x00) for a STATUS message.
+_HEADER_KEYS = ("type", "version", "seq", "tick_ms")
 
-    None for a field encodes "not available". A value outside the field's
-    range raises ValueError rather than being clipped, because a clipped
-    reading would silently misstate gas use.
+
+def encode_message(msg):
+    # type: (dict[str, object]) -> bytes
+    """Complete wire frame (with trailing 0x00) for a message dict.
+
+    ``msg`` has the shape ``decode_body`` returns: "type" (a name in
+    TYPE_CODES), "seq", "tick_ms", optionally "version" (default
+    PROTOCOL_VERSION, at most that) and the fields of that version. A field
+    left out is sent as "not available" (bitmaps as 0); None sends "not
+    available" too, except for bitmaps, which have no such value.
+
+    Raises ValueError for an unknown type or field, a field the chosen version
+    does not have, or a value out of its range (it is never clipped: a clipped
+    reading would silently misstate gas use), and TypeError for a value of the
+    wrong type.
     """
-    if mode is None:
-        raw_mode = NA_U8
-    else:
-        raw_mode = _check_int("mode", mode, 0, NA_U8 - 1)
-    body = encode_header(MSG_STATUS, seq, tick_ms) + struct.pack(
-        STATUS_FMT,
-        raw_mode,
-        _scaled("tank_bar", tank_bar, 100, 0, NA_U16 - 1, NA_U16),
-        _scaled("gas_temp_c", gas_temp_c, 10, -0x8000, NA_I16 - 1, NA_I16),
-        _scaled("gas_flow_kgph", gas_flow_kgph, 1000, 0, NA_U16 - 1, NA_U16),
-    )
-    return encode_frame(body)
+    name = msg.get("type")
+    code = TYPE_CODES.get(name, 0) if isinstance(name, str) else 0
+    if not code:
+        raise ValueError("cannot encode message type %r" % (name,))
+    version = msg.get("version", PROTOCOL_VERSION)
+    _check_int("version", version, 1, PROTOCOL_VERSION)
+    fmt, _size, sent, later = _layout(code, version)  # type: ignore[arg-type]
+    names = [f[0] for f in sent]
+    for key in msg:
+        if key in _HEADER_KEYS or key in names:
+            continue
+        if key in later:
+            if msg[key] is None:
+                continue
+            raise ValueError("%s.%s needs a protocol version above %r" % (name, key, version))
+        raise ValueError("%s has no field %r" % (name, key))
+    raw = []
+    for fname, _code, scale, lo, hi, na, _since in sent:
+        value = msg.get(fname, 0 if na == NO_NA else None)
+        if scale:
+            raw.append(_scaled(fname, value, scale, lo, hi, na))
+        elif value is None:
+            if na == NO_NA:
+                raise ValueError("%s.%s is a bitmap and cannot be None" % (name, fname))
+            raw.append(na)
+        else:
+            raw.append(_check_int(fname, value, lo, hi))
+    body = encode_header(code, msg.get("seq"), msg.get("tick_ms"), version)  # type: ignore[arg-type]
+    return encode_frame(body + struct.pack(fmt, *raw))
 
 
-def _decode_status(body, msg):
-    # type: (bytes, dict) -> dict
-    if len(body) < HEADER_LEN + STATUS_LEN:
-        raise LengthError(
-            "status body too short: %d bytes, need %d" % (len(body), HEADER_LEN + STATUS_LEN)
-        )
-    mode, tank, temp, flow = struct.unpack_from(STATUS_FMT, body, HEADER_LEN)
-    msg["type"] = "status"
-    msg["mode"] = None if mode == NA_U8 else mode
-    # Division, not multiplication by 0.01, gives the float nearest the
-    # decimal value (12345 / 1000 == 12.345, 12345 * 0.001 != 12.345).
-    msg["tank_bar"] = None if tank == NA_U16 else tank / 100
-    msg["gas_temp_c"] = None if temp == NA_I16 else temp / 10
-    msg["gas_flow_kgph"] = None if flow == NA_U16 else flow / 1000
-    return msg
+def encode_status(
+    seq, tick_ms, mode, tank_bar, gas_temp_c, gas_flow_kgph, ext=None, version=PROTOCOL_VERSION
+):
+    # type: (int, int, int | None, float | None, float | None, float | None, dict[str, object] | None, int) -> bytes
+    """Complete wire frame for a STATUS message; ``ext`` holds the fields added after version 1.
 
-
-# msg_type -> decoder for the fields after the header. Later revisions add
-# entries here; anything absent decodes as an "unknown" message.
-_BODY_DECODERS = {MSG_STATUS: _decode_status}
+    Same rules as ``encode_message``.
+    """
+    msg = {
+        "type": "status",
+        "version": version,
+        "seq": seq,
+        "tick_ms": tick_ms,
+        "mode": mode,
+        "tank_bar": tank_bar,
+        "gas_temp_c": gas_temp_c,
+        "gas_flow_kgph": gas_flow_kgph,
+    }  # type: dict[str, object]
+    if ext:
+        for key in ext:
+            if key in msg:
+                raise ValueError("status field %r given twice" % (key,))
+            msg[key] = ext[key]
+    return encode_message(msg)
 
 
 def decode_body(body):
-    # type: (bytes | bytearray | memoryview) -> dict
+    # type: (bytes | bytearray | memoryview) -> dict[str, object]
     """Decode a body whose CRC has already been checked.
 
     Raises LengthError or VersionError (both ValueError) with the reason.
+    Fields that the frame's version does not have yet are None; fields of a
+    newer version than this code knows, and any other trailing bytes, are
+    ignored.
     """
     body = bytes(body)
     if len(body) < HEADER_LEN:
@@ -324,17 +434,42 @@ def decode_body(body):
     version, msg_type, seq, tick_ms = struct.unpack_from(HEADER_FMT, body, 0)
     if version == 0:
         raise VersionError("protocol version 0 is invalid")
-    msg = {"type": "unknown", "version": version, "seq": seq, "tick_ms": tick_ms}
-    decoder = _BODY_DECODERS.get(msg_type)
-    if decoder is None:
-        msg["msg_type"] = msg_type
-        msg["payload"] = body[HEADER_LEN:]
-        return msg
-    return decoder(body, msg)
+    name = TYPE_NAMES.get(msg_type)
+    if name is None:
+        return {
+            "type": "unknown",
+            "version": version,
+            "seq": seq,
+            "tick_ms": tick_ms,
+            "msg_type": msg_type,
+            "payload": body[HEADER_LEN:],
+        }
+    fmt, size, sent, later = _layout(msg_type, version)
+    if len(body) < HEADER_LEN + size:
+        raise LengthError(
+            "%s body too short: %d bytes, need %d" % (name, len(body), HEADER_LEN + size)
+        )
+    msg = {"type": name, "version": version, "seq": seq, "tick_ms": tick_ms}  # type: dict[str, object]
+    values = struct.unpack_from(fmt, body, HEADER_LEN)
+    i = 0
+    for fname, _code, scale, lo, hi, na, _since in sent:
+        raw = values[i]
+        i += 1
+        if raw == na or raw < lo or raw > hi:
+            msg[fname] = None
+        elif scale:
+            # Division, not multiplication by 0.01, gives the float nearest the
+            # decimal value (12345 / 1000 == 12.345, 12345 * 0.001 != 12.345).
+            msg[fname] = raw / scale
+        else:
+            msg[fname] = raw
+    for fname in later:
+        msg[fname] = None
+    return msg
 
 
 def decode_frame(frame):
-    # type: (bytes | bytearray | memoryview) -> dict
+    # type: (bytes | bytearray | memoryview) -> dict[str, object]
     """Decode one frame as received, without its 0x00 delimiter.
 
     Raises CobsError, CrcError, LengthError or VersionError (all ValueError).
@@ -432,8 +567,8 @@ class FrameDecoder:
         self._at_start = True
 
     def feed(self, data):
-        # type: (bytes | bytearray | memoryview) -> list[dict]
-        out = []  # type: list[dict]
+        # type: (bytes | bytearray | memoryview) -> list[dict[str, object]]
+        out = []  # type: list[dict[str, object]]
         data = bytes(data)
         n = len(data)
         start = 0
@@ -470,7 +605,7 @@ class FrameDecoder:
         self._buf.extend(chunk)
 
     def _finish(self, chunk, out):
-        # type: (bytes, list[dict]) -> None
+        # type: (bytes, list[dict[str, object]]) -> None
         if self._skipping:
             self.bytes_discarded += len(chunk)
             self._skipping = False
@@ -508,7 +643,10 @@ class FrameDecoder:
                 counter = "length_errors"
             self._reject(counter, str(exc), len(frame))
             return
-        self._track_seq(msg["seq"], msg["tick_ms"])
+        seq = msg["seq"]
+        tick_ms = msg["tick_ms"]
+        if isinstance(seq, int) and isinstance(tick_ms, int):  # always: decode_body sets them
+            self._track_seq(seq, tick_ms)
         self.frames_ok += 1
         if msg["type"] == "unknown":
             self.unknown_types += 1

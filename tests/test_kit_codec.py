@@ -128,10 +128,25 @@ VECTOR_1_BODY = bytes.fromhex("01 01 01 00 e8 03 00 00 01 20 4e 9b 00 39 30")
 VECTOR_2 = bytes.fromhex("12 01 01 ff ff ff ff ff ff ff ff ff 70 fe ff ff 73 67 00")
 
 
+V2_STATUS_NONE = {
+    "reason": None,
+    "flags": None,
+    "faults": None,
+    "sub_set_pct": None,
+    "sub_act_pct": None,
+    "regulator_bar": None,
+    "rpm": None,
+    "map_kpa": None,
+    "pulse_ms": None,
+    "gas_total_kg": None,
+}
+
+
 def test_vector_1_bytes() -> None:
     assert binascii.crc_hqx(VECTOR_1_BODY, 0xFFFF) == 0xA80E
-    assert kc.encode_status(1, 1000, kc.MODE_DUAL, 200.0, 15.5, 12.345) == VECTOR_1
+    assert kc.encode_status(1, 1000, kc.MODE_DUAL, 200.0, 15.5, 12.345, version=1) == VECTOR_1
     assert kc.cobs_decode(VECTOR_1[:-1]) == VECTOR_1_BODY + b"\xa8\x0e"
+    # A version 1 kit still decodes; the fields it cannot send are not available.
     assert kc.decode_frame(VECTOR_1[:-1]) == {
         "type": "status",
         "version": 1,
@@ -141,11 +156,12 @@ def test_vector_1_bytes() -> None:
         "tank_bar": 200.0,
         "gas_temp_c": 15.5,
         "gas_flow_kgph": 12.345,
+        **V2_STATUS_NONE,
     }
 
 
 def test_vector_2_bytes() -> None:
-    assert kc.encode_status(0xFFFF, 0xFFFFFFFF, None, None, -40.0, None) == VECTOR_2
+    assert kc.encode_status(0xFFFF, 0xFFFFFFFF, None, None, -40.0, None, version=1) == VECTOR_2
     msg = kc.decode_frame(VECTOR_2[:-1])
     assert msg["seq"] == 0xFFFF and msg["tick_ms"] == 0xFFFFFFFF
     assert (msg["mode"], msg["tank_bar"], msg["gas_temp_c"], msg["gas_flow_kgph"]) == (
@@ -154,6 +170,12 @@ def test_vector_2_bytes() -> None:
         -40.0,
         None,
     )
+
+
+def test_version_1_layout_is_a_prefix_of_version_2() -> None:
+    v1 = kc.cobs_decode(VECTOR_1[:-1])[:-2]
+    v2 = kc.cobs_decode(kc.encode_status(1, 1000, kc.MODE_DUAL, 200.0, 15.5, 12.345)[:-1])[:-2]
+    assert v2[0] == 2 and v2[1:15] == v1[1:15] and len(v2) == 35
 
 
 def opt(strategy: st.SearchStrategy[float]) -> st.SearchStrategy[float | None]:
@@ -179,7 +201,7 @@ def test_status_round_trip(
     frame = kc.encode_status(seq, tick, mode, tank, temp, flow)
     assert frame.endswith(b"\x00") and b"\x00" not in frame[:-1]
     msg = kc.FrameDecoder().feed(frame)[0]
-    assert msg["type"] == "status" and msg["version"] == 1
+    assert msg["type"] == "status" and msg["version"] == kc.PROTOCOL_VERSION
     assert (msg["seq"], msg["tick_ms"], msg["mode"]) == (seq, tick, mode)
     for key, value, step in (
         ("tank_bar", tank, 0.01),
@@ -241,10 +263,19 @@ def header(msg_type: int = kc.MSG_STATUS, seq: int = 0, tick: int = 0, version: 
 STATUS_FIELDS = struct.pack("<BHhH", 1, 20000, 155, 12345)
 
 
+STATUS_V2_FIELDS = STATUS_FIELDS + struct.pack(
+    "<BBIBBHHHHI", 0, 6, 0, 125, 122, 2950, 11601, 1423, 6125, 12345678
+)
+
+
 def test_decode_body_ignores_appended_fields_and_reports_version() -> None:
-    msg = kc.decode_body(header(version=7) + STATUS_FIELDS + b"\x01\x02\x03")
+    msg = kc.decode_body(header(version=7) + STATUS_V2_FIELDS + b"\x01\x02\x03")
     assert msg["type"] == "status" and msg["version"] == 7
     assert msg["tank_bar"] == 200.0 and msg["gas_flow_kgph"] == 12.345
+    assert msg["rpm"] == 1450.125 and msg["gas_total_kg"] == 12345.678
+    # Version 1 bodies may carry trailing bytes too; they are not version 2 fields.
+    msg = kc.decode_body(header(version=1) + STATUS_FIELDS + b"\x00" * 20)
+    assert msg["rpm"] is None and msg["flags"] is None
 
 
 @pytest.mark.parametrize(
@@ -255,6 +286,13 @@ def test_decode_body_ignores_appended_fields_and_reports_version() -> None:
         (header(), kc.LengthError, "status body too short"),
         (header() + STATUS_FIELDS[:-1], kc.LengthError, "status body too short"),
         (header(version=0) + STATUS_FIELDS, kc.VersionError, "version 0"),
+        # A version 2 frame must hold the version 2 fields.
+        (header(version=2) + STATUS_FIELDS, kc.LengthError, "status body too short"),
+        (header(version=2) + STATUS_V2_FIELDS[:-1], kc.LengthError, "status body too short"),
+        (header(kc.MSG_INJECTION) + b"\x01" * 10, kc.LengthError, "injection body too short"),
+        (header(kc.MSG_MODE) + b"\x01" * 2, kc.LengthError, "mode body too short"),
+        (header(kc.MSG_FAULT, version=9) + b"\x01" * 5, kc.LengthError, "fault body too short"),
+        (header(kc.MSG_HELLO) + b"\x01" * 15, kc.LengthError, "hello body too short"),
     ],
 )
 def test_decode_body_rejects(body: bytes, error: type[Exception], reason: str) -> None:
