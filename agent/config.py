@@ -55,6 +55,12 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
     "kit": {
         "port": (str, "", None),
         "baudrate": (int, 115200, _positive),
+        "read_timeout_s": (float, 0.1, _positive),
+        "reconnect_min_s": (float, 0.5, _positive),
+        "reconnect_max_s": (float, 30.0, _positive),
+        "queue_size": (int, 10000, _positive),
+        # Send a HELLO after connecting, so the kit announces itself at once.
+        "handshake": (bool, True, None),
     },
     "store": {"path": (Path, None, None)},
     "batch": {"readings_per_batch": (int, 60, _positive)},
@@ -66,6 +72,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
         "engine_source_address": (int, 0, _address),
         "kit_resync_s": (float, 10.0, _positive),
         "stale_s": (float, 5.0, _positive),
+        "kit_stuck_gas_kg": (float, 0.05, _positive),
     },
 }
 
@@ -80,6 +87,10 @@ class Config:
     can_queue_size: int
     kit_port: str
     kit_baudrate: int
+    kit_read_timeout_s: float
+    kit_reconnect_s: tuple[float, float]
+    kit_queue_size: int
+    kit_handshake: bool
     store_path: Path
     readings_per_batch: int
     upload_url: str
@@ -126,6 +137,11 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
                 raise ConfigError(f"{full}: {reason} (got {given[key]!r})")
             values[full] = value
     v = values
+    if v["kit.reconnect_max_s"] < v["kit.reconnect_min_s"]:
+        raise ConfigError(
+            f"kit.reconnect_max_s: must be >= kit.reconnect_min_s ({v['kit.reconnect_min_s']!r})"
+            f" (got {v['kit.reconnect_max_s']!r})"
+        )
     return Config(
         device_id=v["device.id"],
         key_file=v["device.key_file"],
@@ -135,6 +151,10 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         can_queue_size=v["can.queue_size"],
         kit_port=v["kit.port"],
         kit_baudrate=v["kit.baudrate"],
+        kit_read_timeout_s=v["kit.read_timeout_s"],
+        kit_reconnect_s=(v["kit.reconnect_min_s"], v["kit.reconnect_max_s"]),
+        kit_queue_size=v["kit.queue_size"],
+        kit_handshake=v["kit.handshake"],
         store_path=v["store.path"],
         readings_per_batch=v["batch.readings_per_batch"],
         upload_url=v["upload.url"],
@@ -145,6 +165,7 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
             engine_source_address=v["pipeline.engine_source_address"],
             kit_resync_s=v["pipeline.kit_resync_s"],
             stale_s=v["pipeline.stale_s"],
+            kit_stuck_gas_kg=v["pipeline.kit_stuck_gas_kg"],
         ),
     )
 

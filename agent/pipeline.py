@@ -22,6 +22,7 @@ integrated.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,9 @@ class PipelineConfig:
     engine_source_address: int = 0
     kit_resync_s: float = 10.0
     stale_s: float = 5.0
+    # Tank pressure bit-identical while the kit's gas counter rose this much
+    # (about 0.15 bar of a city bus's tank at any fill level) is a stuck sensor.
+    kit_stuck_gas_kg: float = 0.05
 
 
 @dataclass
@@ -53,7 +57,11 @@ class PipelineStats:
     frames: int = 0
     decode_errors: int = 0
     foreign_source: int = 0
-    kit_messages: int = 0
+    kit_messages: int = 0  # every decoded kit message, link markers not included
+    kit_status: int = 0
+    kit_injections: int = 0
+    kit_unknown: int = 0
+    kit_outages: int = 0
     kit_reanchors: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -81,6 +89,17 @@ class Pipeline:
         self._kit_offset: float | None = None
         self._kit_last_tick: int | None = None
         self._kit_wraps = 0
+        # Kit link outages in pipeline time: the open one starts at the last
+        # kit message before it and ends at the first one after the link is up.
+        self._kit_down: float | None = None
+        self._kit_up_pending = False
+        self._kit_outages: list[tuple[float, float]] = []
+        self._kit_hello: tuple[Any, ...] | None = None
+        # Per window index: OR of the kit's fault bitmaps, and suspect sensors.
+        self._win_faults: dict[int, int] = {}
+        self._win_suspect: dict[int, set[str]] = {}
+        self._tank_watch: tuple[float, float, float] | None = None  # value, gas total, since
+        self._tank_stuck = False
 
     # -- inputs ---------------------------------------------------------
 
@@ -124,17 +143,113 @@ class Pipeline:
             self._integ.push_one(channel, t, sig.value, True)
 
     def on_kit(self, received_at: float, msg: Mapping[str, Any]) -> None:
-        """One decoded kit message; ``received_at`` is used only before any CAN time exists."""
-        if msg.get("type") != "status":
+        """One decoded kit message or link marker (``cngmrv.drivers.kit_link``).
+
+        ``received_at`` is used only before any CAN time exists. STATUS feeds
+        the gas and mode channels; MODE, FAULT and a changed kit HELLO become
+        events; INJECTION events are counted (the integrator does not use
+        them yet); link markers open and close outages, which readings report
+        as ``kit_down_s``.
+        """
+        kind = msg.get("type")
+        if kind == "link":
+            self._on_kit_link(received_at, msg)
             return
         self.stats.kit_messages += 1
-        t = self._kit_time(int(msg["tick_ms"]), received_at)
+        tick = msg.get("tick_ms")
+        if not isinstance(tick, int):
+            self._reject(f"kit {kind} message without tick_ms")
+            return
+        t = self._kit_time(tick, received_at)
+        if self._kit_up_pending and self._kit_down is not None:
+            self._kit_outages.append((self._kit_down, t))
+            self.events.append({"t": t, "kind": "KIT_LINK_UP", "down_s": t - self._kit_down})
+            self._kit_down, self._kit_up_pending = None, False
+        if kind == "status":
+            self._on_kit_status(t, msg)
+        elif kind == "injection":
+            self.stats.kit_injections += 1
+        elif kind == "mode":
+            self.events.append(
+                {"t": t, "kind": "KIT_MODE", **_pick(msg, ("mode", "previous", "reason"))}
+            )
+        elif kind == "fault":
+            self.events.append(
+                {"t": t, "kind": "KIT_FAULT", **_pick(msg, ("code", "active", "faults"))}
+            )
+        elif kind == "hello":
+            self._on_kit_hello(t, msg)
+        else:
+            self.stats.kit_unknown += 1
+        self._latest["kit"] = max(t, self._latest.get("kit", t))
+
+    def _on_kit_status(self, t: float, msg: Mapping[str, Any]) -> None:
+        self.stats.kit_status += 1
         flow = msg.get("gas_flow_kgph")
         self._integ.push_one("gas_kg", t, 0.0 if flow is None else float(flow), flow is not None)
         mode = msg.get("mode")
         for code, name in MODE_NAMES.items():
             self._integ.push_one(f"mode_{name}", t, 1.0 if mode == code else 0.0, mode is not None)
-        self._latest["kit"] = max(t, self._latest.get("kit", t))
+        k = self._window_index(t)
+        faults = msg.get("faults")
+        if faults:
+            self._win_faults[k] = self._win_faults.get(k, 0) | int(faults)
+        self._watch_tank(t, msg.get("tank_bar"), msg.get("gas_total_kg"))
+        if self._tank_stuck:
+            self._win_suspect.setdefault(k, set()).add("tank_bar")
+
+    def _watch_tank(self, t: float, tank: Any, total: Any) -> None:
+        """Flag a tank pressure reading that stays bit-identical while gas is used."""
+        if tank is None or total is None:
+            return
+        watch = self._tank_watch
+        if watch is None or tank != watch[0] or total < watch[1]:
+            if self._tank_stuck:
+                self._tank_stuck = False
+                self.events.append({"t": t, "kind": "KIT_SENSOR_RECOVERED", "sensor": "tank_bar"})
+            self._tank_watch = (tank, total, t)
+        elif not self._tank_stuck and total - watch[1] >= self.config.kit_stuck_gas_kg:
+            self._tank_stuck = True
+            self.events.append(
+                {
+                    "t": t,
+                    "kind": "KIT_SENSOR_STUCK",
+                    "sensor": "tank_bar",
+                    "value": tank,
+                    "since": watch[2],
+                    "gas_kg": total - watch[1],
+                }
+            )
+            log.warning(
+                "event=kit_sensor_stuck sensor=tank_bar value=%s since=%.1f", tank, watch[2]
+            )
+
+    def _on_kit_hello(self, t: float, msg: Mapping[str, Any]) -> None:
+        fields = ("role", "max_version", "kit_id", "fw_major", "fw_minor", "fw_patch",
+                  "status_period_ms", "injectors", "inj_flow", "inj_dead_ms", "capabilities")  # fmt: skip
+        hello = _pick(msg, fields)
+        identity = (msg.get("version"), *hello.values())
+        # A kit repeats HELLO every 10 s; only a new or changed one is news.
+        if identity != self._kit_hello:
+            self._kit_hello = identity
+            self.events.append(
+                {"t": t, "kind": "KIT_HELLO", "version": msg.get("version"), **hello}
+            )
+
+    def _on_kit_link(self, received_at: float, msg: Mapping[str, Any]) -> None:
+        state = msg.get("state")
+        if state == "down" and self._kit_down is None:
+            since = self._latest.get("kit", self._latest.get("can", received_at))
+            self._kit_down, self._kit_up_pending = since, False
+            self.stats.kit_outages += 1
+            self.events.append(
+                {"t": since, "kind": "KIT_LINK_DOWN", "reason": str(msg.get("reason", ""))}
+            )
+        elif state == "up" and self._kit_down is not None:
+            self._kit_up_pending = True
+
+    def _window_index(self, t: float) -> int:
+        return math.floor(t / self.config.period_s)
 
     def _kit_time(self, tick_ms: int, received_at: float) -> float:
         if self._kit_last_tick is not None and tick_ms < self._kit_last_tick - (1 << 31):
@@ -198,4 +313,35 @@ class Pipeline:
         }
         if gaps:
             reading["gaps"] = gaps
+        self._kit_flags(reading, w.t0, w.t1)
         return reading
+
+    def _kit_flags(self, reading: dict[str, Any], t0: float, t1: float) -> None:
+        """Outage seconds, fault bits and suspect sensors of the kit in one window."""
+        down = 0.0
+        for a, b in self._kit_outages:
+            down += max(0.0, min(b, t1) - max(a, t0))
+        if self._kit_down is not None:
+            down += max(0.0, t1 - max(self._kit_down, t0))
+        # Readings come out in time order, so outages that ended are done with.
+        self._kit_outages = [o for o in self._kit_outages if o[1] > t1]
+        if down > 0:
+            reading["kit_down_s"] = round(down, 6)
+        k = round(t0 / self.config.period_s)
+        # Entries of windows before this one belong to windows never emitted.
+        faults = 0
+        for i in [i for i in self._win_faults if i <= k]:
+            bits = self._win_faults.pop(i)
+            faults |= bits if i == k else 0
+        if faults:
+            reading["kit_faults"] = faults
+        suspect: set[str] = set()
+        for i in [i for i in self._win_suspect if i <= k]:
+            names = self._win_suspect.pop(i)
+            suspect |= names if i == k else set()
+        if suspect:
+            reading["kit_suspect"] = sorted(suspect)
+
+
+def _pick(msg: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: msg.get(k) for k in keys}

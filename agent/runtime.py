@@ -46,7 +46,16 @@ class Agent:
             queue_size=config.can_queue_size,
         )
         self.kit = (
-            KitSerialSource(config.kit_port, config.kit_baudrate) if config.kit_port else None
+            KitSerialSource(
+                config.kit_port,
+                config.kit_baudrate,
+                read_timeout=config.kit_read_timeout_s,
+                queue_size=config.kit_queue_size,
+                reconnect_backoff=config.kit_reconnect_s,
+                handshake=config.kit_handshake,
+            )
+            if config.kit_port
+            else None
         )
         self.uploader = (
             Uploader(config.store_path, config.device_id, config.upload_url)

@@ -17,7 +17,7 @@ from typing import Any
 
 import serial
 
-from .kit_codec import FrameDecoder
+from .kit_codec import PROTOCOL_VERSION, ROLE_AGENT, FrameDecoder, encode_message
 
 log = logging.getLogger("cngmrv.kit")
 
@@ -43,6 +43,18 @@ class KitSerialSource:
     between ``reconnect_backoff[0]`` and ``reconnect_backoff[1]`` seconds, and
     keeps running until :meth:`stop`.
 
+    The queue also carries link markers, in order with the messages, so a
+    consumer can place an outage between the last message before it and the
+    first after: ``{"type": "link", "state": "down", "reason": text}`` once
+    per outage (the port could not be opened, or was lost), and
+    ``{"type": "link", "state": "up", "port": port}`` on every (re)connect.
+
+    With ``handshake`` (the default) the source sends a HELLO (role agent,
+    its protocol version) right after opening the port, so a kit that
+    implements the handshake announces itself at once instead of within its
+    10 s HELLO period (docs/kit-protocol.md, section 6).  That write is the
+    only thing ever sent to the kit.
+
     ``port`` is a device path or any pyserial URL (``loop://``,
     ``socket://host:port``, ...), opened with ``serial.serial_for_url``.
     """
@@ -55,6 +67,7 @@ class KitSerialSource:
         queue_size: int = 10000,
         reconnect_backoff: tuple[float, float] = (0.5, 30.0),
         max_events: int = 256,
+        handshake: bool = True,
     ) -> None:
         lo, hi = reconnect_backoff
         if not 0 < lo <= hi:
@@ -65,6 +78,9 @@ class KitSerialSource:
         self.baudrate = baudrate
         self.read_timeout = read_timeout
         self.reconnect_backoff = (float(lo), float(hi))
+        self.handshake = handshake
+        self._tx_seq = 0
+        self._t0 = time.monotonic()
         self._queue: queue.Queue[Message] = queue.Queue(maxsize=queue_size)
         self._decoder = FrameDecoder()
         # Guards the decoder and the counters below, which the reader thread
@@ -183,6 +199,7 @@ class KitSerialSource:
                 log.info("kit link reconnected on %s after %.1f s", self.port, down)
                 self._event(f"reconnected: {self.port} after {down:.1f} s")
             outage_since = None
+            self._offer((opened, {"type": "link", "state": "up", "port": self.port}))
             with self._lock:
                 # A frame cut off by the previous connection would otherwise
                 # be glued to the first bytes of this one.
@@ -193,6 +210,8 @@ class KitSerialSource:
             self._serial = port
             frames_before = self._decoder.frames_ok
             try:
+                if self.handshake:
+                    self._send_hello(port)
                 self._read_until_stopped(port)
             except Exception as exc:
                 outage_since = self._outage(None, "lost", exc)
@@ -230,7 +249,15 @@ class KitSerialSource:
             exc_info=not expected,
         )
         self._event(f"outage: {self.port} {what}: {exc}")
-        return time.monotonic()
+        now = time.monotonic()
+        self._offer((now, {"type": "link", "state": "down", "reason": f"{what}: {exc}"}))
+        return now
+
+    def _send_hello(self, port: Any) -> None:
+        tick_ms = int((time.monotonic() - self._t0) * 1000) & 0xFFFFFFFF
+        hello = {"type": "hello", "role": ROLE_AGENT, "max_version": PROTOCOL_VERSION}
+        port.write(encode_message({**hello, "seq": self._tx_seq, "tick_ms": tick_ms}))
+        self._tx_seq = (self._tx_seq + 1) & 0xFFFF
 
     def _read_until_stopped(self, port: Any) -> None:
         while not self._stop.is_set():

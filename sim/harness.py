@@ -12,16 +12,19 @@ ingest server, batch verification), as an operator's own harness would.
 from __future__ import annotations
 
 import argparse
+import array
+import fcntl
 import json
 import os
 import shutil
 import sys
 import tempfile
+import termios
 import threading
 import time
 import tty
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ from cngmrv.agent import batch, config, keys
 from cngmrv.agent.ingest import IngestServer, register_device, stored_batches
 from cngmrv.agent.runtime import Agent
 from cngmrv.sim.ecu import TICK_S, EngineEcu
-from cngmrv.sim.kit import KitFirmware
+from cngmrv.sim.kit import KitFaults, KitFirmware, KitLogic, LinkFaults
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
 
 DEVICE_ID = "sim-bus-001"
@@ -45,6 +48,25 @@ class SimOptions:
     seed: int = 1
     workdir: Path | None = None
     readings_per_batch: int = 60
+    # Kit link damage and kit faults (see cngmrv.sim.kit).
+    link: LinkFaults = LinkFaults()
+    kit_faults: KitFaults = KitFaults()
+    unplug_at: float | None = None  # simulated seconds
+    unplug_for: float = 5.0
+    tank_start_bar: float = 200.0
+    refuel_below_bar: float = 0.0
+    dpf_regens: tuple[tuple[float, float], ...] = ()
+
+
+@dataclass
+class KitRun:
+    """What the harness saw of the kit link, for the summary."""
+
+    firmware: KitFirmware
+    port: Path
+    # (sim time, truth gas kg) at every intact STATUS frame: the truth over intact data.
+    intact_status: list[tuple[float, float]] = field(default_factory=list)
+    unplugged: list[tuple[float, float]] = field(default_factory=list)
 
 
 def _device_config(workdir: Path, channel: str, kit_port: str, url: str, per_batch: int) -> Any:
@@ -52,7 +74,8 @@ def _device_config(workdir: Path, channel: str, kit_port: str, url: str, per_bat
         {
             "device": {"id": DEVICE_ID, "key_file": "keys/device.key"},
             "can": {"interface": "virtual", "channel": channel, "listen_only": True},
-            "kit": {"port": kit_port},
+            # A short reconnect backoff: the simulation pauses until the agent is back.
+            "kit": {"port": kit_port, "reconnect_min_s": 0.02, "reconnect_max_s": 0.2},
             "store": {"path": "store.sqlite"},
             "batch": {"readings_per_batch": per_batch},
             "upload": {"url": url},
@@ -61,18 +84,70 @@ def _device_config(workdir: Path, channel: str, kit_port: str, url: str, per_bat
     )
 
 
+def _open_pty(link: Path) -> tuple[int, int]:
+    """A new pty pair with ``link`` pointing at its slave, as udev would name a USB adapter."""
+    master, slave = os.openpty()
+    tty.setraw(slave)  # bytes must pass the line discipline unchanged
+    tmp = link.with_name(link.name + ".new")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(os.ttyname(slave))
+    tmp.replace(link)
+    return master, slave
+
+
+def _unread(fd: int) -> int:
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return buf[0]
+
+
+def _wait(cond: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"sim: timed out waiting for {what}")
+        time.sleep(0.001)
+
+
 def _drive(
-    opts: SimOptions, sim_bus: can.BusABC, kit_fd: int, agent: Agent, epoch0: float
-) -> tuple[Bus, EngineEcu, KitFirmware]:
-    vehicle = Bus(BusParams(), DriveCycle.brt(opts.duration, opts.seed))
+    opts: SimOptions,
+    sim_bus: can.BusABC,
+    fds: list[int],
+    port: Path,
+    agent: Agent,
+    epoch0: float,
+) -> tuple[Bus, EngineEcu, KitRun]:
+    logic = KitLogic(opts.kit_faults)
+    params = BusParams(
+        tank_start_bar=opts.tank_start_bar,
+        tank_low_bar=opts.kit_faults.low_bar,
+        refuel_below_bar=opts.refuel_below_bar,
+        dpf_regens=opts.dpf_regens,
+    )
+    vehicle = Bus(params, DriveCycle.brt(opts.duration, opts.seed), controller=logic)
     ecu = EngineEcu(sim_bus, vehicle, epoch0)
-    kit = KitFirmware(kit_fd)
+    kit = KitFirmware(fds[0], logic, opts.link)
+    run = KitRun(kit, port)
+    counts = kit.counts
+    unplug_tick = replug_tick = -1
+    if opts.unplug_at is not None:
+        unplug_tick = int(round(opts.unplug_at / TICK_S))
+        replug_tick = unplug_tick + max(1, int(round(opts.unplug_for / TICK_S)))
     steps = int(round(opts.duration / TICK_S))
     wall0 = time.monotonic()
     for i in range(steps + 1):
+        if i == unplug_tick:
+            _unplug(fds, kit, agent)
+            run.unplugged.append((i * TICK_S, 0.0))
+        elif i == replug_tick:
+            _replug(fds, port, kit, agent)
+            run.unplugged[-1] = (run.unplugged[-1][0], i * TICK_S)
         s = vehicle.step(i * TICK_S)
         ecu.tick(i, s)
+        status_before = counts.intact_by_type.get("status", 0)
         kit.tick(i, s)
+        if counts.intact_by_type.get("status", 0) != status_before:
+            run.intact_status.append((i * TICK_S, vehicle.truth_gas_kg))
         if i % 10:
             continue
         if opts.speedup > 0:
@@ -84,10 +159,48 @@ def _drive(
         stats = agent.pipeline.stats
         while (
             ecu.frames_sent - stats.frames > MAX_LAG_FRAMES
-            or kit.frames_sent - stats.kit_messages > MAX_LAG_FRAMES // 10
+            or counts.intact - stats.kit_messages > MAX_LAG_FRAMES
         ):
             time.sleep(0.001)
-    return vehicle, ecu, kit
+    return vehicle, ecu, run
+
+
+def _unplug(fds: list[int], kit: KitFirmware, agent: Agent) -> None:
+    """Pull the plug between two frames, after the agent has read everything sent so far."""
+    _wait(lambda: _unread(fds[1]) == 0, "the agent to read the kit's bytes")
+    kit.unplug()
+    for fd in fds:
+        os.close(fd)
+    fds.clear()
+    _wait(lambda: agent.kit is None or agent.kit.stats["connected"] == 0, "the agent to notice")
+
+
+def _replug(fds: list[int], port: Path, kit: KitFirmware, agent: Agent) -> None:
+    """Plug a new pty in behind the same port name, and wait for the agent to open it.
+
+    The agent flushes its input when it opens the port, so the kit waits for
+    it: what the agent loses is then exactly what the simulator counted as
+    unplugged.
+    """
+    assert agent.kit is not None
+    before = agent.kit.stats["reconnects"]
+    fds[:] = _open_pty(port)
+    kit.replug(fds[0])
+    link = agent.kit
+    _wait(
+        lambda: link.stats["reconnects"] > before and link.stats["connected"] == 1,
+        "the kit link to reconnect",
+    )
+
+
+def _truth_over_intact(points: list[tuple[float, float]], max_gap: float) -> float:
+    """Truth gas over the spans the agent can integrate: consecutive intact
+    STATUS frames at most ``max_gap`` apart (the pipeline's rule)."""
+    total = 0.0
+    for (t0, g0), (t1, g1) in zip(points, points[1:], strict=False):
+        if t1 - t0 <= max_gap + 1e-9:
+            total += g1 - g0
+    return total
 
 
 def run(opts: SimOptions, progress: bool = False) -> dict[str, Any]:
@@ -113,10 +226,10 @@ def _run_in(opts: SimOptions, workdir: Path, progress: bool) -> dict[str, Any]:
     server = IngestServer(workdir / "ingest.sqlite").start()
     register_device(server.db, DEVICE_ID, (key_path.parent / keys.PUB_FILE).read_bytes())
     channel = f"cngmrv-sim-{uuid.uuid4().hex[:8]}"
-    master, slave = os.openpty()
-    tty.setraw(slave)  # bytes must pass the line discipline unchanged
+    port = workdir / "ttyKIT"
+    fds = list(_open_pty(port))
     sim_bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
-    cfg = _device_config(workdir, channel, os.ttyname(slave), server.url, opts.readings_per_batch)
+    cfg = _device_config(workdir, channel, str(port), server.url, opts.readings_per_batch)
     wall_start = time.monotonic()
     agent = Agent(cfg, clock="synchronised")
     stop = threading.Event()
@@ -126,16 +239,17 @@ def _run_in(opts: SimOptions, workdir: Path, progress: bool) -> dict[str, Any]:
         worker.start()
         _wait_for_kit(agent)
         epoch0 = float(int(time.time()))
-        vehicle, ecu, kit = _drive(opts, sim_bus, master, agent, epoch0)
-        _wait_for_inputs(agent, ecu.frames_sent, kit.frames_sent)
+        vehicle, ecu, kit = _drive(opts, sim_bus, fds, port, agent, epoch0)
+        _wait_for_inputs(agent, ecu.frames_sent, kit.firmware.counts.intact)
         stop.set()
         worker.join()
         agent.close(upload_timeout=30.0)
     finally:
         stop.set()
         sim_bus.shutdown()
-        os.close(master)
-        os.close(slave)
+        for fd in fds:
+            os.close(fd)
+        port.unlink(missing_ok=True)
     wall = time.monotonic() - wall_start
     summary = _summarise(opts, workdir, server, agent, vehicle, ecu, kit, wall)
     server.stop()
@@ -168,7 +282,7 @@ def _summarise(
     agent: Agent,
     vehicle: Bus,
     ecu: EngineEcu,
-    kit: KitFirmware,
+    kit: KitRun,
     wall: float,
 ) -> dict[str, Any]:
     pub = keys.load_public_key(workdir / "keys" / keys.PUB_FILE)
@@ -184,8 +298,10 @@ def _summarise(
         "workdir": str(workdir) if opts.workdir else None,
         "frames": ecu.frames_sent,
         "frames_received": stats["frames"],
-        "kit_frames": kit.frames_sent,
+        "kit_frames": kit.firmware.frames_sent,
         "kit_frames_received": stats["kit_messages"],
+        "kit": kit.firmware.counts.as_dict(),
+        "kit_unplugged": kit.unplugged,
         "readings": agent.readings,
         "batches_signed": len(signed),
         "batches_uploaded": sum(1 for s in signed if s in uploaded),
@@ -199,6 +315,10 @@ def _summarise(
             "diesel_l": vehicle.truth_diesel_l,
             "gas_kg": vehicle.truth_gas_kg,
             "distance_km": vehicle.truth_distance_km,
+            "gas_kg_over_intact_kit_data": _truth_over_intact(
+                kit.intact_status, agent.config.pipeline.kit_max_gap_s
+            ),
+            "refuels": vehicle.refuels,
         },
         "agent": stats,
     }
@@ -206,7 +326,10 @@ def _summarise(
 
 def _relative_errors(summary: dict[str, Any]) -> dict[str, float]:
     t = summary["truth"]
-    return {k: (summary[k] - t[k]) / t[k] if t[k] else 0.0 for k in t}
+    return {
+        k: (summary[k] - t[k]) / t[k] if t[k] else 0.0
+        for k in ("diesel_l", "gas_kg", "distance_km")
+    }
 
 
 def _print_human(s: dict[str, Any]) -> None:
@@ -224,6 +347,18 @@ def _print_human(s: dict[str, Any]) -> None:
             f"{k:<12} measured {s[k]:10.3f} {unit:<2}  truth {s['truth'][k]:10.3f} {unit:<2}"
             f"  error {100 * err[k]:+.3f} %"
         )
+    k, link = s["kit"], s["agent"].get("kit_link", {})
+    print(
+        f"kit frames: {k['frames']} sent, {k['intact']} intact, {k['corrupted']} corrupted, "
+        f"{k['truncated']} truncated, {k['glued']} glued to noise, {k['unplugged']} unplugged"
+    )
+    if link:
+        print(
+            f"kit link:   {link['frames_ok']} decoded, {link['dropped_frames']} lost by seq "
+            f"(simulator: {k['lost_between_intact']}), {link['crc_errors']} crc / "
+            f"{link['cobs_errors']} cobs / {link['length_errors']} length errors, "
+            f"{link['outages']} outages"
+        )
     if s["workdir"]:
         print(f"store, keys and ingest database kept in {s['workdir']}")
 
@@ -233,12 +368,29 @@ def command(args: argparse.Namespace) -> int:
         raise ValueError("--duration must be > 0")
     if args.speedup < 0:
         raise ValueError("--speedup must be >= 0 (0 = unpaced)")
+    for name in ("kit_noise", "kit_bursts", "kit_truncate"):
+        if not 0 <= getattr(args, name) <= 100:
+            raise ValueError(f"--{name.replace('_', '-')} must be a percentage 0..100")
+    if args.kit_unplug_for <= 0:
+        raise ValueError("--kit-unplug-for must be > 0")
     opts = SimOptions(
         duration=args.duration,
         speedup=args.speedup,
         seed=args.seed,
         workdir=Path(args.workdir) if args.workdir else None,
         readings_per_batch=args.batch,
+        link=LinkFaults(
+            corrupt_rate=args.kit_noise / 100,
+            noise_rate=args.kit_bursts / 100,
+            truncate_rate=args.kit_truncate / 100,
+            seed=args.seed,
+        ),
+        kit_faults=KitFaults(faults=tuple(args.kit_fault), stuck=tuple(args.kit_stuck)),
+        unplug_at=args.kit_unplug_at,
+        unplug_for=args.kit_unplug_for,
+        tank_start_bar=args.tank_start,
+        refuel_below_bar=args.refuel_below,
+        dpf_regens=tuple(args.dpf_regen),
     )
     summary = run(opts, progress=not args.json and sys.stderr.isatty())
     if args.json:
@@ -266,4 +418,103 @@ def register(sub: Any) -> None:
     p.add_argument("--workdir", help="keep keys, store and ingest database here (continues)")
     p.add_argument("--batch", type=int, default=60, help="readings per batch (60)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    k = p.add_argument_group("kit faults")
+    k.add_argument(
+        "--kit-noise",
+        type=float,
+        default=0.0,
+        metavar="PCT",
+        help="corrupt this percentage of the kit's bytes (0)",
+    )
+    k.add_argument(
+        "--kit-bursts",
+        type=float,
+        default=0.0,
+        metavar="PCT",
+        help="precede this percentage of frames with a noise burst (0)",
+    )
+    k.add_argument(
+        "--kit-truncate",
+        type=float,
+        default=0.0,
+        metavar="PCT",
+        help="cut this percentage of frames short (0)",
+    )
+    k.add_argument(
+        "--kit-unplug-at",
+        type=float,
+        metavar="S",
+        help="unplug the kit's port at this simulated second",
+    )
+    k.add_argument(
+        "--kit-unplug-for",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="for this many simulated seconds (5)",
+    )
+    k.add_argument(
+        "--kit-fault",
+        type=_fault_arg,
+        action="append",
+        default=[],
+        metavar="CODE:AT:FOR",
+        help="a kit fault code active from AT for FOR seconds",
+    )
+    k.add_argument(
+        "--kit-stuck",
+        type=_stuck_arg,
+        action="append",
+        default=[],
+        metavar="SENSOR:AT:FOR",
+        help="freeze tank_bar or gas_temp_c from AT for FOR s",
+    )
+    k.add_argument(
+        "--dpf-regen",
+        type=_window_arg,
+        action="append",
+        default=[],
+        metavar="AT:FOR",
+        help="a DPF regeneration (diesel only) from AT for FOR s",
+    )
+    k.add_argument(
+        "--tank-start",
+        type=float,
+        default=200.0,
+        metavar="BAR",
+        help="tank pressure at the start (200)",
+    )
+    k.add_argument(
+        "--refuel-below",
+        type=float,
+        default=0.0,
+        metavar="BAR",
+        help="refuel at the next stop below this pressure (0: never)",
+    )
     p.set_defaults(func=command)
+
+
+def _window_arg(text: str) -> tuple[float, float]:
+    try:
+        at, length = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected AT:FOR seconds, got {text!r}") from None
+    if at < 0 or length <= 0:
+        raise argparse.ArgumentTypeError(f"need AT >= 0 and FOR > 0, got {text!r}")
+    return at, length
+
+
+def _fault_arg(text: str) -> tuple[float, float, int]:
+    code, _, rest = text.partition(":")
+    if not code.isdigit() or not 1 <= int(code) <= 32:
+        raise argparse.ArgumentTypeError(f"fault code must be 1..32, got {code!r}")
+    at, length = _window_arg(rest)
+    return at, length, int(code)
+
+
+def _stuck_arg(text: str) -> tuple[float, float, str]:
+    sensor, _, rest = text.partition(":")
+    if sensor not in ("tank_bar", "gas_temp_c"):
+        raise argparse.ArgumentTypeError(f"sensor must be tank_bar or gas_temp_c, got {sensor!r}")
+    at, length = _window_arg(rest)
+    return at, length, sensor

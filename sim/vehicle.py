@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 DIESEL_MJ_PER_L = 43.0 * 0.844  # IPCC NCV x default density (DOMAIN.md section 2)
@@ -46,6 +47,12 @@ class BusParams:
     tank_start_bar: float = 200.0
     tank_low_bar: float = 20.0  # below this the kit falls back to diesel only
     gas_temp_c: float = 32.0
+    # Refuelling: at the first stop with the tank below refuel_below_bar (0 = never).
+    refuel_below_bar: float = 0.0
+    refuel_to_bar: float = 200.0
+    # Active DPF regeneration (engine ECU asks the kit for diesel only), as
+    # (start s, duration s) windows of simulated time.
+    dpf_regens: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,12 @@ class DriveCycle:
 
 
 MODE_DIESEL, MODE_DUAL, MODE_FAULT = 0, 1, 2
+REASON_NONE, REASON_LOW_TANK, REASON_DPF_REGEN = 0, 1, 2
+
+# Decides the kit's mode: (t, tank pressure in bar, DPF regenerating) -> (mode, reason).
+# The simulated kit firmware plugs its own logic in here; the default is the
+# plain low-tank rule.
+ModeController = Callable[[float, float, bool], tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -110,14 +123,22 @@ class State:
     mode: int
     tank_bar: float
     gas_temp_c: float
+    reason: int = REASON_NONE
+    dpf_regen: bool = False
+    sub_setpoint: float = 0.0  # the share of fuel energy the kit's map asks for, 0..1
+    share: float = 0.0  # the share actually substituted, 0..1
 
 
 class Bus:
     """Steps the model forward and accumulates the ground truth."""
 
-    def __init__(self, params: BusParams, cycle: DriveCycle) -> None:
+    def __init__(
+        self, params: BusParams, cycle: DriveCycle, controller: ModeController | None = None
+    ) -> None:
         self.p = params
         self.cycle = cycle
+        self.controller = controller
+        self.refuels: list[tuple[float, float]] = []  # (t, kg added)
         t_k = params.gas_temp_c + 273.15
         self._tank_kg = (
             params.tank_start_bar
@@ -130,10 +151,22 @@ class Bus:
         self.truth_distance_km = 0.0
         self._last: tuple[float, State] | None = None
 
-    def tank_bar(self) -> float:
+    def _kg_per_bar(self) -> float:
         p = self.p
-        t_k = p.gas_temp_c + 273.15
-        return self._tank_kg * p.tank_z * R_NATURAL_GAS * t_k / p.tank_volume_m3 / 1e5
+        return p.tank_volume_m3 * 1e5 / (p.tank_z * R_NATURAL_GAS * (p.gas_temp_c + 273.15))
+
+    def tank_bar(self) -> float:
+        return self._tank_kg / self._kg_per_bar()
+
+    def dpf_regen(self, t: float) -> bool:
+        return any(start <= t < start + length for start, length in self.p.dpf_regens)
+
+    def _default_mode(self, t: float, tank_bar: float, dpf: bool) -> tuple[int, int]:
+        if tank_bar <= self.p.tank_low_bar:
+            return MODE_DIESEL, REASON_LOW_TANK
+        if dpf:
+            return MODE_DIESEL, REASON_DPF_REGEN
+        return MODE_DUAL, REASON_NONE
 
     def state(self, t: float) -> State:
         p = self.p
@@ -145,8 +178,10 @@ class Bus:
         # Braking and coasting cut fuel to idle level (no fuel below idle demand).
         fuel_kw = p.idle_fuel_kw + engine_kw / p.engine_eff
         tank = self.tank_bar()
-        mode = MODE_DUAL if tank > p.tank_low_bar else MODE_DIESEL
-        share = p.sub_idle + (p.sub_full - p.sub_idle) * load if mode == MODE_DUAL else 0.0
+        dpf = self.dpf_regen(t)
+        mode, reason = (self.controller or self._default_mode)(t, tank, dpf)
+        setpoint = p.sub_idle + (p.sub_full - p.sub_idle) * load
+        share = setpoint if mode == MODE_DUAL else 0.0
         mj_per_h = fuel_kw * 3.6
         speed_kmh = v * 3.6
         rpm = min(p.idle_rpm + p.rpm_per_kmh * speed_kmh * (1.0 if a >= 0 else 0.8), p.max_rpm)
@@ -159,6 +194,10 @@ class Bus:
             mode=mode,
             tank_bar=tank,
             gas_temp_c=p.gas_temp_c + 1.5 * math.sin(t / 300.0),
+            reason=reason,
+            dpf_regen=dpf,
+            sub_setpoint=setpoint,
+            share=share,
         )
 
     def step(self, t: float) -> State:
@@ -173,4 +212,10 @@ class Bus:
             self._tank_kg = max(0.0, self._tank_kg - gas)
             self.truth_distance_km += 0.5 * (s0.speed_kmh + s.speed_kmh) * dt_h
         self._last = (t, s)
+        p = self.p
+        if p.refuel_below_bar > 0 and s.speed_kmh == 0.0 and s.tank_bar < p.refuel_below_bar:
+            # A stop at a filling station; the pressure the kit sees jumps at the next step.
+            added = max(0.0, p.refuel_to_bar * self._kg_per_bar() - self._tank_kg)
+            self._tank_kg += added
+            self.refuels.append((t, added))
         return s

@@ -62,16 +62,42 @@ def status(seq: int) -> bytes:
     return kc.encode_status(seq, 100 * seq, kc.MODE_DUAL, 150.0 + seq, 18.5, 9.876)
 
 
-def fast_source(port: str, queue_size: int = 100) -> KitSerialSource:
+def fast_source(port: str, queue_size: int = 100, handshake: bool = True) -> KitSerialSource:
     return KitSerialSource(
-        port, read_timeout=0.05, queue_size=queue_size, reconnect_backoff=(0.05, 0.2)
+        port,
+        read_timeout=0.05,
+        queue_size=queue_size,
+        reconnect_backoff=(0.05, 0.2),
+        handshake=handshake,
     )
 
 
-def must_get(src: KitSerialSource) -> tuple[float, dict]:
+def must_get_any(src: KitSerialSource) -> tuple[float, dict]:
     item = src.get(timeout=2.0)
     assert item is not None, "no message within 2 s"
     return item
+
+
+def must_get(src: KitSerialSource, markers: list[dict] | None = None) -> tuple[float, dict]:
+    """The next kit message; link markers on the way are appended to ``markers``."""
+    while True:
+        item = must_get_any(src)
+        if item[1]["type"] != "link":
+            return item
+        if markers is not None:
+            markers.append(item[1])
+
+
+def read_master(kit: Pty, timeout: float = 2.0) -> bytes:
+    """What the agent wrote to the kit."""
+    import select
+
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not out.endswith(b"\x00"):
+        if select.select([kit.master], [], [], 0.05)[0]:
+            out += os.read(kit.master, 4096)
+    return out
 
 
 def stop_quickly(src: KitSerialSource) -> float:
@@ -89,6 +115,12 @@ def test_messages_arrive_from_pty(make_pty: Callable[[], Pty]) -> None:
     try:
         # pyserial flushes the input buffer on open, so wait for the open.
         wait_for(lambda: src.stats["connected"] == 1)
+        assert must_get_any(src)[1] == {"type": "link", "state": "up", "port": kit.name}
+        # The handshake: the agent's HELLO, role agent, its protocol version.
+        hello = kc.FrameDecoder().feed(read_master(kit))
+        assert [(m["type"], m["role"], m["max_version"]) for m in hello] == [
+            ("hello", kc.ROLE_AGENT, kc.PROTOCOL_VERSION)
+        ]
         t_before = time.monotonic()
         kit.write(b"\x00noise\r\n\x00" + status(0) + status(1) + b"\xff\xfe\x00" + status(2))
         got = [must_get(src) for _ in range(3)]
@@ -108,12 +140,13 @@ def test_messages_arrive_from_pty(make_pty: Callable[[], Pty]) -> None:
 
 def test_full_queue_drops_newest(make_pty: Callable[[], Pty]) -> None:
     kit = make_pty()
-    src = fast_source(kit.name, queue_size=2)
+    src = fast_source(kit.name, queue_size=3, handshake=False)
     with src:
         wait_for(lambda: src.stats["connected"] == 1)
         kit.write(b"".join(status(s) for s in range(5)))
         wait_for(lambda: src.stats["frames_ok"] == 5)
-        assert [m["seq"] for _, m in src.drain()] == [0, 1]
+        # The connect marker took the first place in the queue.
+        assert [m.get("seq", m["type"]) for _, m in src.drain()] == ["link", 0, 1]
         assert src.stats["queue_dropped"] == 3
         assert any(text.startswith("queue full") for _, text in src.events)
         kit.write(status(5))
@@ -127,6 +160,7 @@ def test_waits_for_port_reconnects_and_survives_unplug(
     link = tmp_path / "ttyKIT"
     src = KitSerialSource(str(link), read_timeout=0.05, reconnect_backoff=(0.02, 0.1))
     caplog.set_level(logging.DEBUG, logger="cngmrv.kit")
+    seen: list[dict] = []
     src.start()
     try:
         # The port does not exist yet: one outage, however many retries.
@@ -141,7 +175,7 @@ def test_waits_for_port_reconnects_and_survives_unplug(
         link.symlink_to(kit.name)
         wait_for(lambda: src.stats["connected"] == 1)
         kit.write(status(0) + status(1))
-        assert [must_get(src)[1]["seq"] for _ in range(2)] == [0, 1]
+        assert [must_get(src, seen)[1]["seq"] for _ in range(2)] == [0, 1]
         assert src.stats["reconnects"] == 1
 
         # Unplugged: the kit side goes away.
@@ -156,10 +190,15 @@ def test_waits_for_port_reconnects_and_survives_unplug(
         tmp_link.replace(link)
         wait_for(lambda: src.stats["connected"] == 1)
         kit2.write(status(5))
-        assert must_get(src)[1]["seq"] == 5
+        assert must_get(src, seen)[1]["seq"] == 5
         stats = src.stats
         assert (stats["outages"], stats["reconnects"]) == (2, 2)
         assert stats["dropped_frames"] == 3  # seq 2..4 were never received
+
+        seen += [m for _, m in src.drain()]
+        markers = [(m["state"], m.get("reason", "")) for m in seen if m["type"] == "link"]
+        assert [state for state, _ in markers] == ["down", "up", "down", "up"]
+        assert "cannot open" in markers[0][1] and "lost" in markers[2][1]
 
         texts = [text for _, text in src.events]
         assert texts[0].startswith("outage:") and "cannot open" in texts[0]

@@ -40,7 +40,9 @@ def test_ten_minutes_match_the_truth_within_one_percent(first_run: dict) -> None
     s = first_run
     assert s["sim_seconds"] == 600
     assert s["frames_received"] == s["frames"] > 40000
-    assert s["kit_frames_received"] == s["kit_frames"] == 6000
+    assert s["kit_frames_received"] == s["kit_frames"] == s["kit"]["intact"]
+    assert s["kit"]["intact_by_type"]["status"] == 6000
+    assert s["kit"]["intact_by_type"]["injection"] > 20000  # 6 cylinders, 650-2100 rpm
     assert 595 <= s["readings"] <= 602
     for k in ("diesel_l", "gas_kg", "distance_km"):
         assert s["truth"][k] > 0
