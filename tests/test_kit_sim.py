@@ -25,7 +25,9 @@ UNPLUG_AT, UNPLUG_FOR = 50.0, 5.0
 def stored(workdir: Path) -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, Any]]]]:
     db = open_readonly(workdir / "store.sqlite")
     try:
-        readings = [batch.unpackb(b) for (b,) in db.execute("SELECT body FROM readings ORDER BY t0")]
+        readings = [
+            batch.unpackb(b) for (b,) in db.execute("SELECT body FROM readings ORDER BY t0")
+        ]
         events = [
             (kind, batch.unpackb(b))
             for kind, b in db.execute("SELECT kind, body FROM events ORDER BY id")

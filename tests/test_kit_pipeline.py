@@ -1,0 +1,190 @@
+"""Kit messages in the deterministic core: outages, faults, modes, HELLO, stuck sensors; [kit] config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cngmrv.agent import config
+from cngmrv.agent.pipeline import Pipeline, PipelineConfig
+from cngmrv.drivers import j1939
+from cngmrv.drivers import kit_codec as kc
+
+LFE = j1939.make_id(j1939.PGN_LFE, 0)
+T0 = 5000.0
+TICK0 = 100_000
+
+
+def status(tick: int, **kw: Any) -> dict[str, Any]:
+    msg = {"type": "status", "version": 2, "seq": 0, "tick_ms": tick, "mode": 1,
+           "gas_flow_kgph": 36.0, "faults": 0, "tank_bar": 150.0, "gas_total_kg": 100.0}  # fmt: skip
+    msg.update(kw)
+    return msg
+
+
+def drive(p: Pipeline, seconds: float, kit: Any = None, skip: tuple[float, float] = (0, 0)) -> None:
+    """CAN at 10 Hz from T0; kit STATUS at 10 Hz except inside ``skip`` (seconds from T0)."""
+    for i in range(int(seconds * 10) + 1):
+        s = i / 10
+        p.on_can(T0 + s, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
+        if kit is not None:
+            kit(p, s)
+        elif not skip[0] <= s < skip[1]:
+            p.on_kit(0.0, status(TICK0 + i * 100))
+
+
+def readings(p: Pipeline) -> list[dict[str, Any]]:
+    return p.advance() + p.finish()
+
+
+def test_outage_markers_show_up_in_readings_and_events() -> None:
+    p = Pipeline(PipelineConfig())
+
+    def kit(p: Pipeline, s: float) -> None:
+        i = round(s * 10)
+        if s == 3.0:
+            p.on_kit(0.0, {"type": "link", "state": "down", "reason": "lost: EIO"})
+        elif s == 8.0:
+            p.on_kit(0.0, {"type": "link", "state": "up", "port": "/dev/ttyKIT"})
+        if not 3.0 <= s < 8.0:
+            p.on_kit(0.0, status(TICK0 + i * 100))
+
+    drive(p, 12.0, kit)
+    out = readings(p)
+    down = {r["t0"] - T0: r["kit_down_s"] for r in out if "kit_down_s" in r}
+    # Last STATUS before the outage at 2.9 s, first after at 8.0 s.
+    assert down == pytest.approx({2.0: 0.1, 3.0: 1.0, 4.0: 1.0, 5.0: 1.0, 6.0: 1.0, 7.0: 1.0})
+    assert sum(r["gas_kg"] for r in out) == pytest.approx(36.0 / 3600 * (12.0 - 5.1), rel=1e-9)
+    kinds = [(e["kind"], round(e["t"] - T0, 3)) for e in p.events]
+    assert kinds == [("KIT_LINK_DOWN", 2.9), ("KIT_LINK_UP", 8.0)]
+    assert p.events[0]["reason"] == "lost: EIO"
+    assert p.events[1]["down_s"] == pytest.approx(5.1)
+    assert p.stats.kit_outages == 1
+    assert p.stats.kit_messages == p.stats.kit_status == 121 - 50  # markers are not messages
+
+
+def test_an_open_outage_marks_every_reading_until_the_kit_is_back() -> None:
+    p = Pipeline(PipelineConfig())
+    drive(p, 2.0)
+    p.on_kit(0.0, {"type": "link", "state": "down", "reason": "cannot open"})
+    p.on_kit(0.0, {"type": "link", "state": "down", "reason": "again"})  # same outage
+    for i in range(21, 101):
+        p.on_can(T0 + i / 10, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
+    out = readings(p)
+    assert [r["t0"] - T0 for r in out if r.get("kit_down_s") == pytest.approx(1.0)] == [
+        float(k)
+        for k in range(2, 10)  # the last STATUS was at 2.0 s
+    ]
+    assert [e["kind"] for e in p.events] == ["KIT_LINK_DOWN"]
+
+
+def test_faults_modes_hello_injection_and_unknown_messages() -> None:
+    p = Pipeline(PipelineConfig())
+    hello = {"type": "hello", "version": 2, "seq": 0, "tick_ms": TICK0, "role": 0,
+             "max_version": 2, "kit_id": 7, "fw_major": 1, "fw_minor": 0, "fw_patch": 0,
+             "status_period_ms": 100, "injectors": 6, "inj_flow": 2.5, "inj_dead_ms": 0.35,
+             "capabilities": 7}  # fmt: skip
+
+    def kit(p: Pipeline, s: float) -> None:
+        i = round(s * 10)
+        tick = TICK0 + i * 100
+        if i % 20 == 0:
+            p.on_kit(0.0, {**hello, "tick_ms": tick, "fw_patch": 1 if s >= 4 else 0})
+        if s == 2.0:
+            p.on_kit(0.0, {"type": "fault", "tick_ms": tick, "code": 3, "active": 1, "faults": 4})
+            p.on_kit(0.0, {"type": "mode", "tick_ms": tick, "mode": 2, "previous": 1, "reason": 3})
+        p.on_kit(0.0, {"type": "injection", "tick_ms": tick, "offset_us": 5, "mass_mg": 9.0})
+        p.on_kit(0.0, {"type": "unknown", "tick_ms": tick, "msg_type": 99, "payload": b""})
+        faulty = 2.0 <= s < 4.0
+        p.on_kit(0.0, status(tick, mode=2 if faulty else 1, faults=4 if faulty else 0))
+
+    drive(p, 6.0, kit)
+    out = readings(p)
+    assert [r["t0"] - T0 for r in out if "kit_faults" in r] == [2.0, 3.0]
+    assert all(r["kit_faults"] == 4 for r in out if "kit_faults" in r)
+    assert sum(r["mode_s"]["fault"] for r in out) == pytest.approx(2.0)
+    events = [(e["kind"], e["t"] - T0) for e in p.events]
+    # HELLO every 2 s, but only the first and the changed one are events.
+    assert events == [("KIT_HELLO", 0.0), ("KIT_FAULT", 2.0), ("KIT_MODE", 2.0), ("KIT_HELLO", 4.0)]
+    assert p.events[1] | {"t": 0} == {
+        "t": 0,
+        "kind": "KIT_FAULT",
+        "code": 3,
+        "active": 1,
+        "faults": 4,
+    }
+    assert p.events[3]["fw_patch"] == 1 and p.events[3]["kit_id"] == 7
+    assert (p.stats.kit_injections, p.stats.kit_unknown, p.stats.kit_status) == (61, 61, 61)
+
+
+def test_kit_message_without_tick_is_rejected_with_its_reason() -> None:
+    p = Pipeline(PipelineConfig())
+    p.on_kit(0.0, {"type": "status", "mode": 1})
+    assert p.stats.decode_errors == 1 and "without tick_ms" in next(iter(p.stats.reasons))
+
+
+def test_stuck_tank_sensor_is_flagged_and_recovers() -> None:
+    p = Pipeline(PipelineConfig(kit_stuck_gas_kg=0.05))
+
+    def kit(p: Pipeline, s: float) -> None:
+        i = round(s * 10)
+        gas = 100.0 + 0.01 * i  # 0.1 kg/s of kit counter
+        tank = 150.0 if 10 <= i < 30 else 150.0 - 0.03 * i
+        p.on_kit(0.0, status(TICK0 + i * 100, tank_bar=tank, gas_total_kg=gas))
+
+    drive(p, 5.0, kit)
+    out = readings(p)
+    flagged = [r["t0"] - T0 for r in out if r.get("kit_suspect") == ["tank_bar"]]
+    # The value froze at 1.0 s; 0.05 kg later (1.5 s) it is flagged, until 3.0 s.
+    assert flagged == [1.0, 2.0]
+    stuck = next(e for e in p.events if e["kind"] == "KIT_SENSOR_STUCK")
+    assert stuck["since"] - T0 == pytest.approx(1.0) and stuck["t"] - T0 == pytest.approx(1.5)
+    assert [e["kind"] for e in p.events] == ["KIT_SENSOR_STUCK", "KIT_SENSOR_RECOVERED"]
+
+
+def test_refuel_is_not_a_stuck_sensor() -> None:
+    p = Pipeline(PipelineConfig())
+    for i, tank in enumerate([20.0] * 5 + [200.0] * 5):
+        p.on_kit(0.0, status(TICK0 + i * 100, tank_bar=tank, gas_total_kg=100.0 + 0.001 * i))
+    assert not p.events
+
+
+@pytest.mark.parametrize(
+    "kit, error",
+    [
+        (
+            {"port": "/dev/ttyUSB0", "reconnect_min_s": 5.0, "reconnect_max_s": 1.0},
+            "reconnect_max_s",
+        ),
+        ({"read_timeout_s": 0}, "kit.read_timeout_s"),
+        ({"queue_size": 0}, "kit.queue_size"),
+        ({"handshake": 1}, "kit.handshake"),
+        ({"parity": "N"}, "kit.parity: unknown key"),
+    ],
+)
+def test_kit_config_keys_are_validated(tmp_path: Path, kit: dict[str, Any], error: str) -> None:
+    data = {"device": {"id": "b", "key_file": "k"}, "store": {"path": "s"}, "kit": kit}
+    with pytest.raises(config.ConfigError, match=error):
+        config.from_mapping(data, tmp_path)
+
+
+def test_kit_config_defaults_and_values(tmp_path: Path) -> None:
+    base = {"device": {"id": "b", "key_file": "k"}, "store": {"path": "s"}}
+    cfg = config.from_mapping(base, tmp_path)
+    assert (cfg.kit_port, cfg.kit_baudrate, cfg.kit_reconnect_s, cfg.kit_handshake) == (
+        "",
+        115200,
+        (0.5, 30.0),
+        True,
+    )
+    kit = {"port": "/dev/ttyUSB0", "baudrate": 230400, "read_timeout_s": 0.2,
+           "reconnect_min_s": 1, "reconnect_max_s": 10, "handshake": False}  # fmt: skip
+    cfg = config.from_mapping({**base, "kit": kit}, tmp_path)
+    assert (cfg.kit_baudrate, cfg.kit_read_timeout_s, cfg.kit_reconnect_s) == (
+        230400,
+        0.2,
+        (1.0, 10.0),
+    )
+    assert cfg.kit_handshake is False and kc.PROTOCOL_VERSION == 2
