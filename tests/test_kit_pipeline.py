@@ -75,7 +75,7 @@ def test_an_open_outage_marks_every_reading_until_the_kit_is_back() -> None:
     out = readings(p)
     assert [r["t0"] - T0 for r in out if r.get("kit_down_s") == pytest.approx(1.0)] == [
         float(k)
-        for k in range(2, 10)  # the last STATUS was at 2.0 s
+        for k in range(2, 11)  # the last STATUS at 2.0 s, the last CAN at 10.0 s
     ]
     assert [e["kind"] for e in p.events] == ["KIT_LINK_DOWN"]
 
