@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.11",
     packages=[f"cngmrv.{name}" for name in SUBPACKAGES],
     package_dir={f"cngmrv.{name}": name for name in SUBPACKAGES},
-    package_data={"cngmrv.native": ["*.h", "*.c"]},
+    package_data={"cngmrv.native": ["*.h", "*.c"], "cngmrv.drivers": ["*.dbc"]},
     setup_requires=["cffi>=1.16"],
     cffi_modules=["native/build_integrator.py:ffibuilder"],
     install_requires=[

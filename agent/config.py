@@ -36,6 +36,10 @@ def _url(v: Any) -> str | None:
     return None if v == "" or v.startswith(("http://", "https://")) else "must be an http(s) URL"
 
 
+def _transport(v: Any) -> str | None:
+    return None if v in ("serial", "can") else "must be 'serial' or 'can'"
+
+
 def _nonempty(v: Any) -> str | None:
     return None if v.strip() else "must not be empty"
 
@@ -61,6 +65,10 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
         "queue_size": (int, 10000, _positive),
         # Send a HELLO after connecting, so the kit announces itself at once.
         "handshake": (bool, True, None),
+        # "can": the kit's PropB PGNs on the vehicle CAN bus, described by a DBC.
+        "transport": (str, "serial", _transport),
+        "can_source_address": (int, 0x27, _address),
+        "dbc": (str, "", None),  # empty: the DBC shipped with cngmrv.drivers
     },
     "store": {"path": (Path, None, None)},
     "batch": {"readings_per_batch": (int, 60, _positive)},
@@ -91,6 +99,9 @@ class Config:
     kit_reconnect_s: tuple[float, float]
     kit_queue_size: int
     kit_handshake: bool
+    kit_transport: str
+    kit_can_source_address: int
+    kit_dbc: Path | None
     store_path: Path
     readings_per_batch: int
     upload_url: str
@@ -103,12 +114,16 @@ def _coerce(key: str, kind: type, value: Any, base: Path) -> Any:
     if kind is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: must be a non-empty path string")
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else base / p
+        return _path(value, base)
     # bool is an int in Python; a TOML `true` for a count is a mistake, not a 1.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+def _path(value: str, base: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
 
 
 def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
@@ -137,6 +152,8 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
                 raise ConfigError(f"{full}: {reason} (got {given[key]!r})")
             values[full] = value
     v = values
+    if v["kit.transport"] == "can" and v["kit.port"]:
+        raise ConfigError("kit.port: must be empty when kit.transport is 'can'")
     if v["kit.reconnect_max_s"] < v["kit.reconnect_min_s"]:
         raise ConfigError(
             f"kit.reconnect_max_s: must be >= kit.reconnect_min_s ({v['kit.reconnect_min_s']!r})"
@@ -155,6 +172,9 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         kit_reconnect_s=(v["kit.reconnect_min_s"], v["kit.reconnect_max_s"]),
         kit_queue_size=v["kit.queue_size"],
         kit_handshake=v["kit.handshake"],
+        kit_transport=v["kit.transport"],
+        kit_can_source_address=v["kit.can_source_address"],
+        kit_dbc=_path(v["kit.dbc"], base) if v["kit.dbc"] else None,
         store_path=v["store.path"],
         readings_per_batch=v["batch.readings_per_batch"],
         upload_url=v["upload.url"],

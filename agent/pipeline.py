@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cngmrv.drivers import j1939
+from cngmrv.drivers.kit_can import KitCanDecoder
 from cngmrv.drivers.kit_codec import MODE_DIESEL, MODE_DUAL, MODE_FAULT
 from cngmrv.native import ChannelSpec, Integrator, Window
 
@@ -69,8 +70,16 @@ class PipelineStats:
 class Pipeline:
     """Feeds J1939 frames and kit messages into the native integrator and builds readings."""
 
-    def __init__(self, config: PipelineConfig, boot_epoch: int = 0, clock: str = "unknown"):
+    def __init__(
+        self,
+        config: PipelineConfig,
+        boot_epoch: int = 0,
+        clock: str = "unknown",
+        kit_can: KitCanDecoder | None = None,
+    ):
         self.config = config
+        # The kit's PropB frames on this bus, when the kit talks CAN, not serial.
+        self.kit_can = kit_can
         self.boot_epoch = boot_epoch
         self.clock = clock
         can_gap, kit_gap = config.can_max_gap_s, config.kit_max_gap_s
@@ -117,6 +126,11 @@ class Pipeline:
         self.stats.frames += 1
         jid = j1939.parse_id(can_id)
         pgn = jid.pgn
+        if self.kit_can is not None and self.kit_can.wants(pgn):
+            self._latest["can"] = max(t, self._latest.get("can", t))
+            for msg in self.kit_can.decode(t, can_id, data):
+                self.on_kit(t, msg)
+            return
         if pgn not in (j1939.PGN_LFE, j1939.PGN_CCVS):
             self._latest["can"] = max(t, self._latest.get("can", t))
             return

@@ -22,6 +22,7 @@ from cngmrv.agent.pipeline import Pipeline
 from cngmrv.agent.store import Store
 from cngmrv.agent.upload import Uploader
 from cngmrv.drivers.can_source import CanSource, open_bus
+from cngmrv.drivers.kit_can import DEFAULT_DBC, KitCanDecoder
 from cngmrv.drivers.kit_link import KitSerialSource
 
 log = logging.getLogger("cngmrv.agent")
@@ -40,7 +41,10 @@ class Agent:
             "BOOT",
             {"epoch": self.boot_epoch, "kid": self.signer.kid, "clock": clock},
         )
-        self.pipeline = Pipeline(config.pipeline, self.boot_epoch, clock)
+        kit_can = None
+        if config.kit_transport == "can":
+            kit_can = KitCanDecoder(config.kit_dbc or DEFAULT_DBC, config.kit_can_source_address)
+        self.pipeline = Pipeline(config.pipeline, self.boot_epoch, clock, kit_can=kit_can)
         self.can = CanSource(
             open_bus(config.can_interface, config.can_channel, config.can_listen_only),
             queue_size=config.can_queue_size,
