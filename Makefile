@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# MicroPython's WebAssembly port, to run the kit codec as a kit would (tests/test_kit_micropython.py).
+MPY_WASM := @micropython/micropython-webassembly-pyscript
+MPY_WASM_VERSION := 1.27.0
 
 .PHONY: setup sim test lint bench
 
@@ -11,6 +14,13 @@ setup:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@if ! command -v npm >/dev/null 2>&1; then \
+		echo "npm not found: the MicroPython codec test will be skipped"; \
+	elif [ ! -f $(VENV)/micropython/node_modules/$(MPY_WASM)/micropython.mjs ]; then \
+		npm install --silent --no-audit --no-fund --prefix $(VENV)/micropython \
+			$(MPY_WASM)@$(MPY_WASM_VERSION) \
+		|| echo "could not install $(MPY_WASM): the MicroPython codec test will be skipped"; \
+	fi
 
 sim: setup
 	$(BIN)/cngmrv sim

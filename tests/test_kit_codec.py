@@ -521,9 +521,10 @@ def test_fuzz_arbitrary_bytes(data: bytes) -> None:
 
 # -- MicroPython subset ------------------------------------------------------
 
-# This is a syntactic approximation: it catches the usual ways CPython-only code
-# slips into the codec. The real check (running the module under MicroPython /
-# against its stubs) comes with the kit-protocol issue.
+# A syntactic approximation that catches the usual ways CPython-only code slips
+# into the codec. The real checks: `make lint` type-checks the codec against
+# MicroPython's stubs (mypy-micropython.ini), and test_kit_micropython.py runs
+# it under MicroPython itself.
 ALLOWED_IMPORTS = {"struct"}
 FORBIDDEN_CALL_KEYWORDS = {("from_bytes", "byteorder"), ("from_bytes", "signed"), ("hex", "sep")}
 
