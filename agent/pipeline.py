@@ -261,6 +261,11 @@ class Pipeline:
             )
         elif state == "up" and self._kit_down is not None:
             self._kit_up_pending = True
+            # The kit is back: count it as an active source again at once, so
+            # the other sources cannot close the windows its first samples
+            # after the outage belong to before they arrive.
+            newest = max(self._latest.values())
+            self._latest["kit"] = max(self._latest.get("kit", newest), newest - self.config.stale_s)
 
     def _window_index(self, t: float) -> int:
         return math.floor(t / self.config.period_s)

@@ -12,14 +12,11 @@ ingest server, batch verification), as an operator's own harness would.
 from __future__ import annotations
 
 import argparse
-import array
-import fcntl
 import json
 import os
 import shutil
 import sys
 import tempfile
-import termios
 import threading
 import time
 import tty
@@ -39,6 +36,7 @@ from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
 
 DEVICE_ID = "sim-bus-001"
 MAX_LAG_FRAMES = 100  # about 1.4 s of the engine's broadcast
+MAX_LAG_STATUS = 10  # 1 s of the kit's STATUS stream
 
 
 @dataclass(frozen=True)
@@ -95,12 +93,6 @@ def _open_pty(link: Path) -> tuple[int, int]:
     return master, slave
 
 
-def _unread(fd: int) -> int:
-    buf = array.array("i", [0])
-    fcntl.ioctl(fd, termios.FIONREAD, buf)
-    return buf[0]
-
-
 def _wait(cond: Any, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -137,7 +129,7 @@ def _drive(
     wall0 = time.monotonic()
     for i in range(steps + 1):
         if i == unplug_tick:
-            _unplug(fds, kit, agent)
+            _unplug(fds, port, kit, agent)
             run.unplugged.append((i * TICK_S, 0.0))
         elif i == replug_tick:
             _replug(fds, port, kit, agent)
@@ -156,23 +148,36 @@ def _drive(
                 time.sleep(ahead)
         # Never let the agent fall more than about a second of bus time behind:
         # unpaced, the simulator would otherwise outrun every queue.
+        # The kit's lag is bounded in time (STATUS frames, 10 per second), since
+        # its frame rate varies with the injection rate; a kit further behind
+        # than the pipeline's stale_s would have its samples arrive too late.
         stats = agent.pipeline.stats
         while (
             ecu.frames_sent - stats.frames > MAX_LAG_FRAMES
-            or counts.intact - stats.kit_messages > MAX_LAG_FRAMES
+            or counts.intact_by_type.get("status", 0) - stats.kit_status > MAX_LAG_STATUS
         ):
             time.sleep(0.001)
     return vehicle, ecu, run
 
 
-def _unplug(fds: list[int], kit: KitFirmware, agent: Agent) -> None:
-    """Pull the plug between two frames, after the agent has read everything sent so far."""
-    _wait(lambda: _unread(fds[1]) == 0, "the agent to read the kit's bytes")
+def _unplug(fds: list[int], port: Path, kit: KitFirmware, agent: Agent) -> None:
+    """Pull the plug between two frames, after the agent has decoded every intact one.
+
+    Waiting for the slave's input queue to be empty is not enough: bytes
+    written to a pty master reach the slave through a kernel work queue, so
+    some may still be in flight, and closing the master drops them.
+    """
+    link = agent.kit
+    if link is not None:
+        _wait(lambda: link.stats["frames_ok"] >= kit.counts.intact, "the agent to read the kit")
     kit.unplug()
+    # The device name goes first, as udev removes it: a /dev/pts number freed
+    # here may be reused at once by another process's pty.
+    port.unlink()
     for fd in fds:
         os.close(fd)
     fds.clear()
-    _wait(lambda: agent.kit is None or agent.kit.stats["connected"] == 0, "the agent to notice")
+    _wait(lambda: link is None or link.stats["connected"] == 0, "the agent to notice")
 
 
 def _replug(fds: list[int], port: Path, kit: KitFirmware, agent: Agent) -> None:
@@ -346,6 +351,12 @@ def _print_human(s: dict[str, Any]) -> None:
         print(
             f"{k:<12} measured {s[k]:10.3f} {unit:<2}  truth {s['truth'][k]:10.3f} {unit:<2}"
             f"  error {100 * err[k]:+.3f} %"
+        )
+    intact = s["truth"]["gas_kg_over_intact_kit_data"]
+    if intact and abs(intact - s["truth"]["gas_kg"]) > 1e-9:
+        print(
+            f"{'':<12} truth over intact kit data {intact:10.3f} kg"
+            f"  error {100 * (s['gas_kg'] - intact) / intact:+.3f} %"
         )
     k, link = s["kit"], s["agent"].get("kit_link", {})
     print(

@@ -9,6 +9,7 @@ of the intact data to within 0.5 %, and show the outage in its readings.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,12 @@ def test_the_outage_appears_in_the_readings_and_events(damaged_run: tuple[dict, 
     # Windows entirely inside the outage have no gas coverage and say so.
     inside = [r for r in down if r["kit_down_s"] == pytest.approx(r["dur"])]
     assert inside and all(r["cov"]["gas_kg"] == 0.0 and r["gas_kg"] == 0.0 for r in inside)
-    assert any("gas_kg" in r.get("gaps", {}) for r in down)
+    # The gas channel's own gap ends at the first STATUS after the outage, in
+    # the last flagged window or the one after it (the kit's HELLO reply may
+    # come first and close the outage a few ms earlier).
+    long_gaps = [r for r in readings if r.get("gaps", {}).get("gas_kg", [0, 0])[1] >= UNPLUG_FOR]
+    assert len(long_gaps) == 1
+    assert 0 <= long_gaps[0]["t0"] - down[-1]["t0"] <= 1.0
     kinds = [k for k, _ in events]
     assert kinds.count("KIT_LINK_DOWN") == kinds.count("KIT_LINK_UP") == 1
     up = next(e for k, e in events if k == "KIT_LINK_UP")
@@ -143,3 +149,31 @@ def test_kit_faults_dpf_and_stuck_sensor_reach_the_readings(tmp_path: Path) -> N
     assert all(60 <= r["t0"] - t_first <= 161 for r in stuck)
     # The gas still matches: the stuck sensor is the tank's, not the flow's.
     assert abs(s["gas_kg"] - s["truth"]["gas_kg"]) / s["truth"]["gas_kg"] < 0.01
+
+
+def test_cli_options_and_counts(cli) -> None:  # type: ignore[no-untyped-def]
+    r = cli("sim", "--duration", "40", "--speedup", "0", "--seed", "3", "--kit-noise", "1",
+            "--kit-bursts", "2", "--kit-truncate", "1", "--kit-unplug-at", "10",
+            "--kit-unplug-for", "5")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "truth over intact kit data" in r.stdout
+    line = next(x for x in r.stdout.splitlines() if x.startswith("kit link:"))
+    lost, simulated = re.search(r"(\d+) lost by seq \(simulator: (\d+)\)", line).groups()  # type: ignore[union-attr]
+    assert lost == simulated and int(lost) > 0
+    assert "1 outages" in line
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--kit-noise", "101"], "--kit-noise must be a percentage"),
+        (["--kit-unplug-for", "0"], "--kit-unplug-for must be > 0"),
+        (["--kit-fault", "40:1:2"], "fault code must be 1..32"),
+        (["--kit-stuck", "rpm:1:2"], "sensor must be tank_bar or gas_temp_c"),
+        (["--dpf-regen", "5"], "expected AT:FOR"),
+    ],
+)
+def test_cli_rejects_bad_fault_options(cli, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+    r = cli("sim", "--duration", "1", *args)
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
