@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup sim test lint bench
+.PHONY: setup sim test lint bench sanitize
 
 setup:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,3 +25,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/integrator.py
+
+# The integrator core under AddressSanitizer + UndefinedBehaviorSanitizer:
+# its tests against a sanitized build in build/sanitize, then a standalone
+# C driver with leak detection (native/sanitize.py).
+sanitize: setup
+	$(BIN)/python native/sanitize.py

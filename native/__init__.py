@@ -59,7 +59,7 @@ __all__ = [
 
 _NATIVE_F64 = {"d", "@d", "=d", "<d" if sys.byteorder == "little" else ">d"}
 _BYTE_FORMATS = {"B", "b", "?", "@B", "=B", "@b", "=b", "@?", "=?", "<?", ">?"}
-# integ_cw_t: integral, covered_s, longest_gap_s, last, gaps, count; no padding
+# integ_cw_t: integral, covered_s, longest_gap_s, last, gaps, events; no padding
 _CW = struct.Struct("=ddddqq")
 if ffi.sizeof("integ_cw_t") != _CW.size:  # pragma: no cover - guards an exotic ABI
     raise ImportError("integ_cw_t layout differs from the expected 4 doubles + 2 int64")
@@ -329,7 +329,7 @@ class Integrator:
         for w, k in enumerate(ks):
             row = cws[w * nch : (w + 1) * nch]
             chans = {}
-            for (name, snames, off), (integral, cov, longest, last, gaps, count) in zip(
+            for (name, snames, off), (integral, cov, longest, last, gaps, events) in zip(
                 layout, row, strict=True
             ):
                 st = None
@@ -337,7 +337,7 @@ class Integrator:
                     base = w * nslots + off
                     st = dict(zip(snames, states[base : base + len(snames)], strict=True))
                 chans[name] = ChannelWindow(
-                    integral, cov, gaps, longest, count, None if last != last else last, st
+                    integral, cov, gaps, longest, events, None if last != last else last, st
                 )
             fw = {}
             for f, (fname, _) in enumerate(fuel_layout):

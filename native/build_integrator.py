@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 from cffi import FFI
 
@@ -42,7 +43,7 @@ typedef struct {
     double longest_gap_s;
     double last;
     int64_t gaps;
-    int64_t count;
+    int64_t events;
 } integ_cw_t;
 typedef struct {
     double energy_mj;
@@ -93,8 +94,7 @@ def _rel(path: str) -> str:
 
 
 # CNGMRV_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer
-# (see native/sanitize.py, which loads such a build into a test run).
-SANITIZE = os.environ.get("CNGMRV_SANITIZE", "") not in ("", "0")
+# (native/sanitize.py builds such a variant aside and runs the tests against it).
 SANITIZE_FLAGS = [
     "-fsanitize=address,undefined",
     "-fno-sanitize-recover=all",
@@ -102,29 +102,39 @@ SANITIZE_FLAGS = [
     "-g",
 ]
 
-if sys.platform == "win32":
-    _CFLAGS: list[str] = []
-    _LDFLAGS: list[str] = []
-    _LIBS: list[str] = []
-else:
-    # -ffp-contract=off: no fused multiply-add (aarch64, clang), so the C result
-    # stays bit-identical to the Python oracle in native/reference.py.
-    _CFLAGS = ["-O2", "-std=c99", "-Wall", "-Wextra", "-ffp-contract=off"]
-    _LDFLAGS = []
-    _LIBS = ["m"]
-    if SANITIZE:
-        _CFLAGS += SANITIZE_FLAGS
-        _LDFLAGS += SANITIZE_FLAGS
 
-ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source(
-    "cngmrv.native._integrator",
-    '#include "integrator.h"\n',
-    sources=[_rel("integrator.c")],
-    include_dirs=[_rel(".")],
-    depends=[_rel("integrator.h")],
-    extra_compile_args=_CFLAGS,
-    extra_link_args=_LDFLAGS,
-    libraries=_LIBS,
-)
+def sanitize_requested() -> bool:
+    return os.environ.get("CNGMRV_SANITIZE", "") not in ("", "0")
+
+
+def make_builder(path: Callable[[str], str] = _rel, sanitize: bool = False) -> FFI:
+    """The cffi builder; ``path`` maps a file name in native/ to the path to compile."""
+    if sys.platform == "win32":
+        cflags: list[str] = []
+        ldflags: list[str] = []
+        libs: list[str] = []
+    else:
+        # -ffp-contract=off: no fused multiply-add (aarch64, clang), so the C result
+        # stays bit-identical to the Python oracle in native/reference.py.
+        cflags = ["-O2", "-std=c99", "-Wall", "-Wextra", "-ffp-contract=off"]
+        ldflags = []
+        libs = ["m"]
+        if sanitize:
+            cflags += SANITIZE_FLAGS
+            ldflags += SANITIZE_FLAGS
+    builder = FFI()
+    builder.cdef(CDEF)
+    builder.set_source(
+        "cngmrv.native._integrator",
+        '#include "integrator.h"\n',
+        sources=[path("integrator.c")],
+        include_dirs=[path(".")],
+        depends=[path("integrator.h")],
+        extra_compile_args=cflags,
+        extra_link_args=ldflags,
+        libraries=libs,
+    )
+    return builder
+
+
+ffibuilder = make_builder(sanitize=sanitize_requested())

@@ -852,7 +852,7 @@ static int64_t emit(integ_t *h, int64_t limit) {
                 o[c].longest_gap_s = a[c].longest;
                 o[c].last = a[c].last;
                 o[c].gaps = a[c].gaps;
-                o[c].count = a[c].count;
+                o[c].events = a[c].count;
             }
             for (c = 0; c < h->nslots; c++) {
                 h->ost[w * h->nslots + c] = nval(&h->rst[i * h->nslots + c]);

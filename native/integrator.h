@@ -54,7 +54,7 @@ typedef struct {
     double longest_gap_s; /* longest gap recorded in the window (0 if none) */
     double last;          /* TANK: mass at the last valid sample; NaN if none or other kind */
     int64_t gaps;         /* gaps recorded in the window */
-    int64_t count;        /* EVENTS: valid events; TANK: refuels started */
+    int64_t events;       /* EVENTS: valid events; TANK: refuels started */
 } integ_cw_t;
 
 typedef struct {

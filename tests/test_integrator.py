@@ -48,10 +48,23 @@ needs_numpy = pytest.mark.skipif(
     np is None, reason="numpy not installed (optional test dependency)"
 )
 
-# Under the sanitizer run (make sanitize) every example also runs through
-# ASan/UBSan, which is several times slower: fewer examples, same strategies.
+# Set by native/sanitize.py (make sanitize), which runs these tests against an
+# ASan/UBSan build of the core.
 SANITIZED = os.environ.get("CNGMRV_EXPECT_SANITIZED") == "1"
-EXAMPLES = 150 if SANITIZED else 400
+EXAMPLES = 400
+
+
+@pytest.mark.skipif(not SANITIZED, reason="only in the sanitizer run (make sanitize)")
+def test_the_sanitized_build_is_the_one_under_test() -> None:
+    # Guards the sanitizer run itself: without this, a PYTHONPATH mistake
+    # would silently test the normal build and report "clean".
+    from pathlib import Path
+
+    import cngmrv.native._integrator as ext
+
+    assert "sanitize" in Path(ext.__file__).parts
+    maps = Path("/proc/self/maps").read_text()
+    assert "libasan" in maps and "libubsan" in maps
 
 
 # --------------------------------------------------------------------------
