@@ -146,6 +146,9 @@ class Integrator:
         self._cfg = cfg
         self._names = cfg.names
         self._index = {n: i for i, n in enumerate(cfg.names)}
+        self._lookup: dict[int | str, int] = {}
+        for i, n in enumerate(cfg.names):
+            self._lookup[n] = self._lookup[i] = i
         self._nch = len(cfg.names)
         self._lock = threading.Lock()
         specs = ffi.new("integ_spec_t[]", self._nch)
@@ -222,8 +225,11 @@ class Integrator:
         during this call.
         """
         ci = self._channel(channel, (RATE, STATE))
-        tb, vb = _f64(t, "t"), _f64(v, "v")
-        ob = _u8(valid)
+        cols = _native_columns(t, v, valid)
+        if cols is not None:
+            tb, vb, ob = cols
+        else:
+            tb, vb, ob = _f64(t, "t"), _f64(v, "v"), _u8(valid)
         n = _same_length(tb, vb, ob)
         if n == 0:
             return
@@ -283,10 +289,10 @@ class Integrator:
             _raise(rc, f"push_tank stopped after {done} of {n} readings")
 
     def _channel(self, channel: int | str, kinds: tuple[int, ...]) -> int:
-        if isinstance(channel, str):
-            ci = self._index.get(channel)
-            if ci is not None and self._cfg.kinds[ci] in kinds:
-                return ci
+        # Fast lookup by name or index; resolve_channel explains any failure.
+        ci = self._lookup.get(channel)
+        if ci is not None and type(channel) is not bool and self._cfg.kinds[ci] in kinds:
+            return ci
         return resolve_channel(self._cfg, self._index, channel, kinds)
 
     # -- output -----------------------------------------------------------
@@ -392,10 +398,32 @@ class Integrator:
 
 
 def _same_length(*cols: Any) -> int:
-    lengths = [len(c) for c in cols]
-    if len(set(lengths)) > 1:
-        raise ValueError(f"length mismatch: column lengths {lengths}")
-    return lengths[0]
+    n = len(cols[0])
+    for c in cols:
+        if len(c) != n:
+            raise ValueError(f"length mismatch: column lengths {[len(c) for c in cols]}")
+    return n
+
+
+def _native_columns(t: Any, v: Any, valid: Any) -> tuple[memoryview, ...] | None:
+    """The common case in one step: three 1-D C-contiguous native buffers
+    (float64, float64, 1-byte), e.g. numpy arrays or array('d'); else None."""
+    try:
+        cols = (memoryview(t), memoryview(v), memoryview(valid))
+    except TypeError:
+        return None
+    mt, mv, mo = cols
+    if (
+        mt.format in _NATIVE_F64
+        and mv.format in _NATIVE_F64
+        and mo.format in _BYTE_FORMATS
+        and mt.ndim == mv.ndim == mo.ndim == 1
+        and mt.c_contiguous
+        and mv.c_contiguous
+        and mo.c_contiguous
+    ):
+        return cols
+    return None
 
 
 def _raise(rc: int, what: str) -> None:

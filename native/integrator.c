@@ -74,6 +74,7 @@ typedef struct {
     double low, high;
     nsum_t total;
     int64_t rejected;
+    int64_t hint; /* record index this channel used last (may be stale) */
 } chan_t;
 
 struct integ {
@@ -146,14 +147,16 @@ static int reserve_records(integ_t *h, int64_t extra) {
     int64_t *nk;
     acc_t *na;
     nsum_t *ns;
-    size_t per = acc_bytes(h) + st_bytes(h) + sizeof(int64_t);
+    size_t per;
+    /* The common case first: this runs once per sample. */
+    if (extra >= 0 && extra <= h->rcap - h->rn) {
+        return INTEG_OK;
+    }
+    per = acc_bytes(h) + st_bytes(h) + sizeof(int64_t);
     if (extra < 0 || extra > (int64_t)(SIZE_MAX / per / 2) - h->rn) {
         return INTEG_ENOMEM;
     }
     want = h->rn + extra;
-    if (want <= h->rcap) {
-        return INTEG_OK;
-    }
     cap = h->rcap < 16 ? 16 : h->rcap * 2;
     if (cap < want) {
         cap = want;
@@ -223,8 +226,27 @@ static int64_t slot(integ_t *h, int64_t k) {
     return lo;
 }
 
+/* slot() with a per-channel hint: a channel's samples walk the windows in
+ * order, so its window is usually the one it used last or the next one, even
+ * when other channels made that window the newest long ago. */
+static int64_t slot_hint(integ_t *h, int64_t k, int64_t *hint) {
+    int64_t i = *hint;
+    if (i >= 0 && i < h->rn) {
+        if (h->rk[i] == k) {
+            return i;
+        }
+        if (i + 1 < h->rn && h->rk[i + 1] == k) {
+            *hint = i + 1;
+            return i + 1;
+        }
+    }
+    i = slot(h, k);
+    *hint = i;
+    return i;
+}
+
 static acc_t *acc_at(integ_t *h, int64_t k, int32_t ci) {
-    return &h->racc[slot(h, k) * h->nch + ci];
+    return &h->racc[slot_hint(h, k, &h->ch[ci].hint) * h->nch + ci];
 }
 
 static void record_gap(integ_t *h, int32_t ci, int64_t k, double len) {
@@ -256,7 +278,6 @@ static void rate_piece(integ_t *h, int32_t ci, int64_t j, double ta, double va, 
     a = acc_at(h, j, ci);
     nadd(&a->integral, val);
     nadd(&a->covered, dt);
-    nadd(&c->total, val);
 }
 
 /* Interior values by linear interpolation so the pieces add up to the span's trapezoid. */
@@ -293,7 +314,7 @@ static void state_piece(integ_t *h, int32_t ci, int64_t j, double ta, double qa,
         nadd(&h->late_s, dt);
         return;
     }
-    i = slot(h, j);
+    i = slot_hint(h, j, &c->hint);
     a = &h->racc[i * h->nch + ci];
     st = h->rst + i * h->nslots + c->state_off;
     nadd(&a->covered, dt);
@@ -413,7 +434,7 @@ static int step(integ_t *h, int32_t ci, double t, int64_t k1, double v, int vali
         }
         /* A sample marks its window as touched even when it adds nothing. */
         if (!closed(h, k1)) {
-            slot(h, k1);
+            slot_hint(h, k1, &c->hint);
         }
     }
     c->has_prev = 1;
@@ -475,7 +496,6 @@ static int process_event(integ_t *h, int32_t ci, double t, double pulse, double 
     a = acc_at(h, k1, ci); /* touched by step(), so no allocation */
     nadd(&a->integral, m);
     a->count++;
-    nadd(&c->total, m);
     return INTEG_OK;
 }
 
@@ -529,7 +549,6 @@ static int process_tank(integ_t *h, int32_t ci, double t, double p, double temp,
     }
     if (added > 0.0) {
         nadd(&a->integral, added);
-        nadd(&c->total, added);
     }
     return INTEG_OK;
 }
@@ -648,6 +667,55 @@ static int kind_ok(const integ_t *h, int32_t channel, int kind_a, int kind_b) {
            (h->ch[channel].spec.kind == kind_a || h->ch[channel].spec.kind == kind_b);
 }
 
+/* The hot path of a RATE channel: consecutive valid samples in the window
+ * of the previous one, within max_gap, with no gap to close.  It performs
+ * exactly the operations process() would (rate_piece for one piece, in the
+ * same order), on local copies of the accumulators, and hands any other
+ * sample to process().  Returns how many samples it consumed. */
+static int64_t rate_run(integ_t *h, int32_t ci, const double *t, const double *v,
+                        const uint8_t *valid, int64_t n) {
+    chan_t *c = &h->ch[ci];
+    acc_t *a;
+    nsum_t ai, ac;
+    double pt, pv, hi, mg, sc, ti, vi, dt, val;
+    int64_t i;
+    if (!c->has_prev || !c->prev_valid || c->run_open || closed(h, c->prev_k) ||
+        !(c->prev_t >= c->lo) || reserve_records(h, 1) != INTEG_OK) {
+        return 0;
+    }
+    a = acc_at(h, c->prev_k, ci); /* touched by the previous sample: no insertion */
+    ai = a->integral;
+    ac = a->covered;
+    pt = c->prev_t;
+    pv = c->prev_v;
+    hi = c->hi;
+    mg = c->spec.max_gap;
+    sc = c->spec.scale;
+    for (i = 0; i < n; i++) {
+        ti = t[i];
+        vi = v[i];
+        /* NaN fails every comparison, hi is finite, and pt >= lo (checked
+         * above, then by induction), so this is accept()'s fast path. */
+        if (!(ti > pt && ti < hi) || !valid[i] || !isfinite(vi)) {
+            break;
+        }
+        dt = ti - pt;
+        if (!(dt <= mg)) {
+            break;
+        }
+        val = 0.5 * (pv + vi) * dt * sc;
+        nadd(&ai, val);
+        nadd(&ac, dt);
+        pt = ti;
+        pv = vi;
+    }
+    a->integral = ai;
+    a->covered = ac;
+    c->prev_t = pt;
+    c->prev_v = pv;
+    return i;
+}
+
 int integ_push(integ_t *h, int32_t channel, const double *t, const double *v,
                const uint8_t *valid, int64_t n, int64_t *done) {
     int64_t i;
@@ -655,6 +723,21 @@ int integ_push(integ_t *h, int32_t channel, const double *t, const double *v,
     *done = 0;
     if (!kind_ok(h, channel, INTEG_RATE, INTEG_STATE) || n < 0) {
         return INTEG_EINVAL;
+    }
+    if (h->ch[channel].spec.kind == INTEG_RATE) {
+        for (i = 0; i < n; i++) {
+            i += rate_run(h, channel, t + i, v + i, valid + i, n - i);
+            if (i == n) {
+                break;
+            }
+            rc = process(h, channel, t[i], v[i], valid[i] != 0);
+            if (rc != INTEG_OK) {
+                *done = i;
+                return rc;
+            }
+        }
+        *done = n;
+        return INTEG_OK;
     }
     for (i = 0; i < n; i++) {
         rc = process(h, channel, t[i], v[i], valid[i] != 0);
@@ -848,6 +931,7 @@ static int64_t emit(integ_t *h, int64_t limit) {
             h->ok[w] = kk;
             for (c = 0; c < h->nch; c++) {
                 o[c].integral = nval(&a[c].integral);
+                nadd(&h->ch[c].total, o[c].integral);
                 o[c].covered_s = nval(&a[c].covered);
                 o[c].longest_gap_s = a[c].longest;
                 o[c].last = a[c].last;
@@ -954,10 +1038,17 @@ const integ_fw_t *integ_out_fuels(const integ_t *h) { return h->ofu; }
 
 int32_t integ_state_slots(const integ_t *h) { return h->nslots; }
 
+/* Emitted windows were added to total as they left; pending ones are added
+ * here, in index order, to a copy. */
 void integ_totals(const integ_t *h, double *out) {
     int32_t i;
+    int64_t r;
     for (i = 0; i < h->nch; i++) {
-        out[i] = nval(&h->ch[i].total);
+        nsum_t sum = h->ch[i].total;
+        for (r = 0; r < h->rn; r++) {
+            nadd(&sum, nval(&h->racc[r * h->nch + i].integral));
+        }
+        out[i] = nval(&sum);
     }
 }
 

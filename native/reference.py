@@ -579,8 +579,16 @@ class ReferenceIntegrator:
         return self._emit(max(self._rec))
 
     def totals(self) -> dict[str, float]:
-        """Compensated running integral per channel, emitted plus pending windows."""
-        return {n: c.total.value() for n, c in zip(self._cfg.names, self._ch, strict=True)}
+        """Per channel, the compensated sum of the window integrals, emitted and pending."""
+        out = {}
+        pending = sorted(self._rec.items())
+        for i, (name, c) in enumerate(zip(self._cfg.names, self._ch, strict=True)):
+            total = _NSum()
+            total.s, total.c = c.total.s, c.total.c
+            for _, acc in pending:
+                total.add(acc[i].integral.value())
+            out[name] = total.value()
+        return out
 
     def fuel_totals(self) -> dict[str, FuelWindow]:
         return fuel_totals(self._cfg, self.totals())
@@ -732,7 +740,6 @@ class ReferenceIntegrator:
         a = self._slot(k1)[ci]
         a.integral.add(m)
         a.count += 1
-        c.total.add(m)
 
     def _process_tank(self, ci: int, t: float, p: float, temp: float, valid: bool) -> None:
         c = self._ch[ci]
@@ -785,7 +792,6 @@ class ReferenceIntegrator:
             a.count += 1
         if added > 0.0:
             a.integral.add(added)
-            c.total.add(added)
 
     def _boundaries(self, t0: float, k0: int, t1: float, k1: int) -> list[tuple[int, float]]:
         """(window, boundary) for each boundary inside the span, clamped as in C."""
@@ -824,7 +830,6 @@ class ReferenceIntegrator:
         a = self._slot(j)[ci]
         a.integral.add(val)
         a.covered.add(dt)
-        c.total.add(val)
 
     def _integrate_state(
         self, ci: int, t0: float, s0: int, k0: int, t1: float, s1: int, k1: int
@@ -907,6 +912,7 @@ class ReferenceIntegrator:
                 cw = ChannelWindow(
                     a.integral.value(), a.covered.value(), a.gaps, a.longest, a.count, a.last
                 )
+                c.total.add(cw.integral)
                 if c.kind == STATE:
                     states = [s.value() for s in a.states]
             if states is not None:
