@@ -159,14 +159,16 @@ class Pipeline:
         self._integ = Integrator(
             _channels(config), period=config.period_s, fuels=_fuels(config.fuel)
         )
-        push: dict[str, Callable[..., None]] = {
-            "gas_kg_events": self._integ.push_events,
-            "tank": self._integ.push_tank,
+        # Per channel: its buffer and, for the kinds with several values per
+        # sample, the integrator method that takes them (else Integrator.push).
+        multi: dict[str, tuple[int, Callable[..., None]]] = {
+            "gas_kg_events": (3, self._integ.push_events),  # pulse, P, T
+            "tank": (2, self._integ.push_tank),  # P, T
         }
-        self._columns = {
-            name: (_Column(2 if name == "tank" else 3 if name in push else 1), push.get(name))
-            for name in self._integ.channel_names
-        }
+        self._columns: dict[str, tuple[_Column, Callable[..., None] | None]] = {}
+        for name in self._integ.channel_names:
+            width, push = multi.get(name, (1, None))
+            self._columns[name] = (_Column(width), push)
         # Latest wheel speed (t, km/h or None): engine samples are classified
         # off / idle / moving against it.
         self._speed: tuple[float, float | None] | None = None

@@ -72,7 +72,7 @@ typedef struct {
     int tank_seen;
     int filling;
     double low, high;
-    nsum_t total;
+    nsum_t total; /* integrals of this channel's emitted windows */
     int64_t rejected;
     int64_t hint; /* record index this channel used last (may be stale) */
 } chan_t;
