@@ -27,7 +27,7 @@ bench: setup
 	$(BIN)/python bench/integrator.py
 
 # The integrator core under AddressSanitizer + UndefinedBehaviorSanitizer:
-# its tests against a sanitized build in build/sanitize, then a standalone
+# its tests against a sanitized build in a temporary folder, then a standalone
 # C driver with leak detection (native/sanitize.py).
 sanitize: setup
 	$(BIN)/python native/sanitize.py

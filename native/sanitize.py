@@ -2,8 +2,8 @@
 
 1. Builds ``cngmrv.native._integrator`` with AddressSanitizer and
    UndefinedBehaviorSanitizer (``CNGMRV_SANITIZE=1`` in build_integrator.py)
-   into ``build/sanitize/`` next to a copy of the package's Python files, so
-   the normal extension in the checkout is never replaced.
+   into a temporary folder (or ``--out``) next to a copy of the package's
+   Python files, so the normal extension in the checkout is never replaced.
 2. Runs the integrator's property and closed-form tests against that build:
    ``PYTHONPATH`` puts the copy first, and the ASan runtime is preloaded into
    the Python process, which is not itself instrumented.  Leak detection is
@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 NATIVE = Path(__file__).resolve().parent
@@ -64,6 +65,7 @@ def run_tests(out: Path, cc: str, pytest_args: list[str]) -> int:
     env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=1:halt_on_error=1"
     env["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1"
     env["CNGMRV_EXPECT_SANITIZED"] = "1"
+    env["CNGMRV_SANITIZED_BUILD"] = str(out)
     # --capture=sys: leave fd 2 alone, so a sanitizer report is printed, not
     # swallowed by pytest's capture file when the process aborts.
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--capture=sys"]
@@ -100,21 +102,23 @@ def run_selftest(out: Path, cc: str, iterations: int) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "build" / "sanitize")
+    ap.add_argument("--out", type=Path, help="build folder to keep (default: a temporary one)")
     ap.add_argument("--selftest-iterations", type=int, default=3000)
     ap.add_argument("pytest_args", nargs="*", help="extra arguments for pytest")
     args = ap.parse_args()
     cc = os.environ.get("CC", "gcc")
-    so = build_extension(args.out)
-    print(f"sanitize: built {so.relative_to(ROOT) if so.is_relative_to(ROOT) else so}")
-    rc = run_tests(args.out, cc, args.pytest_args)
-    if rc != 0:
-        print(f"sanitize: tests failed under ASan/UBSan (exit {rc})", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="cngmrv-sanitize-") as tmp:
+        out = args.out.resolve() if args.out else Path(tmp)
+        so = build_extension(out)
+        print(f"sanitize: built {so}")
+        rc = run_tests(out, cc, args.pytest_args)
+        if rc != 0:
+            print(f"sanitize: tests failed under ASan/UBSan (exit {rc})", file=sys.stderr)
+            return rc
+        rc = run_selftest(out, cc, args.selftest_iterations)
+        if rc != 0:
+            print(f"sanitize: selftest failed under ASan/UBSan/LSan (exit {rc})", file=sys.stderr)
         return rc
-    rc = run_selftest(args.out, cc, args.selftest_iterations)
-    if rc != 0:
-        print(f"sanitize: selftest failed under ASan/UBSan/LSan (exit {rc})", file=sys.stderr)
-    return rc
 
 
 if __name__ == "__main__":
