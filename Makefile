@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 MPY_WASM := @micropython/micropython-webassembly-pyscript
 MPY_WASM_VERSION := 1.27.0
 
-.PHONY: setup sim test lint bench
+.PHONY: setup sim test lint bench sanitize
 
 setup:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,9 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/integrator.py
 	$(BIN)/python bench/kit.py
+
+# The integrator core under AddressSanitizer + UndefinedBehaviorSanitizer:
+# its tests against a sanitized build in a temporary folder, then a standalone
+# C driver with leak detection (native/sanitize.py).
+sanitize: setup
+	$(BIN)/python native/sanitize.py

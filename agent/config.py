@@ -8,13 +8,14 @@ Relative paths are resolved against the config file's folder.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cngmrv.agent.pipeline import PipelineConfig
+from cngmrv.agent.pipeline import FuelFactors, GasCalibration, PipelineConfig
 
 
 class ConfigError(ValueError):
@@ -26,6 +27,10 @@ Check = Callable[[Any], str | None]  # returns the reason a value is bad, or Non
 
 def _positive(v: Any) -> str | None:
     return None if v > 0 else "must be > 0"
+
+
+def _nonnegative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
 
 
 def _address(v: Any) -> str | None:
@@ -81,6 +86,27 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
         "kit_resync_s": (float, 10.0, _positive),
         "stale_s": (float, 5.0, _positive),
         "kit_stuck_gas_kg": (float, 0.05, _positive),
+        "idle_max_kmh": (float, 2.0, _nonnegative),
+        "engine_running_rpm": (float, 300.0, _positive),
+    },
+    # Energy and CO2 factors (IPCC 2006 defaults; a project sets its own, e.g. for B40 diesel).
+    "fuel": {
+        "diesel_density_kg_per_l": (float, 0.844, _positive),
+        "diesel_ncv_mj_per_kg": (float, 43.0, _positive),
+        "diesel_co2_kg_per_tj": (float, 74100.0, _nonnegative),
+        "gas_ncv_mj_per_kg": (float, 48.0, _positive),
+        "gas_co2_kg_per_tj": (float, 56100.0, _nonnegative),
+    },
+    # Per-kit calibration of the event- and tank-based gas figures (assumed defaults).
+    "gas": {
+        "injector_k": (float, 7.4e-6, _positive),
+        "injector_dead_time_ms": (float, 1.1, _nonnegative),
+        "tank_volume_m3": (float, 0.44, _positive),
+        "tank_pressure_gauge": (bool, False, None),
+        "r_j_per_kg_k": (float, 518.3, _positive),
+        "p_pc_bar": (float, 46.0, _positive),
+        "t_pc_k": (float, 190.6, _positive),
+        "refuel_min_kg": (float, 5.0, _positive),
     },
 }
 
@@ -111,6 +137,9 @@ class Config:
 def _coerce(key: str, kind: type, value: Any, base: Path) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        # TOML has inf and nan; no setting here means either.
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     if kind is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: must be a non-empty path string")
@@ -186,8 +215,16 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
             kit_resync_s=v["pipeline.kit_resync_s"],
             stale_s=v["pipeline.stale_s"],
             kit_stuck_gas_kg=v["pipeline.kit_stuck_gas_kg"],
+            idle_max_kmh=v["pipeline.idle_max_kmh"],
+            engine_running_rpm=v["pipeline.engine_running_rpm"],
+            fuel=FuelFactors(**_section(v, "fuel")),
+            gas=GasCalibration(**_section(v, "gas")),
         ),
     )
+
+
+def _section(values: Mapping[str, Any], section: str) -> dict[str, Any]:
+    return {k: values[f"{section}.{k}"] for k in SCHEMA[section]}
 
 
 def load(path: Path) -> Config:

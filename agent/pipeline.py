@@ -17,25 +17,92 @@ processors), so a slow source cannot have its samples land in a window that
 was already closed.  A source that falls ``stale_s`` behind the others stops
 holding readings back; if it comes back its late samples are counted, not
 integrated.
+
+Decoded samples are buffered per channel and handed to the C integrator in
+one call per channel just before each pop (and whenever a buffer reaches
+``MAX_BUFFERED``), not one call per frame.  The integrator's results do not
+depend on how its input is cut into calls, so this changes no reading.
+
+A reading holds diesel (L), gas from the kit's flow (kg) and from injection
+events (kg), distance (km), energy and CO2 per fuel with the factors from the
+configuration, the gas energy share, seconds per kit mode, idle seconds, the
+tank's gas mass and refuels, and per channel the covered seconds and gaps
+(docs/integrator.md).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from array import array
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from cngmrv.drivers import j1939
 from cngmrv.drivers.kit_can import KitCanDecoder
 from cngmrv.drivers.kit_codec import MODE_DIESEL, MODE_DUAL, MODE_FAULT
-from cngmrv.native import ChannelSpec, Integrator, Window
+from cngmrv.native import (
+    ChannelSpec,
+    EventSpec,
+    FuelSpec,
+    Integrator,
+    StateSpec,
+    TankSpec,
+    Window,
+)
 
 log = logging.getLogger("cngmrv.pipeline")
 
 PER_HOUR = 1.0 / 3600.0
+PER_MINUTE = 1.0 / 60.0
+KELVIN = 273.15
+ATMOSPHERE_BAR = 1.01325
 MODE_NAMES = {MODE_DIESEL: "diesel", MODE_DUAL: "dual", MODE_FAULT: "fault"}
+# The integrator's state codes are indices into these names; kit codes are used as-is.
+MODE_STATES = tuple(MODE_NAMES[code] for code in sorted(MODE_NAMES))
+assert sorted(MODE_NAMES) == list(range(len(MODE_NAMES))), "kit mode codes must be 0..n-1"
+ENGINE_STATES = ("off", "idle", "moving")
+ENGINE_OFF, ENGINE_IDLE, ENGINE_MOVING = 0, 1, 2
+# Samples held per channel before they go to the integrator in one call; a
+# bound on memory, and far more than one poll's worth at full bus load.
+MAX_BUFFERED = 4096
+
+
+@dataclass(frozen=True)
+class FuelFactors:
+    """Energy and CO2 factors, passed to the integrator (never built into it).
+
+    Defaults are IPCC 2006 Vol. 2 (DOMAIN.md section 2). Indonesian diesel is
+    a biodiesel blend (B40 since 2025), so a project sets its own diesel values.
+    """
+
+    diesel_density_kg_per_l: float = 0.844
+    diesel_ncv_mj_per_kg: float = 43.0
+    diesel_co2_kg_per_tj: float = 74100.0
+    gas_ncv_mj_per_kg: float = 48.0
+    gas_co2_kg_per_tj: float = 56100.0
+
+
+@dataclass(frozen=True)
+class GasCalibration:
+    """Per-kit constants for the event-based and tank-based gas figures.
+
+    The defaults are assumptions, not measurements: ``injector_k`` and
+    ``injector_dead_time_ms`` must be calibrated per injector model (mass per
+    event is ``k * (pulse - dead_time) * P / sqrt(T)``, in kg with pulse in
+    ms, P in bar absolute and T in K); the tank's water volume is per bus.
+    The pseudo-critical properties are methane's (docs/integrator.md 5.2).
+    """
+
+    injector_k: float = 7.4e-6
+    injector_dead_time_ms: float = 1.1
+    tank_volume_m3: float = 0.44
+    tank_pressure_gauge: bool = False
+    r_j_per_kg_k: float = 518.3
+    p_pc_bar: float = 46.0
+    t_pc_k: float = 190.6
+    refuel_min_kg: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +118,30 @@ class PipelineConfig:
     # Tank pressure bit-identical while the kit's gas counter rose this much
     # (about 0.15 bar of a city bus's tank at any fill level) is a stuck sensor.
     kit_stuck_gas_kg: float = 0.05
+    idle_max_kmh: float = 2.0
+    engine_running_rpm: float = 300.0
+    fuel: FuelFactors = field(default_factory=FuelFactors)
+    gas: GasCalibration = field(default_factory=GasCalibration)
+
+
+class _Column:
+    """Samples of one channel waiting for one integrator call (no copy in the push)."""
+
+    __slots__ = ("t", "values", "ok")
+
+    def __init__(self, width: int) -> None:
+        self.t = array("d")
+        self.values = tuple(array("d") for _ in range(width))
+        self.ok = bytearray()
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def clear(self) -> None:
+        del self.t[:]
+        for v in self.values:
+            del v[:]
+        del self.ok[:]
 
 
 @dataclass
@@ -82,16 +173,22 @@ class Pipeline:
         self.kit_can = kit_can
         self.boot_epoch = boot_epoch
         self.clock = clock
-        can_gap, kit_gap = config.can_max_gap_s, config.kit_max_gap_s
-        self._channels = (
-            ChannelSpec("diesel_l", can_gap, PER_HOUR),
-            ChannelSpec("distance_km", can_gap, PER_HOUR),
-            ChannelSpec("gas_kg", kit_gap, PER_HOUR),
-            # Mode indicators (1 while in that mode) integrate to seconds per mode,
-            # with the same gap rules as the gas flow they qualify.
-            *(ChannelSpec(f"mode_{name}", kit_gap, 1.0) for name in MODE_NAMES.values()),
+        self._integ = Integrator(
+            _channels(config), period=config.period_s, fuels=_fuels(config.fuel)
         )
-        self._integ = Integrator(self._channels, period=config.period_s)
+        # Per channel: its buffer and, for the kinds with several values per
+        # sample, the integrator method that takes them (else Integrator.push).
+        multi: dict[str, tuple[int, Callable[..., None]]] = {
+            "gas_kg_events": (3, self._integ.push_events),  # pulse, P, T
+            "tank": (2, self._integ.push_tank),  # P, T
+        }
+        self._columns: dict[str, tuple[_Column, Callable[..., None] | None]] = {}
+        for name in self._integ.channel_names:
+            width, push = multi.get(name, (1, None))
+            self._columns[name] = (_Column(width), push)
+        # Latest wheel speed (t, km/h or None): engine samples are classified
+        # off / idle / moving against it.
+        self._speed: tuple[float, float | None] | None = None
         self.stats = PipelineStats()
         self.events: list[dict[str, Any]] = []
         self._latest: dict[str, float] = {}
@@ -131,7 +228,7 @@ class Pipeline:
             for msg in self.kit_can.decode(t, can_id, data):
                 self.on_kit(t, msg)
             return
-        if pgn not in (j1939.PGN_LFE, j1939.PGN_CCVS):
+        if pgn not in (j1939.PGN_LFE, j1939.PGN_CCVS, j1939.PGN_EEC1):
             self._latest["can"] = max(t, self._latest.get("can", t))
             return
         if jid.source != self.config.engine_source_address:
@@ -145,24 +242,71 @@ class Pipeline:
             return
         if pgn == j1939.PGN_LFE:
             self._push_signal("diesel_l", t, signals["fuel_rate_lph"], pgn)
+        elif pgn == j1939.PGN_CCVS:
+            speed = signals["wheel_speed_kmh"]
+            self._push_signal("distance_km", t, speed, pgn)
+            self._speed = (t, speed.value)
         else:
-            self._push_signal("distance_km", t, signals["wheel_speed_kmh"], pgn)
+            rpm = signals["engine_speed_rpm"]
+            self._push_signal("engine_rev", t, rpm, pgn)
+            self._add("engine", t, self._engine_state(t, rpm.value))
         self._latest["can"] = max(t, self._latest.get("can", t))
 
     def _push_signal(self, channel: str, t: float, sig: j1939.Decoded, pgn: int) -> None:
         if sig.value is None:
             self._reject(f"PGN {pgn} {channel}: {sig.status}")
-            self._integ.push_one(channel, t, 0.0, False)
-        else:
-            self._integ.push_one(channel, t, sig.value, True)
+        self._add(channel, t, sig.value)
+
+    def _engine_state(self, t: float, rpm: float | None) -> float | None:
+        """Engine off / idle (running, vehicle stationary) / moving, or None if unknown.
+
+        Idle needs a wheel speed no older than ``can_max_gap_s``; without one a
+        running engine's state is unknown, not guessed.
+        """
+        if rpm is None:
+            return None
+        if rpm < self.config.engine_running_rpm:
+            return float(ENGINE_OFF)
+        if self._speed is None:
+            return None
+        ts, kmh = self._speed
+        if kmh is None or abs(t - ts) > self.config.can_max_gap_s:
+            return None
+        return float(ENGINE_IDLE if kmh <= self.config.idle_max_kmh else ENGINE_MOVING)
+
+    def _add(self, channel: str, t: float, *values: float | None) -> None:
+        """Buffers one sample; any None value makes it invalid (never integrated)."""
+        col, _ = self._columns[channel]
+        ok = True
+        col.t.append(t)
+        for arr, v in zip(col.values, values, strict=True):
+            if v is None:
+                ok = False
+                v = 0.0
+            arr.append(v)
+        col.ok.append(ok)
+        if len(col) >= MAX_BUFFERED:
+            self._drain(channel)
+
+    def _drain(self, channel: str | None = None) -> None:
+        """Hands buffered samples to the integrator, one call per channel."""
+        names = self._columns if channel is None else (channel,)
+        for name in names:
+            col, push = self._columns[name]
+            if not len(col):
+                continue
+            if push is None:
+                self._integ.push(name, col.t, col.values[0], col.ok)
+            else:
+                push(name, col.t, *col.values, col.ok)
+            col.clear()
 
     def on_kit(self, received_at: float, msg: Mapping[str, Any]) -> None:
         """One decoded kit message or link marker (``cngmrv.drivers.kit_link``).
 
         ``received_at`` is used only before any CAN time exists. STATUS feeds
         the gas and mode channels; MODE, FAULT and a changed kit HELLO become
-        events; INJECTION events are counted (the integrator does not use
-        them yet); link markers open and close outages, which readings report
+        events; INJECTION events feed the event-based gas channel; link markers open and close outages, which readings report
         as ``kit_down_s``.
         """
         kind = msg.get("type")
@@ -181,8 +325,9 @@ class Pipeline:
             self._kit_down, self._kit_up_pending = None, False
         if kind == "status":
             self._on_kit_status(t, msg)
-        elif kind == "injection":
+        elif kind == INJECTION_TYPE:
             self.stats.kit_injections += 1
+            self.on_injection(t, *injection_fields(msg))
         elif kind == "mode":
             self.events.append(
                 {"t": t, "kind": "KIT_MODE", **_pick(msg, ("mode", "previous", "reason"))}
@@ -199,11 +344,7 @@ class Pipeline:
 
     def _on_kit_status(self, t: float, msg: Mapping[str, Any]) -> None:
         self.stats.kit_status += 1
-        flow = msg.get("gas_flow_kgph")
-        self._integ.push_one("gas_kg", t, 0.0 if flow is None else float(flow), flow is not None)
-        mode = msg.get("mode")
-        for code, name in MODE_NAMES.items():
-            self._integ.push_one(f"mode_{name}", t, 1.0 if mode == code else 0.0, mode is not None)
+        self._push_status_samples(t, msg)
         k = self._window_index(t)
         faults = msg.get("faults")
         if faults:
@@ -270,6 +411,37 @@ class Pipeline:
     def _window_index(self, t: float) -> int:
         return math.floor(t / self.config.period_s)
 
+    def _push_status_samples(self, t: float, msg: Mapping[str, Any]) -> None:
+        flow = msg.get("gas_flow_kgph")
+        self._add("gas_kg", t, None if flow is None else float(flow))
+        mode = msg.get("mode")
+        self._add("mode", t, None if mode is None else float(mode))
+        bar, temp_c = msg.get("tank_bar"), msg.get("gas_temp_c")
+        if bar is not None and self.config.gas.tank_pressure_gauge:
+            bar = float(bar) + ATMOSPHERE_BAR
+        self._add(
+            "tank",
+            t,
+            None if bar is None else float(bar),
+            None if temp_c is None else float(temp_c) + KELVIN,
+        )
+
+    def on_injection(
+        self,
+        t: float,
+        pulse_ms: float | None,
+        rail_bar_abs: float | None,
+        gas_temp_c: float | None,
+    ) -> None:
+        """One gas injection at ``t`` (already on the bus time base).
+
+        Its mass is ``k * (pulse - dead_time) * P / sqrt(T)`` with the kit's
+        calibration (``config.gas``); a None field makes the event invalid, so
+        it breaks the event coverage instead of adding a guess.
+        """
+        temp_k = None if gas_temp_c is None else gas_temp_c + KELVIN
+        self._add("gas_kg_events", t, pulse_ms, rail_bar_abs, temp_k)
+
     def _kit_time(self, tick_ms: int, received_at: float) -> float:
         if self._kit_last_tick is not None and tick_ms < self._kit_last_tick - (1 << 31):
             self._kit_wraps += 1
@@ -299,22 +471,28 @@ class Pipeline:
     def advance(self) -> list[dict[str, Any]]:
         """Readings for every window that all active sources have passed."""
         wm = self.watermark()
-        return [] if wm is None else [self._reading(w) for w in self._integ.pop(wm)]
+        if wm is None:
+            return []
+        self._drain()
+        return [self._reading(w) for w in self._integ.pop(wm)]
 
     def finish(self) -> list[dict[str, Any]]:
         """Readings for every remaining window (end of run or shutdown)."""
+        self._drain()
         return [self._reading(w) for w in self._integ.flush()]
 
     def counters(self) -> dict[str, Any]:
-        return {**self._integ.counters, "frames": self.stats.frames}
+        return {
+            **self._integ.counters,
+            "rejected_by_channel": self._integ.rejected_by_channel,
+            "frames": self.stats.frames,
+        }
 
     def _reading(self, w: Window) -> dict[str, Any]:
         ch = w.channels
-        gaps = {
-            name: [c.gaps, round(c.longest_gap_s, 3)]
-            for name, c in ch.items()
-            if c.gaps and not name.startswith("mode_")
-        }
+        energy = {name: f.energy_mj for name, f in w.fuels.items()}
+        total_mj = energy["diesel"] + energy["gas"]
+        engine = ch["engine"].states or {}
         reading: dict[str, Any] = {
             "t0": w.t0,
             "dur": w.t1 - w.t0,
@@ -322,16 +500,31 @@ class Pipeline:
             "clock": self.clock,
             "diesel_l": ch["diesel_l"].integral,
             "gas_kg": ch["gas_kg"].integral,
+            "gas_kg_events": ch["gas_kg_events"].integral,
             "distance_km": ch["distance_km"].integral,
-            "cov": {
-                "diesel_l": ch["diesel_l"].covered_s,
-                "gas_kg": ch["gas_kg"].covered_s,
-                "distance_km": ch["distance_km"].covered_s,
-            },
-            "mode_s": {name: ch[f"mode_{name}"].integral for name in MODE_NAMES.values()},
+            # Mean engine speed over a reading: 60 * engine_rev / cov["engine_rev"].
+            "engine_rev": ch["engine_rev"].integral,
+            "energy_mj": energy,
+            "gas_share": energy["gas"] / total_mj if total_mj > 0.0 else None,
+            "co2_kg": {name: f.co2_kg for name, f in w.fuels.items()},
+            "cov": {name: c.covered_s for name, c in ch.items()},
+            "mode_s": dict(ch["mode"].states or {}),
+            "idle_s": engine.get("idle", 0.0),
+            "engine_on_s": engine.get("idle", 0.0) + engine.get("moving", 0.0),
         }
+        gaps = {name: [c.gaps, round(c.longest_gap_s, 3)] for name, c in ch.items() if c.gaps}
         if gaps:
             reading["gaps"] = gaps
+        tank = ch["tank"]
+        if tank.last is not None:
+            reading["tank_kg"] = tank.last
+        if tank.integral > 0.0 or tank.events:
+            reading["refuel_kg"] = tank.integral
+            reading["refuels"] = tank.events
+        if tank.events:
+            self.events.append(
+                {"t": w.t0, "kind": "REFUEL_DETECTED", "tank_kg": tank.last, "refuels": tank.events}
+            )
         self._kit_flags(reading, w.t0, w.t1)
         return reading
 
@@ -364,3 +557,56 @@ class Pipeline:
 
 def _pick(msg: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: msg.get(k) for k in keys}
+
+
+# The kit protocol's injection-event message (issue 4).  Only this constant and
+# injection_fields() know its layout; everything after works on plain numbers.
+INJECTION_TYPE = "injection"
+
+
+def injection_fields(msg: Mapping[str, Any]) -> tuple[float | None, float | None, float | None]:
+    """(pulse width ms, absolute rail pressure bar, gas temperature °C) of a kit
+    injection message; None where the kit reported the field as not available."""
+
+    def num(key: str) -> float | None:
+        v = msg.get(key)
+        return None if v is None else float(v)
+
+    return num("pulse_ms"), num("rail_bar"), num("gas_temp_c")
+
+
+def _channels(config: PipelineConfig) -> list[Any]:
+    can_gap, kit_gap, gas = config.can_max_gap_s, config.kit_max_gap_s, config.gas
+    return [
+        ChannelSpec("diesel_l", can_gap, PER_HOUR),
+        ChannelSpec("distance_km", can_gap, PER_HOUR),
+        # Revolutions: mean rpm of a reading is 60 * integral / covered seconds.
+        ChannelSpec("engine_rev", can_gap, PER_MINUTE),
+        StateSpec("engine", can_gap, ENGINE_STATES),
+        ChannelSpec("gas_kg", kit_gap, PER_HOUR),
+        EventSpec("gas_kg_events", kit_gap, gas.injector_k, gas.injector_dead_time_ms),
+        # Seconds per kit mode, with the same gap rules as the gas flow they qualify.
+        StateSpec("mode", kit_gap, MODE_STATES),
+        TankSpec(
+            "tank",
+            kit_gap,
+            gas.tank_volume_m3,
+            gas.r_j_per_kg_k,
+            gas.p_pc_bar,
+            gas.t_pc_k,
+            gas.refuel_min_kg,
+        ),
+    ]
+
+
+def _fuels(f: FuelFactors) -> list[FuelSpec]:
+    # Emission factors are per TJ in the IPCC tables: 1 TJ = 1e6 MJ.
+    return [
+        FuelSpec(
+            "diesel",
+            "diesel_l",
+            f.diesel_density_kg_per_l * f.diesel_ncv_mj_per_kg,
+            f.diesel_co2_kg_per_tj / 1e6,
+        ),
+        FuelSpec("gas", "gas_kg", f.gas_ncv_mj_per_kg, f.gas_co2_kg_per_tj / 1e6),
+    ]

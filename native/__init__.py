@@ -20,11 +20,23 @@ from typing import Any
 
 from ._integrator import ffi, lib
 from .reference import (
+    EVENTS,
+    OTHER_STATE,
+    RATE,
+    STATE,
+    TANK,
+    AnySpec,
     ChannelSpec,
     ChannelWindow,
+    EventSpec,
+    FuelSpec,
+    FuelWindow,
     ReferenceIntegrator,
+    StateSpec,
+    TankSpec,
     Window,
     check_watermark,
+    fuel_totals,
     out_of_range_watermark,
     resolve_channel,
     validate,
@@ -33,31 +45,85 @@ from .reference import (
 __all__ = [
     "ChannelSpec",
     "ChannelWindow",
+    "EventSpec",
+    "FuelSpec",
+    "FuelWindow",
     "Integrator",
     "ReferenceIntegrator",
+    "StateSpec",
+    "TankSpec",
     "Window",
+    "dak_z",
+    "tank_mass",
 ]
 
 _NATIVE_F64 = {"d", "@d", "=d", "<d" if sys.byteorder == "little" else ">d"}
 _BYTE_FORMATS = {"B", "b", "?", "@B", "=B", "@b", "=b", "@?", "=?", "<?", ">?"}
-_CW = struct.Struct("=dddq")  # integ_cw_t: three doubles then int64, no padding
+# integ_cw_t: integral, covered_s, longest_gap_s, last, gaps, events; no padding
+_CW = struct.Struct("=ddddqq")
 if ffi.sizeof("integ_cw_t") != _CW.size:  # pragma: no cover - guards an exotic ABI
-    raise ImportError("integ_cw_t layout differs from the expected 3 doubles + int64")
+    raise ImportError("integ_cw_t layout differs from the expected 4 doubles + 2 int64")
+
+
+def dak_z(p_pr: float, t_pr: float) -> float:
+    """Dranchuk-Abou-Kassem compressibility factor (C core); NaN outside its range.
+
+    Valid for ``0 <= p_pr <= 30`` and ``1 <= t_pr <= 3`` (docs/integrator.md 5.2).
+    """
+    return float(lib.integ_dak_z(p_pr, t_pr))
+
+
+def tank_mass(
+    pressure_bar: float,
+    temperature_k: float,
+    volume_m3: float,
+    r_specific: float,
+    p_pc_bar: float,
+    t_pc_k: float,
+) -> float:
+    """Gas mass ``P V / (Z R T)`` in kg (absolute pressure in bar); NaN where undefined."""
+    return float(
+        lib.integ_tank_mass(pressure_bar, temperature_k, volume_m3, r_specific, p_pc_bar, t_pc_k)
+    )
+
+
+def _c_spec(spec: AnySpec, out: Any) -> None:
+    out.max_gap = float(spec.max_gap)
+    if isinstance(spec, ChannelSpec):
+        out.kind = RATE
+        out.scale = float(spec.scale)
+    elif isinstance(spec, StateSpec):
+        out.kind = STATE
+        out.n_states = len(spec.states)
+    elif isinstance(spec, EventSpec):
+        out.kind = EVENTS
+        out.k = float(spec.k)
+        out.dead_time = float(spec.dead_time)
+    else:
+        out.kind = TANK
+        out.volume_m3 = float(spec.volume_m3)
+        out.r_specific = float(spec.r_specific)
+        out.p_pc = float(spec.p_pc_bar)
+        out.t_pc = float(spec.t_pc_k)
+        out.refuel_kg = float(spec.refuel_kg)
 
 
 class Integrator:
-    """Windowed trapezoid integrator backed by the C core (``integrator.c``).
+    """Windowed integrator of rates, states, injection events and tank readings (C core).
 
     Contract (details in docs/integrator.md):
 
-    * ``push``/``push_one`` feed samples ``(t, v, valid)`` of one channel in
-      non-decreasing ``t``; an earlier ``t`` is rejected and counted.  A NaN or
-      infinite ``v`` is an invalid sample.
+    * ``push``/``push_one`` feed samples ``(t, v, valid)`` of a rate or state
+      channel, ``push_events`` gas injections, ``push_tank`` tank readings, each
+      in increasing ``t``; an earlier or equal ``t`` is rejected and counted.
+      A non-finite value makes a sample invalid.
     * ``pop(watermark)`` returns, in index order, every window whose end plus
       :attr:`lateness` is ``<= watermark``; the caller promises that no sample
-      with ``t < watermark`` is still to come.  ``flush()`` returns the rest.
+      with ``t < watermark`` is still to come.  ``flush()`` records open gaps
+      and returns the rest.
     * Emitted windows are immutable: data that would land in one later is
-      counted in ``counters['late_s']`` / ``['late_gaps']``, not integrated.
+      counted in ``counters`` (``late_s``, ``late_gaps``, ``late_points``),
+      not integrated.
     * One pop/flush emits at most ``max_windows`` empty windows: a run of empty
       windows that does not fit in what is left of that budget is skipped whole
       (closed, not built) and counted in ``counters['skipped_windows']``.
@@ -70,22 +136,38 @@ class Integrator:
 
     def __init__(
         self,
-        channels: Sequence[ChannelSpec],
+        channels: Sequence[AnySpec],
         period: float = 1.0,
         origin: float = 0.0,
         max_windows: int = 86400,
+        fuels: Sequence[FuelSpec] = (),
     ) -> None:
-        cfg = validate(channels, period, origin, max_windows)
+        cfg = validate(channels, period, origin, max_windows, fuels)
         self._cfg = cfg
         self._names = cfg.names
         self._index = {n: i for i, n in enumerate(cfg.names)}
+        self._lookup: dict[int | str, int] = {}
+        for i, n in enumerate(cfg.names):
+            self._lookup[n] = self._lookup[i] = i
+        self._rate_or_state = {
+            k: i for k, i in self._lookup.items() if cfg.kinds[i] in (RATE, STATE)
+        }
         self._nch = len(cfg.names)
         self._lock = threading.Lock()
+        specs = ffi.new("integ_spec_t[]", self._nch)
+        for i, spec in enumerate(cfg.specs):
+            _c_spec(spec, specs[i])
+        cfuels = ffi.new("integ_fuel_t[]", max(1, len(cfg.fuels)))
+        for i, (_, ci, mj, co2) in enumerate(cfg.fuels):
+            cfuels[i].channel = ci
+            cfuels[i].mj_per_unit = mj
+            cfuels[i].kg_co2_per_mj = co2
         err = ffi.new("int *")
         h = lib.integ_new(
             self._nch,
-            ffi.new("double[]", list(cfg.max_gaps)),
-            ffi.new("double[]", list(cfg.scales)),
+            specs,
+            len(cfg.fuels),
+            cfuels,
             cfg.period,
             cfg.origin,
             cfg.max_windows,
@@ -96,9 +178,23 @@ class Integrator:
                 raise MemoryError("integrator: out of memory")
             raise ValueError("integrator: invalid configuration")  # validate() should catch it
         self._h = ffi.gc(h, lib.integ_free)
+        self._nslots = int(lib.integ_state_slots(h))
         self._done = ffi.new("int64_t *")
         self._counters = ffi.new("integ_counters_t *")
         self._totals = ffi.new("double[]", self._nch)
+        self._rejected = ffi.new("int64_t[]", self._nch)
+        # Per channel: (name, state names or None, state slot offset).
+        layout: list[tuple[str, tuple[str, ...] | None, int]] = []
+        off = 0
+        for name, spec in zip(cfg.names, cfg.specs, strict=True):
+            if isinstance(spec, StateSpec):
+                names = (*spec.states, OTHER_STATE)
+                layout.append((name, names, off))
+                off += len(names)
+            else:
+                layout.append((name, None, 0))
+        self._layout = tuple(layout)
+        self._fuel_layout = tuple((name, ci) for name, ci, _, _ in cfg.fuels)
 
     # -- configuration ----------------------------------------------------
 
@@ -122,7 +218,7 @@ class Integrator:
     # -- input ------------------------------------------------------------
 
     def push(self, channel: int | str, t: Any, v: Any, valid: Any) -> None:
-        """Feeds samples of one channel.
+        """Feeds samples of one rate or state channel.
 
         ``t`` and ``v`` are float64 buffers (numpy array, ``array('d')``,
         memoryview) or sequences of numbers; ``valid`` is a uint8/bool buffer
@@ -131,13 +227,32 @@ class Integrator:
         Lengths must match (ValueError).  The C side reads the buffers only
         during this call.
         """
-        ci = resolve_channel(self._cfg, self._index, channel)
-        tb = _f64(t, "t")
-        vb = _f64(v, "v")
-        ob = _u8(valid)
-        n = len(tb)
-        if not n == len(vb) == len(ob):
-            raise ValueError(f"length mismatch: t has {n}, v has {len(vb)}, valid has {len(ob)}")
+        # The streaming caller's case (native buffers, a known rate or state
+        # channel) is inlined: per call, this costs as much as ~5 samples in C.
+        ci = self._rate_or_state.get(channel)
+        if ci is None or type(channel) is bool:
+            ci = self._channel(channel, (RATE, STATE))
+        try:
+            mt, mv, mo = memoryview(t), memoryview(v), memoryview(valid)
+            native = (
+                mt.format in _NATIVE_F64
+                and mv.format in _NATIVE_F64
+                and mo.format in _BYTE_FORMATS
+                and mt.ndim == mv.ndim == mo.ndim == 1
+                and mt.c_contiguous
+                and mv.c_contiguous
+                and mo.c_contiguous
+            )
+        except TypeError:
+            native = False
+        if native:
+            tb, vb, ob = t, v, valid
+            n = len(mt)
+            if len(mv) != n or len(mo) != n:
+                _same_length(mt, mv, mo)
+        else:
+            tb, vb, ob = _f64(t, "t"), _f64(v, "v"), _u8(valid)
+            n = _same_length(tb, vb, ob)
         if n == 0:
             return
         pt = ffi.from_buffer("double[]", tb)
@@ -145,19 +260,61 @@ class Integrator:
         po = ffi.from_buffer("uint8_t[]", ob)
         with self._lock:
             rc = lib.integ_push(self._h, ci, pt, pv, po, n, self._done)
-            done = self._done[0]
         if rc != lib.INTEG_OK:
-            _raise(rc, f"push stopped after {done} of {n} samples")
+            _raise(rc, f"push stopped after {self._done[0]} of {n} samples")
 
     def push_one(self, channel: int | str, t: float, v: float, valid: bool) -> None:
-        """Feeds one sample; same rules as :meth:`push`."""
-        ci = self._index.get(channel) if isinstance(channel, str) else None
-        if ci is None:
-            ci = resolve_channel(self._cfg, self._index, channel)
+        """Feeds one sample of a rate or state channel; same rules as :meth:`push`."""
+        ci = self._channel(channel, (RATE, STATE))
         with self._lock:
             rc = lib.integ_push_one(self._h, ci, t, v, bool(valid))
         if rc != lib.INTEG_OK:
             _raise(rc, "push_one")
+
+    def push_events(
+        self, channel: int | str, t: Any, pulse: Any, pressure: Any, temperature: Any, valid: Any
+    ) -> None:
+        """Feeds gas-injection events: pulse width (unit of the spec's ``dead_time``),
+        absolute rail pressure (bar) and gas temperature (K); buffers as in :meth:`push`."""
+        ci = self._channel(channel, (EVENTS,))
+        cols = [_f64(x, w) for x, w in ((t, "t"), (pulse, "pulse"), (pressure, "pressure"))]
+        cols.append(_f64(temperature, "temperature"))
+        ob = _u8(valid)
+        n = _same_length(*cols, ob)
+        if n == 0:
+            return
+        pt, pw, pp, pk = (ffi.from_buffer("double[]", c) for c in cols)
+        po = ffi.from_buffer("uint8_t[]", ob)
+        with self._lock:
+            rc = lib.integ_push_events(self._h, ci, pt, pw, pp, pk, po, n, self._done)
+            done = self._done[0]
+        if rc != lib.INTEG_OK:
+            _raise(rc, f"push_events stopped after {done} of {n} events")
+
+    def push_tank(
+        self, channel: int | str, t: Any, pressure: Any, temperature: Any, valid: Any
+    ) -> None:
+        """Feeds tank readings: absolute pressure (bar) and gas temperature (K)."""
+        ci = self._channel(channel, (TANK,))
+        cols = [_f64(t, "t"), _f64(pressure, "pressure"), _f64(temperature, "temperature")]
+        ob = _u8(valid)
+        n = _same_length(*cols, ob)
+        if n == 0:
+            return
+        pt, pp, pk = (ffi.from_buffer("double[]", c) for c in cols)
+        po = ffi.from_buffer("uint8_t[]", ob)
+        with self._lock:
+            rc = lib.integ_push_tank(self._h, ci, pt, pp, pk, po, n, self._done)
+            done = self._done[0]
+        if rc != lib.INTEG_OK:
+            _raise(rc, f"push_tank stopped after {done} of {n} readings")
+
+    def _channel(self, channel: int | str, kinds: tuple[int, ...]) -> int:
+        # Fast lookup by name or index; resolve_channel explains any failure.
+        ci = self._lookup.get(channel)
+        if ci is not None and type(channel) is not bool and self._cfg.kinds[ci] in kinds:
+            return ci
+        return resolve_channel(self._cfg, self._index, channel, kinds)
 
     # -- output -----------------------------------------------------------
 
@@ -175,7 +332,7 @@ class Integrator:
             return self._collect(n, "pop")
 
     def flush(self) -> list[Window]:
-        """Closes and returns every window up to the last one any sample touched."""
+        """Records open gaps, then closes and returns every window up to the last touched one."""
         with self._lock:
             return self._collect(lib.integ_flush(self._h), "flush")
 
@@ -184,25 +341,36 @@ class Integrator:
             _raise(n, what)
         if n == 0:
             return []
+        nch, nslots, nfuel = self._nch, self._nslots, len(self._fuel_layout)
         try:
             ks = ffi.unpack(lib.integ_out_index(self._h), n)
-            raw = ffi.buffer(lib.integ_out_channels(self._h), n * self._nch * _CW.size)
-            vals = [ChannelWindow(i, c, g, lg) for i, c, lg, g in _CW.iter_unpack(raw)]
+            raw = ffi.buffer(lib.integ_out_channels(self._h), n * nch * _CW.size)
+            cws = list(_CW.iter_unpack(raw))
+            states = ffi.unpack(lib.integ_out_states(self._h), n * nslots) if nslots else []
+            fuels = ffi.unpack(lib.integ_out_fuels(self._h), n * nfuel) if nfuel else []
         finally:
             lib.integ_out_release(self._h)
-        names, nch = self._names, self._nch
+        layout, fuel_layout = self._layout, self._fuel_layout
         origin, period = self._cfg.origin, self._cfg.period
         out = []
         for w, k in enumerate(ks):
-            row = vals[w * nch : (w + 1) * nch]
-            out.append(
-                Window(
-                    k,
-                    origin + k * period,
-                    origin + (k + 1) * period,
-                    dict(zip(names, row, strict=True)),
+            row = cws[w * nch : (w + 1) * nch]
+            chans = {}
+            for (name, snames, off), (integral, cov, longest, last, gaps, events) in zip(
+                layout, row, strict=True
+            ):
+                st = None
+                if snames is not None:
+                    base = w * nslots + off
+                    st = dict(zip(snames, states[base : base + len(snames)], strict=True))
+                chans[name] = ChannelWindow(
+                    integral, cov, gaps, longest, events, None if last != last else last, st
                 )
-            )
+            fw = {}
+            for f, (fname, _) in enumerate(fuel_layout):
+                c = fuels[w * nfuel + f]
+                fw[fname] = FuelWindow(c.energy_mj, c.co2_kg)
+            out.append(Window(k, origin + k * period, origin + (k + 1) * period, chans, fw))
         return out
 
     def totals(self) -> dict[str, float]:
@@ -215,10 +383,15 @@ class Integrator:
             vals = list(self._totals)
         return dict(zip(self._names, vals, strict=True))
 
+    def fuel_totals(self) -> dict[str, FuelWindow]:
+        """Energy and CO2 per fuel of :meth:`totals` (the same products as per window)."""
+        return fuel_totals(self._cfg, self.totals())
+
     @property
     def counters(self) -> dict[str, int | float]:
-        """``rejected`` samples, ``late_s`` seconds and ``late_gaps`` spans lost to
-        closed windows, and ``skipped_windows`` (empty windows not emitted)."""
+        """``rejected`` samples; ``late_s`` seconds, ``late_gaps`` gaps and
+        ``late_points`` events/tank samples lost to closed windows; and
+        ``skipped_windows`` (empty windows not emitted)."""
         with self._lock:
             lib.integ_counters(self._h, self._counters)
             c = self._counters
@@ -226,14 +399,31 @@ class Integrator:
                 "rejected": int(c.rejected),
                 "late_s": float(c.late_s),
                 "late_gaps": int(c.late_gaps),
+                "late_points": int(c.late_points),
                 "skipped_windows": int(c.skipped_windows),
             }
+
+    @property
+    def rejected_by_channel(self) -> dict[str, int]:
+        """Rejected samples per channel (their sum is ``counters['rejected']``)."""
+        with self._lock:
+            lib.integ_rejected(self._h, self._rejected)
+            vals = [int(x) for x in self._rejected]
+        return dict(zip(self._names, vals, strict=True))
 
     @property
     def pending_windows(self) -> int:
         """Open windows currently held in memory (bounded by calling ``pop``)."""
         with self._lock:
             return int(lib.integ_pending_windows(self._h))
+
+
+def _same_length(*cols: Any) -> int:
+    n = len(cols[0])
+    for c in cols:
+        if len(c) != n:
+            raise ValueError(f"length mismatch: column lengths {[len(c) for c in cols]}")
+    return n
 
 
 def _raise(rc: int, what: str) -> None:
