@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from cngmrv.agent.pipeline import PipelineConfig
+from cngmrv.drivers.can_source import DEFAULT_PGNS, REPLAY, RequestPlan, SourceSettings
+from cngmrv.drivers.dbc import DbcError, DbcSignals
 
 
 class ConfigError(ValueError):
@@ -40,6 +42,32 @@ def _nonempty(v: Any) -> str | None:
     return None if v.strip() else "must not be empty"
 
 
+def _nonnegative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _interface(v: Any) -> str | None:
+    import can
+
+    known = can.interfaces.VALID_INTERFACES | {REPLAY}
+    return None if v in known else f"must be one of {', '.join(sorted(known))}"
+
+
+def _name(v: Any) -> str | None:
+    # TOML integers are signed 64-bit and a NAME may use all 64 bits, so it is hex text.
+    if v == "":
+        return None
+    try:
+        n = int(v, 16)
+    except ValueError:
+        return "must be a J1939 NAME in hex (up to 16 digits)"
+    return None if 0 <= n < 1 << 64 and len(v.removeprefix("0x")) <= 16 else "must fit in 64 bits"
+
+
+def _request_period(v: Any) -> str | None:
+    return None if v >= 1.0 else "must be >= 1 s (requests are sent at a low rate)"
+
+
 # section -> key -> (type, default, check); a default of None means required.
 SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
     "device": {
@@ -47,10 +75,19 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
         "key_file": (Path, None, None),
     },
     "can": {
-        "interface": (str, "socketcan", _nonempty),
+        # A python-can interface, or "replay" with channel = a log file to play back.
+        "interface": (str, "socketcan", _interface),
         "channel": (str, "can0", _nonempty),
         "listen_only": (bool, True, None),
         "queue_size": (int, 65536, _positive),
+        "filters": (bool, True, None),  # kernel acceptance filters for the PGNs read (SocketCAN)
+        "dbc": (str, "", None),  # extra signals from this DBC ("" = none)
+        "replay_speed": (float, 0.0, _nonnegative),  # 0 = as fast as the agent takes frames
+        "backoff_max_s": (float, 5.0, _positive),  # longest wait between reopen attempts
+        "requests": (bool, False, None),  # send Request PGN 59904 for HOURS and LFC
+        "request_period_s": (float, 10.0, _request_period),
+        "source_address": (int, 249, _address),  # claimed for requests only
+        "name": (str, "", _name),  # this device's J1939 NAME, hex; required for requests
     },
     "kit": {
         "port": (str, "", None),
@@ -66,6 +103,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
         "engine_source_address": (int, 0, _address),
         "kit_resync_s": (float, 10.0, _positive),
         "stale_s": (float, 5.0, _positive),
+        "engine_name": (str, "", _name),  # the engine's J1939 NAME, hex ("" = find it)
     },
 }
 
@@ -84,6 +122,8 @@ class Config:
     readings_per_batch: int
     upload_url: str
     pipeline: PipelineConfig
+    can_source: SourceSettings = SourceSettings()
+    can_dbc: Path | None = None
 
 
 def _coerce(key: str, kind: type, value: Any, base: Path) -> Any:
@@ -126,6 +166,16 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
                 raise ConfigError(f"{full}: {reason} (got {given[key]!r})")
             values[full] = value
     v = values
+    dbc: Path | None = None
+    dbc_pgns: frozenset[int] = frozenset()
+    if v["can.dbc"]:
+        dbc = _resolve(v["can.dbc"], base)
+        try:
+            dbc_pgns = DbcSignals(dbc).pgns
+        except DbcError as e:
+            raise ConfigError(f"can.dbc: {e}") from None
+    source = _can_source(v, base, dbc_pgns)
+    engine_name = v["pipeline.engine_name"]
     return Config(
         device_id=v["device.id"],
         key_file=v["device.key_file"],
@@ -145,7 +195,50 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
             engine_source_address=v["pipeline.engine_source_address"],
             kit_resync_s=v["pipeline.kit_resync_s"],
             stale_s=v["pipeline.stale_s"],
+            engine_name=int(engine_name, 16) if engine_name else None,
         ),
+        can_source=source,
+        can_dbc=dbc,
+    )
+
+
+def _resolve(value: str, base: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _can_source(v: dict[str, Any], base: Path, extra_pgns: frozenset[int]) -> SourceSettings:
+    """The ``[can]`` keys as source settings, with the checks that span several keys."""
+    channel = v["can.channel"]
+    if v["can.interface"] == REPLAY:
+        path = _resolve(channel, base)
+        if not path.is_file():
+            raise ConfigError(f"can.channel: replay log {path} not found")
+        channel = str(path)
+    requests = None
+    if v["can.requests"]:
+        if v["can.listen_only"]:
+            raise ConfigError(
+                "can.requests: needs can.listen_only = false (listen-only never sends)"
+            )
+        if not v["can.name"]:
+            raise ConfigError(
+                "can.name: required when can.requests = true (the NAME to claim with)"
+            )
+        requests = RequestPlan(
+            name=int(v["can.name"], 16),
+            address=v["can.source_address"],
+            period_s=v["can.request_period_s"],
+        )
+    return SourceSettings(
+        interface=v["can.interface"],
+        channel=channel,
+        listen_only=v["can.listen_only"],
+        pgns=DEFAULT_PGNS | extra_pgns if v["can.filters"] else None,
+        queue_size=v["can.queue_size"],
+        replay_speed=v["can.replay_speed"],
+        backoff_max_s=v["can.backoff_max_s"],
+        requests=requests,
     )
 
 

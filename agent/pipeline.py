@@ -11,6 +11,15 @@ first kit message arrives (or to the receive time before any CAN frame), and
 re-anchored, with an event, only when the two drift apart by more than
 ``kit_resync_s``.
 
+Protocol timers (the transport protocol's T1-T4) run on the monotonic time
+each CAN frame carries (``mono``), never on the bus timestamp, which is wall
+time and may step.  The engine is followed by its NAME through address claims
+(:class:`~cngmrv.drivers.address.EngineTracker`): fuel rate, speed and engine
+speed from any other ECU are counted as foreign and never integrated.  Each
+change of an ECU's active DM1 trouble codes or lamps is an event; so is an
+outage of the CAN source, which also cuts the CAN channels with an explicit
+gap however short it was.
+
 Readings are emitted when every *active* source has moved past the window end
 plus the integrator's lateness (a per-source watermark, as in stream
 processors), so a slow source cannot have its samples land in a window that
@@ -22,12 +31,17 @@ integrated.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from cngmrv.drivers import j1939
+from cngmrv.drivers.address import EngineTracker
+from cngmrv.drivers.dbc import DbcError, DbcSignals
+from cngmrv.drivers.dm1 import Dm1, Dm1Error, decode_dm1
 from cngmrv.drivers.kit_codec import MODE_DIESEL, MODE_DUAL, MODE_FAULT
+from cngmrv.drivers.tp import TpMessage, TpReassembler
 from cngmrv.native import ChannelSpec, Integrator, Window
 
 log = logging.getLogger("cngmrv.pipeline")
@@ -46,6 +60,7 @@ class PipelineConfig:
     engine_source_address: int = 0
     kit_resync_s: float = 10.0
     stale_s: float = 5.0
+    engine_name: int | None = None  # pin the engine to this J1939 NAME (None: see EngineTracker)
 
 
 @dataclass
@@ -56,12 +71,36 @@ class PipelineStats:
     kit_messages: int = 0
     kit_reanchors: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    pgns: dict[int, int] = field(default_factory=dict)  # frames per PGN
+    tp_messages: dict[int, int] = field(default_factory=dict)  # reassembled messages per PGN
+    tp: dict[str, int] = field(default_factory=dict)  # the reassembler's counters
+    rpm_n: int = 0  # valid engine speeds from the engine (EEC1)
+    rpm_sum: float = 0.0
+    rpm_min: float | None = None
+    rpm_max: float | None = None
+    dm1_changes: int = 0
+    engine_address_changes: int = 0
+    can_outages: int = 0
+    extra: dict[str, list[float]] = field(default_factory=dict)  # DBC signal: [n, sum, min, max]
+
+
+Handler = Callable[[float, j1939.J1939Id, bytes, float], None]
 
 
 class Pipeline:
-    """Feeds J1939 frames and kit messages into the native integrator and builds readings."""
+    """Feeds J1939 frames and kit messages into the native integrator and builds readings.
 
-    def __init__(self, config: PipelineConfig, boot_epoch: int = 0, clock: str = "unknown"):
+    ``dbc`` adds a DBC's signals (loaded by the caller: the core does no I/O);
+    each reading then carries their per-window means under ``"extra"``.
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        boot_epoch: int = 0,
+        clock: str = "unknown",
+        dbc: DbcSignals | None = None,
+    ):
         self.config = config
         self.boot_epoch = boot_epoch
         self.clock = clock
@@ -81,6 +120,25 @@ class Pipeline:
         self._kit_offset: float | None = None
         self._kit_last_tick: int | None = None
         self._kit_wraps = 0
+        self.engine = EngineTracker(config.engine_source_address, config.engine_name)
+        self._tp = TpReassembler()
+        self.stats.tp = self._tp.counters
+        self._tp_swept = -math.inf
+        self._dm1: dict[int, Dm1] = {}
+        self._dbc = dbc
+        self._extra: dict[int, dict[str, list[float]]] = {}  # window index -> name -> [sum, n]
+        self._extra_closed = -math.inf  # highest window index already emitted
+        self._handlers: dict[int, Handler] = {
+            j1939.PGN_LFE: self._on_lfe,
+            j1939.PGN_CCVS: self._on_ccvs,
+            j1939.PGN_EEC1: self._on_eec1,
+            j1939.PGN_TP_CM: self._on_tp,
+            j1939.PGN_TP_DT: self._on_tp,
+            j1939.PGN_ADDRESS_CLAIMED: self._on_claim,
+            j1939.PGN_DM1: self._on_dm1,
+        }
+        for pgn in dbc.pgns if dbc else ():
+            self._handlers[pgn] = self._chain(self._handlers.get(pgn), self._on_dbc)
 
     # -- inputs ---------------------------------------------------------
 
@@ -93,28 +151,207 @@ class Pipeline:
         if n == 1 or n % 1000 == 0:
             log.warning("event=decode_rejected reason=%r count=%d", reason, n)
 
-    def on_can(self, t: float, can_id: int, data: bytes) -> None:
-        """One CAN frame with its bus timestamp (seconds)."""
+    def on_can(self, t: float, can_id: int, data: bytes, mono: float | None = None) -> None:
+        """One CAN frame with its bus timestamp ``t`` and monotonic receive time ``mono``.
+
+        ``mono`` defaults to ``t`` (right for a replay, whose timestamps are the
+        only clock).  Never raises: a frame that cannot be used is counted with
+        its reason.
+        """
         self.stats.frames += 1
-        jid = j1939.parse_id(can_id)
-        pgn = jid.pgn
-        if pgn not in (j1939.PGN_LFE, j1939.PGN_CCVS):
-            self._latest["can"] = max(t, self._latest.get("can", t))
+        try:
+            jid = j1939.parse_id(can_id)
+        except ValueError as e:
+            self._reject(str(e))
             return
-        if jid.source != self.config.engine_source_address:
-            # Another ECU's fuel rate or speed must never be mixed into the engine's.
-            self.stats.foreign_source += 1
+        pgn = jid.pgn
+        pgns = self.stats.pgns
+        pgns[pgn] = pgns.get(pgn, 0) + 1
+        handler = self._handlers.get(pgn)
+        if handler is not None:
+            handler(t, jid, data, t if mono is None else mono)
+        latest = self._latest.get("can")
+        if latest is None or t > latest:
+            self._latest["can"] = t
+
+    @staticmethod
+    def _chain(first: Handler | None, second: Handler) -> Handler:
+        if first is None:
+            return second
+
+        def both(t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
+            first(t, jid, data, mono)
+            second(t, jid, data, mono)
+
+        return both
+
+    def _from_engine(self, jid: j1939.J1939Id) -> bool:
+        if jid.source == self.engine.address:
+            return True
+        # Another ECU's fuel rate or speed must never be mixed into the engine's.
+        self.stats.foreign_source += 1
+        return False
+
+    def _on_lfe(self, t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
+        if self._from_engine(jid):
+            self._decode_into("diesel_l", "fuel_rate_lph", t, jid.pgn, data)
+
+    def _on_ccvs(self, t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
+        if self._from_engine(jid):
+            self._decode_into("distance_km", "wheel_speed_kmh", t, jid.pgn, data)
+
+    def _decode_into(self, channel: str, signal: str, t: float, pgn: int, data: bytes) -> None:
+        try:
+            sig = j1939.decode_detail(pgn, data)[signal]
+        except j1939.DecodeError as e:
+            # A frame we cannot read is a moment we know nothing about: a gap, not a guess.
+            self._reject(str(e))
+            self._integ.push_one(channel, t, 0.0, False)
+            return
+        self._push_signal(channel, t, sig, pgn)
+
+    def _on_eec1(self, t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
+        if not self._from_engine(jid):
             return
         try:
-            signals = j1939.decode_detail(pgn, data)
+            rpm = j1939.decode(jid.pgn, data)["engine_speed_rpm"]
         except j1939.DecodeError as e:
             self._reject(str(e))
             return
-        if pgn == j1939.PGN_LFE:
-            self._push_signal("diesel_l", t, signals["fuel_rate_lph"], pgn)
-        else:
-            self._push_signal("distance_km", t, signals["wheel_speed_kmh"], pgn)
-        self._latest["can"] = max(t, self._latest.get("can", t))
+        if rpm is None:
+            return
+        s = self.stats
+        s.rpm_n += 1
+        s.rpm_sum += rpm
+        if s.rpm_min is None or rpm < s.rpm_min:
+            s.rpm_min = rpm
+        if s.rpm_max is None or rpm > s.rpm_max:
+            s.rpm_max = rpm
+
+    def _on_tp(self, t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
+        if mono - self._tp_swept >= 0.25:
+            self._tp.expire(mono)
+            self._tp_swept = mono
+        msg = self._tp.feed(mono, jid.pgn, jid.source, jid.destination, data)
+        if msg is not None:
+            self._on_tp_message(t, msg)
+
+    def _on_tp_message(self, t: float, msg: TpMessage) -> None:
+        counts = self.stats.tp_messages
+        counts[msg.pgn] = counts.get(msg.pgn, 0) + 1
+        if msg.pgn == j1939.PGN_DM1:
+            self._dm1_payload(t, msg.source, msg.data)
+        if self._dbc is not None and msg.pgn in self._dbc.messages:
+            self._dbc_payload(t, msg.source, msg.pgn, msg.data)
+
+    def _on_claim(self, t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
+        if len(data) < 8:
+            self._reject(f"AddressClaimed: need 8 bytes, got {len(data)}")
+            return
+        change = self.engine.on_claim(jid.source, data)
+        if change is None:
+            return
+        self.stats.engine_address_changes += 1
+        name = self.engine.name
+        self.events.append(
+            {
+                "t": t,
+                "kind": "ENGINE_ADDRESS_CHANGED",
+                "name": None if name is None else f"{name:016x}",
+                "old": change[0],
+                "new": change[1],
+            }
+        )
+        log.warning("event=engine_address_changed old=%s new=%s", change[0], change[1])
+
+    def _on_dm1(self, t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
+        self._dm1_payload(t, jid.source, data)
+
+    def _dm1_payload(self, t: float, source: int, data: bytes) -> None:
+        try:
+            dm1 = decode_dm1(data)
+        except Dm1Error as e:
+            self._reject(str(e))
+            return
+        prev = self._dm1.get(source)
+        self._dm1[source] = dm1
+        before = prev.active if prev is not None else frozenset()
+        if prev is None:
+            if not dm1.active:
+                return  # nothing was known and nothing is active: no change to report
+        elif dm1.active == before and dm1.lamps == prev.lamps:
+            return
+        self.stats.dm1_changes += 1
+        name = self.engine.table.name_at(source)
+        self.events.append(
+            {
+                "t": t,
+                "kind": "DM1_CHANGED",
+                "source": source,
+                "name": None if name is None else f"{name:016x}",
+                "lamps": dm1.lamps,
+                "active": [[d.spn, d.fmi, d.occurrences] for d in dm1.dtcs],
+                "added": sorted([spn, fmi] for spn, fmi in dm1.active - before),
+                "removed": sorted([spn, fmi] for spn, fmi in before - dm1.active),
+            }
+        )
+
+    def dm1_active(self) -> dict[int, Dm1]:
+        """The latest DM1 of each source address."""
+        return dict(self._dm1)
+
+    def _on_dbc(self, t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
+        self._dbc_payload(t, jid.source, jid.pgn, data)
+
+    def _dbc_payload(self, t: float, source: int, pgn: int, data: bytes) -> None:
+        assert self._dbc is not None
+        expected = self._dbc.messages[pgn].source
+        if source != (self.engine.address if expected is None else expected):
+            return
+        try:
+            values = self._dbc.decode(pgn, data)
+        except DbcError as e:
+            self._reject(str(e))
+            return
+        k = math.floor(t / self.config.period_s)
+        if k <= self._extra_closed:
+            return  # its reading is already out; the summary in stats still counts it
+        bucket = self._extra.setdefault(k, {})
+        totals = self.stats.extra
+        for name, v in values.items():
+            if v is None:
+                continue
+            acc = bucket.get(name)
+            if acc is None:
+                bucket[name] = [v, 1]
+            else:
+                acc[0] += v
+                acc[1] += 1
+            tot = totals.get(name)
+            if tot is None:
+                totals[name] = [1, v, v, v]
+            else:
+                tot[0] += 1
+                tot[1] += v
+                tot[2] = min(tot[2], v)
+                tot[3] = max(tot[3], v)
+
+    def on_source_event(self, event: Mapping[str, Any]) -> None:
+        """An event from the CAN source (``CAN_DOWN``, ``CAN_UP``, ``CAN_STATE``); kept with the readings.
+
+        ``event`` must have ``t`` and ``kind``.  The caller passes it after the
+        frames received before it and before those received after it.  On
+        ``CAN_DOWN`` the CAN channels get an explicit gap from their latest
+        sample on, so an outage shorter than ``can_max_gap_s`` is not bridged.
+        """
+        self.events.append(dict(event))
+        if event.get("kind") != "CAN_DOWN":
+            return
+        self.stats.can_outages += 1
+        t = self._latest.get("can")
+        if t is not None:
+            for channel in ("diesel_l", "distance_km"):
+                self._integ.push_one(channel, t, 0.0, False)
 
     def _push_signal(self, channel: str, t: float, sig: j1939.Decoded, pgn: int) -> None:
         if sig.value is None:
@@ -198,4 +435,13 @@ class Pipeline:
         }
         if gaps:
             reading["gaps"] = gaps
+        if self._dbc is not None:
+            reading["extra"] = self._take_extra(w.index)
         return reading
+
+    def _take_extra(self, index: int) -> dict[str, float]:
+        self._extra_closed = max(self._extra_closed, index)
+        for k in [k for k in self._extra if k < index]:
+            del self._extra[k]  # windows skipped by the integrator's guard
+        bucket = self._extra.pop(index, {})
+        return {name: total / n for name, (total, n) in bucket.items()}
