@@ -40,6 +40,7 @@ from cngmrv.drivers import j1939
 from cngmrv.drivers.address import EngineTracker
 from cngmrv.drivers.dbc import DbcError, DbcSignals
 from cngmrv.drivers.dm1 import Dm1, Dm1Error, decode_dm1
+from cngmrv.drivers.j1939 import pgn_of
 from cngmrv.drivers.kit_codec import MODE_DIESEL, MODE_DUAL, MODE_FAULT
 from cngmrv.drivers.tp import TpMessage, TpReassembler
 from cngmrv.native import ChannelSpec, Integrator, Window
@@ -84,7 +85,8 @@ class PipelineStats:
     extra: dict[str, list[float]] = field(default_factory=dict)  # DBC signal: [n, sum, min, max]
 
 
-Handler = Callable[[float, j1939.J1939Id, bytes, float], None]
+# (bus time, 29-bit CAN id, payload, monotonic time)
+Handler = Callable[[float, int, bytes, float], None]
 
 
 class Pipeline:
@@ -117,6 +119,7 @@ class Pipeline:
         self.stats = PipelineStats()
         self.events: list[dict[str, Any]] = []
         self._latest: dict[str, float] = {}
+        self._can_latest = -math.inf  # == self._latest["can"] once a frame came; read per frame
         self._kit_offset: float | None = None
         self._kit_last_tick: int | None = None
         self._kit_wraps = 0
@@ -159,46 +162,43 @@ class Pipeline:
         its reason.
         """
         self.stats.frames += 1
-        try:
-            jid = j1939.parse_id(can_id)
-        except ValueError as e:
-            self._reject(str(e))
+        if not 0 <= can_id <= 0x1FFFFFFF:
+            self._reject(f"CAN id {can_id:#x} is not a 29-bit identifier")
             return
-        pgn = jid.pgn
+        pgn = pgn_of(can_id)
         pgns = self.stats.pgns
         pgns[pgn] = pgns.get(pgn, 0) + 1
         handler = self._handlers.get(pgn)
         if handler is not None:
-            handler(t, jid, data, t if mono is None else mono)
-        latest = self._latest.get("can")
-        if latest is None or t > latest:
-            self._latest["can"] = t
+            handler(t, can_id, data, t if mono is None else mono)
+        if t > self._can_latest:
+            self._can_latest = self._latest["can"] = t
 
     @staticmethod
     def _chain(first: Handler | None, second: Handler) -> Handler:
         if first is None:
             return second
 
-        def both(t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
-            first(t, jid, data, mono)
-            second(t, jid, data, mono)
+        def both(t: float, can_id: int, data: bytes, mono: float) -> None:
+            first(t, can_id, data, mono)
+            second(t, can_id, data, mono)
 
         return both
 
-    def _from_engine(self, jid: j1939.J1939Id) -> bool:
-        if jid.source == self.engine.address:
+    def _from_engine(self, can_id: int) -> bool:
+        if can_id & 0xFF == self.engine.address:
             return True
         # Another ECU's fuel rate or speed must never be mixed into the engine's.
         self.stats.foreign_source += 1
         return False
 
-    def _on_lfe(self, t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
-        if self._from_engine(jid):
-            self._decode_into("diesel_l", "fuel_rate_lph", t, jid.pgn, data)
+    def _on_lfe(self, t: float, can_id: int, data: bytes, mono: float) -> None:
+        if self._from_engine(can_id):
+            self._decode_into("diesel_l", "fuel_rate_lph", t, j1939.PGN_LFE, data)
 
-    def _on_ccvs(self, t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
-        if self._from_engine(jid):
-            self._decode_into("distance_km", "wheel_speed_kmh", t, jid.pgn, data)
+    def _on_ccvs(self, t: float, can_id: int, data: bytes, mono: float) -> None:
+        if self._from_engine(can_id):
+            self._decode_into("distance_km", "wheel_speed_kmh", t, j1939.PGN_CCVS, data)
 
     def _decode_into(self, channel: str, signal: str, t: float, pgn: int, data: bytes) -> None:
         try:
@@ -210,11 +210,11 @@ class Pipeline:
             return
         self._push_signal(channel, t, sig, pgn)
 
-    def _on_eec1(self, t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
-        if not self._from_engine(jid):
+    def _on_eec1(self, t: float, can_id: int, data: bytes, mono: float) -> None:
+        if not self._from_engine(can_id):
             return
         try:
-            rpm = j1939.decode(jid.pgn, data)["engine_speed_rpm"]
+            rpm = j1939.decode(j1939.PGN_EEC1, data)["engine_speed_rpm"]
         except j1939.DecodeError as e:
             self._reject(str(e))
             return
@@ -228,10 +228,11 @@ class Pipeline:
         if s.rpm_max is None or rpm > s.rpm_max:
             s.rpm_max = rpm
 
-    def _on_tp(self, t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
+    def _on_tp(self, t: float, can_id: int, data: bytes, mono: float) -> None:
         if mono - self._tp_swept >= 0.25:
             self._tp.expire(mono)
             self._tp_swept = mono
+        jid = j1939.parse_id(can_id)
         msg = self._tp.feed(mono, jid.pgn, jid.source, jid.destination, data)
         if msg is not None:
             self._on_tp_message(t, msg)
@@ -244,11 +245,11 @@ class Pipeline:
         if self._dbc is not None and msg.pgn in self._dbc.messages:
             self._dbc_payload(t, msg.source, msg.pgn, msg.data)
 
-    def _on_claim(self, t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
+    def _on_claim(self, t: float, can_id: int, data: bytes, mono: float) -> None:
         if len(data) < 8:
             self._reject(f"AddressClaimed: need 8 bytes, got {len(data)}")
             return
-        change = self.engine.on_claim(jid.source, data)
+        change = self.engine.on_claim(can_id & 0xFF, data)
         if change is None:
             return
         self.stats.engine_address_changes += 1
@@ -264,8 +265,8 @@ class Pipeline:
         )
         log.warning("event=engine_address_changed old=%s new=%s", change[0], change[1])
 
-    def _on_dm1(self, t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
-        self._dm1_payload(t, jid.source, data)
+    def _on_dm1(self, t: float, can_id: int, data: bytes, mono: float) -> None:
+        self._dm1_payload(t, can_id & 0xFF, data)
 
     def _dm1_payload(self, t: float, source: int, data: bytes) -> None:
         try:
@@ -300,8 +301,8 @@ class Pipeline:
         """The latest DM1 of each source address."""
         return dict(self._dm1)
 
-    def _on_dbc(self, t: float, jid: j1939.J1939Id, data: bytes, mono: float) -> None:
-        self._dbc_payload(t, jid.source, jid.pgn, data)
+    def _on_dbc(self, t: float, can_id: int, data: bytes, mono: float) -> None:
+        self._dbc_payload(t, can_id & 0xFF, pgn_of(can_id), data)
 
     def _dbc_payload(self, t: float, source: int, pgn: int, data: bytes) -> None:
         assert self._dbc is not None

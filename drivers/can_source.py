@@ -404,50 +404,51 @@ class CanSource:
     def _run(self) -> None:
         q, stats, maxlen = self._queue, self.stats, self._max
         monotonic = time.monotonic
+        stopped = self._stop.is_set
+        mono_from_ts = self._mono_from_ts
+        claimer = self._claimer
         self._claim(monotonic())
-        while not self._stop.is_set():
+        while not stopped():
             bus = self._bus
             if bus is None:
                 if self._opener is None or not self._reopen():
                     return
                 continue
-            try:
-                msg = bus.recv(self._poll_s)
-            except Exception as e:  # see the module docstring: anything ends this bus
-                self._outage_begins(f"{type(e).__name__}: {e}")
-                continue
-            if self._link_bad is not None:
-                self._outage_begins(self._link_bad)
-                continue
-            if self._claimer is not None:
-                self._transmit(monotonic(), msg)
-            if msg is None:
-                if getattr(bus, "finished", False):
-                    return  # end of a replayed log
-                continue
-            # J1939 uses 29-bit data frames only; 11-bit, remote and error frames are
-            # other protocols' traffic, not decode errors.
-            if not msg.is_extended_id or msg.is_remote_frame or msg.is_error_frame:
-                stats["ignored"] += 1
-                continue
-            t = msg.timestamp
-            frame = (
-                t,
-                msg.arbitration_id,
-                bytes(msg.data),
-                t if self._mono_from_ts else monotonic(),
-            )
-            if len(q) >= maxlen:
-                if not self._block:
-                    stats["queue_dropped"] += 1
+            recv, poll_s = bus.recv, self._poll_s
+            # The inner loop is the hot path: one iteration per frame.
+            while not stopped():
+                try:
+                    msg = recv(poll_s)
+                except Exception as e:  # see the module docstring: anything ends this bus
+                    self._outage_begins(f"{type(e).__name__}: {e}")
+                    break
+                if self._link_bad is not None:
+                    self._outage_begins(self._link_bad)
+                    break
+                if claimer is not None:
+                    self._transmit(monotonic(), msg)
+                if msg is None:
+                    if getattr(bus, "finished", False):
+                        return  # the end of a replayed log
                     continue
-                while len(q) >= maxlen and not self._stop.is_set():
+                # J1939 uses 29-bit data frames only; 11-bit, remote and error frames
+                # are other protocols' traffic, not decode errors.
+                if not msg.is_extended_id or msg.is_remote_frame or msg.is_error_frame:
+                    stats["ignored"] += 1
+                    continue
+                t = msg.timestamp
+                frame = (t, msg.arbitration_id, bytes(msg.data), t if mono_from_ts else monotonic())
+                if len(q) >= maxlen:
+                    if not self._block:
+                        stats["queue_dropped"] += 1
+                        continue
+                    while len(q) >= maxlen and not stopped():
+                        self._ready.set()
+                        time.sleep(0.001)
+                q.append(frame)
+                stats["frames"] += 1
+                if self._waiting:
                     self._ready.set()
-                    time.sleep(0.001)
-            q.append(frame)
-            stats["frames"] += 1
-            if self._waiting:
-                self._ready.set()
 
     def _transmit(self, now: float, msg: can.Message | None) -> None:
         claimer, plan = self._claimer, self._requests

@@ -61,6 +61,7 @@ __all__ = [
     "encode_request",
     "make_id",
     "parse_id",
+    "pgn_of",
 ]
 
 PGN_EEC1 = 61444  # 0xF004 electronic engine controller 1
@@ -239,6 +240,16 @@ def parse_id(can_id: int) -> J1939Id:
     if pf < _PDU2_MIN_PF:
         return J1939Id(can_id >> 26, (can_id >> 8) & 0x3FF00, can_id & 0xFF, (can_id >> 8) & 0xFF)
     return J1939Id(can_id >> 26, (can_id >> 8) & 0x3FFFF, can_id & 0xFF, _GLOBAL)
+
+
+def pgn_of(can_id: int) -> int:
+    """The PGN of a 29-bit identifier, as :func:`parse_id` gives it, without building a tuple.
+
+    The per-frame fast path: the caller must have checked that ``can_id`` fits
+    in 29 bits (``parse_id`` raises otherwise; this does not check).
+    """
+    # PF >= 240 (PDU2) exactly when the top four bits of PF are all set.
+    return (can_id >> 8) & (0x3FFFF if can_id & 0xF00000 == 0xF00000 else 0x3FF00)
 
 
 def make_id(pgn: int, source: int, priority: int = 6, destination: int = 255) -> int:

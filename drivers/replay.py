@@ -38,18 +38,14 @@ from typing import IO, Any, cast
 
 import can
 
-__all__ = ["LogError", "LogFile", "ReplayBus", "is_j1939"]
+__all__ = ["LogError", "LogFile", "ReplayBus"]
 
+# (bus timestamp, 29-bit CAN id, payload, monotonic time)
 Frame = tuple[float, int, bytes, float]
 
 _TEXT = {".log", ".asc", ".trc", ".csv"}
 _BINARY = {".blf", ".mf4"}
 _PATH_ONLY = {".db"}
-
-
-def is_j1939(msg: can.Message) -> bool:
-    """True for 29-bit data frames: J1939 traffic.  11-bit, remote and error frames are not."""
-    return bool(msg.is_extended_id and not msg.is_remote_frame and not msg.is_error_frame)
 
 
 class LogError(Exception):

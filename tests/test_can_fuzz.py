@@ -200,3 +200,14 @@ def test_ids_that_are_not_29_bit_are_counted_not_raised() -> None:
     assert p.stats.decode_errors == 2 and p.stats.frames == 2
     with pytest.raises(ValueError):
         j1939.parse_id(1 << 29)  # the codec itself does raise; the pipeline contains it
+
+
+@given(st.integers(0, 0x1FFFFFFF))
+def test_fast_pgn_agrees_with_parse_id(can_id: int) -> None:
+    assert j1939.pgn_of(can_id) == j1939.parse_id(can_id).pgn
+
+
+@pytest.mark.parametrize("pf", [0, 239, 240, 255])
+def test_fast_pgn_at_the_pdu1_pdu2_boundary(pf: int) -> None:
+    can_id = (6 << 26) | (1 << 24) | (pf << 16) | (0x42 << 8) | 0x17
+    assert j1939.pgn_of(can_id) == j1939.parse_id(can_id).pgn
