@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from cngmrv.agent.pipeline import PipelineConfig
-from cngmrv.drivers.can_source import DEFAULT_PGNS, REPLAY, RequestPlan, SourceSettings
+from cngmrv.drivers.can_source import (
+    DEFAULT_PGNS,
+    INTERFACES,
+    REPLAY,
+    RequestPlan,
+    SourceSettings,
+)
 from cngmrv.drivers.dbc import DbcError, DbcSignals
 
 
@@ -47,10 +53,7 @@ def _nonnegative(v: Any) -> str | None:
 
 
 def _interface(v: Any) -> str | None:
-    import can
-
-    known = can.interfaces.VALID_INTERFACES | {REPLAY}
-    return None if v in known else f"must be one of {', '.join(sorted(known))}"
+    return None if v in INTERFACES else f"must be one of {', '.join(sorted(INTERFACES))}"
 
 
 def _name(v: Any) -> str | None:

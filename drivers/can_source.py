@@ -55,6 +55,8 @@ from cngmrv.drivers.replay import Frame, ReplayBus
 
 __all__ = [
     "DEFAULT_PGNS",
+    "INTERFACES",
+    "REPLAY",
     "CanSource",
     "Frame",
     "RequestPlan",
@@ -80,6 +82,8 @@ DEFAULT_PGNS: frozenset[int] = frozenset(
 )
 
 REPLAY = "replay"
+#: Every value ``interface`` may take: python-can's interfaces and ``"replay"``.
+INTERFACES: frozenset[str] = frozenset(can.interfaces.VALID_INTERFACES) | {REPLAY}
 
 
 def j1939_filters(pgns: Iterable[int]) -> list[dict[str, Any]]:
@@ -169,7 +173,7 @@ def make_source(s: SourceSettings) -> CanSource:
             block_when_full=True,
             mono_from_timestamp=True,
         )
-    if s.interface not in can.interfaces.VALID_INTERFACES:
+    if s.interface not in INTERFACES:
         raise ValueError(f"unknown CAN interface {s.interface!r}")
 
     def opener() -> can.BusABC:
@@ -267,6 +271,8 @@ class CanSource:
         if self._bus is None and self._opener is not None:
             try:
                 self._bus = self._opener()
+            except can.CanInterfaceNotImplementedError:
+                raise  # a driver or its library is missing: no amount of retrying helps
             except (OSError, can.CanError) as e:
                 self._outage_begins(f"open failed: {type(e).__name__}: {e}")
         self._thread.start()

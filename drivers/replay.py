@@ -263,30 +263,40 @@ class ReplayBus(can.BusABC):
         self._messages = self.log.messages()
         self._speed = speed
         self._origin: tuple[float, float] | None = None
+        self._held: can.Message | None = None
         self.finished = False
         self.channel_info = f"replay of {channel}"
         super().__init__(channel=channel, **kwargs)
 
     def _recv_internal(self, timeout: float | None) -> tuple[can.Message | None, bool]:
-        if self.finished:
-            if timeout:
-                time.sleep(min(timeout, 0.05))
+        if self._held is None:
+            if self.finished:
+                if timeout:
+                    time.sleep(min(timeout, 0.05))
+                return None, False
+            try:
+                msg = next(self._messages)
+            except StopIteration:
+                self.finished = True
+                return None, False
+            except LogError:
+                self.finished = True
+                raise
+            if self._speed <= 0:
+                return msg, False
+            self._held = msg
+        msg = self._held
+        now = time.monotonic()
+        if self._origin is None:
+            self._origin = (now, msg.timestamp)
+        wait = self._origin[0] + (msg.timestamp - self._origin[1]) / self._speed - now
+        if timeout is not None and wait > timeout:
+            # Not due yet: keep it, so a caller polling with a timeout stays responsive.
+            time.sleep(timeout)
             return None, False
-        try:
-            msg = next(self._messages)
-        except StopIteration:
-            self.finished = True
-            return None, False
-        except LogError:
-            self.finished = True
-            raise
-        if self._speed > 0:
-            now = time.monotonic()
-            if self._origin is None:
-                self._origin = (now, msg.timestamp)
-            due = self._origin[0] + (msg.timestamp - self._origin[1]) / self._speed
-            if due > now:
-                time.sleep(due - now)
+        if wait > 0:
+            time.sleep(wait)
+        self._held = None
         return msg, False
 
     def send(self, msg: can.Message, timeout: float | None = None) -> None:

@@ -300,3 +300,60 @@ def test_requests_claim_an_address_first_and_stop_when_it_is_lost(channel: str) 
     assert requests_seen() == n
     src.stop()
     observer.shutdown()
+
+
+def test_paced_replay_holds_a_frame_until_it_is_due(tmp_path: Path) -> None:
+    from cngmrv.drivers.replay import ReplayBus
+
+    log = tmp_path / "two.log"
+    log.write_text("(1000.000000) can0 18FEF200#01\n(1000.100000) can0 18FEF200#02\n")
+    bus = ReplayBus(str(log), speed=0.001)  # 0.1 s of recording = 100 s of replay
+    try:
+        first = bus.recv(0.01)
+        assert first is not None and bytes(first.data) == b"\x01"
+        assert bus.recv(0.01) is None and not bus.finished  # held back, not lost
+    finally:
+        bus.shutdown()
+    fast = ReplayBus(str(log))
+    assert [bytes(m.data) for m in iter(lambda: fast.recv(0.01), None)] == [b"\x01", b"\x02"]
+    assert fast.finished
+    fast.shutdown()
+    with pytest.raises(ValueError, match="speed"):
+        ReplayBus(str(log), speed=-1)
+
+
+def test_udp_multicast_bus_broken_underneath_is_reopened() -> None:
+    # Across processes the simulation uses udp_multicast.  A socket closed there
+    # surfaces from recv() as ValueError (negative fd) or OSError (EBADF), never as
+    # CanError: still an outage, still reopened.
+    rnd = uuid.uuid4().int
+    group, port = f"239.74.{rnd % 250 + 1}.{(rnd >> 8) % 250 + 1}", 40000 + (rnd >> 16) % 20000
+    opened: list[can.BusABC] = []
+
+    def opener() -> can.BusABC:
+        opened.append(can.Bus(interface="udp_multicast", channel=group, port=port))
+        return opened[-1]
+
+    try:
+        tx = can.Bus(interface="udp_multicast", channel=group, port=port)
+    except (OSError, can.CanError) as e:
+        pytest.skip(f"no IPv4 multicast on this machine: {e}")
+    src = CanSource(opener, backoff_s=0.02, backoff_max_s=0.05)
+    src.start()
+    try:
+        for i in range(50):
+            tx.send(frame(0x18FEF200, 0.0, bytes([i] * 8)))
+        assert until(lambda: src.stats["frames"] == 50)
+        opened[-1].shutdown()
+        assert until(lambda: len(opened) == 2 and src.bus is opened[1])
+        for i in range(50, 100):
+            tx.send(frame(0x18FEF200, 0.0, bytes([i] * 8)))
+        assert until(lambda: src.stats["frames"] == 100)
+    finally:
+        src.stop()
+        tx.shutdown()
+    got = [f[2][0] for f in src.drain()]
+    assert got == list(range(100))
+    down, up = [e for e in src.events() if e["kind"] in ("CAN_DOWN", "CAN_UP")]
+    assert down["kind"] == "CAN_DOWN" and down["reason"].startswith(("ValueError", "OSError"))
+    assert up["kind"] == "CAN_UP"
