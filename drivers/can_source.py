@@ -158,6 +158,14 @@ class SourceSettings:
     link_poll_s: float = 1.0
     requests: RequestPlan | None = None
 
+    @property
+    def filter_pgns(self) -> frozenset[int] | None:
+        """The PGNs the kernel lets through (``None``: everything)."""
+        if self.pgns is None or self.requests is None:
+            return self.pgns
+        # Defending a claimed address means hearing Requests for Address Claimed.
+        return self.pgns | {j1939.PGN_REQUEST, j1939.PGN_ADDRESS_CLAIMED}
+
 
 def make_source(s: SourceSettings) -> CanSource:
     """Build the source the settings describe; the bus is opened by :meth:`CanSource.start`.
@@ -176,8 +184,10 @@ def make_source(s: SourceSettings) -> CanSource:
     if s.interface not in INTERFACES:
         raise ValueError(f"unknown CAN interface {s.interface!r}")
 
+    pgns = s.filter_pgns
+
     def opener() -> can.BusABC:
-        return open_bus(s.interface, s.channel, s.listen_only, s.pgns)
+        return open_bus(s.interface, s.channel, s.listen_only, pgns)
 
     return CanSource(
         opener,

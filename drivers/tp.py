@@ -84,6 +84,7 @@ COUNTERS = (
     "duplicate",  # session dropped: a packet number came again
     "timeout",  # session dropped: T1/T2/T3/T4 passed
     "aborted",  # session dropped: Connection Abort seen
+    "incomplete",  # session dropped: End-of-Message ACK before the last packet was seen
     "replaced",  # session dropped: a new announcement on the same (source, destination)
     "evicted",  # session dropped: too many open sessions
     "orphan_dt",  # data packet with no open session
@@ -233,8 +234,9 @@ class TpReassembler:
                 self.counters["orphan_cts"] += 1
                 return
             if control == EOM_ACK:
-                # The data was complete (or we missed some of it); either way it is over.
-                del self._sessions[key]
+                # Complete sessions are delivered (and closed) at their last packet, so
+                # an open one here lost its end on the way to us.
+                self._drop(key, "incomplete")
                 return
             count, next_seq = data[1], data[2]
             if count == 0:

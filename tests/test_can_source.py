@@ -357,3 +357,11 @@ def test_udp_multicast_bus_broken_underneath_is_reopened() -> None:
     down, up = [e for e in src.events() if e["kind"] in ("CAN_DOWN", "CAN_UP")]
     assert down["kind"] == "CAN_DOWN" and down["reason"].startswith(("ValueError", "OSError"))
     assert up["kind"] == "CAN_UP"
+
+
+def test_a_device_that_sends_requests_also_hears_them() -> None:
+    quiet = SourceSettings()
+    assert quiet.filter_pgns is not None and j1939.PGN_REQUEST not in quiet.filter_pgns
+    talking = SourceSettings(listen_only=False, requests=RequestPlan(GEARBOX_NAME, 0x4A))
+    assert talking.filter_pgns is not None and j1939.PGN_REQUEST in talking.filter_pgns
+    assert SourceSettings(pgns=None, requests=RequestPlan(GEARBOX_NAME, 0x4A)).filter_pgns is None

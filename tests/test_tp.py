@@ -281,3 +281,14 @@ def test_last_packet_shorter_than_needed_drops_the_session() -> None:
     tp.feed(0.05, DT, 0x00, 255, bytes([1, 1, 2, 3, 4, 5, 6, 7]))
     assert tp.feed(0.10, DT, 0x00, 255, bytes([2, 8, 9])) is None  # needs 3 bytes, has 2
     assert tp.counters["short_frame"] == 1 and tp.open_sessions == {}
+
+
+def test_end_of_message_ack_before_the_last_packet_is_counted() -> None:
+    tp = TpReassembler()
+    ps = packets(bytes(range(20)))
+    tp.feed(0.0, CM, 0x00, 0x21, rts(20, 0xFE00))
+    tp.feed(0.1, CM, 0x21, 0x00, cts(3, 1, 0xFE00))
+    tp.feed(0.2, DT, 0x00, 0x21, ps[0])
+    tp.feed(0.3, DT, 0x00, 0x21, ps[1])  # packet 3 never reaches us
+    assert tp.feed(0.5, CM, 0x21, 0x00, eom(20, 0xFE00)) is None
+    assert tp.counters["incomplete"] == 1 and tp.open_sessions == {}
