@@ -39,6 +39,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/integrator.py
 	$(BIN)/python bench/kit.py
+	$(BIN)/python bench/decode.py
 
 # The integrator core under AddressSanitizer + UndefinedBehaviorSanitizer:
 # its tests against a sanitized build in a temporary folder, then a standalone

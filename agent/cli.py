@@ -139,6 +139,28 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from cngmrv.agent import replay
+    from cngmrv.agent.pipeline import PipelineConfig
+    from cngmrv.drivers.dbc import DbcSignals
+
+    pipeline = PipelineConfig(
+        engine_source_address=args.engine_sa,
+        engine_name=int(args.engine_name, 16) if args.engine_name else None,
+    )
+    dbc = DbcSignals(Path(args.dbc)) if args.dbc else None
+    progress = sys.stderr if sys.stderr.isatty() and not args.no_progress else None
+    summary = replay.replay(Path(args.file), pipeline, dbc, progress)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        replay.print_summary(summary)
+    if summary["error"]:
+        print(f"cngmrv replay: {summary['error']['message']}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cngmrv", description="Signed fuel and emission data from dual-fuel buses.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -165,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pubkey", required=True, help="the device's public key (PEM)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_verify)
+
+    s = sub.add_parser("replay", help="run a CAN log through the agent's decoders and integrator")
+    s.add_argument("file", help="candump .log, .asc, .blf, .trc, .csv, .db or .mf4 (also .gz)")
+    s.add_argument("--engine-sa", type=int, default=0, help="engine source address (0)")
+    s.add_argument("--engine-name", default="", help="pin the engine to this J1939 NAME (hex)")
+    s.add_argument("--dbc", help="decode extra signals from this DBC")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=_replay)
 
     s = sub.add_parser("ingest", help="run the reference ingest server")
     s.add_argument("--db", required=True, help="ingest database (SQLite)")

@@ -16,6 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from cngmrv.agent.pipeline import FuelFactors, GasCalibration, PipelineConfig
+from cngmrv.drivers.can_source import (
+    DEFAULT_PGNS,
+    INTERFACES,
+    REPLAY,
+    RequestPlan,
+    SourceSettings,
+)
+from cngmrv.drivers.dbc import DbcError, DbcSignals
+from cngmrv.drivers.kit_can import DEFAULT_DBC as DEFAULT_KIT_DBC
+from cngmrv.drivers.kit_can import KitCanDecoder
 
 
 class ConfigError(ValueError):
@@ -49,6 +59,25 @@ def _nonempty(v: Any) -> str | None:
     return None if v.strip() else "must not be empty"
 
 
+def _interface(v: Any) -> str | None:
+    return None if v in INTERFACES else f"must be one of {', '.join(sorted(INTERFACES))}"
+
+
+def _name(v: Any) -> str | None:
+    # TOML integers are signed 64-bit and a NAME may use all 64 bits, so it is hex text.
+    if v == "":
+        return None
+    try:
+        n = int(v, 16)
+    except ValueError:
+        return "must be a J1939 NAME in hex (up to 16 digits)"
+    return None if 0 <= n < 1 << 64 and len(v.removeprefix("0x")) <= 16 else "must fit in 64 bits"
+
+
+def _request_period(v: Any) -> str | None:
+    return None if v >= 1.0 else "must be >= 1 s (requests are sent at a low rate)"
+
+
 # section -> key -> (type, default, check); a default of None means required.
 SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
     "device": {
@@ -56,10 +85,19 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
         "key_file": (Path, None, None),
     },
     "can": {
-        "interface": (str, "socketcan", _nonempty),
+        # A python-can interface, or "replay" with channel = a log file to play back.
+        "interface": (str, "socketcan", _interface),
         "channel": (str, "can0", _nonempty),
         "listen_only": (bool, True, None),
         "queue_size": (int, 65536, _positive),
+        "filters": (bool, True, None),  # kernel acceptance filters for the PGNs read (SocketCAN)
+        "dbc": (str, "", None),  # extra signals from this DBC ("" = none)
+        "replay_speed": (float, 0.0, _nonnegative),  # 0 = as fast as the agent takes frames
+        "backoff_max_s": (float, 5.0, _positive),  # longest wait between reopen attempts
+        "requests": (bool, False, None),  # send Request PGN 59904 for HOURS and LFC
+        "request_period_s": (float, 10.0, _request_period),
+        "source_address": (int, 249, _address),  # claimed for requests only
+        "name": (str, "", _name),  # this device's J1939 NAME, hex; required for requests
     },
     "kit": {
         "port": (str, "", None),
@@ -88,6 +126,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
         "kit_stuck_gas_kg": (float, 0.05, _positive),
         "idle_max_kmh": (float, 2.0, _nonnegative),
         "engine_running_rpm": (float, 300.0, _positive),
+        "engine_name": (str, "", _name),  # the engine's J1939 NAME, hex ("" = find it)
     },
     # Energy and CO2 factors (IPCC 2006 defaults; a project sets its own, e.g. for B40 diesel).
     "fuel": {
@@ -132,6 +171,8 @@ class Config:
     readings_per_batch: int
     upload_url: str
     pipeline: PipelineConfig
+    can_source: SourceSettings = SourceSettings()
+    can_dbc: Path | None = None
 
 
 def _coerce(key: str, kind: type, value: Any, base: Path) -> Any:
@@ -188,6 +229,23 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
             f"kit.reconnect_max_s: must be >= kit.reconnect_min_s ({v['kit.reconnect_min_s']!r})"
             f" (got {v['kit.reconnect_max_s']!r})"
         )
+    dbc: Path | None = None
+    dbc_pgns: frozenset[int] = frozenset()
+    if v["can.dbc"]:
+        dbc = _path(v["can.dbc"], base)
+        try:
+            dbc_pgns = DbcSignals(dbc).pgns
+        except DbcError as e:
+            raise ConfigError(f"can.dbc: {e}") from None
+    if v["kit.transport"] == "can":
+        # The kit's PropB frames must pass the kernel's acceptance filters too.
+        kit_dbc = _path(v["kit.dbc"], base) if v["kit.dbc"] else DEFAULT_KIT_DBC
+        try:
+            dbc_pgns |= KitCanDecoder(kit_dbc, v["kit.can_source_address"]).pgns
+        except Exception as e:  # cantools raises several unrelated types on a bad file
+            raise ConfigError(f"kit.dbc: cannot load {kit_dbc}: {e}") from None
+    source = _can_source(v, base, dbc_pgns)
+    engine_name = v["pipeline.engine_name"]
     return Config(
         device_id=v["device.id"],
         key_file=v["device.key_file"],
@@ -219,7 +277,45 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
             engine_running_rpm=v["pipeline.engine_running_rpm"],
             fuel=FuelFactors(**_section(v, "fuel")),
             gas=GasCalibration(**_section(v, "gas")),
+            engine_name=int(engine_name, 16) if engine_name else None,
         ),
+        can_source=source,
+        can_dbc=dbc,
+    )
+
+
+def _can_source(v: dict[str, Any], base: Path, extra_pgns: frozenset[int]) -> SourceSettings:
+    """The ``[can]`` keys as source settings, with the checks that span several keys."""
+    channel = v["can.channel"]
+    if v["can.interface"] == REPLAY:
+        path = _path(channel, base)
+        if not path.is_file():
+            raise ConfigError(f"can.channel: replay log {path} not found")
+        channel = str(path)
+    requests = None
+    if v["can.requests"]:
+        if v["can.listen_only"]:
+            raise ConfigError(
+                "can.requests: needs can.listen_only = false (listen-only never sends)"
+            )
+        if not v["can.name"]:
+            raise ConfigError(
+                "can.name: required when can.requests = true (the NAME to claim with)"
+            )
+        requests = RequestPlan(
+            name=int(v["can.name"], 16),
+            address=v["can.source_address"],
+            period_s=v["can.request_period_s"],
+        )
+    return SourceSettings(
+        interface=v["can.interface"],
+        channel=channel,
+        listen_only=v["can.listen_only"],
+        pgns=DEFAULT_PGNS | extra_pgns if v["can.filters"] else None,
+        queue_size=v["can.queue_size"],
+        replay_speed=v["can.replay_speed"],
+        backoff_max_s=v["can.backoff_max_s"],
+        requests=requests,
     )
 
 

@@ -11,6 +11,15 @@ first kit message arrives (or to the receive time before any CAN frame), and
 re-anchored, with an event, only when the two drift apart by more than
 ``kit_resync_s``.
 
+Protocol timers (the transport protocol's T1-T4) run on the monotonic time
+each CAN frame carries (``mono``), never on the bus timestamp, which is wall
+time and may step.  The engine is followed by its NAME through address claims
+(:class:`~cngmrv.drivers.address.EngineTracker`): fuel rate, speed and engine
+speed from any other ECU are counted as foreign and never integrated.  Each
+change of an ECU's active DM1 trouble codes or lamps is an event; so is an
+outage of the CAN source, which also cuts the CAN channels with an explicit
+gap however short it was.
+
 Readings are emitted when every *active* source has moved past the window end
 plus the integrator's lateness (a per-source watermark, as in stream
 processors), so a slow source cannot have its samples land in a window that
@@ -40,8 +49,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cngmrv.drivers import j1939
+from cngmrv.drivers.address import EngineTracker
+from cngmrv.drivers.dbc import DbcError, DbcSignals
+from cngmrv.drivers.dm1 import Dm1, Dm1Error, decode_dm1
+from cngmrv.drivers.j1939 import pgn_of
 from cngmrv.drivers.kit_can import KitCanDecoder
 from cngmrv.drivers.kit_codec import MODE_DIESEL, MODE_DUAL, MODE_FAULT
+from cngmrv.drivers.tp import TpMessage, TpReassembler
 from cngmrv.native import (
     ChannelSpec,
     EventSpec,
@@ -122,6 +136,7 @@ class PipelineConfig:
     engine_running_rpm: float = 300.0
     fuel: FuelFactors = field(default_factory=FuelFactors)
     gas: GasCalibration = field(default_factory=GasCalibration)
+    engine_name: int | None = None  # pin the engine to this J1939 NAME (None: see EngineTracker)
 
 
 class _Column:
@@ -156,10 +171,32 @@ class PipelineStats:
     kit_outages: int = 0
     kit_reanchors: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    pgns: dict[int, int] = field(default_factory=dict)  # frames per PGN
+    tp_messages: dict[int, int] = field(default_factory=dict)  # reassembled messages per PGN
+    tp: dict[str, int] = field(default_factory=dict)  # the reassembler's counters
+    rpm_n: int = 0  # valid engine speeds from the engine (EEC1)
+    rpm_sum: float = 0.0
+    rpm_min: float | None = None
+    rpm_max: float | None = None
+    dm1_changes: int = 0
+    engine_address_changes: int = 0
+    can_outages: int = 0
+    extra: dict[str, list[float]] = field(default_factory=dict)  # DBC signal: [n, sum, min, max]
+
+
+# The integrator channels fed from the engine's CAN frames (cut on a CAN outage).
+CAN_CHANNELS = ("diesel_l", "distance_km", "engine_rev", "engine")
+
+# (bus time, 29-bit CAN id, payload, monotonic time)
+Handler = Callable[[float, int, bytes, float], None]
 
 
 class Pipeline:
-    """Feeds J1939 frames and kit messages into the native integrator and builds readings."""
+    """Feeds J1939 frames and kit messages into the native integrator and builds readings.
+
+    ``dbc`` adds a DBC's signals (loaded by the caller: the core does no I/O);
+    each reading then carries their per-window means under ``"extra"``.
+    """
 
     def __init__(
         self,
@@ -167,6 +204,7 @@ class Pipeline:
         boot_epoch: int = 0,
         clock: str = "unknown",
         kit_can: KitCanDecoder | None = None,
+        dbc: DbcSignals | None = None,
     ):
         self.config = config
         # The kit's PropB frames on this bus, when the kit talks CAN, not serial.
@@ -192,6 +230,7 @@ class Pipeline:
         self.stats = PipelineStats()
         self.events: list[dict[str, Any]] = []
         self._latest: dict[str, float] = {}
+        self._can_latest = -math.inf  # == self._latest["can"] once a frame came; read per frame
         self._kit_offset: float | None = None
         self._kit_last_tick: int | None = None
         self._kit_wraps = 0
@@ -206,6 +245,25 @@ class Pipeline:
         self._win_suspect: dict[int, set[str]] = {}
         self._tank_watch: tuple[float, float, float] | None = None  # value, gas total, since
         self._tank_stuck = False
+        self.engine = EngineTracker(config.engine_source_address, config.engine_name)
+        self._tp = TpReassembler()
+        self.stats.tp = self._tp.counters
+        self._tp_swept = -math.inf
+        self._dm1: dict[int, Dm1] = {}
+        self._dbc = dbc
+        self._extra: dict[int, dict[str, list[float]]] = {}  # window index -> name -> [sum, n]
+        self._extra_closed = -math.inf  # highest window index already emitted
+        self._handlers: dict[int, Handler] = {
+            j1939.PGN_LFE: self._on_lfe,
+            j1939.PGN_CCVS: self._on_ccvs,
+            j1939.PGN_EEC1: self._on_eec1,
+            j1939.PGN_TP_CM: self._on_tp,
+            j1939.PGN_TP_DT: self._on_tp,
+            j1939.PGN_ADDRESS_CLAIMED: self._on_claim,
+            j1939.PGN_DM1: self._on_dm1,
+        }
+        for pgn in dbc.pgns if dbc else ():
+            self._handlers[pgn] = self._chain(self._handlers.get(pgn), self._on_dbc)
 
     # -- inputs ---------------------------------------------------------
 
@@ -218,39 +276,221 @@ class Pipeline:
         if n == 1 or n % 1000 == 0:
             log.warning("event=decode_rejected reason=%r count=%d", reason, n)
 
-    def on_can(self, t: float, can_id: int, data: bytes) -> None:
-        """One CAN frame with its bus timestamp (seconds)."""
+    def on_can(self, t: float, can_id: int, data: bytes, mono: float | None = None) -> None:
+        """One CAN frame with its bus timestamp ``t`` and monotonic receive time ``mono``.
+
+        ``mono`` defaults to ``t`` (right for a replay, whose timestamps are the
+        only clock).  Never raises: a frame that cannot be used is counted with
+        its reason.
+        """
         self.stats.frames += 1
-        jid = j1939.parse_id(can_id)
-        pgn = jid.pgn
+        if not 0 <= can_id <= 0x1FFFFFFF:
+            self._reject(f"CAN id {can_id:#x} is not a 29-bit identifier")
+            return
+        pgn = pgn_of(can_id)
         if self.kit_can is not None and self.kit_can.wants(pgn):
-            self._latest["can"] = max(t, self._latest.get("can", t))
             for msg in self.kit_can.decode(t, can_id, data):
                 self.on_kit(t, msg)
-            return
-        if pgn not in (j1939.PGN_LFE, j1939.PGN_CCVS, j1939.PGN_EEC1):
-            self._latest["can"] = max(t, self._latest.get("can", t))
-            return
-        if jid.source != self.config.engine_source_address:
-            # Another ECU's fuel rate or speed must never be mixed into the engine's.
-            self.stats.foreign_source += 1
+        pgns = self.stats.pgns
+        pgns[pgn] = pgns.get(pgn, 0) + 1
+        handler = self._handlers.get(pgn)
+        if handler is not None:
+            handler(t, can_id, data, t if mono is None else mono)
+        if t > self._can_latest:
+            self._can_latest = self._latest["can"] = t
+
+    @staticmethod
+    def _chain(first: Handler | None, second: Handler) -> Handler:
+        if first is None:
+            return second
+
+        def both(t: float, can_id: int, data: bytes, mono: float) -> None:
+            first(t, can_id, data, mono)
+            second(t, can_id, data, mono)
+
+        return both
+
+    def _from_engine(self, can_id: int) -> bool:
+        if can_id & 0xFF == self.engine.address:
+            return True
+        # Another ECU's fuel rate or speed must never be mixed into the engine's.
+        self.stats.foreign_source += 1
+        return False
+
+    def _on_lfe(self, t: float, can_id: int, data: bytes, mono: float) -> None:
+        if self._from_engine(can_id):
+            self._decode_into("diesel_l", "fuel_rate_lph", t, j1939.PGN_LFE, data)
+
+    def _on_ccvs(self, t: float, can_id: int, data: bytes, mono: float) -> None:
+        if self._from_engine(can_id):
+            speed = self._decode_into("distance_km", "wheel_speed_kmh", t, j1939.PGN_CCVS, data)
+            self._speed = (t, speed)
+
+    def _decode_into(
+        self, channel: str, signal: str, t: float, pgn: int, data: bytes
+    ) -> float | None:
+        """Decode one signal into ``channel``; returns its value (None when not usable)."""
+        try:
+            sig = j1939.decode_detail(pgn, data)[signal]
+        except j1939.DecodeError as e:
+            # A frame we cannot read is a moment we know nothing about: a gap, not a guess.
+            self._reject(str(e))
+            self._add(channel, t, None)
+            return None
+        self._push_signal(channel, t, sig, pgn)
+        return sig.value
+
+    def _on_eec1(self, t: float, can_id: int, data: bytes, mono: float) -> None:
+        if not self._from_engine(can_id):
             return
         try:
-            signals = j1939.decode_detail(pgn, data)
+            rpm = j1939.decode_detail(j1939.PGN_EEC1, data)["engine_speed_rpm"]
         except j1939.DecodeError as e:
             self._reject(str(e))
+            self._add("engine_rev", t, None)
+            self._add("engine", t, None)
             return
-        if pgn == j1939.PGN_LFE:
-            self._push_signal("diesel_l", t, signals["fuel_rate_lph"], pgn)
-        elif pgn == j1939.PGN_CCVS:
-            speed = signals["wheel_speed_kmh"]
-            self._push_signal("distance_km", t, speed, pgn)
-            self._speed = (t, speed.value)
-        else:
-            rpm = signals["engine_speed_rpm"]
-            self._push_signal("engine_rev", t, rpm, pgn)
-            self._add("engine", t, self._engine_state(t, rpm.value))
-        self._latest["can"] = max(t, self._latest.get("can", t))
+        self._push_signal("engine_rev", t, rpm, j1939.PGN_EEC1)
+        self._add("engine", t, self._engine_state(t, rpm.value))
+        if rpm.value is None:
+            return
+        value = rpm.value
+        s = self.stats
+        s.rpm_n += 1
+        s.rpm_sum += value
+        if s.rpm_min is None or value < s.rpm_min:
+            s.rpm_min = value
+        if s.rpm_max is None or value > s.rpm_max:
+            s.rpm_max = value
+
+    def _on_tp(self, t: float, can_id: int, data: bytes, mono: float) -> None:
+        if mono - self._tp_swept >= 0.25:
+            self._tp.expire(mono)
+            self._tp_swept = mono
+        jid = j1939.parse_id(can_id)
+        msg = self._tp.feed(mono, jid.pgn, jid.source, jid.destination, data)
+        if msg is not None:
+            self._on_tp_message(t, msg)
+
+    def _on_tp_message(self, t: float, msg: TpMessage) -> None:
+        counts = self.stats.tp_messages
+        counts[msg.pgn] = counts.get(msg.pgn, 0) + 1
+        if msg.pgn == j1939.PGN_DM1:
+            self._dm1_payload(t, msg.source, msg.data)
+        if self._dbc is not None and msg.pgn in self._dbc.messages:
+            self._dbc_payload(t, msg.source, msg.pgn, msg.data)
+
+    def _on_claim(self, t: float, can_id: int, data: bytes, mono: float) -> None:
+        if len(data) < 8:
+            self._reject(f"AddressClaimed: need 8 bytes, got {len(data)}")
+            return
+        change = self.engine.on_claim(can_id & 0xFF, data)
+        if change is None:
+            return
+        self.stats.engine_address_changes += 1
+        name = self.engine.name
+        self.events.append(
+            {
+                "t": t,
+                "kind": "ENGINE_ADDRESS_CHANGED",
+                "name": None if name is None else f"{name:016x}",
+                "old": change[0],
+                "new": change[1],
+            }
+        )
+        log.warning("event=engine_address_changed old=%s new=%s", change[0], change[1])
+
+    def _on_dm1(self, t: float, can_id: int, data: bytes, mono: float) -> None:
+        self._dm1_payload(t, can_id & 0xFF, data)
+
+    def _dm1_payload(self, t: float, source: int, data: bytes) -> None:
+        try:
+            dm1 = decode_dm1(data)
+        except Dm1Error as e:
+            self._reject(str(e))
+            return
+        prev = self._dm1.get(source)
+        self._dm1[source] = dm1
+        before = prev.active if prev is not None else frozenset()
+        if prev is None:
+            if not dm1.active:
+                return  # nothing was known and nothing is active: no change to report
+        elif dm1.active == before and dm1.lamps == prev.lamps:
+            return
+        self.stats.dm1_changes += 1
+        name = self.engine.table.name_at(source)
+        self.events.append(
+            {
+                "t": t,
+                "kind": "DM1_CHANGED",
+                "source": source,
+                "name": None if name is None else f"{name:016x}",
+                "lamps": dm1.lamps,
+                "active": [[d.spn, d.fmi, d.occurrences] for d in dm1.dtcs],
+                "added": sorted([spn, fmi] for spn, fmi in dm1.active - before),
+                "removed": sorted([spn, fmi] for spn, fmi in before - dm1.active),
+            }
+        )
+
+    def dm1_active(self) -> dict[int, Dm1]:
+        """The latest DM1 of each source address."""
+        return dict(self._dm1)
+
+    def _on_dbc(self, t: float, can_id: int, data: bytes, mono: float) -> None:
+        self._dbc_payload(t, can_id & 0xFF, pgn_of(can_id), data)
+
+    def _dbc_payload(self, t: float, source: int, pgn: int, data: bytes) -> None:
+        assert self._dbc is not None
+        expected = self._dbc.messages[pgn].source
+        if source != (self.engine.address if expected is None else expected):
+            return
+        try:
+            values = self._dbc.decode(pgn, data)
+        except DbcError as e:
+            self._reject(str(e))
+            return
+        k = math.floor(t / self.config.period_s)
+        if k <= self._extra_closed:
+            return  # its reading is already out; the summary in stats still counts it
+        bucket = self._extra.setdefault(k, {})
+        totals = self.stats.extra
+        for name, v in values.items():
+            if v is None:
+                continue
+            acc = bucket.get(name)
+            if acc is None:
+                bucket[name] = [v, 1]
+            else:
+                acc[0] += v
+                acc[1] += 1
+            tot = totals.get(name)
+            if tot is None:
+                totals[name] = [1, v, v, v]
+            else:
+                tot[0] += 1
+                tot[1] += v
+                tot[2] = min(tot[2], v)
+                tot[3] = max(tot[3], v)
+
+    def on_source_event(self, event: Mapping[str, Any]) -> None:
+        """An event from the CAN source (``CAN_DOWN``, ``CAN_UP``, ``CAN_STATE``); kept with the readings.
+
+        ``event`` must have ``t`` and ``kind``.  The caller passes it after the
+        frames received before it and before those received after it.  On
+        ``CAN_DOWN`` the CAN channels get an explicit gap from their latest
+        sample on, so an outage shorter than ``can_max_gap_s`` is not bridged.
+        """
+        self.events.append(dict(event))
+        if event.get("kind") != "CAN_DOWN":
+            return
+        self.stats.can_outages += 1
+        t = self._latest.get("can")
+        if t is not None:
+            # Just after the latest sample: the integrator rejects a repeated
+            # timestamp, so a marker at exactly that time would not cut the span.
+            cut = math.nextafter(t, math.inf)
+            for channel in CAN_CHANNELS:
+                self._add(channel, cut, None)
 
     def _push_signal(self, channel: str, t: float, sig: j1939.Decoded, pgn: int) -> None:
         if sig.value is None:
@@ -526,7 +766,16 @@ class Pipeline:
                 {"t": w.t0, "kind": "REFUEL_DETECTED", "tank_kg": tank.last, "refuels": tank.events}
             )
         self._kit_flags(reading, w.t0, w.t1)
+        if self._dbc is not None:
+            reading["extra"] = self._take_extra(w.index)
         return reading
+
+    def _take_extra(self, index: int) -> dict[str, float]:
+        self._extra_closed = max(self._extra_closed, index)
+        for k in [k for k in self._extra if k < index]:
+            del self._extra[k]  # windows skipped by the integrator's guard
+        bucket = self._extra.pop(index, {})
+        return {name: total / n for name, (total, n) in bucket.items()}
 
     def _kit_flags(self, reading: dict[str, Any], t0: float, t1: float) -> None:
         """Outage seconds, fault bits and suspect sensors of the kit in one window."""

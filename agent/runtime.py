@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from cngmrv.agent.config import Config
@@ -21,7 +22,8 @@ from cngmrv.agent.keys import load_signer
 from cngmrv.agent.pipeline import Pipeline
 from cngmrv.agent.store import Store
 from cngmrv.agent.upload import Uploader
-from cngmrv.drivers.can_source import CanSource, open_bus
+from cngmrv.drivers.can_source import Frame, make_source
+from cngmrv.drivers.dbc import DbcSignals
 from cngmrv.drivers.kit_can import DEFAULT_DBC, KitCanDecoder
 from cngmrv.drivers.kit_link import KitSerialSource
 
@@ -44,11 +46,11 @@ class Agent:
         kit_can = None
         if config.kit_transport == "can":
             kit_can = KitCanDecoder(config.kit_dbc or DEFAULT_DBC, config.kit_can_source_address)
-        self.pipeline = Pipeline(config.pipeline, self.boot_epoch, clock, kit_can=kit_can)
-        self.can = CanSource(
-            open_bus(config.can_interface, config.can_channel, config.can_listen_only),
-            queue_size=config.can_queue_size,
-        )
+        dbc = DbcSignals(config.can_dbc) if config.can_dbc else None
+        self.pipeline = Pipeline(config.pipeline, self.boot_epoch, clock, kit_can=kit_can, dbc=dbc)
+        self.can = make_source(config.can_source)
+        self._can_seen = 0  # frames handed to the pipeline, to place source events among them
+        self._can_events: deque[dict[str, Any]] = deque()
         self.kit = (
             KitSerialSource(
                 config.kit_port,
@@ -87,9 +89,7 @@ class Agent:
     def poll(self, timeout: float = 0.05) -> int:
         """Process what the sources queued (waiting up to ``timeout``); returns inputs handled."""
         frames = self.can.wait(timeout)
-        on_can = self.pipeline.on_can
-        for t, can_id, data in frames:
-            on_can(t, can_id, data)
+        self._feed_can(frames)
         n = len(frames)
         if self.kit:
             # The kit source stamps with the monotonic clock; the pipeline wants
@@ -101,9 +101,29 @@ class Agent:
         self._commit(self.pipeline.advance())
         return n
 
+    def _feed_can(self, frames: list[Frame]) -> None:
+        on_can = self.pipeline.on_can
+        pending = self._can_events
+        pending.extend(self.can.events())
+        start = 0
+        # An outage event goes between the frames received before it and after it.
+        while pending and pending[0]["frames"] - self._can_seen <= len(frames) - start:
+            upto = start + max(pending[0]["frames"] - self._can_seen, 0)
+            for t, can_id, data, mono in frames[start:upto]:
+                on_can(t, can_id, data, mono)
+            self._can_seen += upto - start
+            start = upto
+            self.pipeline.on_source_event(pending.popleft())
+        for t, can_id, data, mono in frames[start:] if start else frames:
+            on_can(t, can_id, data, mono)
+        self._can_seen += len(frames) - start
+
     def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set, or until a replayed log has been read to its end."""
         while not stop.is_set():
             self.poll()
+            if self.can.finished and not self.can.pending():
+                break
 
     def _commit(self, readings: list[dict[str, Any]]) -> None:
         events = self.pipeline.events[self._events_done :]
@@ -156,6 +176,11 @@ class Agent:
             "decode_errors": s.decode_errors,
             "foreign_source": s.foreign_source,
             "can_queue_dropped": self.can.stats["queue_dropped"],
+            "can": self.can.stats,
+            "tp": dict(s.tp),
+            "dm1_changes": s.dm1_changes,
+            "engine_address": self.pipeline.engine.address,
+            "can_outages": s.can_outages,
             "integrator": self.pipeline.counters(),
         }
         if self.kit:

@@ -1,111 +1,519 @@
-"""CAN sources: one python-can bus, read by a background thread into a bounded queue.
+"""CAN sources: any python-can bus or a recorded log, read by a supervised thread into a bounded queue.
 
-Every interface python-can offers is reachable through :func:`open_bus`; the
-agent only sees :class:`CanSource`, which hands out ``(timestamp, can_id, data)``
-tuples.  Timestamps are the bus's own (kernel receive time on SocketCAN, the
-sender's time on a virtual bus with ``preserve_timestamps``), never the time
-the agent got round to reading them.
+The agent only sees :class:`CanSource`, which hands out frames as
+``(timestamp, can_id, data, mono)`` tuples: ``timestamp`` is the bus's own
+(kernel receive time on SocketCAN, the sender's time on a ``virtual`` bus with
+``preserve_timestamps``, the recorded time on a replay), never the time the
+agent got round to reading it; ``mono`` is ``time.monotonic()`` at receive (the
+recorded time on a replay), the clock protocol timers must use because the
+bus timestamps are wall-clock time and jump when NTP or GPS steps it.
 
-Limits: when the queue is full the newest frame is dropped and counted in
-``stats["queue_dropped"]``; the bus itself may drop frames before that
-(socket buffer), which this class cannot see.  Reopening after a bus failure
-is the supervisor's job (a later issue); here a failed ``recv`` ends the
-thread with the error recorded in ``stats`` and ``error``.
+What the source survives, and how it shows it:
+
+* **A failing bus.**  Any exception from ``recv`` (python-can raises
+  ``CanError``, ``OSError``, and after a socket closes even ``ValueError``), an
+  interface the kernel reports down, or a controller in bus-off: the bus is
+  shut down, a ``CAN_DOWN`` event is recorded, and the bus is reopened with
+  exponential backoff (``backoff_s`` doubling up to ``backoff_max_s``) until it
+  works again, when a ``CAN_UP`` event records the outage's length.  Frames on
+  the wire while no bus is open are lost; that is the outage, and it is
+  recorded.  A source built from an already open bus (not an opener) cannot
+  reopen it: it records the failure and stops.
+* **Load.**  The queue is bounded (``queue_size``); when full the newest frame
+  is dropped and counted in ``stats["queue_dropped"]``.  Drops before python-can
+  sees a frame (socket buffer, controller FIFO overflow) are invisible to any
+  reader; on SocketCAN the kernel's own counters are polled and reported in
+  ``stats["kernel"]``.  A replay is not a live bus and is never dropped: its
+  reader waits for room instead.
+* **Kernel state.**  On SocketCAN a monitor thread reads the interface's state
+  from the kernel (:mod:`cngmrv.drivers.canlink`) every ``link_poll_s``;
+  python-can's own ``state`` always says "active".
+
+Listen-only: SocketCAN has no per-socket listen-only switch (it is a property of
+the interface, ``ip link set can0 type can listen-only on``); the source never
+transmits unless it was given a :class:`RequestPlan`, which it refuses in
+listen-only mode, and it reports whether the kernel has the interface in
+listen-only mode.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import can
 
+from cngmrv.drivers import j1939
+from cngmrv.drivers.address import AddressClaimer
+from cngmrv.drivers.canlink import LinkState, read_link
+from cngmrv.drivers.replay import Frame, ReplayBus
+
+__all__ = [
+    "DEFAULT_PGNS",
+    "INTERFACES",
+    "REPLAY",
+    "CanSource",
+    "Frame",
+    "RequestPlan",
+    "SourceSettings",
+    "j1939_filters",
+    "make_source",
+    "open_bus",
+]
+
 log = logging.getLogger("cngmrv.can")
 
-Frame = tuple[float, int, bytes]
+BusOpener = Callable[[], can.BusABC]
+
+#: Every PGN the agent reads: the signal table, DM1, transport protocol, address claims.
+DEFAULT_PGNS: frozenset[int] = frozenset(
+    {
+        *j1939.SIGNALS,
+        j1939.PGN_DM1,
+        j1939.PGN_TP_CM,
+        j1939.PGN_TP_DT,
+        j1939.PGN_ADDRESS_CLAIMED,
+    }
+)
+
+REPLAY = "replay"
+#: Every value ``interface`` may take: python-can's interfaces and ``"replay"``.
+INTERFACES: frozenset[str] = frozenset(can.interfaces.VALID_INTERFACES) | {REPLAY}
 
 
-def open_bus(interface: str, channel: str, listen_only: bool = True, **kwargs: Any) -> can.BusABC:
-    """Open a python-can bus.  SocketCAN is opened listen-only unless told otherwise.
+def j1939_filters(pgns: Iterable[int]) -> list[dict[str, Any]]:
+    """python-can ``can_filters`` that accept the 29-bit frames of ``pgns`` from any source.
 
-    Listen-only matters on a vehicle: a gateway that ACKs or sends frames can
-    disturb the engine's bus, so we never transmit unless the config says so.
+    For PDU1 PGNs (PF < 240) the PS byte is a destination, so every destination
+    is accepted.  11-bit frames never match (``extended`` is set).
     """
-    if interface == "socketcan" and listen_only:
-        # The kernel only honours this when the interface was configured with
-        # `ip link set can0 type can listen-only on`; python-can has no per-socket
-        # listen-only flag, so we also never call send().
-        kwargs.setdefault("receive_own_messages", False)
+    out = []
+    for pgn in sorted(set(pgns)):
+        if not 0 <= pgn <= 0x3FFFF:
+            raise ValueError(f"PGN {pgn} out of range")
+        if (pgn >> 8) & 0xFF < 240:
+            out.append({"can_id": (pgn & 0x3FF00) << 8, "can_mask": 0x3FF0000, "extended": True})
+        else:
+            out.append({"can_id": pgn << 8, "can_mask": 0x3FFFF00, "extended": True})
+    return out
+
+
+def open_bus(
+    interface: str,
+    channel: str,
+    listen_only: bool = True,
+    pgns: Iterable[int] | None = None,
+    **kwargs: Any,
+) -> can.BusABC:
+    """Open a python-can bus, or a :class:`~cngmrv.drivers.replay.ReplayBus` for ``"replay"``.
+
+    ``pgns`` become kernel acceptance filters on SocketCAN, so the frames the
+    agent ignores never cost a system call.  Other interfaces get no filters:
+    python-can would apply them in Python, which costs more per frame than
+    the pipeline's own dispatch.
+    """
+    if interface == REPLAY:
+        return ReplayBus(channel, **kwargs)
+    if interface == "socketcan":
+        if pgns is not None:
+            kwargs.setdefault("can_filters", j1939_filters(pgns))
+        if listen_only:
+            kwargs.setdefault("receive_own_messages", False)
     return can.Bus(interface=interface, channel=channel, **kwargs)
 
 
-class CanSource:
-    """Reads extended-id data frames from ``bus`` into a bounded queue."""
+@dataclass(frozen=True)
+class RequestPlan:
+    """Requests the agent may send when the config enables them (never in listen-only mode).
 
-    def __init__(self, bus: can.BusABC, queue_size: int = 65536, poll_s: float = 0.05) -> None:
-        self._bus = bus
-        self._queue: queue.Queue[Frame] = queue.Queue(maxsize=queue_size)
+    The agent first claims ``address`` with ``name`` (J1939-81) and sends
+    Request (PGN 59904) for each of ``pgns`` to ``destination`` every
+    ``period_s`` seconds while it holds the address.
+    """
+
+    name: int
+    address: int
+    pgns: tuple[int, ...] = (j1939.PGN_HOURS, j1939.PGN_LFC)
+    period_s: float = 10.0
+    destination: int = j1939.GLOBAL
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """How to build a :class:`CanSource` (the agent's ``[can]`` config maps onto this)."""
+
+    interface: str = "socketcan"
+    channel: str = "can0"
+    listen_only: bool = True
+    pgns: frozenset[int] | None = DEFAULT_PGNS  # kernel filters on SocketCAN; None: all
+    queue_size: int = 65536
+    replay_speed: float = 0.0
+    backoff_s: float = 0.1
+    backoff_max_s: float = 5.0
+    link_poll_s: float = 1.0
+    requests: RequestPlan | None = None
+
+    @property
+    def filter_pgns(self) -> frozenset[int] | None:
+        """The PGNs the kernel lets through (``None``: everything)."""
+        if self.pgns is None or self.requests is None:
+            return self.pgns
+        # Defending a claimed address means hearing Requests for Address Claimed.
+        return self.pgns | {j1939.PGN_REQUEST, j1939.PGN_ADDRESS_CLAIMED}
+
+
+def make_source(s: SourceSettings) -> CanSource:
+    """Build the source the settings describe; the bus is opened by :meth:`CanSource.start`.
+
+    Raises ``ValueError`` for an interface python-can does not know and for
+    requests in listen-only mode.
+    """
+    if s.interface == REPLAY:
+        return CanSource(
+            ReplayBus(s.channel, speed=s.replay_speed),
+            s.queue_size,
+            listen_only=True,
+            block_when_full=True,
+            mono_from_timestamp=True,
+        )
+    if s.interface not in INTERFACES:
+        raise ValueError(f"unknown CAN interface {s.interface!r}")
+
+    pgns = s.filter_pgns
+
+    def opener() -> can.BusABC:
+        return open_bus(s.interface, s.channel, s.listen_only, pgns)
+
+    return CanSource(
+        opener,
+        s.queue_size,
+        listen_only=s.listen_only,
+        backoff_s=s.backoff_s,
+        backoff_max_s=s.backoff_max_s,
+        link=(lambda: read_link(s.channel)) if s.interface == "socketcan" else None,
+        link_poll_s=s.link_poll_s,
+        requests=s.requests,
+    )
+
+
+class CanSource:
+    """Reads J1939 frames (29-bit data frames) from a bus into a bounded queue, reopening it on failure.
+
+    ``bus`` is either an open bus (not reopenable) or a zero-argument callable that
+    opens one.  Frames come out of :meth:`drain`/:meth:`wait`, events (outages,
+    controller state changes) out of :meth:`events`, both oldest first.  Counters
+    are in :attr:`stats`.
+    """
+
+    def __init__(
+        self,
+        bus: can.BusABC | BusOpener,
+        queue_size: int = 65536,
+        poll_s: float = 0.05,
+        *,
+        listen_only: bool = True,
+        backoff_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+        link: Callable[[], LinkState] | None = None,
+        link_poll_s: float = 1.0,
+        block_when_full: bool = False,
+        mono_from_timestamp: bool = False,
+        requests: RequestPlan | None = None,
+    ) -> None:
+        if queue_size < 1:
+            raise ValueError("queue_size must be >= 1")
+        if requests is not None and listen_only:
+            raise ValueError("requests need listen_only=False: a listen-only source never sends")
+        if isinstance(bus, can.BusABC):
+            self._bus: can.BusABC | None = bus
+            self._opener: BusOpener | None = None
+        else:
+            self._bus = None
+            self._opener = bus
+        self._max = queue_size
+        self._queue: deque[Frame] = deque()
+        self._ready = threading.Event()
+        self._waiting = False
+        self._events: deque[dict[str, Any]] = deque(maxlen=10000)
         self._poll_s = poll_s
+        self._backoff = (backoff_s, backoff_max_s)
+        self._link = link
+        self._link_poll_s = link_poll_s
+        self._link_bad: str | None = None
+        self._block = block_when_full
+        self._mono_from_ts = mono_from_timestamp
+        self._requests = requests
+        self._claimer = AddressClaimer(requests.name, requests.address) if requests else None
+        self._next_request = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="can-source", daemon=True)
-        self.stats = {"frames": 0, "queue_dropped": 0, "ignored": 0}
+        self._monitor = threading.Thread(target=self._watch_link, name="can-link", daemon=True)
+        self._down_since: float | None = None
+        self._attempts = 0
+        self.link_state: LinkState | None = None
+        self.stats: dict[str, Any] = {
+            "frames": 0,
+            "queue_dropped": 0,
+            "ignored": 0,
+            "outages": 0,
+            "reopen_failures": 0,
+            "sent": 0,
+            "send_errors": 0,
+            "kernel": {},
+        }
         self.error: str | None = None
 
+    # -- lifecycle ----------------------------------------------------------
+
     def start(self) -> None:
+        """Open the bus (unless given open) and start reading.
+
+        An opener that fails with ``OSError`` or ``CanError`` (interface absent or
+        down) does not stop the start: the failure is the first outage and the
+        source keeps trying.  Other exceptions (an unknown interface, a missing
+        driver) are configuration errors and propagate.
+        """
+        if self._bus is None and self._opener is not None:
+            try:
+                self._bus = self._opener()
+            except can.CanInterfaceNotImplementedError:
+                raise  # a driver or its library is missing: no amount of retrying helps
+            except (OSError, can.CanError) as e:
+                self._outage_begins(f"open failed: {type(e).__name__}: {e}")
         self._thread.start()
+        if self._link is not None:
+            self._monitor.start()
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop reading and shut the bus down; frames already queued stay drainable."""
         self._stop.set()
+        self._ready.set()
         self._thread.join(timeout)
-        self._bus.shutdown()
+        if self._monitor.is_alive():
+            self._monitor.join(timeout)
+        self._close_bus()
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _run(self) -> None:
-        q, stats = self._queue, self.stats
-        while not self._stop.is_set():
-            try:
-                msg = self._bus.recv(self._poll_s)
-            except (can.CanError, OSError) as e:
-                self.error = f"CAN receive failed: {e}"
-                log.error("event=can_recv_failed reason=%r", str(e))
-                return
-            if msg is None:
-                continue
-            # J1939 uses 29-bit data frames only; 11-bit, remote and error frames are
-            # other protocols' traffic, not decode errors.
-            if not msg.is_extended_id or msg.is_remote_frame or msg.is_error_frame:
-                stats["ignored"] += 1
-                continue
-            try:
-                q.put_nowait((msg.timestamp, msg.arbitration_id, bytes(msg.data)))
-                stats["frames"] += 1
-            except queue.Full:
-                stats["queue_dropped"] += 1
+    @property
+    def bus(self) -> can.BusABC | None:
+        """The bus open right now (``None`` during an outage); for diagnostics and tests."""
+        return self._bus
+
+    @property
+    def finished(self) -> bool:
+        """True when no frame will ever come again: a replay at its end, or a failed unreopenable bus."""
+        return not self._thread.is_alive() and self._thread.ident is not None
+
+    # -- consumer side --------------------------------------------------------
 
     def drain(self, max_items: int = 100000) -> list[Frame]:
         """Every queued frame (up to ``max_items``), oldest first, without blocking."""
-        out: list[Frame] = []
-        get = self._queue.get_nowait
-        try:
-            while len(out) < max_items:
-                out.append(get())
-        except queue.Empty:
-            pass
-        return out
+        q = self._queue
+        n = min(len(q), max_items)
+        popleft = q.popleft
+        return [popleft() for _ in range(n)]
 
     def wait(self, timeout: float) -> list[Frame]:
         """Block up to ``timeout`` for the first frame, then drain the rest."""
-        try:
-            first = self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return []
-        return [first, *self.drain()]
+        if not self._queue:
+            # The reader sets the event only while someone waits; clearing before
+            # the second check means a frame queued in between is not missed.
+            self._waiting = True
+            self._ready.clear()
+            if not self._queue:
+                self._ready.wait(timeout)
+            self._waiting = False
+        return self.drain()
 
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
+
+    def events(self) -> list[dict[str, Any]]:
+        """Source events since the last call (``CAN_DOWN``, ``CAN_UP``, ``CAN_STATE``), oldest first.
+
+        Each has ``t`` (wall clock), ``mono``, ``kind``, ``frames`` (frames queued
+        before it) and the kind's own fields (``reason``; ``outage_s``,
+        ``attempts``; ``exists``, ``up``, ``state``, ``listen_only``).
+        """
+        ev = self._events
+        return [ev.popleft() for _ in range(len(ev))]
+
+    # -- reader thread --------------------------------------------------------
+
+    def _event(self, kind: str, mono: float, **body: Any) -> None:
+        # ``frames``: how many frames were queued before it, so a consumer can put
+        # the event in its place in the frame stream.
+        self._events.append(
+            {"t": time.time(), "mono": mono, "kind": kind, "frames": self.stats["frames"], **body}
+        )
+
+    def _close_bus(self) -> None:
+        bus, self._bus = self._bus, None
+        if bus is not None:
+            try:
+                bus.shutdown()
+            except Exception as e:  # a half-dead bus may fail to close; it is gone either way
+                log.debug("event=can_shutdown_failed reason=%r", str(e))
+
+    def _outage_begins(self, reason: str) -> None:
+        mono = time.monotonic()
+        self._close_bus()
+        self.error = reason
+        self.stats["outages"] += 1
+        self._down_since = mono
+        self._attempts = 0
+        self._event("CAN_DOWN", mono, reason=reason)
+        log.error("event=can_down reason=%r", reason)
+
+    def _reopen(self) -> bool:
+        """Reopen with backoff until it works (True) or the source is stopped (False)."""
+        delay, cap = self._backoff
+        while not self._stop.wait(delay):
+            delay = min(delay * 2, cap)
+            self._attempts += 1
+            bad = self._link_bad
+            if bad is None:
+                try:
+                    assert self._opener is not None
+                    self._bus = self._opener()
+                except Exception as e:  # whatever the driver raises, the answer is to retry
+                    bad = f"{type(e).__name__}: {e}"
+            if bad is not None:
+                self.stats["reopen_failures"] += 1
+                if self._attempts == 1 or self._attempts % 10 == 0:
+                    log.warning("event=can_reopen_failed attempt=%d reason=%r", self._attempts, bad)
+                continue
+            mono = time.monotonic()
+            since = self._down_since if self._down_since is not None else mono
+            self._event("CAN_UP", mono, outage_s=mono - since, attempts=self._attempts)
+            log.warning("event=can_up outage_s=%.3f attempts=%d", mono - since, self._attempts)
+            self._down_since = None
+            self.error = None
+            self._claim(mono)
+            return True
+        return False
+
+    def _claim(self, now: float) -> None:
+        if self._claimer is not None:
+            self._send(self._claimer.claim(now))
+
+    def _send(self, frames: list[tuple[int, bytes]]) -> None:
+        bus = self._bus
+        if bus is None:
+            return
+        for can_id, data in frames:
+            try:
+                bus.send(can.Message(arbitration_id=can_id, data=data, is_extended_id=True))
+                self.stats["sent"] += 1
+            except Exception as e:  # a failed request is retried next period
+                self.stats["send_errors"] += 1
+                log.debug("event=can_send_failed reason=%r", str(e))
+
+    def _run(self) -> None:
+        q, stats, maxlen = self._queue, self.stats, self._max
+        monotonic = time.monotonic
+        stopped = self._stop.is_set
+        mono_from_ts = self._mono_from_ts
+        claimer = self._claimer
+        self._claim(monotonic())
+        while not stopped():
+            bus = self._bus
+            if bus is None:
+                if self._opener is None or not self._reopen():
+                    return
+                continue
+            recv, poll_s = bus.recv, self._poll_s
+            # The inner loop is the hot path: one iteration per frame.
+            while not stopped():
+                try:
+                    msg = recv(poll_s)
+                except Exception as e:  # see the module docstring: anything ends this bus
+                    self._outage_begins(f"{type(e).__name__}: {e}")
+                    break
+                if self._link_bad is not None:
+                    self._outage_begins(self._link_bad)
+                    break
+                if claimer is not None:
+                    self._transmit(monotonic(), msg)
+                if msg is None:
+                    if getattr(bus, "finished", False):
+                        return  # the end of a replayed log
+                    continue
+                # J1939 uses 29-bit data frames only; 11-bit, remote and error frames
+                # are other protocols' traffic, not decode errors.
+                if not msg.is_extended_id or msg.is_remote_frame or msg.is_error_frame:
+                    stats["ignored"] += 1
+                    continue
+                t = msg.timestamp
+                frame = (t, msg.arbitration_id, bytes(msg.data), t if mono_from_ts else monotonic())
+                if len(q) >= maxlen:
+                    if not self._block:
+                        stats["queue_dropped"] += 1
+                        continue
+                    while len(q) >= maxlen and not stopped():
+                        self._ready.set()
+                        time.sleep(0.001)
+                q.append(frame)
+                stats["frames"] += 1
+                if self._waiting:
+                    self._ready.set()
+
+    def _transmit(self, now: float, msg: can.Message | None) -> None:
+        claimer, plan = self._claimer, self._requests
+        assert claimer is not None and plan is not None
+        if msg is not None and msg.is_extended_id and not msg.is_error_frame:
+            jid = j1939.parse_id(msg.arbitration_id)
+            self._send(claimer.on_frame(now, jid.pgn, jid.source, jid.destination, bytes(msg.data)))
+        if now >= self._next_request and claimer.ready(now):
+            self._next_request = now + plan.period_s
+            self._send(
+                [
+                    (
+                        j1939.make_id(j1939.PGN_REQUEST, plan.address, 6, plan.destination),
+                        j1939.encode_request(pgn),
+                    )
+                    for pgn in plan.pgns
+                ]
+            )
+
+    # -- link monitor thread --------------------------------------------------
+
+    def _watch_link(self) -> None:
+        assert self._link is not None
+        last_state: tuple[Any, ...] | None = None
+        while not self._stop.is_set():
+            try:
+                st = self._link()
+            except Exception as e:  # the monitor must never die; the reader carries on
+                log.warning("event=can_link_read_failed reason=%r", str(e))
+                self._stop.wait(self._link_poll_s)
+                continue
+            self.link_state = st
+            self.stats["kernel"] = dict(st.counters)
+            self._link_bad = None if st.ok else st.reason
+            key = (st.exists, st.up, st.can_state, st.listen_only)
+            if key != last_state:
+                self._event(
+                    "CAN_STATE",
+                    time.monotonic(),
+                    exists=st.exists,
+                    up=st.up,
+                    state=st.can_state,
+                    listen_only=st.listen_only,
+                )
+                if st.exists and st.listen_only is False:
+                    log.warning(
+                        "event=can_not_listen_only interface=%s hint=%r",
+                        st.name,
+                        "ip link set DEV type can listen-only on",
+                    )
+                last_state = key
+            self._stop.wait(self._link_poll_s)

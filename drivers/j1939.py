@@ -32,6 +32,8 @@ from types import MappingProxyType
 from typing import Literal, NamedTuple
 
 __all__ = [
+    "GLOBAL",
+    "PGN_ADDRESS_CLAIMED",
     "PGN_CCVS",
     "PGN_DM1",
     "PGN_EEC1",
@@ -42,6 +44,9 @@ __all__ = [
     "PGN_LFC",
     "PGN_LFE",
     "PGN_NAMES",
+    "PGN_REQUEST",
+    "PGN_TP_CM",
+    "PGN_TP_DT",
     "PGN_VD",
     "PGN_VDHR",
     "SIGNALS",
@@ -53,8 +58,10 @@ __all__ = [
     "decode",
     "decode_detail",
     "encode",
+    "encode_request",
     "make_id",
     "parse_id",
+    "pgn_of",
 ]
 
 PGN_EEC1 = 61444  # 0xF004 electronic engine controller 1
@@ -67,7 +74,13 @@ PGN_ET1 = 65262  # 0xFEEE engine temperature 1
 PGN_HOURS = 65253  # 0xFEE5 engine hours, revolutions
 PGN_GFC = 65199  # 0xFEAF gaseous fuel consumption
 PGN_EI = 65170  # 0xFE92 engine information
-PGN_DM1 = 65226  # 0xFECA active diagnostic trouble codes (decoded elsewhere, later)
+PGN_DM1 = 65226  # 0xFECA active diagnostic trouble codes (decoded in drivers.dm1)
+# Network management and transport (PDU1: the PS byte is a destination address).
+PGN_REQUEST = 59904  # 0xEA00
+PGN_TP_CM = 60416  # 0xEC00 transport connection management (drivers.tp)
+PGN_TP_DT = 60160  # 0xEB00 transport data transfer (drivers.tp)
+PGN_ADDRESS_CLAIMED = 60928  # 0xEE00 address claimed / cannot claim (drivers.address)
+GLOBAL = 255  # destination address of a broadcast
 
 PGN_NAMES: Mapping[int, str] = MappingProxyType(
     {
@@ -82,13 +95,17 @@ PGN_NAMES: Mapping[int, str] = MappingProxyType(
         PGN_GFC: "GFC",
         PGN_EI: "EI",
         PGN_DM1: "DM1",
+        PGN_REQUEST: "Request",
+        PGN_TP_CM: "TP.CM",
+        PGN_TP_DT: "TP.DT",
+        PGN_ADDRESS_CLAIMED: "AddressClaimed",
     }
 )
 
 _MAX_ID = 0x1FFFFFFF
 _MAX_PGN = 0x3FFFF
 _PDU2_MIN_PF = 240
-_GLOBAL = 255
+_GLOBAL = GLOBAL
 
 Status = Literal["ok", "error", "not_available", "out_of_range"]
 
@@ -223,6 +240,16 @@ def parse_id(can_id: int) -> J1939Id:
     if pf < _PDU2_MIN_PF:
         return J1939Id(can_id >> 26, (can_id >> 8) & 0x3FF00, can_id & 0xFF, (can_id >> 8) & 0xFF)
     return J1939Id(can_id >> 26, (can_id >> 8) & 0x3FFFF, can_id & 0xFF, _GLOBAL)
+
+
+def pgn_of(can_id: int) -> int:
+    """The PGN of a 29-bit identifier, as :func:`parse_id` gives it, without building a tuple.
+
+    The per-frame fast path: the caller must have checked that ``can_id`` fits
+    in 29 bits (``parse_id`` raises otherwise; this does not check).
+    """
+    # PF >= 240 (PDU2) exactly when the top four bits of PF are all set.
+    return (can_id >> 8) & (0x3FFFF if can_id & 0xF00000 == 0xF00000 else 0x3FF00)
 
 
 def make_id(pgn: int, source: int, priority: int = 6, destination: int = 255) -> int:
@@ -396,3 +423,13 @@ def encode(pgn: int, values: Mapping[str, float | None]) -> bytes:
     for i in codec.gaps:
         out[i] = 0xFF
     return bytes(out)
+
+
+def encode_request(pgn: int) -> bytes:
+    """The 3-byte payload of a Request (PGN 59904) for ``pgn``, little-endian.
+
+    Raises ``ValueError`` if ``pgn`` is out of range.
+    """
+    if not 0 <= pgn <= _MAX_PGN:
+        raise ValueError(f"PGN {pgn} out of range 0..{_MAX_PGN}")
+    return pgn.to_bytes(3, "little")

@@ -109,6 +109,11 @@ class KitCanDecoder:
     def counters(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTER_NAMES}
 
+    @property
+    def pgns(self) -> frozenset[int]:
+        """The PGNs of the kit's DBC (for kernel acceptance filters)."""
+        return frozenset(self._by_pgn)
+
     def wants(self, pgn: int) -> bool:
         """True for a PGN this decoder knows (a cheap pre-filter for the caller)."""
         return pgn in self._by_pgn

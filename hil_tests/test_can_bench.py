@@ -14,7 +14,7 @@ def test_receives_and_decodes_engine_speed(hil_can: str) -> None:
     deadline = time.monotonic() + 5.0
     rpm: list[float | None] = []
     while time.monotonic() < deadline and len(rpm) < 10:
-        for _, can_id, data in source.wait(0.5):
+        for _, can_id, data, _mono in source.wait(0.5):
             if j1939.parse_id(can_id).pgn == j1939.PGN_EEC1:
                 rpm.append(j1939.decode(j1939.PGN_EEC1, data)["engine_speed_rpm"])
     source.stop()

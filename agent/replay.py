@@ -1,0 +1,188 @@
+"""``cngmrv replay``: a recorded CAN log through the live agent's decoders and integrator.
+
+The same :class:`~cngmrv.agent.pipeline.Pipeline` the agent runs, fed from
+:class:`~cngmrv.drivers.replay.LogFile` instead of a bus, so a year of
+recordings can be re-run and compared with what the agent signed.  Time comes
+from the recording only; the totals are the same on every run.
+
+A damaged log does not lose what was read before the damage: the totals
+cover everything up to it, and the summary says where and why it stopped.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, TextIO
+
+from cngmrv.agent.pipeline import Pipeline, PipelineConfig
+from cngmrv.drivers import j1939
+from cngmrv.drivers.dbc import DbcSignals
+from cngmrv.drivers.replay import LogError, LogFile
+
+ADVANCE_EVERY = 4096  # frames between pops of finished readings (bounds memory on long logs)
+
+
+class Progress:
+    """A one-line progress bar on a terminal (stderr), redrawn at most 5 times a second."""
+
+    def __init__(self, log: LogFile, stream: TextIO, width: int = 30) -> None:
+        self._log = log
+        self._stream = stream
+        self._width = width
+        self._next = 0.0
+
+    def update(self, frames: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self._next:
+            return
+        self._next = now + 0.2
+        size = self._log.size or 1
+        frac = min(self._log.position / size, 1.0)
+        done = int(frac * self._width)
+        bar = "#" * done + "-" * (self._width - done)
+        self._stream.write(f"\rreplay [{bar}] {100 * frac:5.1f} %  {frames} frames")
+        self._stream.flush()
+
+    def close(self, frames: int) -> None:
+        self.update(frames, force=True)
+        self._stream.write("\n")
+        self._stream.flush()
+
+
+def replay(
+    path: Path,
+    config: PipelineConfig | None = None,
+    dbc: DbcSignals | None = None,
+    progress: TextIO | None = None,
+) -> dict[str, Any]:
+    """Replay ``path`` and return the summary ``cngmrv replay --json`` prints.
+
+    Raises ``ValueError`` (unknown format) or ``OSError`` (cannot open) before
+    anything is read; damage found while reading ends up in ``summary["error"]``.
+    """
+    log = LogFile(path)
+    pipeline = Pipeline(config or PipelineConfig(), clock="unknown", dbc=dbc)
+    bar = Progress(log, progress) if progress is not None else None
+    totals = {"diesel_l": 0.0, "distance_km": 0.0, "diesel_covered_s": 0.0}
+    readings = 0
+
+    def collect(rs: list[dict[str, Any]]) -> None:
+        nonlocal readings
+        readings += len(rs)
+        for r in rs:
+            totals["diesel_l"] += r["diesel_l"]
+            totals["distance_km"] += r["distance_km"]
+            totals["diesel_covered_s"] += r["cov"]["diesel_l"]
+
+    on_can = pipeline.on_can
+    error: LogError | None = None
+    n = 0
+    try:
+        for t, can_id, data, mono in log.frames():
+            on_can(t, can_id, data, mono)
+            n += 1
+            if n % ADVANCE_EVERY == 0:
+                collect(pipeline.advance())
+                if bar is not None:
+                    bar.update(log.read)
+    except LogError as e:
+        error = e
+    collect(pipeline.advance())
+    collect(pipeline.finish())
+    if bar is not None:
+        bar.close(log.read)
+    return _summary(log, pipeline, totals, readings, error)
+
+
+def _summary(
+    log: LogFile,
+    pipeline: Pipeline,
+    totals: dict[str, float],
+    readings: int,
+    error: LogError | None,
+) -> dict[str, Any]:
+    s = pipeline.stats
+    first = log.first_t
+    duration = (log.last_t - first) if first is not None and log.last_t is not None else 0.0
+    events = Counter(str(e["kind"]) for e in pipeline.events)
+    out: dict[str, Any] = {
+        "file": str(log.path),
+        "format": log.format,
+        "frames": log.read,
+        "j1939_frames": s.frames,
+        "ignored_frames": log.ignored,
+        "start": first,
+        "duration_s": duration,
+        "diesel_l": totals["diesel_l"],
+        "diesel_covered_s": totals["diesel_covered_s"],
+        "distance_km": totals["distance_km"],
+        "readings": readings,
+        "engine_speed_mean_rpm": s.rpm_sum / s.rpm_n if s.rpm_n else None,
+        "engine_speed_min_rpm": s.rpm_min,
+        "engine_speed_max_rpm": s.rpm_max,
+        "engine_address": pipeline.engine.address,
+        "decode_errors": s.decode_errors,
+        "reasons": dict(s.reasons),
+        "foreign_source": s.foreign_source,
+        "pgns": {str(pgn): n for pgn, n in sorted(s.pgns.items())},
+        "tp": dict(s.tp),
+        "tp_messages": {str(pgn): n for pgn, n in sorted(s.tp_messages.items())},
+        "dm1": {
+            str(sa): {
+                "lamps": dm1.lamps,
+                "dtcs": [[d.spn, d.fmi, d.occurrences] for d in dm1.dtcs],
+            }
+            for sa, dm1 in sorted(pipeline.dm1_active().items())
+        },
+        "events": dict(sorted(events.items())),
+        "integrator": pipeline.counters(),
+        "error": None,
+    }
+    if s.extra:
+        out["extra"] = {
+            name: {"n": int(n), "mean": total / n, "min": lo, "max": hi}
+            for name, (n, total, lo, hi) in sorted(s.extra.items())
+        }
+    if error is not None:
+        out["error"] = {"where": error.where, "reason": error.reason, "message": str(error)}
+    return out
+
+
+def print_summary(s: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    """The human-readable form of a :func:`replay` summary."""
+    w = out.write
+    w(
+        f"replayed {s['file']}: {s['frames']} frames ({s['j1939_frames']} J1939, "
+        f"{s['ignored_frames']} other) over {s['duration_s']:.1f} s\n"
+    )
+    w(f"diesel      {s['diesel_l']:12.4f} L   (covered {s['diesel_covered_s']:.1f} s)\n")
+    w(f"distance    {s['distance_km']:12.4f} km\n")
+    if s["engine_speed_mean_rpm"] is not None:
+        w(
+            f"engine speed mean {s['engine_speed_mean_rpm']:.1f} rpm "
+            f"(range {s['engine_speed_min_rpm']:.1f} .. {s['engine_speed_max_rpm']:.1f})\n"
+        )
+    else:
+        w("engine speed: no valid EEC1 from the engine\n")
+    w(
+        f"readings {s['readings']}; decode errors {s['decode_errors']}; "
+        f"frames from other ECUs {s['foreign_source']}\n"
+    )
+    for reason, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1])[:5]:
+        w(f"  {n:8d}  {reason}\n")
+    for sa, dm1 in s["dm1"].items():
+        lamps = ", ".join(f"{k} {v}" for k, v in dm1["lamps"].items() if v == "on") or "no lamp on"
+        codes = ", ".join(f"SPN {spn} FMI {fmi}" for spn, fmi, _ in dm1["dtcs"]) or "none"
+        w(f"DM1 from SA {sa}: {lamps}; active: {codes}\n")
+    top = sorted(s["pgns"].items(), key=lambda kv: -kv[1])[:8]
+    w("PGNs: " + ", ".join(f"{_pgn_label(int(p))} {n}" for p, n in top) + "\n")
+    if s["error"]:
+        w(f"stopped early: {s['error']['message']}\n")
+        w("(the totals above cover everything read before that point)\n")
+
+
+def _pgn_label(pgn: int) -> str:
+    return j1939.PGN_NAMES.get(pgn, str(pgn))

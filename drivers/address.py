@@ -1,0 +1,219 @@
+"""J1939-81 address claiming, seen by a listener: NAMEs, who holds which address, and the engine.
+
+On a J1939 bus an ECU is known by its 64-bit NAME; its one-byte source address
+is only claimed, and may change at power-up when two ECUs contend for the same
+address (the lower NAME wins, the loser claims another or reports that it
+cannot claim).  A gateway that reads the engine's fuel rate "from SA 0" would,
+after such a change, read another ECU's numbers.  :class:`EngineTracker`
+follows the engine's NAME instead.  Pure logic, standard library only.
+
+:class:`AddressClaimer` is the other side, for the rare configuration in
+which the agent transmits (Requests): it claims an address with the device's
+own NAME, defends it, and gives it up when a lower NAME contends.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from cngmrv.drivers.j1939 import GLOBAL, PGN_ADDRESS_CLAIMED, PGN_REQUEST, make_id
+
+__all__ = [
+    "NULL_ADDRESS",
+    "AddressClaimer",
+    "AddressTable",
+    "EngineTracker",
+    "Name",
+    "encode_name",
+    "parse_name",
+]
+
+NULL_ADDRESS = 254  # source of a "cannot claim address" message
+CLAIM_SETTLE_S = 0.250  # J1939-81: wait this long after claiming before other traffic
+
+
+class Name(NamedTuple):
+    """The fields of a 64-bit J1939 NAME (J1939-81 4.1.1), lowest bits first."""
+
+    identity: int  # 21 bits
+    manufacturer: int  # 11 bits
+    ecu_instance: int  # 3 bits
+    function_instance: int  # 5 bits
+    function: int  # 8 bits (0 = engine)
+    reserved: int  # 1 bit
+    vehicle_system: int  # 7 bits
+    vehicle_system_instance: int  # 4 bits
+    industry_group: int  # 3 bits
+    arbitrary_address_capable: bool
+
+
+def parse_name(value: int) -> Name:
+    """Split a NAME (as an unsigned 64-bit integer) into its fields."""
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"NAME {value:#x} is not a 64-bit unsigned integer")
+    return Name(
+        value & 0x1FFFFF,
+        (value >> 21) & 0x7FF,
+        (value >> 32) & 0x7,
+        (value >> 35) & 0x1F,
+        (value >> 40) & 0xFF,
+        (value >> 48) & 0x1,
+        (value >> 49) & 0x7F,
+        (value >> 56) & 0xF,
+        (value >> 60) & 0x7,
+        bool(value >> 63),
+    )
+
+
+def encode_name(name: Name) -> int:
+    """Inverse of :func:`parse_name`; raises ``ValueError`` for a field that does not fit."""
+    widths = (21, 11, 3, 5, 8, 1, 7, 4, 3, 1)
+    shifts = (0, 21, 32, 35, 40, 48, 49, 56, 60, 63)
+    value = 0
+    for field, width, shift, label in zip(name, widths, shifts, Name._fields, strict=True):
+        v = int(field)
+        if not 0 <= v < 1 << width:
+            raise ValueError(f"NAME field {label}={v} does not fit in {width} bits")
+        value |= v << shift
+    return value
+
+
+class AddressTable:
+    """Who holds which source address, from the Address Claimed messages seen so far.
+
+    Contention is resolved as the ECUs themselves resolve it: when a NAME
+    claims an address another NAME holds, the lower NAME keeps it.  A claim
+    from the null address (254) means that NAME has no address.  Bounded: only
+    NAMEs that currently hold an address are kept (at most 254).
+    """
+
+    def __init__(self) -> None:
+        self._by_address: dict[int, int] = {}
+        self._by_name: dict[int, int] = {}
+        self.claims = 0
+        self.contentions = 0
+
+    def name_at(self, address: int) -> int | None:
+        return self._by_address.get(address)
+
+    def address_of(self, name: int) -> int | None:
+        return self._by_name.get(name)
+
+    def on_claim(self, source: int, data: bytes) -> bool:
+        """Apply an Address Claimed frame from ``source``; False if it is malformed."""
+        if len(data) < 8 or source == GLOBAL:
+            return False
+        name = int.from_bytes(data[:8], "little")
+        self.claims += 1
+        old = self._by_name.pop(name, None)
+        if old is not None and old != source:
+            del self._by_address[old]
+        if source == NULL_ADDRESS:
+            return True
+        holder = self._by_address.get(source)
+        if holder is not None and holder != name:
+            self.contentions += 1
+            if holder < name:
+                return True  # the holder defends; the claimer is left without this address
+            del self._by_name[holder]
+        self._by_address[source] = name
+        self._by_name[name] = source
+        return True
+
+
+class EngineTracker:
+    """The engine's current source address, following its NAME through address claims.
+
+    ``engine_name`` pins the engine to one NAME.  Without it, the engine is the
+    first NAME that says so itself (function 0 "engine", function instance 0),
+    or, until one does, the NAME holding ``default_address`` (J1939's preferred
+    address for engine #1 is 0).  Until any claim concerns the engine, its
+    address is ``default_address``, so a bus (or a recording) without address
+    claims still works.  :attr:`address` is ``None`` while the engine has no
+    address, and then no frame counts as the engine's.
+    """
+
+    def __init__(self, default_address: int = 0, engine_name: int | None = None) -> None:
+        self.table = AddressTable()
+        self.default_address = default_address
+        self.name = engine_name
+        self._pinned = engine_name is not None  # by config or by the NAME's own function field
+        self.address: int | None = default_address
+        self.changes = 0
+
+    def on_claim(self, source: int, data: bytes) -> tuple[int | None, int | None] | None:
+        """Apply an Address Claimed frame; returns ``(old, new)`` if the engine's address changed."""
+        if not self.table.on_claim(source, data):
+            return None
+        if not self._pinned:
+            claimer = int.from_bytes(data[:8], "little")
+            fields = parse_name(claimer)
+            if fields.function == 0 and fields.function_instance == 0:
+                self.name, self._pinned = claimer, True
+            elif self.name is None:
+                self.name = self.table.name_at(self.default_address)
+        if self.name is None:
+            return None
+        new = self.table.address_of(self.name)
+        if new == self.address:
+            return None
+        old, self.address = self.address, new
+        self.changes += 1
+        return old, new
+
+
+class AddressClaimer:
+    """Claims and defends one source address for the device's own NAME (J1939-81).
+
+    Frames to send are returned as ``(can_id, data)`` pairs; the caller sends
+    them.  After :meth:`claim`, :meth:`ready` turns true once
+    :data:`CLAIM_SETTLE_S` has passed without losing the address.  A contending
+    claim with a lower NAME makes this device give the address up (it sends
+    "cannot claim" from the null address and stays silent from then on); a
+    higher one is answered by claiming again.  Not arbitrary-address-capable:
+    it never looks for another address.
+    """
+
+    def __init__(self, name: int, address: int) -> None:
+        if not 0 <= address <= 253:
+            raise ValueError(f"source address {address} out of range 0..253")
+        parse_name(name)  # range check
+        self.name = name
+        self.address = address
+        self.lost = False
+        self._claimed_at: float | None = None
+
+    def _claim_frame(self) -> tuple[int, bytes]:
+        source = NULL_ADDRESS if self.lost else self.address
+        return make_id(PGN_ADDRESS_CLAIMED, source), self.name.to_bytes(8, "little")
+
+    def claim(self, now: float) -> list[tuple[int, bytes]]:
+        """(Re)start claiming, e.g. after the bus was (re)opened."""
+        self._claimed_at = now
+        return [self._claim_frame()]
+
+    def ready(self, now: float) -> bool:
+        return (
+            not self.lost
+            and self._claimed_at is not None
+            and now - self._claimed_at >= CLAIM_SETTLE_S
+        )
+
+    def on_frame(
+        self, now: float, pgn: int, source: int, destination: int, data: bytes
+    ) -> list[tuple[int, bytes]]:
+        """React to a received frame (parsed id fields); returns the frames to send."""
+        if pgn == PGN_REQUEST and destination in (GLOBAL, self.address) and len(data) >= 3:
+            if int.from_bytes(data[:3], "little") == PGN_ADDRESS_CLAIMED:
+                return [self._claim_frame()]
+            return []
+        if pgn != PGN_ADDRESS_CLAIMED or source != self.address or self.lost or len(data) < 8:
+            return []
+        other = int.from_bytes(data[:8], "little")
+        if other == self.name:
+            return []  # our own claim, echoed
+        if other < self.name:
+            self.lost = True
+            return [self._claim_frame()]
+        self._claimed_at = now
+        return [self._claim_frame()]
