@@ -280,9 +280,15 @@ def from_mapping(
     data: Mapping[str, Any], label: str = "<mapping>", files: tuple[SourceFile, ...] = ()
 ) -> Methodology:
     """Validate a parsed (and merged) methodology; errors name ``label`` and the key."""
+    try:
+        return _validated(data, files)
+    except MethodologyError as e:
+        raise MethodologyError(f"methodology {label}: {e}") from None
 
+
+def _validated(data: Mapping[str, Any], files: tuple[SourceFile, ...]) -> Methodology:
     def fail(msg: str) -> MethodologyError:
-        return MethodologyError(f"methodology {label}: {msg}")
+        return MethodologyError(msg)
 
     for section, value in data.items():
         if section not in _SECTIONS:
@@ -308,10 +314,7 @@ def from_mapping(
         return v
 
     def share(section: str, key: str) -> float:
-        try:
-            v = _number(f"{section}.{key}", get(section, key))
-        except MethodologyError as e:
-            raise fail(str(e)) from None
+        v = _number(f"{section}.{key}", get(section, key))
         if not 0.0 <= v <= 1.0:
             raise fail(f"{section}.{key}: must be between 0 and 1, got {v}")
         return v

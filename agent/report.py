@@ -625,7 +625,7 @@ def _period_text(start: datetime | None, end: datetime | None) -> str:
     if start and end:
         return f"between {_iso(start.timestamp())} and {_iso(end.timestamp())}"
     if start:
-        return f"from {_iso(start.timestamp())} on"
+        return f"since {_iso(start.timestamp())}"
     if end:
         return f"before {_iso(end.timestamp())}"
     return "at all"
@@ -765,8 +765,9 @@ def plot_coverage(d: Mapping[str, Any], hourly: Mapping[str, Mapping[int, list[f
     hours = sorted({h for dev in buses for h in hourly.get(dev, {})})
     t0, t1 = hours[0], hours[-1]
     n = (t1 - t0) // 3600 + 1
-    cmap = LinearSegmentedColormap.from_list("cov", ["#c0392b", "#f1c40f", "#27ae60"])
-    cmap.set_bad("#dddddd")
+    cmap = LinearSegmentedColormap.from_list(
+        "cov", ["#c0392b", "#f1c40f", "#27ae60"]
+    ).with_extremes(bad="#dddddd")
     fig = _figure(1.4 + 0.9 * len(buses))
     axes = fig.subplots(2, 1, sharex=True)
     image = None

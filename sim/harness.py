@@ -30,6 +30,7 @@ import can
 from cngmrv.agent import batch, config, keys
 from cngmrv.agent.ingest import IngestServer, register_device, stored_batches
 from cngmrv.agent.runtime import Agent
+from cngmrv.agent.store import open_readonly
 from cngmrv.sim.ecu import TICK_S, EngineEcu
 from cngmrv.sim.kit import KitFirmware
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
@@ -45,12 +46,17 @@ class SimOptions:
     seed: int = 1
     workdir: Path | None = None
     readings_per_batch: int = 60
+    device_id: str = DEVICE_ID
+    # Simulated-time spans [start, end) in which the kit sends nothing (unplugged).
+    kit_unplugged: tuple[tuple[float, float], ...] = ()
 
 
-def _device_config(workdir: Path, channel: str, kit_port: str, url: str, per_batch: int) -> Any:
+def _device_config(
+    workdir: Path, device_id: str, channel: str, kit_port: str, url: str, per_batch: int
+) -> Any:
     return config.from_mapping(
         {
-            "device": {"id": DEVICE_ID, "key_file": "keys/device.key"},
+            "device": {"id": device_id, "key_file": "keys/device.key"},
             "can": {"interface": "virtual", "channel": channel, "listen_only": True},
             "kit": {"port": kit_port},
             "store": {"path": "store.sqlite"},
@@ -63,16 +69,23 @@ def _device_config(workdir: Path, channel: str, kit_port: str, url: str, per_bat
 
 def _drive(
     opts: SimOptions, sim_bus: can.BusABC, kit_fd: int, agent: Agent, epoch0: float
-) -> tuple[Bus, EngineEcu, KitFirmware]:
+) -> tuple[Bus, EngineEcu, KitFirmware, list[dict[str, float]]]:
     vehicle = Bus(BusParams(), DriveCycle.brt(opts.duration, opts.seed))
     ecu = EngineEcu(sim_bus, vehicle, epoch0)
     kit = KitFirmware(kit_fd)
     steps = int(round(opts.duration / TICK_S))
+    # The truth gas burned while the kit was unplugged: what the agent cannot have measured.
+    unplugged = [{"from": a, "to": b, "truth_gas_kg": 0.0} for a, b in opts.kit_unplugged]
     wall0 = time.monotonic()
     for i in range(steps + 1):
+        gas_before = vehicle.truth_gas_kg
         s = vehicle.step(i * TICK_S)
         ecu.tick(i, s)
-        kit.tick(i, s)
+        span = next((u for u in unplugged if u["from"] <= i * TICK_S < u["to"]), None)
+        if span is None:
+            kit.tick(i, s)
+        else:
+            span["truth_gas_kg"] += vehicle.truth_gas_kg - gas_before
         if i % 10:
             continue
         if opts.speedup > 0:
@@ -87,7 +100,7 @@ def _drive(
             or kit.frames_sent - stats.kit_messages > MAX_LAG_FRAMES // 10
         ):
             time.sleep(0.001)
-    return vehicle, ecu, kit
+    return vehicle, ecu, kit, unplugged
 
 
 def run(opts: SimOptions, progress: bool = False) -> dict[str, Any]:
@@ -106,17 +119,43 @@ def run(opts: SimOptions, progress: bool = False) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run_in(opts: SimOptions, workdir: Path, progress: bool) -> dict[str, Any]:
+def ensure_key(workdir: Path) -> bytes:
+    """Make the device key in ``workdir/keys`` unless it exists; returns the public key PEM."""
     key_path = workdir / "keys" / keys.KEY_FILE
     if not key_path.exists():
         keys.generate(key_path.parent)
-    server = IngestServer(workdir / "ingest.sqlite").start()
-    register_device(server.db, DEVICE_ID, (key_path.parent / keys.PUB_FILE).read_bytes())
+    return (key_path.parent / keys.PUB_FILE).read_bytes()
+
+
+def _run_in(opts: SimOptions, workdir: Path, progress: bool) -> dict[str, Any]:
+    pub = ensure_key(workdir)
+    ingest_db = workdir / "ingest.sqlite"
+    server = IngestServer(ingest_db).start()
+    try:
+        register_device(server.db, opts.device_id, pub)
+        summary = run_bus(opts, workdir, server.url, ingest_db)
+    finally:
+        server.stop()
+    if progress:
+        print(
+            f"simulated {opts.duration:.0f} s in {summary['wall_seconds']:.1f} s", file=sys.stderr
+        )
+    return summary
+
+
+def run_bus(opts: SimOptions, workdir: Path, url: str, ingest_db: Path) -> dict[str, Any]:
+    """One bus (key already in ``workdir/keys``) uploading to the ingest at ``url``.
+
+    The ingest may be shared with other buses (``cngmrv sim --fleet``); its
+    database file is read afterwards to verify what arrived.
+    """
     channel = f"cngmrv-sim-{uuid.uuid4().hex[:8]}"
     master, slave = os.openpty()
     tty.setraw(slave)  # bytes must pass the line discipline unchanged
     sim_bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
-    cfg = _device_config(workdir, channel, os.ttyname(slave), server.url, opts.readings_per_batch)
+    cfg = _device_config(
+        workdir, opts.device_id, channel, os.ttyname(slave), url, opts.readings_per_batch
+    )
     wall_start = time.monotonic()
     agent = Agent(cfg, clock="synchronised")
     stop = threading.Event()
@@ -126,7 +165,7 @@ def _run_in(opts: SimOptions, workdir: Path, progress: bool) -> dict[str, Any]:
         worker.start()
         _wait_for_kit(agent)
         epoch0 = float(int(time.time()))
-        vehicle, ecu, kit = _drive(opts, sim_bus, master, agent, epoch0)
+        vehicle, ecu, kit, unplugged = _drive(opts, sim_bus, master, agent, epoch0)
         _wait_for_inputs(agent, ecu.frames_sent, kit.frames_sent)
         stop.set()
         worker.join()
@@ -137,10 +176,13 @@ def _run_in(opts: SimOptions, workdir: Path, progress: bool) -> dict[str, Any]:
         os.close(master)
         os.close(slave)
     wall = time.monotonic() - wall_start
-    summary = _summarise(opts, workdir, server, agent, vehicle, ecu, kit, wall)
-    server.stop()
-    if progress:
-        print(f"simulated {opts.duration:.0f} s in {wall:.1f} s", file=sys.stderr)
+    db = open_readonly(ingest_db)
+    try:
+        held = stored_batches(db, opts.device_id)
+    finally:
+        db.close()
+    summary = _summarise(opts, workdir, held, agent, vehicle, ecu, kit, wall)
+    summary["kit_unplugged"] = unplugged
     return summary
 
 
@@ -164,7 +206,7 @@ def _wait_for_inputs(agent: Agent, frames: int, kit_frames: int, timeout: float 
 def _summarise(
     opts: SimOptions,
     workdir: Path,
-    server: IngestServer,
+    held: list[tuple[int, bytes]],
     agent: Agent,
     vehicle: Bus,
     ecu: EngineEcu,
@@ -172,7 +214,6 @@ def _summarise(
     wall: float,
 ) -> dict[str, Any]:
     pub = keys.load_public_key(workdir / "keys" / keys.PUB_FILE)
-    held = stored_batches(server.db, DEVICE_ID)
     report = batch.verify_set(((f"ingest:{s}", raw) for s, raw in held), pub)
     uploaded = {s for s, _ in held}
     signed = agent.sealed
@@ -181,6 +222,7 @@ def _summarise(
         "sim_seconds": opts.duration,
         "wall_seconds": round(wall, 3),
         "seed": opts.seed,
+        "device_id": opts.device_id,
         "workdir": str(workdir) if opts.workdir else None,
         "frames": ecu.frames_sent,
         "frames_received": stats["frames"],
@@ -228,18 +270,45 @@ def _print_human(s: dict[str, Any]) -> None:
         print(f"store, keys and ingest database kept in {s['workdir']}")
 
 
+def parse_unplug(specs: list[str], buses: int) -> dict[int, tuple[tuple[float, float], ...]]:
+    """``--kit-unplug BUS:START:END`` values (1-based bus, simulated seconds) by bus number."""
+    out: dict[int, list[tuple[float, float]]] = {}
+    for spec in specs:
+        parts = spec.split(":")
+        try:
+            bus, start, end = int(parts[0]), float(parts[1]), float(parts[2])
+            if len(parts) != 3:
+                raise IndexError
+        except (ValueError, IndexError):
+            raise ValueError(f"--kit-unplug takes BUS:START:END, got {spec!r}") from None
+        if not 1 <= bus <= buses:
+            raise ValueError(f"--kit-unplug {spec}: bus must be 1..{buses}")
+        if not 0 <= start < end:
+            raise ValueError(f"--kit-unplug {spec}: needs 0 <= START < END")
+        out.setdefault(bus, []).append((start, end))
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def command(args: argparse.Namespace) -> int:
     if args.duration <= 0:
         raise ValueError("--duration must be > 0")
     if args.speedup < 0:
         raise ValueError("--speedup must be >= 0 (0 = unpaced)")
+    if args.fleet < 1:
+        raise ValueError("--fleet must be >= 1")
+    unplug = parse_unplug(args.kit_unplug or [], args.fleet)
     opts = SimOptions(
         duration=args.duration,
         speedup=args.speedup,
         seed=args.seed,
         workdir=Path(args.workdir) if args.workdir else None,
         readings_per_batch=args.batch,
+        kit_unplugged=unplug.get(1, ()),
     )
+    if args.fleet > 1:
+        from cngmrv.sim.fleet import command as fleet_command
+
+        return fleet_command(opts, args.fleet, unplug, args.json)
     summary = run(opts, progress=not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -265,5 +334,14 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=1, help="drive-cycle seed (1)")
     p.add_argument("--workdir", help="keep keys, store and ingest database here (continues)")
     p.add_argument("--batch", type=int, default=60, help="readings per batch (60)")
+    p.add_argument(
+        "--fleet", type=int, default=1, help="buses sharing one ingest, run in parallel (1)"
+    )
+    p.add_argument(
+        "--kit-unplug",
+        action="append",
+        metavar="BUS:START:END",
+        help="bus BUS's kit sends nothing from START to END simulated s (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=command)
