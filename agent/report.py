@@ -414,19 +414,25 @@ def _accumulate(d: DeviceBatches, lo: float, hi: float, refill_kg: float) -> Bus
     return bus
 
 
-def _trace(device_id: str, seqs: Mapping[int, str]) -> dict[str, Any]:
+def _trace(device_id: str, seqs: Mapping[int, str], held: Mapping[int, str]) -> dict[str, Any]:
+    """The batch range behind a figure: the batches whose readings it sums (``seqs``).
+
+    ``count`` and ``set_sha256`` cover every verified batch from ``first_seq`` to
+    ``last_seq`` (``held``), including those in between that carry only events,
+    so an auditor can recompute the hash from the exported range.
+    """
     if not seqs:
         return {"device_id": device_id, "count": 0}
-    order = sorted(seqs)
+    first, last = min(seqs), max(seqs)
+    order = [s for s in sorted(held) if first <= s <= last]
     return {
         "device_id": device_id,
-        "first_seq": order[0],
-        "last_seq": order[-1],
+        "first_seq": first,
+        "last_seq": last,
         "count": len(order),
-        "first_sha256": seqs[order[0]],
-        "last_sha256": seqs[order[-1]],
-        # One hash naming the exact set of batch files, in sequence order.
-        "set_sha256": hashlib.sha256(b"".join(bytes.fromhex(seqs[s]) for s in order)).hexdigest(),
+        "first_sha256": seqs[first],
+        "last_sha256": seqs[last],
+        "set_sha256": hashlib.sha256(b"".join(bytes.fromhex(held[s]) for s in order)).hexdigest(),
     }
 
 
@@ -515,11 +521,12 @@ def build(
                 f"{b.total.unsynced_s / 3600:.2f} h of readings were timed by a clock not "
                 "marked synchronised; their day may be off"
             )
+        held = {x.seq: x.file_hash.hex() for x in d.ok}
         days = []
         for day, s in sorted(b.days.items()):
             dfig, _ = _figures(m, s, d.device_id)
-            days.append({"date": day, **dfig, "batches": _trace(d.device_id, s.seqs)})
-        trace = _trace(d.device_id, b.total.seqs)
+            days.append({"date": day, **dfig, "batches": _trace(d.device_id, s.seqs, held)})
+        trace = _trace(d.device_id, b.total.seqs, held)
         trace.update(
             signatures=d.signatures,
             excluded={k: v for k, v in d.excluded.items()},
