@@ -346,3 +346,25 @@ def test_cli_errors_are_one_line(
     assert "no such database file" in line
     line = _one_line_error(cli("report", "--db", str(store_db), "--to", "2025-13-01"))
     assert "not a date" in line
+
+
+def test_a_store_batch_altered_after_sealing_is_left_out(store_db: Path) -> None:
+    db = sqlite3.connect(store_db)
+    raw = bytes(db.execute("SELECT bytes FROM batches WHERE seq=3").fetchone()[0])
+    b = batch.parse(raw)
+    payload = b.payload()
+    payload["readings"][5]["gas_kg"] = 50.0
+    forged = batch.packb(
+        [batch.MAGIC, batch.VERSION, b.header_bytes, batch.packb(payload), b.signature]
+    )
+    db.execute("UPDATE batches SET bytes=? WHERE seq=3", (forged,))
+    db.execute("DELETE FROM batches WHERE seq=7")
+    db.commit()
+    db.close()
+    bus = report.build(store_db, mrv.load()).data["buses"][0]
+    t = bus["batches"]
+    assert set(t["excluded"]) == {"batch_seq 3", "batch_seq 4"}  # 4: chain broken by 3
+    assert t["missing_seqs"] == [[7, 7]]
+    assert bus["gas_kg"] == pytest.approx(0.05 * (4320 - 300))
+    assert t["signatures"].startswith("not checked")
+    assert any("missing: 7" in f for f in bus["flags"])

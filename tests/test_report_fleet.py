@@ -120,3 +120,16 @@ def test_fleet_one_bus_and_form_b(fleet: tuple[Path, dict[str, Any]], tmp_path: 
             # No distance credited while the kit was silent: below the truth.
             assert b["er_kg_co2"] < t
             assert b["distance_credited_km"] < b["distance_km"]
+
+
+def test_kit_unplug_option_is_checked() -> None:
+    from cngmrv.sim.harness import parse_unplug
+
+    assert parse_unplug(["3:10:20", "3:30:40.5", "1:0:1"], 3) == {
+        3: ((10.0, 20.0), (30.0, 40.5)),
+        1: ((0.0, 1.0),),
+    }
+    for bad, why in (("4:0:1", "bus must be 1..3"), ("1:5:5", "START < END"), ("1:5", "BUS:START:END"),
+                     ("x:1:2", "BUS:START:END"), ("1:2:3:4", "BUS:START:END")):  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            parse_unplug([bad], 3)
