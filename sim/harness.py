@@ -81,7 +81,11 @@ def _drive(
         gas_before = vehicle.truth_gas_kg
         s = vehicle.step(i * TICK_S)
         ecu.tick(i, s)
-        span = next((u for u in unplugged if u["from"] <= i * TICK_S < u["to"]), None)
+        span = (
+            next((u for u in unplugged if u["from"] <= i * TICK_S < u["to"]), None)
+            if unplugged
+            else None
+        )
         if span is None:
             kit.tick(i, s)
         else:
