@@ -3,9 +3,9 @@
 The acceptance run is 3 buses x 2 simulated days with one kit unplugged for an
 hour; ``bench/fleet.py`` runs exactly that (it takes tens of minutes) and
 checks the fleet ER against the full truth.  CI runs the same fleet scaled
-down by 48: 3 buses x 1 simulated hour, one kit unplugged for 75 s, the same
-share of the bus's time (1 h of 48 h).  At this scale the 75 s fall within one
-or two drive phases, so the gas burned unseen can be well above the average
+down by 96: 3 buses x 30 simulated minutes, one kit unplugged for 37.5 s, the
+same share of the bus's time (1 h of 48 h).  At this scale the outage falls
+within one or two drive phases, so the gas burned unseen can be well above the average
 share; the 1 % is therefore checked against the truth less that gas (what the
 kit could have reported), and the full truth bounds the ER from above.
 """
@@ -22,8 +22,8 @@ import pytest
 
 from cngmrv.agent import mrv
 
-DURATION = 3600.0
-UNPLUG = (1800.0, 1875.0)  # bus 3, mid-run
+DURATION = 1800.0
+UNPLUG = (900.0, 937.5)  # bus 3, mid-run
 
 
 @pytest.fixture(scope="module")
