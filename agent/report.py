@@ -826,8 +826,8 @@ def plot_er(d: Mapping[str, Any]) -> str:
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ccc}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}
-td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}
+table{border-collapse:collapse;margin:8px 0;font-size:12px}
+td,th{border:1px solid #ccc;padding:3px 5px;text-align:right}th{background:#f3f3f3}
 td.l,th.l{text-align:left}.flag{color:#b03a2e;font-weight:bold}.ok{color:#1e8449}
 .big{font-size:28px;font-weight:bold}code{font-size:12px;word-break:break-all}
 img{max-width:100%;display:block;margin:8px 0}
