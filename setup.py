@@ -17,7 +17,12 @@ setup(
     python_requires=">=3.11",
     packages=[f"cngmrv.{name}" for name in SUBPACKAGES],
     package_dir={f"cngmrv.{name}": name for name in SUBPACKAGES},
-    package_data={"cngmrv.native": ["*.h", "*.c"], "cngmrv.drivers": ["*.dbc"]},
+    package_data={
+        "cngmrv.native": ["*.h", "*.c"],
+        "cngmrv.drivers": ["*.dbc"],
+        # The shipped MRV methodology files, read by `cngmrv report`.
+        "cngmrv.agent": ["methodology/*.toml"],
+    },
     setup_requires=["cffi>=1.16"],
     cffi_modules=["native/build_integrator.py:ffibuilder"],
     install_requires=[
@@ -27,6 +32,8 @@ setup(
         "msgpack>=1.0.7",
         "cryptography>=42",
         "cantools>=39.4",
+        # The HTML report's plots (Agg backend, no display needed).
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": [

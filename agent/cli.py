@@ -161,6 +161,30 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    # Imported here: matplotlib is heavy and only the report needs it.
+    from cngmrv.agent import mrv, report
+
+    methodology = mrv.load(Path(args.methodology) if args.methodology else None)
+    fmt = "json" if args.json else args.format
+    start = report.parse_when(args.date_from) if args.date_from else None
+    end = report.parse_when(args.date_to, end=True) if args.date_to else None
+    rep = report.build(Path(args.db), methodology, start, end, args.bus, args.coverage_floor)
+    text = report.render(rep, fmt)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        d = rep.data
+        print(
+            f"wrote {args.out}: ER {d['er_kg_co2'] / 1000:.3f} t CO2 "
+            f"({d['er_t_co2_rounded']:g} t rounded down), {len(d['buses'])} buses, "
+            f"flagged: {', '.join(d['flagged']) or 'none'}",
+            file=sys.stderr,
+        )
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cngmrv", description="Signed fuel and emission data from dual-fuel buses.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -205,6 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--register", action="append", metavar="DEVICE_ID=PUBKEY", help="register a device key"
     )
     s.set_defaults(func=_ingest)
+
+    s = sub.add_parser("report", help="emission reductions per bus and period (csv/json/html)")
+    s.add_argument("--db", required=True, help="ingest database (fleet) or device store (one bus)")
+    s.add_argument("--from", dest="date_from", metavar="DATE", help="YYYY-MM-DD or ISO time, UTC")
+    s.add_argument("--to", dest="date_to", metavar="DATE", help="a date is inclusive (whole day)")
+    s.add_argument("--format", choices=("csv", "json", "html"), default="csv")
+    s.add_argument("--json", action="store_true", help="same as --format json")
+    s.add_argument("--out", metavar="FILE", help="write here instead of standard output")
+    s.add_argument("--methodology", metavar="FILE", help="project methodology TOML")
+    s.add_argument("--bus", metavar="ID", help="only this bus (device id)")
+    s.add_argument(
+        "--coverage-floor",
+        type=float,
+        metavar="X",
+        help="flag a bus with coverage under X, 0..1 (default: the methodology's)",
+    )
+    s.set_defaults(func=_report)
 
     for ep in entry_points(group="cngmrv.commands"):
         ep.load()(sub)

@@ -251,12 +251,14 @@ class Pipeline:
         self._tp_swept = -math.inf
         self._dm1: dict[int, Dm1] = {}
         self._dbc = dbc
+        self._lfc: dict[int, float] = {}  # window index -> latest LFC total fuel (L)
         self._extra: dict[int, dict[str, list[float]]] = {}  # window index -> name -> [sum, n]
         self._extra_closed = -math.inf  # highest window index already emitted
         self._handlers: dict[int, Handler] = {
             j1939.PGN_LFE: self._on_lfe,
             j1939.PGN_CCVS: self._on_ccvs,
             j1939.PGN_EEC1: self._on_eec1,
+            j1939.PGN_LFC: self._on_lfc,
             j1939.PGN_TP_CM: self._on_tp,
             j1939.PGN_TP_DT: self._on_tp,
             j1939.PGN_ADDRESS_CLAIMED: self._on_claim,
@@ -362,6 +364,18 @@ class Pipeline:
             s.rpm_min = value
         if s.rpm_max is None or value > s.rpm_max:
             s.rpm_max = value
+
+    def _on_lfc(self, t: float, can_id: int, data: bytes, mono: float) -> None:
+        """The engine's total-fuel counter: the cross-check of the integrated LFE rate."""
+        if not self._from_engine(can_id):
+            return
+        try:
+            total = j1939.decode(j1939.PGN_LFC, data)["total_fuel_l"]
+        except j1939.DecodeError as e:
+            self._reject(str(e))
+            return
+        if total is not None:
+            self._lfc[math.floor(t / self.config.period_s)] = total
 
     def _on_tp(self, t: float, can_id: int, data: bytes, mono: float) -> None:
         if mono - self._tp_swept >= 0.25:
@@ -766,6 +780,12 @@ class Pipeline:
                 {"t": w.t0, "kind": "REFUEL_DETECTED", "tank_kg": tank.last, "refuels": tank.events}
             )
         self._kit_flags(reading, w.t0, w.t1)
+        lfc = None
+        for k in [k for k in self._lfc if k <= w.index]:
+            value = self._lfc.pop(k)
+            lfc = value if k == w.index else lfc
+        if lfc is not None:
+            reading["lfc_total_l"] = lfc
         if self._dbc is not None:
             reading["extra"] = self._take_extra(w.index)
         return reading

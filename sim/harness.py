@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -30,8 +31,9 @@ import can
 from cngmrv.agent import batch, config, keys
 from cngmrv.agent.ingest import IngestServer, register_device, stored_batches
 from cngmrv.agent.runtime import Agent
+from cngmrv.agent.store import open_readonly
 from cngmrv.sim.ecu import TICK_S, EngineEcu
-from cngmrv.sim.kit import KitFaults, KitFirmware, KitLogic, LinkFaults
+from cngmrv.sim.kit import INJ_DEAD_MS, INJ_FLOW, KitFaults, KitFirmware, KitLogic, LinkFaults
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
 
 DEVICE_ID = "sim-bus-001"
@@ -49,8 +51,9 @@ class SimOptions:
     # Kit link damage and kit faults (see cngmrv.sim.kit).
     link: LinkFaults = LinkFaults()
     kit_faults: KitFaults = KitFaults()
-    unplug_at: float | None = None  # simulated seconds
-    unplug_for: float = 5.0
+    device_id: str = DEVICE_ID
+    # Simulated-time spans [start, end) in which the kit's port is unplugged.
+    kit_unplugged: tuple[tuple[float, float], ...] = ()
     tank_start_bar: float = 200.0
     refuel_below_bar: float = 0.0
     dpf_regens: tuple[tuple[float, float], ...] = ()
@@ -64,19 +67,29 @@ class KitRun:
     port: Path
     # (sim time, truth gas kg) at every intact STATUS frame: the truth over intact data.
     intact_status: list[tuple[float, float]] = field(default_factory=list)
-    unplugged: list[tuple[float, float]] = field(default_factory=list)
+    # Per unplugged span: its times and the truth gas burned meanwhile, which
+    # the agent cannot have measured.
+    unplugged: list[dict[str, float]] = field(default_factory=list)
 
 
-def _device_config(workdir: Path, channel: str, kit_port: str, url: str, per_batch: int) -> Any:
+def _device_config(
+    workdir: Path, device_id: str, channel: str, kit_port: str, url: str, per_batch: int
+) -> Any:
     return config.from_mapping(
         {
-            "device": {"id": DEVICE_ID, "key_file": "keys/device.key"},
+            "device": {"id": device_id, "key_file": "keys/device.key"},
             "can": {"interface": "virtual", "channel": channel, "listen_only": True},
             # A short reconnect backoff: the simulation pauses until the agent is back.
             "kit": {"port": kit_port, "reconnect_min_s": 0.02, "reconnect_max_s": 0.2},
             "store": {"path": "store.sqlite"},
             "batch": {"readings_per_batch": per_batch},
             "upload": {"url": url},
+            # The simulated kit's injector model (its HELLO), as a fleet engineer
+            # would enter each kit's calibration: kg = k (pulse - dead) P / sqrt(T).
+            "gas": {
+                "injector_k": INJ_FLOW * math.sqrt(293.15) * 1e-6,
+                "injector_dead_time_ms": INJ_DEAD_MS,
+            },
         },
         workdir,
     )
@@ -121,20 +134,26 @@ def _drive(
     kit = KitFirmware(fds[0], logic, opts.link)
     run = KitRun(kit, port)
     counts = kit.counts
-    unplug_tick = replug_tick = -1
-    if opts.unplug_at is not None:
-        unplug_tick = int(round(opts.unplug_at / TICK_S))
-        replug_tick = unplug_tick + max(1, int(round(opts.unplug_for / TICK_S)))
+    # Tick of each unplug -> tick of its replug.
+    unplug_ticks: dict[int, int] = {}
+    for start, end in opts.kit_unplugged:
+        a = int(round(start / TICK_S))
+        unplug_ticks[a] = max(a + 1, int(round(end / TICK_S)))
+    replug_ticks = set(unplug_ticks.values())
     steps = int(round(opts.duration / TICK_S))
     wall0 = time.monotonic()
     for i in range(steps + 1):
-        if i == unplug_tick:
+        span = run.unplugged[-1] if run.unplugged else None
+        if i in unplug_ticks:
             _unplug(fds, port, kit, agent)
-            run.unplugged.append((i * TICK_S, 0.0))
-        elif i == replug_tick:
+            span = {"from": i * TICK_S, "to": unplug_ticks[i] * TICK_S, "truth_gas_kg": 0.0}
+            run.unplugged.append(span)
+        elif i in replug_ticks:
             _replug(fds, port, kit, agent)
-            run.unplugged[-1] = (run.unplugged[-1][0], i * TICK_S)
+        gas_before = vehicle.truth_gas_kg
         s = vehicle.step(i * TICK_S)
+        if span is not None and span["from"] <= i * TICK_S < span["to"]:
+            span["truth_gas_kg"] += vehicle.truth_gas_kg - gas_before
         ecu.tick(i, s)
         status_before = counts.intact_by_type.get("status", 0)
         kit.tick(i, s)
@@ -224,17 +243,41 @@ def run(opts: SimOptions, progress: bool = False) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run_in(opts: SimOptions, workdir: Path, progress: bool) -> dict[str, Any]:
+def ensure_key(workdir: Path) -> bytes:
+    """Make the device key in ``workdir/keys`` unless it exists; returns the public key PEM."""
     key_path = workdir / "keys" / keys.KEY_FILE
     if not key_path.exists():
         keys.generate(key_path.parent)
-    server = IngestServer(workdir / "ingest.sqlite").start()
-    register_device(server.db, DEVICE_ID, (key_path.parent / keys.PUB_FILE).read_bytes())
+    return (key_path.parent / keys.PUB_FILE).read_bytes()
+
+
+def _run_in(opts: SimOptions, workdir: Path, progress: bool) -> dict[str, Any]:
+    pub = ensure_key(workdir)
+    ingest_db = workdir / "ingest.sqlite"
+    server = IngestServer(ingest_db).start()
+    try:
+        register_device(server.db, opts.device_id, pub)
+        summary = run_bus(opts, workdir, server.url, ingest_db)
+    finally:
+        server.stop()
+    if progress:
+        print(
+            f"simulated {opts.duration:.0f} s in {summary['wall_seconds']:.1f} s", file=sys.stderr
+        )
+    return summary
+
+
+def run_bus(opts: SimOptions, workdir: Path, url: str, ingest_db: Path) -> dict[str, Any]:
+    """One bus (key already in ``workdir/keys``) uploading to the ingest at ``url``.
+
+    The ingest may be shared with other buses (``cngmrv sim --fleet``); its
+    database file is read afterwards to verify what arrived.
+    """
     channel = f"cngmrv-sim-{uuid.uuid4().hex[:8]}"
     port = workdir / "ttyKIT"
     fds = list(_open_pty(port))
     sim_bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
-    cfg = _device_config(workdir, channel, str(port), server.url, opts.readings_per_batch)
+    cfg = _device_config(workdir, opts.device_id, channel, str(port), url, opts.readings_per_batch)
     wall_start = time.monotonic()
     agent = Agent(cfg, clock="synchronised")
     stop = threading.Event()
@@ -256,10 +299,12 @@ def _run_in(opts: SimOptions, workdir: Path, progress: bool) -> dict[str, Any]:
             os.close(fd)
         port.unlink(missing_ok=True)
     wall = time.monotonic() - wall_start
-    summary = _summarise(opts, workdir, server, agent, vehicle, ecu, kit, wall)
-    server.stop()
-    if progress:
-        print(f"simulated {opts.duration:.0f} s in {wall:.1f} s", file=sys.stderr)
+    db = open_readonly(ingest_db)
+    try:
+        held = stored_batches(db, opts.device_id)
+    finally:
+        db.close()
+    summary = _summarise(opts, workdir, held, agent, vehicle, ecu, kit, wall)
     return summary
 
 
@@ -283,7 +328,7 @@ def _wait_for_inputs(agent: Agent, frames: int, kit_frames: int, timeout: float 
 def _summarise(
     opts: SimOptions,
     workdir: Path,
-    server: IngestServer,
+    held: list[tuple[int, bytes]],
     agent: Agent,
     vehicle: Bus,
     ecu: EngineEcu,
@@ -291,7 +336,6 @@ def _summarise(
     wall: float,
 ) -> dict[str, Any]:
     pub = keys.load_public_key(workdir / "keys" / keys.PUB_FILE)
-    held = stored_batches(server.db, DEVICE_ID)
     report = batch.verify_set(((f"ingest:{s}", raw) for s, raw in held), pub)
     uploaded = {s for s, _ in held}
     signed = agent.sealed
@@ -300,6 +344,7 @@ def _summarise(
         "sim_seconds": opts.duration,
         "wall_seconds": round(wall, 3),
         "seed": opts.seed,
+        "device_id": opts.device_id,
         "workdir": str(workdir) if opts.workdir else None,
         "frames": ecu.frames_sent,
         "frames_received": stats["frames"],
@@ -374,6 +419,25 @@ def _print_human(s: dict[str, Any]) -> None:
         print(f"store, keys and ingest database kept in {s['workdir']}")
 
 
+def parse_unplug(specs: list[str], buses: int) -> dict[int, tuple[tuple[float, float], ...]]:
+    """``--kit-unplug BUS:START:END`` values (1-based bus, simulated seconds) by bus number."""
+    out: dict[int, list[tuple[float, float]]] = {}
+    for spec in specs:
+        parts = spec.split(":")
+        try:
+            bus, start, end = int(parts[0]), float(parts[1]), float(parts[2])
+            if len(parts) != 3:
+                raise IndexError
+        except (ValueError, IndexError):
+            raise ValueError(f"--kit-unplug takes BUS:START:END, got {spec!r}") from None
+        if not 1 <= bus <= buses:
+            raise ValueError(f"--kit-unplug {spec}: bus must be 1..{buses}")
+        if not 0 <= start < end:
+            raise ValueError(f"--kit-unplug {spec}: needs 0 <= START < END")
+        out.setdefault(bus, []).append((start, end))
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def command(args: argparse.Namespace) -> int:
     if args.duration <= 0:
         raise ValueError("--duration must be > 0")
@@ -384,6 +448,12 @@ def command(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be a percentage 0..100")
     if args.kit_unplug_for <= 0:
         raise ValueError("--kit-unplug-for must be > 0")
+    if args.fleet < 1:
+        raise ValueError("--fleet must be >= 1")
+    specs = list(args.kit_unplug or [])
+    if args.kit_unplug_at is not None:
+        specs.append(f"1:{args.kit_unplug_at}:{args.kit_unplug_at + args.kit_unplug_for}")
+    unplug = parse_unplug(specs, args.fleet)
     opts = SimOptions(
         duration=args.duration,
         speedup=args.speedup,
@@ -397,12 +467,15 @@ def command(args: argparse.Namespace) -> int:
             seed=args.seed,
         ),
         kit_faults=KitFaults(faults=tuple(args.kit_fault), stuck=tuple(args.kit_stuck)),
-        unplug_at=args.kit_unplug_at,
-        unplug_for=args.kit_unplug_for,
         tank_start_bar=args.tank_start,
         refuel_below_bar=args.refuel_below,
         dpf_regens=tuple(args.dpf_regen),
+        kit_unplugged=unplug.get(1, ()),
     )
+    if args.fleet > 1:
+        from cngmrv.sim.fleet import command as fleet_command
+
+        return fleet_command(opts, args.fleet, unplug, args.json)
     summary = run(opts, progress=not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -428,6 +501,15 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=1, help="drive-cycle seed (1)")
     p.add_argument("--workdir", help="keep keys, store and ingest database here (continues)")
     p.add_argument("--batch", type=int, default=60, help="readings per batch (60)")
+    p.add_argument(
+        "--fleet", type=int, default=1, help="buses sharing one ingest, run in parallel (1)"
+    )
+    p.add_argument(
+        "--kit-unplug",
+        action="append",
+        metavar="BUS:START:END",
+        help="bus BUS's kit sends nothing from START to END simulated s (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     k = p.add_argument_group("kit faults")
     k.add_argument(

@@ -19,6 +19,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cngmrv.native import tank_mass
+
 DIESEL_MJ_PER_L = 43.0 * 0.844  # IPCC NCV x default density (DOMAIN.md section 2)
 GAS_MJ_PER_KG = 48.0
 R_NATURAL_GAS = 518.3  # J/(kg K), methane
@@ -43,7 +45,9 @@ class BusParams:
     sub_idle: float = 0.24
     sub_full: float = 0.80
     tank_volume_m3: float = 0.44  # four cylinders' water volume
-    tank_z: float = 0.85  # compressibility, held constant in this simple model
+    # Natural gas as methane for the real-gas law (the agent's [gas] defaults).
+    tank_p_pc_bar: float = 46.0
+    tank_t_pc_k: float = 190.6
     tank_start_bar: float = 200.0
     tank_low_bar: float = 20.0  # below this the kit falls back to diesel only
     gas_temp_c: float = 32.0
@@ -139,24 +143,39 @@ class Bus:
         self.cycle = cycle
         self.controller = controller
         self.refuels: list[tuple[float, float]] = []  # (t, kg added)
-        t_k = params.gas_temp_c + 273.15
-        self._tank_kg = (
-            params.tank_start_bar
-            * 1e5
-            * params.tank_volume_m3
-            / (params.tank_z * R_NATURAL_GAS * t_k)
-        )
+        self._tank_kg = self._mass_at(params.tank_start_bar, self.gas_temp_k(0.0))
+        self._tank_guess_bar = params.tank_start_bar
         self.truth_diesel_l = 0.0
         self.truth_gas_kg = 0.0
         self.truth_distance_km = 0.0
         self._last: tuple[float, State] | None = None
 
-    def _kg_per_bar(self) -> float:
-        p = self.p
-        return p.tank_volume_m3 * 1e5 / (p.tank_z * R_NATURAL_GAS * (p.gas_temp_c + 273.15))
+    def gas_temp_k(self, t: float) -> float:
+        """The gas's temperature (tank and reducer alike in this model), drifting slowly."""
+        return self.p.gas_temp_c + 1.5 * math.sin(t / 300.0) + 273.15
 
-    def tank_bar(self) -> float:
-        return self._tank_kg / self._kg_per_bar()
+    def _mass_at(self, bar: float, temp_k: float) -> float:
+        # The same real-gas law (Dranchuk-Abou-Kassem Z) the agent's tank channel
+        # uses, so the tank mass balance is a fair cross-check of the gas flow.
+        p = self.p
+        return tank_mass(
+            bar, temp_k, p.tank_volume_m3, R_NATURAL_GAS, p.tank_p_pc_bar, p.tank_t_pc_k
+        )
+
+    def tank_bar(self, t: float) -> float:
+        """Absolute tank pressure holding the tank's gas mass at the gas temperature at ``t``."""
+        if self._tank_kg <= 0.0:
+            return 0.0
+        temp_k = self.gas_temp_k(t)
+        bar = max(self._tank_guess_bar, 1.0)
+        # Newton on m(P) = mass; m is smooth and nearly linear, so a few steps from
+        # the previous answer converge far below the kit's 0.01 bar resolution.
+        for _ in range(4):
+            m = self._mass_at(bar, temp_k)
+            slope = (self._mass_at(bar + 0.01, temp_k) - m) / 0.01
+            bar = max(bar - (m - self._tank_kg) / slope, 0.0)
+        self._tank_guess_bar = bar
+        return bar
 
     def dpf_regen(self, t: float) -> bool:
         return any(start <= t < start + length for start, length in self.p.dpf_regens)
@@ -177,7 +196,7 @@ class Bus:
         load = engine_kw / p.max_power_kw
         # Braking and coasting cut fuel to idle level (no fuel below idle demand).
         fuel_kw = p.idle_fuel_kw + engine_kw / p.engine_eff
-        tank = self.tank_bar()
+        tank = self.tank_bar(t)
         dpf = self.dpf_regen(t)
         mode, reason = (self.controller or self._default_mode)(t, tank, dpf)
         setpoint = p.sub_idle + (p.sub_full - p.sub_idle) * load
@@ -193,7 +212,7 @@ class Bus:
             gas_kgph=mj_per_h * share / GAS_MJ_PER_KG,
             mode=mode,
             tank_bar=tank,
-            gas_temp_c=p.gas_temp_c + 1.5 * math.sin(t / 300.0),
+            gas_temp_c=self.gas_temp_k(t) - 273.15,
             reason=reason,
             dpf_regen=dpf,
             sub_setpoint=setpoint,
@@ -215,7 +234,7 @@ class Bus:
         p = self.p
         if p.refuel_below_bar > 0 and s.speed_kmh == 0.0 and s.tank_bar < p.refuel_below_bar:
             # A stop at a filling station; the pressure the kit sees jumps at the next step.
-            added = max(0.0, p.refuel_to_bar * self._kg_per_bar() - self._tank_kg)
+            added = max(0.0, self._mass_at(p.refuel_to_bar, self.gas_temp_k(t)) - self._tank_kg)
             self._tank_kg += added
             self.refuels.append((t, added))
         return s

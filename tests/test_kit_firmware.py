@@ -104,7 +104,9 @@ def test_tank_falls_with_use_falls_back_to_diesel_when_low_and_refuels() -> None
     low = tanks.index(min(tanks))
     assert tanks[0] == 20.2 and min(tanks) <= 20.0
     assert all(a >= b for a, b in zip(tanks[:low], tanks[1 : low + 1], strict=True))
-    assert max(tanks[low:]) == 200.0
+    # Refilled to 200 bar at the station's temperature; the gas then warms and cools
+    # with the simulated temperature drift (real-gas law), so within about 1 %.
+    assert max(tanks[low:]) == pytest.approx(200.0, rel=0.01)
     # No gas while low: the diesel-only stretch has zero flow and no injections.
     diesel = [m for m in status if m["mode"] == kc.MODE_DIESEL]
     assert diesel and all(m["gas_flow_kgph"] == 0.0 and m["faults"] == 1 for m in diesel)
@@ -136,7 +138,8 @@ def test_stuck_sensor_freezes_the_reading_not_the_truth() -> None:
     t0 = status[0]["tick_ms"]
     window = [m["tank_bar"] for m in status if 50_000 <= m["tick_ms"] - t0 < 110_000]
     after = [m["tank_bar"] for m in status if m["tick_ms"] - t0 >= 110_000]
-    assert len(set(window)) == 1 and after[0] < window[0]
+    # Frozen while stuck; afterwards the live value (gas used, temperature drift) again.
+    assert len(set(window)) == 1 and after[0] != window[0]
     temps = {m["gas_temp_c"] for m in status if 20_000 <= m["tick_ms"] - t0 < 50_000}
     assert len(temps) == 1
 

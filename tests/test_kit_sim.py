@@ -47,8 +47,7 @@ def damaged_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any
         seed=11,
         workdir=workdir,
         link=LinkFaults(corrupt_rate=0.01, seed=11),
-        unplug_at=UNPLUG_AT,
-        unplug_for=UNPLUG_FOR,
+        kit_unplugged=((UNPLUG_AT, UNPLUG_AT + UNPLUG_FOR),),
     )
     return harness.run(opts), workdir
 

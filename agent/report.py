@@ -1,0 +1,965 @@
+"""``cngmrv report``: emission reductions per bus and period, traceable to signed batches.
+
+The input is an ingest database (a fleet: table ``batches(device_id, seq,
+sha256, bytes, received_at)``) or a device store (one bus: ``batches(seq,
+bytes, ...)``).  Every batch is parsed and checked before a reading of it
+counts: in an ingest database against the device's registered key
+(signature, key id, payload hash, hash chain); in a device store, which holds
+no public key, the payload hash and the hash chain only (``cngmrv verify``
+checks its signatures).  A batch that fails is left out and listed.
+
+Readings (``Batch.payload()["readings"]``) whose ``t0`` lies in the period are
+summed per bus, per UTC day and per UTC hour.  The methodology
+(:mod:`cngmrv.agent.mrv`) then turns the sums into RE, PE and ER.  The
+conservative rules live here, where the coverage is known:
+
+- gas that was not measured (uncovered time) is absent, never filled;
+- form B credits only the distance driven while both fuels were measured
+  (per reading: distance x min(gas coverage, diesel coverage) / duration);
+- a bus with any channel's coverage under the floor is flagged.
+
+Each bus's figures carry the batch range they came from: device id, first and
+last ``batch_seq``, the first and last batch file SHA-256, and the SHA-256 of
+the concatenated file hashes of every contributing batch in sequence order.
+
+Optional reading fields feed the cross-checks when present (their absence is
+reported as "not available"): ``lfc_total_l`` (the LFC total-fuel counter, L),
+``gas_kg_events`` (gas from injection events, kg per reading) and ``tank_kg``
+(gas mass in the tank from the pressure/temperature balance, kg).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import html
+import io
+import json
+import math
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cngmrv.agent import batch
+from cngmrv.agent.keys import public_key_from_pem
+from cngmrv.agent.mrv import Emissions, Methodology, Monitored, emissions
+from cngmrv.agent.store import StoreError, open_readonly
+
+CHANNELS = ("diesel_l", "gas_kg", "distance_km")
+MODES = ("diesel", "dual", "fault")
+LFC_RESOLUTION_L = 0.5  # SPN 250, DOMAIN.md section 3
+
+
+class ReportError(ValueError):
+    """The report cannot be made as asked (no data, unknown bus, bad period)."""
+
+
+# -- period ------------------------------------------------------------------
+
+
+def parse_when(text: str, end: bool = False) -> datetime:
+    """A ``--from``/``--to`` value: ``YYYY-MM-DD`` (UTC) or an ISO 8601 date-time.
+
+    A bare date as ``end`` means the end of that day, so ``--from 2025-01-01
+    --to 2025-01-31`` covers all of January.  A date-time without an offset is UTC.
+    """
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            return start + timedelta(days=1) if end else start
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ReportError(f"not a date (YYYY-MM-DD) or ISO date-time: {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# -- aggregation -------------------------------------------------------------
+
+
+@dataclass
+class Sums:
+    """Additive sums over readings; every figure of the report is a view of these."""
+
+    readings: int = 0
+    dur_s: float = 0.0
+    diesel_l: float = 0.0
+    gas_kg: float = 0.0
+    distance_km: float = 0.0
+    distance_credited_km: float = 0.0
+    cov: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CHANNELS, 0.0))
+    gaps: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHANNELS, 0))
+    longest_gap_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CHANNELS, 0.0))
+    mode_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MODES, 0.0))
+    unsynced_s: float = 0.0
+    first_t0: float = math.inf
+    last_t1: float = -math.inf
+    seqs: dict[int, str] = field(default_factory=dict)  # batch_seq -> file sha256 hex
+
+    def add(self, r: Mapping[str, Any], credited_km: float, seq: int, sha: str) -> None:
+        self.readings += 1
+        self.dur_s += float(r["dur"])
+        self.diesel_l += float(r["diesel_l"])
+        self.gas_kg += float(r["gas_kg"])
+        self.distance_km += float(r["distance_km"])
+        self.distance_credited_km += credited_km
+        cov = r.get("cov") or {}
+        for ch in CHANNELS:
+            self.cov[ch] += float(cov.get(ch, 0.0))
+        for ch, (count, longest) in (r.get("gaps") or {}).items():
+            if ch in self.gaps:
+                self.gaps[ch] += int(count)
+                self.longest_gap_s[ch] = max(self.longest_gap_s[ch], float(longest))
+        for m, s in (r.get("mode_s") or {}).items():
+            if m in self.mode_s:
+                self.mode_s[m] += float(s)
+        if r.get("clock") != "synchronised":
+            self.unsynced_s += float(r["dur"])
+        self.first_t0 = min(self.first_t0, float(r["t0"]))
+        self.last_t1 = max(self.last_t1, float(r["t0"]) + float(r["dur"]))
+        self.seqs[seq] = sha
+
+    def coverage(self) -> dict[str, float]:
+        return {ch: (self.cov[ch] / self.dur_s if self.dur_s > 0 else 0.0) for ch in CHANNELS}
+
+    def monitored(self) -> Monitored:
+        return Monitored(self.diesel_l, self.gas_kg, self.distance_km, self.distance_credited_km)
+
+
+@dataclass
+class CrossCheck:
+    """Running state of the optional cross-checks of one bus."""
+
+    lfc_first: float | None = None
+    lfc_last: float | None = None
+    lfc_diesel_l: float = 0.0  # integrated diesel after the first counter reading
+    inj_kg: float = 0.0
+    inj_flow_kg: float = 0.0  # flow-based gas over the readings that carry gas_kg_events
+    inj_n: int = 0
+    tank_prev: float | None = None
+    tank_used_kg: float = 0.0
+    tank_flow_kg: float = 0.0
+    tank_refills: int = 0
+    tank_n: int = 0
+
+    def add(self, r: Mapping[str, Any], refill_kg: float) -> None:
+        lfc = _opt_number(r.get("lfc_total_l"))
+        if lfc is not None:
+            if self.lfc_first is None:
+                self.lfc_first = lfc
+            else:
+                self.lfc_diesel_l += float(r["diesel_l"])
+            self.lfc_last = lfc
+        # Without injection events in a reading (a kit that does not send them),
+        # its event gas is "not measured", not zero.
+        has_events = float((r.get("cov") or {}).get("gas_kg_events", 1.0)) > 0.0
+        inj = _opt_number(r.get("gas_kg_events")) if has_events else None
+        if inj is not None:
+            self.inj_kg += inj
+            self.inj_flow_kg += float(r["gas_kg"])
+            self.inj_n += 1
+        tank = _opt_number(r.get("tank_kg"))
+        if tank is not None:
+            self.tank_n += 1
+            if self.tank_prev is not None:
+                if tank - self.tank_prev > refill_kg:
+                    self.tank_refills += 1  # a refill: the balance restarts from here
+                else:
+                    self.tank_used_kg += self.tank_prev - tank
+                    self.tank_flow_kg += float(r["gas_kg"])
+            self.tank_prev = tank
+
+    def results(self, tolerance: float) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        if self.lfc_first is None or self.lfc_last is None:
+            out["diesel_lfc_counter"] = _unavailable("lfc_total_l")
+        else:
+            counter = self.lfc_last - self.lfc_first
+            # Below this much fuel the counter's 0.5 L step alone could exceed the tolerance.
+            enough = 2 * LFC_RESOLUTION_L / tolerance if tolerance > 0 else math.inf
+            out["diesel_lfc_counter"] = _ratio(
+                "LFC total-fuel counter / integrated LFE fuel rate",
+                counter,
+                self.lfc_diesel_l,
+                tolerance,
+                enough=self.lfc_diesel_l >= enough,
+                unit="L",
+            )
+        out["gas_injection_events"] = (
+            _ratio(
+                "gas from injection events / gas from flow",
+                self.inj_kg,
+                self.inj_flow_kg,
+                tolerance,
+                enough=self.inj_flow_kg > 0,
+                unit="kg",
+            )
+            if self.inj_n
+            else _unavailable("gas_kg_events")
+        )
+        if self.tank_n < 2:
+            out["gas_tank_balance"] = _unavailable("tank_kg")
+        else:
+            res = _ratio(
+                "tank mass balance / gas from flow",
+                self.tank_used_kg,
+                self.tank_flow_kg,
+                tolerance,
+                enough=self.tank_flow_kg > 0,
+                unit="kg",
+            )
+            res["refills"] = self.tank_refills
+            out["gas_tank_balance"] = res
+        return out
+
+
+def _opt_number(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _unavailable(field_name: str) -> dict[str, Any]:
+    return {"status": "not available", "reason": f"no reading carries {field_name}"}
+
+
+def _ratio(
+    what: str, check: float, integrated: float, tol: float, enough: bool, unit: str
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"what": what, "check": check, "integrated": integrated, "unit": unit}
+    if not enough or integrated <= 0:
+        out.update(status="insufficient data", ratio=None, flagged=False)
+        return out
+    ratio = check / integrated
+    flagged = abs(ratio - 1.0) > tol
+    out.update(status="disagree" if flagged else "agree", ratio=ratio, flagged=flagged)
+    return out
+
+
+# -- reading and checking batches ----------------------------------------------
+
+
+@dataclass
+class DeviceBatches:
+    """One device's batches as held, and the outcome of checking them."""
+
+    device_id: str
+    rows: list[tuple[int, bytes]]
+    pubkey_pem: bytes | None = None
+    ok: list[batch.Batch] = field(default_factory=list)
+    excluded: dict[str, list[str]] = field(default_factory=dict)
+    missing: list[tuple[int, int]] = field(default_factory=list)
+    signatures: str = ""
+
+
+def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBatches]]:
+    """(kind, devices) of an ingest database (``"ingest"``) or a device store (``"store"``)."""
+    db = open_readonly(path)
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "batches" not in tables:
+            raise StoreError(f"{path} is neither an ingest database nor a device store")
+        cols = {r[1] for r in db.execute("PRAGMA table_info(batches)")}
+        keys: dict[str, bytes] = {}
+        if "device_id" in cols:
+            kind = "ingest"
+            if "devices" in tables:
+                keys = {
+                    str(d): bytes(k)
+                    for d, k in db.execute("SELECT device_id, pubkey_pem FROM devices")
+                }
+            held = {str(r[0]) for r in db.execute("SELECT DISTINCT device_id FROM batches")}
+            known = sorted(held | set(keys))
+        else:
+            kind = "store"
+            row = (
+                db.execute("SELECT value FROM meta WHERE key='device_id'").fetchone()
+                if "meta" in tables
+                else None
+            )
+            if row is None:
+                raise StoreError(f"{path}: device store without a device id (no meta.device_id)")
+            known = [str(row[0])]
+        if not known:
+            raise ReportError(f"no buses in {path}")
+        if bus is not None and bus not in known:
+            raise ReportError(f"unknown bus {bus!r} in {path} (known: {', '.join(known)})")
+        devices = []
+        for dev in [bus] if bus is not None else known:
+            if kind == "ingest":
+                q = db.execute(
+                    "SELECT seq, bytes FROM batches WHERE device_id=? ORDER BY seq", (dev,)
+                )
+            else:
+                q = db.execute("SELECT seq, bytes FROM batches ORDER BY seq")
+            rows = [(int(s), bytes(b)) for s, b in q]
+            devices.append(DeviceBatches(dev, rows, keys.get(dev)))
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot read {path}: {e}") from None
+    finally:
+        db.close()
+    for d in devices:
+        _check(kind, d)
+    return kind, devices
+
+
+def _check(kind: str, d: DeviceBatches) -> None:
+    """Fill ``ok``/``excluded``/``missing``: only batches that pass count in the report."""
+    named = [(f"batch_seq {seq}", raw) for seq, raw in d.rows]
+    if kind == "ingest":
+        if d.pubkey_pem is None:
+            d.excluded = {n: ["device has no registered public key"] for n, _ in named}
+            d.signatures = "not verifiable: no registered public key"
+            return
+        pub = public_key_from_pem(d.pubkey_pem, f"registered key of {d.device_id}")
+        rep = batch.verify_set(named, pub)
+        good = set(rep.ok)
+        d.ok = [b for b in (batch.parse(raw) for seq, raw in d.rows if seq in good)]
+        d.excluded, d.missing = dict(rep.bad), list(rep.gaps)
+        d.signatures = "verified against the registered key"
+        return
+    # A device store holds no public key: check the payload hashes and the chain only.
+    prev: batch.Batch | None = None
+    expected = 0
+    for name, raw in named:
+        try:
+            b = batch.parse(raw)
+        except batch.BatchFormatError as e:
+            d.excluded[name] = [str(e)]
+            continue
+        problems = []
+        if b.device_id != d.device_id:
+            problems.append(f"device_id {b.device_id!r} is not the store's {d.device_id!r}")
+        if batch.sha256(b.payload_bytes) != b.header["payload_sha256"]:
+            problems.append("payload SHA-256 does not match the header")
+        if b.seq > expected:
+            d.missing.append((expected, b.seq - 1))
+        # Across a missing batch the chain cannot be checked; the gap is reported instead.
+        want = (
+            batch.ZERO_HASH
+            if b.seq == 0
+            else (prev.file_hash if prev is not None and prev.seq == b.seq - 1 else None)
+        )
+        if want is not None and b.header["prev_hash"] != want:
+            problems.append("prev_hash does not match the previous batch: chain broken")
+        expected = b.seq + 1
+        prev = b
+        if problems:
+            d.excluded[name] = problems
+        else:
+            d.ok.append(b)
+    d.signatures = "not checked (a device store holds no public key; use cngmrv verify)"
+
+
+# -- the report ----------------------------------------------------------------
+
+
+@dataclass
+class BusData:
+    device_id: str
+    total: Sums = field(default_factory=Sums)
+    days: dict[str, Sums] = field(default_factory=dict)
+    # hour start (epoch s) -> [seconds, gas covered s, diesel covered s]
+    hours: dict[int, list[float]] = field(default_factory=dict)
+    checks: CrossCheck = field(default_factory=CrossCheck)
+    epochs: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Report:
+    """The report as data (``data``, what ``--format json`` prints) plus plot series."""
+
+    data: dict[str, Any]
+    hourly: dict[str, dict[int, list[float]]]
+
+
+def _accumulate(d: DeviceBatches, lo: float, hi: float, refill_kg: float) -> BusData:
+    bus = BusData(d.device_id)
+    for b in d.ok:
+        h = b.header
+        # The signed header's time range lets whole batches outside the period be skipped.
+        if isinstance(h.get("last_t0"), int | float) and h["last_t0"] < lo:
+            continue
+        if isinstance(h.get("first_t0"), int | float) and h["first_t0"] >= hi:
+            continue
+        readings = b.payload().get("readings") or []
+        sha = b.file_hash.hex()
+        for r in readings:
+            t0 = float(r["t0"])
+            if not lo <= t0 < hi:
+                continue
+            dur = float(r["dur"])
+            cov = r.get("cov") or {}
+            share = (
+                min(float(cov.get("gas_kg", 0.0)), float(cov.get("diesel_l", 0.0))) / dur
+                if dur > 0
+                else 0.0
+            )
+            credited = float(r["distance_km"]) * min(1.0, max(0.0, share))
+            bus.total.add(r, credited, b.seq, sha)
+            day = datetime.fromtimestamp(t0, UTC).date().isoformat()
+            bus.days.setdefault(day, Sums()).add(r, credited, b.seq, sha)
+            hour = bus.hours.setdefault(int(t0 // 3600) * 3600, [0.0, 0.0, 0.0])
+            hour[0] += dur
+            hour[1] += float(cov.get("gas_kg", 0.0))
+            hour[2] += float(cov.get("diesel_l", 0.0))
+            bus.checks.add(r, refill_kg)
+            if isinstance(r.get("epoch"), int):
+                bus.epochs.add(r["epoch"])
+    return bus
+
+
+def _trace(device_id: str, seqs: Mapping[int, str], held: Mapping[int, str]) -> dict[str, Any]:
+    """The batch range behind a figure: the batches whose readings it sums (``seqs``).
+
+    ``count`` and ``set_sha256`` cover every verified batch from ``first_seq`` to
+    ``last_seq`` (``held``), including those in between that carry only events,
+    so an auditor can recompute the hash from the exported range.
+    """
+    if not seqs:
+        return {"device_id": device_id, "count": 0}
+    first, last = min(seqs), max(seqs)
+    order = [s for s in sorted(held) if first <= s <= last]
+    return {
+        "device_id": device_id,
+        "first_seq": first,
+        "last_seq": last,
+        "count": len(order),
+        "first_sha256": seqs[first],
+        "last_sha256": seqs[last],
+        "set_sha256": hashlib.sha256(b"".join(bytes.fromhex(held[s]) for s in order)).hexdigest(),
+    }
+
+
+def _figures(m: Methodology, s: Sums, device_id: str) -> tuple[dict[str, Any], Emissions]:
+    em = emissions(m, s.monitored(), device_id)
+    cov = s.coverage()
+    mode_h = {k: v / 3600.0 for k, v in s.mode_s.items()}
+    mode_h["unknown"] = max(0.0, s.dur_s - sum(s.mode_s.values())) / 3600.0
+    return {
+        "re_kg_co2": em.re_kg,
+        "pe_kg_co2": em.pe_kg,
+        "er_kg_co2": em.er_kg,
+        "er_t_co2_rounded": m.round_er_t(em.er_kg),
+        "diesel_l": s.diesel_l,
+        "gas_kg": s.gas_kg,
+        "distance_km": s.distance_km,
+        "distance_credited_km": s.distance_credited_km,
+        "gas_energy_share": em.gas_energy_share,
+        "hours": s.dur_s / 3600.0,
+        "readings": s.readings,
+        "coverage": min(cov.values()) if s.dur_s > 0 else 0.0,
+        "coverage_by_channel": cov,
+        "uncovered_s": {ch: max(0.0, s.dur_s - s.cov[ch]) for ch in CHANNELS},
+        "gaps": {ch: {"count": s.gaps[ch], "longest_s": s.longest_gap_s[ch]} for ch in CHANNELS},
+        "mode_h": mode_h,
+    }, em
+
+
+def build(
+    db_path: Path,
+    methodology: Methodology,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    bus: str | None = None,
+    coverage_floor: float | None = None,
+) -> Report:
+    """Read, check, aggregate and compute; ReportError when the period holds no readings."""
+    if start is not None and end is not None and end <= start:
+        raise ReportError(f"empty period: --to {_iso(end.timestamp())} is not after --from")
+    floor = methodology.coverage_floor if coverage_floor is None else coverage_floor
+    if not 0.0 <= floor <= 1.0:
+        raise ReportError(f"coverage floor must be between 0 and 1, got {floor}")
+    kind, devices = read_source(db_path, bus)
+    lo = start.timestamp() if start else -math.inf
+    hi = end.timestamp() if end else math.inf
+    m = methodology
+    buses = [_accumulate(d, lo, hi, m.refill_threshold_kg) for d in devices]
+    period = _period_text(start, end)
+    if not any(b.total.readings for b in buses):
+        who = f"bus {bus!r}" if bus else str(db_path)
+        raise ReportError(f"no readings {period} in {who}")
+    total = Sums()
+    for b in buses:
+        _merge_sums(total, b.total)
+    out_buses = []
+    fleet = {"re_kg_co2": 0.0, "pe_kg_co2": 0.0, "er_kg_co2": 0.0, "diesel_mj": 0.0, "gas_mj": 0.0}
+    for d, b in zip(devices, buses, strict=True):
+        fig, em = _figures(m, b.total, d.device_id)
+        for k, v in (("re_kg_co2", em.re_kg), ("pe_kg_co2", em.pe_kg), ("er_kg_co2", em.er_kg)):
+            fleet[k] += v
+        fleet["diesel_mj"] += em.diesel_mj
+        fleet["gas_mj"] += em.gas_mj
+        flags = []
+        if not b.total.readings:
+            flags.append("no readings in the period")
+        else:
+            for ch, c in fig["coverage_by_channel"].items():
+                if c < floor:
+                    flags.append(
+                        f"{ch} coverage {100 * c:.2f} % is under the floor {100 * floor:g} %"
+                    )
+        checks = b.checks.results(m.cross_check_tolerance)
+        for name, res in checks.items():
+            if res.get("flagged"):
+                flags.append(f"cross-check {name}: ratio {res['ratio']:.3f}")
+        if d.excluded:
+            flags.append(f"{len(d.excluded)} batches failed verification and were left out")
+        if d.missing:
+            flags.append(
+                "batch sequences missing: "
+                + ", ".join(f"{lo_}" if lo_ == hi_ else f"{lo_}..{hi_}" for lo_, hi_ in d.missing)
+            )
+        notes = []
+        if b.total.unsynced_s > 0:
+            notes.append(
+                f"{b.total.unsynced_s / 3600:.2f} h of readings were timed by a clock not "
+                "marked synchronised; their day may be off"
+            )
+        held = {x.seq: x.file_hash.hex() for x in d.ok}
+        days = []
+        for day, s in sorted(b.days.items()):
+            dfig, _ = _figures(m, s, d.device_id)
+            days.append({"date": day, **dfig, "batches": _trace(d.device_id, s.seqs, held)})
+        trace = _trace(d.device_id, b.total.seqs, held)
+        trace.update(
+            signatures=d.signatures,
+            excluded={k: v for k, v in d.excluded.items()},
+            missing_seqs=[list(g) for g in d.missing],
+        )
+        out_buses.append(
+            {
+                "device_id": d.device_id,
+                "class": m.class_of(d.device_id),
+                **fig,
+                "flagged": bool(flags),
+                "flags": flags,
+                "notes": notes,
+                "boot_epochs": sorted(b.epochs),
+                "cross_checks": checks,
+                "batches": trace,
+                "days": days,
+            }
+        )
+    cov = total.coverage()
+    energy = fleet["diesel_mj"] + fleet["gas_mj"]
+    data: dict[str, Any] = {
+        "report": "cngmrv emission reductions",
+        "generated_at": _iso(datetime.now(UTC).timestamp()),
+        "source": {"db": str(db_path), "kind": kind},
+        "period": {
+            "from": _iso(start.timestamp()) if start else None,
+            "to": _iso(end.timestamp()) if end else None,
+            "first_reading": _iso(total.first_t0),
+            "last_reading_end": _iso(total.last_t1),
+        },
+        "methodology": {
+            "id": m.id,
+            "name": m.name,
+            "version": m.version,
+            "form": m.form,
+            "include_ch4_n2o": m.include_ch4_n2o,
+            "files": [{"name": f.name, "sha256": f.sha256} for f in m.files],
+            "parameters": {
+                k: {"value": p.value, "unit": p.unit, "source": p.source}
+                for k, p in m.parameters.items()
+            },
+            "reference_consumption": {
+                k: {"value": p.value, "unit": p.unit, "source": p.source}
+                for k, p in m.reference_consumption.items()
+            },
+            "rounding": {"step_t_co2": m.rounding_step_t, "direction": "down"},
+        },
+        "coverage_floor": floor,
+        "re_kg_co2": fleet["re_kg_co2"],
+        "pe_kg_co2": fleet["pe_kg_co2"],
+        "er_kg_co2": fleet["er_kg_co2"],
+        "er_t_co2_rounded": m.round_er_t(fleet["er_kg_co2"]),
+        "diesel_l": total.diesel_l,
+        "gas_kg": total.gas_kg,
+        "distance_km": total.distance_km,
+        "gas_energy_share": fleet["gas_mj"] / energy if energy > 0 else None,
+        "hours": total.dur_s / 3600.0,
+        "coverage": min(cov.values()) if total.dur_s > 0 else 0.0,
+        "coverage_by_channel": cov,
+        "mode_h": {k: v / 3600.0 for k, v in total.mode_s.items()},
+        "flagged": [b["device_id"] for b in out_buses if b["flagged"]],
+        "gap_treatment": GAP_TREATMENT[m.form],
+        "buses": out_buses,
+    }
+    return Report(data, {d.device_id: b.hours for d, b in zip(devices, buses, strict=True)})
+
+
+GAP_TREATMENT = {
+    "A": (
+        "Uncovered gas time counts 0 kg: gas is never filled in or interpolated, so a gap "
+        "can only lower the emission reduction. Diesel gaps change RE and PE equally and "
+        "leave ER unchanged under form A."
+    ),
+    "B": (
+        "Uncovered gas time counts 0 kg, and the distance driven while gas or diesel was "
+        "not measured is not credited to RE (per reading: distance x min(gas, diesel "
+        "coverage) / duration); its diesel still counts in PE. A gap can only lower the "
+        "emission reduction."
+    ),
+}
+
+
+def _merge_sums(into: Sums, s: Sums) -> None:
+    into.readings += s.readings
+    into.dur_s += s.dur_s
+    into.diesel_l += s.diesel_l
+    into.gas_kg += s.gas_kg
+    into.distance_km += s.distance_km
+    into.distance_credited_km += s.distance_credited_km
+    for ch in CHANNELS:
+        into.cov[ch] += s.cov[ch]
+        into.gaps[ch] += s.gaps[ch]
+        into.longest_gap_s[ch] = max(into.longest_gap_s[ch], s.longest_gap_s[ch])
+    for k in MODES:
+        into.mode_s[k] += s.mode_s[k]
+    into.unsynced_s += s.unsynced_s
+    into.first_t0 = min(into.first_t0, s.first_t0)
+    into.last_t1 = max(into.last_t1, s.last_t1)
+
+
+def _period_text(start: datetime | None, end: datetime | None) -> str:
+    if start and end:
+        return f"between {_iso(start.timestamp())} and {_iso(end.timestamp())}"
+    if start:
+        return f"since {_iso(start.timestamp())}"
+    if end:
+        return f"before {_iso(end.timestamp())}"
+    return "at all"
+
+
+# -- outputs -------------------------------------------------------------------
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(report.data, indent=2, allow_nan=False)
+
+
+CSV_COLUMNS = (
+    "scope", "device_id", "date", "readings", "hours", "diesel_l", "gas_kg", "distance_km",
+    "distance_credited_km", "gas_energy_share", "re_kg_co2", "pe_kg_co2", "er_kg_co2",
+    "er_t_co2_rounded", "coverage", "coverage_diesel_l", "coverage_gas_kg",
+    "coverage_distance_km", "gaps_diesel_l", "gaps_gas_kg", "gaps_distance_km",
+    "longest_gap_gas_s", "uncovered_gas_s", "mode_diesel_h", "mode_dual_h", "mode_fault_h",
+    "mode_unknown_h", "flagged", "flags", "first_seq", "last_seq", "batch_count",
+    "first_sha256", "last_sha256", "set_sha256", "methodology", "methodology_version",
+)  # fmt: skip
+
+
+def _csv_row(
+    scope: str, device: str, day: str, fig: Mapping[str, Any], meta: Mapping[str, Any]
+) -> dict[str, Any]:
+    cov, gaps, mode = fig["coverage_by_channel"], fig["gaps"], fig["mode_h"]
+    trace = fig.get("batches") or {}
+    row = {k: fig.get(k, "") for k in CSV_COLUMNS}
+    row.update(
+        scope=scope,
+        device_id=device,
+        date=day,
+        gas_energy_share="" if fig["gas_energy_share"] is None else fig["gas_energy_share"],
+        **{f"coverage_{ch}": cov[ch] for ch in CHANNELS},
+        **{f"gaps_{ch}": gaps[ch]["count"] for ch in CHANNELS} if gaps else {},
+        longest_gap_gas_s=gaps["gas_kg"]["longest_s"] if gaps else "",
+        uncovered_gas_s=fig["uncovered_s"]["gas_kg"] if "uncovered_s" in fig else "",
+        **{f"mode_{k}_h": v for k, v in mode.items()},
+        flagged=fig.get("flagged", ""),
+        flags="; ".join(fig.get("flags", [])),
+        first_seq=trace.get("first_seq", ""),
+        last_seq=trace.get("last_seq", ""),
+        batch_count=trace.get("count", ""),
+        first_sha256=trace.get("first_sha256", ""),
+        last_sha256=trace.get("last_sha256", ""),
+        set_sha256=trace.get("set_sha256", ""),
+        methodology=meta["id"],
+        methodology_version=meta["version"],
+    )
+    return row
+
+
+def to_csv(report: Report) -> str:
+    """One row per bus and day, one per bus, and one for the fleet (``device_id`` ``*``)."""
+    d = report.data
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for bus in d["buses"]:
+        for day in bus["days"]:
+            w.writerow(_csv_row("day", bus["device_id"], day["date"], day, d["methodology"]))
+    for bus in d["buses"]:
+        w.writerow(_csv_row("bus", bus["device_id"], "", bus, d["methodology"]))
+    fleet = {**d, "gaps": {}, "flags": [], "flagged": bool(d["flagged"])}
+    w.writerow(_csv_row("fleet", "*", "", fleet, d["methodology"]))
+    return buf.getvalue()
+
+
+# -- HTML ----------------------------------------------------------------------
+
+PLOT_DPI = 100
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=PLOT_DPI)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(height: float) -> Any:
+    # The object-oriented API with no pyplot: no global state, no display backend.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(11, height), layout="constrained")
+
+
+def _days(d: Mapping[str, Any]) -> list[str]:
+    return sorted({day["date"] for bus in d["buses"] for day in bus["days"]})
+
+
+def plot_gas_share(d: Mapping[str, Any]) -> str:
+    days = _days(d)
+    fig = _figure(3.6)
+    ax = fig.add_subplot()
+    for bus in d["buses"]:
+        by_day = {x["date"]: x["gas_energy_share"] for x in bus["days"]}
+        ys = [100 * by_day[x] if by_day.get(x) is not None else math.nan for x in days]
+        ax.plot(days, ys, marker="o", label=bus["device_id"])
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("gas share of fuel energy (%)")
+    ax.set_title("Daily gas energy share per bus")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small", ncols=min(4, len(d["buses"])))
+    ax.tick_params(axis="x", labelrotation=30)
+    return _png(fig)
+
+
+def plot_daily_fuel(d: Mapping[str, Any]) -> str:
+    days = _days(d)
+    buses = d["buses"]
+    fig = _figure(5.2)
+    axes = fig.subplots(2, 1, sharex=True)
+    width = 0.8 / max(1, len(buses))
+    for i, bus in enumerate(buses):
+        by_day = {x["date"]: x for x in bus["days"]}
+        xs = [j + (i - (len(buses) - 1) / 2) * width for j in range(len(days))]
+        for ax, key in zip(axes, ("diesel_l", "gas_kg"), strict=True):
+            ys = [by_day[x][key] if x in by_day else 0.0 for x in days]
+            ax.bar(xs, ys, width=width, label=bus["device_id"])
+    axes[0].set_ylabel("diesel (L)")
+    axes[1].set_ylabel("gas (kg)")
+    axes[0].set_title("Daily fuel per bus")
+    axes[0].legend(fontsize="small", ncols=min(4, len(buses)))
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_xticks(range(len(days)), days, rotation=30)
+    return _png(fig)
+
+
+def plot_coverage(d: Mapping[str, Any], hourly: Mapping[str, Mapping[int, list[float]]]) -> str:
+    """Hourly gas and diesel coverage per bus as heat maps; gaps show as red cells."""
+    import numpy as np
+    from matplotlib.colors import LinearSegmentedColormap
+
+    buses = [b["device_id"] for b in d["buses"]]
+    hours = sorted({h for dev in buses for h in hourly.get(dev, {})})
+    t0, t1 = hours[0], hours[-1]
+    n = (t1 - t0) // 3600 + 1
+    cmap = LinearSegmentedColormap.from_list(
+        "cov", ["#c0392b", "#f1c40f", "#27ae60"]
+    ).with_extremes(bad="#dddddd")
+    fig = _figure(1.4 + 0.9 * len(buses))
+    axes = fig.subplots(2, 1, sharex=True)
+    image = None
+    for ax, idx, name in zip(axes, (1, 2), ("gas (kit)", "diesel (CAN)"), strict=True):
+        grid = np.full((len(buses), n), np.nan)
+        for i, dev in enumerate(buses):
+            for h, v in hourly.get(dev, {}).items():
+                if v[0] > 0:
+                    grid[i, (h - t0) // 3600] = 100 * v[idx] / v[0]
+        image = ax.imshow(
+            np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0, vmax=100,
+            interpolation="nearest", extent=(0, n, len(buses) - 0.5, -0.5),
+        )  # fmt: skip
+        ax.set_yticks(range(len(buses)), buses)
+        ax.set_title(f"{name} coverage per hour (%), grey: no readings")
+    step = max(1, n // 12)
+    ticks = list(range(0, n, step))
+    axes[1].set_xticks(
+        ticks,
+        [datetime.fromtimestamp(t0 + 3600 * k, UTC).strftime("%m-%d %H:00") for k in ticks],
+        rotation=30,
+    )
+    axes[1].set_xlabel("hour (UTC)")
+    fig.colorbar(image, ax=list(axes), label="coverage (%)", shrink=0.9)
+    return _png(fig)
+
+
+def plot_er(d: Mapping[str, Any]) -> str:
+    buses = d["buses"]
+    fig = _figure(1.2 + 0.5 * len(buses))
+    ax = fig.add_subplot()
+    names = [b["device_id"] for b in buses]
+    # Tonnes for a real period, kilograms for a short test run, so the bars never read 0.000.
+    scale, unit = (1000.0, "t") if max(abs(b["er_kg_co2"]) for b in buses) >= 1000 else (1.0, "kg")
+    ers = [b["er_kg_co2"] / scale for b in buses]
+    colours = ["#e67e22" if b["flagged"] else "#2e86c1" for b in buses]
+    bars = ax.barh(names, ers, color=colours)
+    ax.bar_label(bars, [f"{v:,.3f} {unit}" for v in ers], padding=3, fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel(f"emission reduction ({unit} CO2)")
+    ax.set_title(
+        f"ER per bus (fleet {d['er_kg_co2'] / scale:,.3f} {unit}; orange: flagged)", loc="left"
+    )
+    ax.grid(axis="x", alpha=0.3)
+    ax.margins(x=0.15)
+    return _png(fig)
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:8px 0;font-size:12px}
+td,th{border:1px solid #ccc;padding:3px 5px;text-align:right}th{background:#f3f3f3}
+td.l,th.l{text-align:left}.flag{color:#b03a2e;font-weight:bold}.ok{color:#1e8449}
+.big{font-size:28px;font-weight:bold}code{font-size:12px;word-break:break-all}
+img{max-width:100%;display:block;margin:8px 0}
+"""
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return html.escape(str(v))
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f} %"
+
+
+def to_html(report: Report) -> str:
+    """One self-contained page: summary, per-bus table, plots (PNG, base64), traces."""
+    d = report.data
+    e = html.escape
+    m = d["methodology"]
+    out = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>Emission reductions {e(d['period']['first_reading'])}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Emission reductions: dual-fuel bus fleet</h1>",
+        f"<p>Period: {e(d['period']['from'] or 'start of data')} to "
+        f"{e(d['period']['to'] or 'end of data')} (readings {e(d['period']['first_reading'])}"
+        f" to {e(d['period']['last_reading_end'])}). Source: <code>{e(d['source']['db'])}</code>"
+        f" ({e(d['source']['kind'])}). Methodology: {e(m['name'])}, version "
+        f"<b>{e(m['version'])}</b>, form <b>{e(m['form'])}</b>"
+        f"{', CH4 and N2O included' if m['include_ch4_n2o'] else ', CO2 only'}.</p>",
+        f"<p class='big'>ER {_fmt(d['er_kg_co2'] / 1000)} t CO2 ({_fmt(d['er_kg_co2'], 1)} kg) "
+        f"&rarr; {_fmt(d['er_t_co2_rounded'], 0)} t for issuance (rounded down)</p>",
+        f"<p>RE {_fmt(d['re_kg_co2'])} kg, PE {_fmt(d['pe_kg_co2'])} kg; diesel "
+        f"{_fmt(d['diesel_l'])} L, gas {_fmt(d['gas_kg'])} kg, distance "
+        f"{_fmt(d['distance_km'])} km, gas energy share {_pct(d['gas_energy_share'])}.</p>",
+    ]
+    if d["flagged"]:
+        out.append(
+            f"<p class='flag'>Flagged: {e(', '.join(d['flagged']))} "
+            f"(coverage floor {100 * d['coverage_floor']:g} %)</p>"
+        )
+    else:
+        out.append(
+            f"<p class='ok'>No bus flagged (coverage floor {100 * d['coverage_floor']:g} %).</p>"
+        )
+    out.append("<h2>Per bus</h2><table><tr>")
+    heads = ("bus", "class", "hours", "diesel L", "gas kg", "km", "gas share", "RE kg",
+             "PE kg", "ER kg", "gas cov.", "diesel cov.", "km cov.", "gas gaps",
+             "dual h", "diesel h", "fault h", "unknown h", "flags")  # fmt: skip
+    out += [f"<th class='{'l' if h in ('bus', 'flags') else ''}'>{h}</th>" for h in heads]
+    out.append("</tr>")
+    for b in d["buses"]:
+        c = b["coverage_by_channel"]
+        cells = [
+            _fmt(b["class"]), _fmt(b["hours"], 2), _fmt(b["diesel_l"]), _fmt(b["gas_kg"]),
+            _fmt(b["distance_km"]), _pct(b["gas_energy_share"]), _fmt(b["re_kg_co2"]),
+            _fmt(b["pe_kg_co2"]), _fmt(b["er_kg_co2"]), _pct(c["gas_kg"]), _pct(c["diesel_l"]),
+            _pct(c["distance_km"]),
+            f"{b['gaps']['gas_kg']['count']} (longest {b['gaps']['gas_kg']['longest_s']:,.0f} s)",
+            _fmt(b["mode_h"]["dual"], 2), _fmt(b["mode_h"]["diesel"], 2),
+            _fmt(b["mode_h"]["fault"], 2), _fmt(b["mode_h"]["unknown"], 2),
+        ]  # fmt: skip
+        flags = "<br>".join(e(f) for f in b["flags"]) or "<span class='ok'>none</span>"
+        out.append(
+            f"<tr><td class='l'>{e(b['device_id'])}</td>"
+            + "".join(f"<td>{x}</td>" for x in cells)
+            + f"<td class='l{' flag' if b['flagged'] else ''}'>{flags}</td></tr>"
+        )
+    out.append("</table>")
+    out.append(f"<p><b>Gaps:</b> {e(d['gap_treatment'])}</p>")
+    plots = (
+        ("Daily gas energy share", plot_gas_share(d)),
+        ("Daily fuel per bus", plot_daily_fuel(d)),
+        ("Coverage and gaps over time", plot_coverage(d, report.hourly)),
+        ("Emission reduction per bus", plot_er(d)),
+    )
+    for title, png in plots:
+        out.append(f"<h2>{e(title)}</h2><img alt='{e(title)}' src='data:image/png;base64,{png}'>")
+    out.append("<h2>Cross-checks</h2><table><tr><th class='l'>bus</th><th class='l'>check</th>")
+    out.append("<th>ratio</th><th class='l'>status</th></tr>")
+    for b in d["buses"]:
+        for name, r in b["cross_checks"].items():
+            status = r["status"] + (f" ({r['reason']})" if "reason" in r else "")
+            cls = " flag" if r.get("flagged") else ""
+            out.append(
+                f"<tr><td class='l'>{e(b['device_id'])}</td><td class='l'>{e(name)}</td>"
+                f"<td>{_fmt(r.get('ratio'))}</td><td class='l{cls}'>{e(status)}</td></tr>"
+            )
+    out.append("</table>")
+    out.append("<h2>Traceability: signed batches behind each figure</h2><table><tr>")
+    out.append("<th class='l'>bus</th><th>batch_seq</th><th>batches</th>")
+    out.append("<th class='l'>first / last batch SHA-256, SHA-256 of the set</th>")
+    out.append("<th class='l'>signatures</th></tr>")
+    for b in d["buses"]:
+        t = b["batches"]
+        if not t.get("count"):
+            out.append(f"<tr><td class='l'>{e(b['device_id'])}</td><td colspan=4>none</td></tr>")
+            continue
+        out.append(
+            f"<tr><td class='l'>{e(b['device_id'])}</td><td>{t['first_seq']}..{t['last_seq']}</td>"
+            f"<td>{t['count']}</td><td class='l'><code>{t['first_sha256']}<br>{t['last_sha256']}"
+            f"<br>{t['set_sha256']}</code></td><td class='l'>{e(t['signatures'])}</td></tr>"
+        )
+    out.append("</table>")
+    out.append("<h2>Methodology parameters</h2><table><tr><th class='l'>parameter</th>")
+    out.append("<th>value</th><th class='l'>unit</th><th class='l'>source</th></tr>")
+    for k, p in {
+        **m["parameters"],
+        **{f"sfc_ref {c}": p for c, p in m["reference_consumption"].items()},
+    }.items():
+        out.append(
+            f"<tr><td class='l'>{e(k)}</td><td>{p['value']:g}</td><td class='l'>{e(p['unit'])}"
+            f"</td><td class='l'>{e(p['source'])}</td></tr>"
+        )
+    out.append("</table><p>Files: ")
+    out.append(", ".join(f"{e(f['name'])} <code>{f['sha256']}</code>" for f in m["files"]))
+    out.append(f"</p><p>Generated {e(d['generated_at'])} by cngmrv report.</p></body></html>")
+    return "".join(out)
+
+
+def render(report: Report, fmt: str) -> str:
+    if fmt == "json":
+        return to_json(report) + "\n"
+    if fmt == "csv":
+        return to_csv(report)
+    if fmt == "html":
+        return to_html(report)
+    raise ReportError(f"unknown format {fmt!r} (csv, json, html)")
