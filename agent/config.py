@@ -40,6 +40,19 @@ def _nonempty(v: Any) -> str | None:
     return None if v.strip() else "must not be empty"
 
 
+def _fraction(v: Any) -> str | None:
+    return None if 0 < v < 1 else "must be between 0 and 1"
+
+
+def _buffer(v: Any) -> str | None:
+    # A few seconds: longer means more readings lost per power cut.
+    return None if 0 < v <= 60 else "must be > 0 and at most 60 seconds"
+
+
+def _quota(v: Any) -> str | None:
+    return None if v >= 1 else "must be at least 1 MB"
+
+
 # section -> key -> (type, default, check); a default of None means required.
 SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
     "device": {
@@ -56,9 +69,20 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
         "port": (str, "", None),
         "baudrate": (int, 115200, _positive),
     },
-    "store": {"path": (Path, None, None)},
+    "store": {
+        "path": (Path, None, None),
+        "buffer_s": (float, 10.0, _buffer),
+        "quota_mb": (float, 1024.0, _quota),
+        "alarm_fraction": (float, 0.8, _fraction),
+        "drop_fraction": (float, 0.95, _fraction),
+    },
     "batch": {"readings_per_batch": (int, 60, _positive)},
-    "upload": {"url": (str, "", _url)},
+    "upload": {
+        "url": (str, "", _url),
+        "timeout_s": (float, 10.0, _positive),
+        "backoff_base_s": (float, 2.0, _positive),
+        "backoff_cap_s": (float, 900.0, _positive),
+    },
     "pipeline": {
         "period_s": (float, 1.0, _positive),
         "can_max_gap_s": (float, 1.0, _positive),
@@ -84,6 +108,13 @@ class Config:
     readings_per_batch: int
     upload_url: str
     pipeline: PipelineConfig
+    store_buffer_s: float = 10.0
+    store_quota_bytes: int = 1 << 30
+    store_alarm_fraction: float = 0.8
+    store_drop_fraction: float = 0.95
+    upload_timeout_s: float = 10.0
+    upload_backoff_base_s: float = 2.0
+    upload_backoff_cap_s: float = 900.0
 
 
 def _coerce(key: str, kind: type, value: Any, base: Path) -> Any:
@@ -126,6 +157,10 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
                 raise ConfigError(f"{full}: {reason} (got {given[key]!r})")
             values[full] = value
     v = values
+    if v["store.drop_fraction"] <= v["store.alarm_fraction"]:
+        raise ConfigError("store.drop_fraction: must be above store.alarm_fraction")
+    if v["upload.backoff_cap_s"] < v["upload.backoff_base_s"]:
+        raise ConfigError("upload.backoff_cap_s: must be at least upload.backoff_base_s")
     return Config(
         device_id=v["device.id"],
         key_file=v["device.key_file"],
@@ -146,6 +181,13 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
             kit_resync_s=v["pipeline.kit_resync_s"],
             stale_s=v["pipeline.stale_s"],
         ),
+        store_buffer_s=v["store.buffer_s"],
+        store_quota_bytes=int(v["store.quota_mb"] * 1024 * 1024),
+        store_alarm_fraction=v["store.alarm_fraction"],
+        store_drop_fraction=v["store.drop_fraction"],
+        upload_timeout_s=v["upload.timeout_s"],
+        upload_backoff_base_s=v["upload.backoff_base_s"],
+        upload_backoff_cap_s=v["upload.backoff_cap_s"],
     )
 
 
