@@ -477,22 +477,44 @@ def _seq_from_name(name: str) -> int | None:
     return int(stem) if stem.isdigit() else None
 
 
-def _ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for s in sorted(seqs):
-        if out and s == out[-1][1] + 1:
-            out[-1] = (out[-1][0], s)
-        else:
-            out.append((s, s))
-    return out
-
-
 def _covered(gap: tuple[int, int], events: list[dict[str, Any]], key: str) -> bool:
     for e in events:
         r = e.get(key)
         if isinstance(r, list) and len(r) == 2 and r[0] <= gap[0] and gap[1] <= r[1]:
             return True
     return False
+
+
+def _split(
+    gap: tuple[int, int], events: list[dict[str, Any]], key: str
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Split a missing range into (unexplained, explained) parts by the events' ``key`` ranges.
+
+    Interval arithmetic, never a set of sequence numbers: a forged header may
+    claim a sequence near 2**63.
+    """
+    cuts = sorted(
+        (int(r[0]), int(r[1]))
+        for e in events
+        if isinstance(r := e.get(key), list)
+        and len(r) == 2
+        and all(type(x) is int for x in r)
+        and r[0] <= r[1]
+    )
+    unexplained, explained = [], []
+    lo, hi = gap
+    for a, b in cuts:
+        if b < lo or a > hi:
+            continue
+        if a > lo:
+            unexplained.append((lo, a - 1))
+        explained.append((max(a, lo), min(b, hi)))
+        lo = b + 1
+        if lo > hi:
+            break
+    if lo <= hi:
+        unexplained.append((lo, hi))
+    return unexplained, explained
 
 
 def audit(
@@ -615,8 +637,10 @@ def _audit_device(
     all_events = [e for s in sorted(events_by_seq) for e in events_by_seq[s]]
     loss = [e for e in all_events if e.get("kind") in LOSS_EVENTS]
     summary.loss_events = loss
-    for gap in _ranges(set(range(present[-1] + 1)) - set(present) if present else ()):
-        if _covered(gap, loss, "lost_batches"):
+    holes = [(a + 1, b - 1) for a, b in zip([-1, *present], present, strict=False) if b > a + 1]
+    for hole in holes:
+        unexplained, explained = _split(hole, loss, "lost_batches")
+        for gap in explained:
             summary.explained_gaps.append(gap)
             report.findings.append(
                 Finding(
@@ -627,7 +651,7 @@ def _audit_device(
                     gap[0],
                 )
             )
-        else:
+        for gap in unexplained:
             summary.gaps.append(gap)
             report.findings.append(
                 Finding("gap", "gap", f"batches {gap[0]}..{gap[1]} missing", dev, gap[0])

@@ -8,9 +8,9 @@ owns the policies the store only provides the means for:
   time, then go to disk in one transaction.  A kill loses at most that
   window; in exchange a bus-hour at 1 Hz writes a few hundred commits, not
   thousands (see ``bench/store.py``).
-- **Start-up.**  Open the store; increment the boot epoch; ``quick_check``;
-  seal what the last run left; sign a ``BOOT`` event saying whether the last
-  stop was clean.  A store that cannot be opened or fails the check is moved
+- **Start-up.**  Open the store; ``quick_check`` (before the first write, so
+  a damaged file is kept as found); increment the boot epoch; seal what the
+  last run left; sign a ``BOOT`` event saying whether the last stop was clean.  A store that cannot be opened or fails the check is moved
   aside (kept for forensics), a new one continues the chain from the head
   file, whatever batches can be read back are taken over, and a signed
   ``STORE_REPLACED`` event says what happened.  A store older than its head
@@ -144,17 +144,18 @@ class Recorder:
             head = None
         status = "ok" if self.path.exists() else "new"
         events: list[tuple[str, dict[str, Any]]] = []
+        salvaged_epoch = 0
         try:
             self._store = self._open()
-            epoch, clean = self._store.begin_boot(head.boot_epoch if head else 0)
+            # Check before the first write: a damaged file is kept as it was found.
             problem = self._store.quick_check()
             if problem != "ok":
                 raise StoreCorrupt(f"quick_check: {problem}")
         except StoreCorrupt as e:
             self._store, event = self._replace(str(e), head)
+            salvaged_epoch = event.pop("epoch")
             events.append(("STORE_REPLACED", event))
-            status, clean = "replaced", False
-            epoch, _ = self._store.begin_boot(max(head.boot_epoch if head else 0, event["epoch"]))
+            status = "replaced"
         state = self._store.state()
         if head is not None and head.next_seq > state.next_seq:
             lost = [state.next_seq, head.next_seq - 1]
@@ -165,28 +166,30 @@ class Recorder:
             )
             self._store.adopt_chain(head)
             events.append(("STORE_ROLLED_BACK", {"lost_batches": lost}))
-            status = "rolled_back"
-        self.boot_epoch = epoch
-        self._write_head()
-        for kind, body in events:
-            self._store.add_event(self._wall(), kind, {**body, "epoch": epoch})
+            status = "rolled_back" if status != "replaced" else status
         leftover, _ = self._store.unsealed()
-        before = len(self.sealed)
-        while self._store.unsealed()[0] > 0:
-            self._seal()
-        self._store.add_event(
-            self._wall(),
-            "BOOT",
-            {
+        now = self._wall()
+
+        def boot_events(epoch: int, clean: bool) -> list[tuple[float, str, dict[str, Any]]]:
+            boot = {
                 "epoch": epoch,
-                "clean_stop": clean,
+                "clean_stop": clean and status != "replaced",
                 "kid": self.signer.kid,
                 "clock": self.clock,
                 "store": status,
                 "leftover_readings": leftover,
-            },
-        )
-        self._seal()
+            }
+            return [(now, k, {**b, "epoch": epoch}) for k, b in events] + [(now, "BOOT", boot)]
+
+        at_least = max(head.boot_epoch if head else 0, salvaged_epoch)
+        epoch, clean = self._store.begin_boot(at_least, boot_events)
+        clean = clean and status != "replaced"
+        self.boot_epoch = epoch
+        self._write_head()
+        # The BOOT event travels in the first batch sealed now, with any leftovers.
+        before = len(self.sealed)
+        while self._seal() is not None:
+            pass
         log.info(
             "event=boot epoch=%d clean_stop=%s store=%s leftover_readings=%d",
             epoch,
@@ -196,7 +199,7 @@ class Recorder:
         )
         self._check_quota()
         return BootReport(
-            epoch, clean, status, leftover, len(self.sealed) - before - 1, [k for k, _ in events]
+            epoch, clean, status, leftover, len(self.sealed) - before, [k for k, _ in events]
         )
 
     def _open(self) -> Store:
@@ -312,6 +315,7 @@ class Recorder:
             # The head file is current to the last seal; the damaged store may not answer.
             head = read_head(self.path)
             self._store, event = self._replace(str(e), head)
+            self._store.mark_running()
             self._store.add_event(
                 self._wall(), "STORE_REPLACED", {**event, "epoch": self.boot_epoch}
             )

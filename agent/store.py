@@ -32,7 +32,7 @@ import os
 import shutil
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -234,13 +234,7 @@ class Store:
         if fresh:
             db.execute(f"PRAGMA page_size={PAGE_SIZE}")
         db.execute("PRAGMA locking_mode=EXCLUSIVE")
-        if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
-            raise StoreError(f"store {self.path}: cannot switch to WAL mode")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA journal_size_limit=1048576")  # a checkpointed WAL shrinks back
-        # Take the write lock now: a second agent on the same store fails here, at once.
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("COMMIT")
+        # Look before writing anything: a file of another layout is kept exactly as found.
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if tables and "meta" in tables:
             version = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -251,6 +245,13 @@ class Store:
                 )
         elif tables:
             raise StoreCorrupt(f"store {self.path} holds unknown tables {sorted(tables)}")
+        if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
+            raise StoreError(f"store {self.path}: cannot switch to WAL mode")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA journal_size_limit=1048576")  # a checkpointed WAL shrinks back
+        # Take the write lock now: a second agent on the same store fails here, at once.
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("COMMIT")
         db.executescript(SCHEMA)
         db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (SCHEMA_VERSION,))
         if quota_bytes is not None:
@@ -341,18 +342,38 @@ class Store:
             rows = self._db.execute("PRAGMA integrity_check(5)").fetchall()
         return "; ".join(str(r[0]) for r in rows)
 
-    def begin_boot(self, at_least: int = 0) -> tuple[int, bool]:
+    def begin_boot(
+        self,
+        at_least: int = 0,
+        events: Callable[[int, bool], Sequence[tuple[float, str, Mapping[str, Any]]]] | None = None,
+    ) -> tuple[int, bool]:
         """Increment the persisted boot epoch; returns it and whether the last stop was clean.
 
         ``at_least``: an epoch known from elsewhere (the head file); the new
         epoch is above both, so epochs never repeat even if the store did.
+        ``events(epoch, clean)`` gives the events (the BOOT event) to commit in
+        the same transaction, so no epoch is ever used without its signed event,
+        whenever the process dies.
         """
-        with self._tx():
-            epoch = max(int(self._meta("boot_epoch") or 0), at_least) + 1
-            clean = not self._meta("running")
-            self._set_meta("boot_epoch", epoch)
-            self._set_meta("running", 1)
+        with self._lock:
+            with self._tx():
+                epoch = max(int(self._meta("boot_epoch") or 0), at_least) + 1
+                clean = not self._meta("running")
+                self._set_meta("boot_epoch", epoch)
+                self._set_meta("running", 1)
+                rows = list(events(epoch, clean)) if events else []
+                for i, (t, kind, body) in enumerate(rows):
+                    self._db.execute(
+                        "INSERT INTO events(seq, t, kind, body) VALUES(?, ?, ?, ?)",
+                        (self._next_event + i, t, kind, batch.packb(dict(body))),
+                    )
+            self._next_event += len(rows)
         return epoch, clean
+
+    def mark_running(self) -> None:
+        """Record that an agent runs on this store (a store replaced mid-run needs it)."""
+        with self._tx():
+            self._set_meta("running", 1)
 
     def adopt_chain(self, state: ChainState) -> None:
         """Continue the chain from ``state``: a head file ahead of this (rolled-back) store.
@@ -381,12 +402,14 @@ class Store:
         """
         if not readings:
             return self._next_reading
-        with self._tx():
-            first = self._next_reading
-            self._db.execute(
-                "INSERT INTO readings(first_seq, n, body) VALUES(?, ?, ?)",
-                (first, len(readings), batch.packb(batch.encode_readings(readings))),
-            )
+        with self._lock:
+            with self._tx():
+                first = self._next_reading
+                self._db.execute(
+                    "INSERT INTO readings(first_seq, n, body) VALUES(?, ?, ?)",
+                    (first, len(readings), batch.packb(batch.encode_readings(readings))),
+                )
+            # Only once committed: a refused write must not leave a hole in the numbering.
             self._next_reading = first + len(readings)
         return first
 
@@ -410,13 +433,14 @@ class Store:
 
     def add_event(self, t: float, kind: str, body: Mapping[str, Any]) -> None:
         """Commit an event; it travels in the next sealed batch, signed."""
-        with self._tx():
-            seq = self._next_event
-            self._db.execute(
-                "INSERT INTO events(seq, t, kind, body) VALUES(?, ?, ?, ?)",
-                (seq, t, kind, batch.packb(dict(body))),
-            )
-        self._next_event = seq + 1
+        with self._lock:
+            with self._tx():
+                seq = self._next_event
+                self._db.execute(
+                    "INSERT INTO events(seq, t, kind, body) VALUES(?, ?, ?, ?)",
+                    (seq, t, kind, batch.packb(dict(body))),
+                )
+            self._next_event = seq + 1
 
     def unsealed(self) -> tuple[int, int]:
         """(readings, events) committed but not yet sealed."""

@@ -105,3 +105,38 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
 def test_bad_config_via_cli_is_one_line(tmp_path: Path, cli) -> None:
     line = _one_line_error(cli("run", "--config", str(_cfg(tmp_path, "[can]\nbogus = 1\n"))))
     assert "can.bogus: unknown key" in line
+
+
+def test_keygen_makes_a_private_folder(tmp_path: Path, cli) -> None:
+    r = cli("keygen", "--out", str(tmp_path / "new" / "keys"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE((tmp_path / "new" / "keys").stat().st_mode) == 0o700
+
+
+def test_verify_needs_keys_and_says_so(tmp_path: Path, cli) -> None:
+    (tmp_path / "0.batch").write_bytes(b"x")
+    line = _one_line_error(cli("verify", str(tmp_path)))
+    assert "--pubkey" in line and "--registry" in line
+
+
+def test_export_and_verify_from_an_ingest_database(tmp_path: Path, keydir: Path, cli) -> None:
+    from cngmrv.agent import batch
+    from cngmrv.agent.ingest import Ingest, open_db, register_device
+
+    signer = keys.load_signer(keydir / keys.KEY_FILE)
+    db = open_db(tmp_path / "ingest.sqlite")
+    register_device(db, "bus-1", (keydir / keys.PUB_FILE).read_bytes())
+    ingest, prev = Ingest(db), batch.ZERO_HASH
+    for seq in range(3):
+        raw = batch.build(signer, "bus-1", seq, prev, {"readings": [{"t0": float(seq)}]})
+        assert ingest.accept(raw)[0] == 201
+        prev = batch.sha256(raw)
+    db.close()
+    ingest_db = str(tmp_path / "ingest.sqlite")
+    out = tmp_path / "o"
+    r = cli("export", "--db", ingest_db, "--device", "bus-1", "--since", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["1.batch", "2.batch"]
+    r = cli("verify", "--db", ingest_db, "--registry", ingest_db)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASSED: 3 batches verified" in r.stdout
