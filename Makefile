@@ -25,3 +25,4 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/integrator.py
+	$(BIN)/python bench/store.py

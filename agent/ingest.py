@@ -190,6 +190,7 @@ class Ingest:
         self.db = db
         self.allowed_algs = frozenset(allowed_algs)
         self.counts: dict[str, int] = {}
+        self._counts_lock = threading.Lock()
         self._keys: dict[bytes, Any] = {}
 
     def accept(self, raw: bytes) -> tuple[int, dict[str, Any]]:
@@ -204,7 +205,8 @@ class Ingest:
 
     def _count(self, status: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         key = str(body.get("status") or body.get("error"))
-        self.counts[key] = self.counts.get(key, 0) + 1
+        with self._counts_lock:
+            self.counts[key] = self.counts.get(key, 0) + 1
         return status, body
 
     def _key(self, pem: bytes) -> Any:

@@ -111,6 +111,7 @@ class Recorder:
         self._monotonic = monotonic
         self._wall = wall
         self._buffer: list[Mapping[str, Any]] = []
+        self._events: list[tuple[float, str, Mapping[str, Any]]] = []  # not yet written
         self._buffer_since: float | None = None
         self._store: Store | None = None
         self._alarmed = False
@@ -121,6 +122,7 @@ class Recorder:
         self.stats = {
             "readings": 0,  # committed this run
             "readings_dropped": 0,  # buffered readings the disk never took
+            "events_dropped": 0,
             "flushes": 0,
             "pruned_readings": 0,
             "pruned_batches": 0,
@@ -265,8 +267,32 @@ class Recorder:
                 self.flush()
 
     def add_event(self, t: float, kind: str, body: Mapping[str, Any]) -> None:
-        """Commit an event now; it is signed into the next batch."""
-        self._guarded(lambda: self.store.add_event(t, kind, body))
+        """Commit an event now; it is signed into the next batch.
+
+        If the disk refuses it, it waits in memory (up to ``max_buffered``
+        events) and is written before the next readings.
+        """
+        self._events.append((t, kind, body))
+        self._write_events()
+
+    def _write_events(self) -> None:
+        while self._events:
+            t, kind, body = self._events[0]
+
+            def write(t: float = t, kind: str = kind, body: Mapping[str, Any] = body) -> None:
+                # self.store looked up on each call: _guarded may have replaced it.
+                self.store.add_event(t, kind, body)
+
+            try:
+                self._guarded(write)
+            except StoreFull as e:
+                log.error("event=event_not_written kind=%s reason=%r", kind, str(e))
+                excess = len(self._events) - self.config.max_buffered
+                if excess > 0:
+                    del self._events[:excess]
+                    self.stats["events_dropped"] += excess
+                return
+            self._events.pop(0)
 
     def tick(self) -> None:
         """Flush if the oldest buffered reading has waited ``buffer_s`` of wall time."""
@@ -276,6 +302,7 @@ class Recorder:
 
     def flush(self) -> None:
         """Write the buffer in one transaction, then seal every full batch."""
+        self._write_events()
         if not self._buffer:
             return
         batch_ = list(self._buffer)
@@ -360,7 +387,11 @@ class Recorder:
     def _enforce_quota(self, force: bool) -> None:
         store, cfg = self.store, self.config
         used = store.used_bytes()
-        alarm = cfg.quota_bytes * cfg.alarm_fraction
+        # The levels are fractions of what the database may really hold (the quota less
+        # the WAL's share), so "above the drop level" is always reachable before SQLite's
+        # own limit refuses a write.
+        capacity = min(cfg.quota_bytes, store.capacity_bytes())
+        alarm = capacity * cfg.alarm_fraction
         if used < alarm and not force:
             if self._alarmed and used < alarm * 0.9:
                 self._alarmed = False
@@ -379,7 +410,7 @@ class Recorder:
             used = store.used_bytes()
         lost: list[int] = []
         lost_r: list[int] = []
-        if used >= cfg.quota_bytes * cfg.drop_fraction or force:
+        if used >= capacity * cfg.drop_fraction or force:
             while used >= alarm * 0.9 and (d := store.drop_unsent(8)) is not None:
                 lost = [lost[0] if lost else d.first_seq, d.last_seq]
                 if d.last_reading >= d.first_reading:

@@ -558,6 +558,14 @@ class Store:
                 - len(self._acked),
             }
 
+    def capacity_bytes(self) -> int:
+        """What the database may grow to: the quota less the WAL's share (SQLite's hard limit)."""
+        with self._lock:
+            q = self._db.execute
+            return int(q("PRAGMA max_page_count").fetchone()[0]) * int(
+                q("PRAGMA page_size").fetchone()[0]
+            )
+
     def used_bytes(self) -> int:
         """Bytes of live database pages (free pages are reused before the file grows)."""
         with self._lock:

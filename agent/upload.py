@@ -18,6 +18,7 @@ problem.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import random
@@ -60,9 +61,10 @@ def post_batch(url: str, raw: bytes, timeout: float = 10.0) -> Outcome:
         # 5xx and 429 are the server's trouble; 4xx is ours and retrying won't help.
         retry = e.code >= 500 or e.code == 429
         return Outcome(False, retry, e.code, detail)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        # ValueError: http.client rejects some broken responses with it.
-        return Outcome(False, True, 0, f"connection failed: {getattr(e, 'reason', e)}")
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        # A dropped connection, a garbled status line (HTTPException) or a response
+        # http.client refuses (ValueError): all transient, as far as we can tell.
+        return Outcome(False, True, 0, f"connection failed: {getattr(e, 'reason', e)!r}")
 
 
 def _detail(body: bytes) -> str:
@@ -140,6 +142,17 @@ class Uploader:
         return self._wait(delay)
 
     def _run(self) -> None:
+        # The thread must outlive any surprise: a dead uploader would strand every batch.
+        while not self._stop.is_set():
+            try:
+                self._loop()
+                return
+            except Exception:
+                log.exception("event=uploader_error")
+                if self._backoff(5):
+                    return
+
+    def _loop(self) -> None:
         attempt = 0
         after = -1  # the last acknowledged sequence: later ones are what is left
         while not self._stop.is_set():

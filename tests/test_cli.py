@@ -88,6 +88,13 @@ def _cfg(tmp_path: Path, extra: str) -> Path:
         ('[upload]\nurl = "ftp://x"\n', "upload.url: must be an http(s) URL"),
         ("[nonsense]\n", "nonsense: unknown section"),
         ("[can]\nlisten_only = 1\n", "can.listen_only: expected bool"),
+        # _cfg's last table is [store]: these lines continue it.
+        ("buffer_s = 0\n", "store.buffer_s: must be > 0"),
+        ("buffer_s = 600\n", "at most 60 seconds"),
+        ("alarm_fraction = 1.5\n", "store.alarm_fraction: must be between"),
+        ("drop_fraction = 0.5\n", "store.drop_fraction: must be above"),
+        ("quota_mb = 0.1\n", "store.quota_mb: must be at least 1 MB"),
+        ("[upload]\nbackoff_cap_s = 1\n", "upload.backoff_cap_s: must be at least"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, extra: str, message: str) -> None:
@@ -100,6 +107,8 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.can_interface == "socketcan" and cfg.can_listen_only is True
     assert cfg.key_file == tmp_path.resolve() / "k" / "device.key"
     assert cfg.readings_per_batch == 60
+    assert (cfg.store_buffer_s, cfg.store_quota_bytes) == (10.0, 1024 * 1024 * 1024)
+    assert (cfg.upload_backoff_base_s, cfg.upload_backoff_cap_s) == (2.0, 900.0)
 
 
 def test_bad_config_via_cli_is_one_line(tmp_path: Path, cli) -> None:

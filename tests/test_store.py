@@ -466,3 +466,35 @@ def test_the_key_never_reaches_logs_reprs_or_pickles(
     with pytest.raises(TypeError, match="cannot be pickled"):
         pickle.dumps(signer)
     assert "PRIVATE" not in json.dumps(rec.stats)
+
+
+def test_hitting_the_hard_limit_never_stops_the_recorder(
+    tmp_path: Path, signer: keys.FileSigner
+) -> None:
+    # The soft levels sit at the very top, so SQLite's own limit is what bites first.
+    rec = _recorder(
+        tmp_path,
+        signer,
+        quota_bytes=128 * 1024,
+        alarm_fraction=0.985,
+        drop_fraction=0.99,
+        readings_per_batch=20,
+    )
+    rec.start()
+    for k in range(3000):
+        rec.add([{**_reading(k), "note": os.urandom(60).hex()}])
+        if k % 500 == 0:
+            rec.add_event(float(k), "NOTE", {"k": k})
+    rec.stop()
+    used = rec.store.used_bytes()
+    rec.close()
+    assert used <= 128 * 1024
+    assert rec.stats["dropped_unsent_batches"] > 0
+    assert rec.stats["readings_dropped"] == 0 and rec.stats["events_dropped"] == 0
+    chain = _chain(tmp_path / "store.sqlite")
+    kinds = [k for _, k, _ in _events(chain)]
+    assert "STORAGE_FULL" in kinds and kinds[-1] == "STOP"
+    report = _audit(chain, signer)
+    assert not [f for f in report.findings if f.severity == "bad"], report.findings
+    # What is left is one unbroken run up to the STOP, every hole signed for.
+    assert report.devices[DEV].gaps in ([], [(0, report.devices[DEV].explained_gaps[0][0] - 1)])
