@@ -9,11 +9,13 @@ owns the policies the store only provides the means for:
   window; in exchange a bus-hour at 1 Hz writes a few hundred commits, not
   thousands (see ``bench/store.py``).
 - **Start-up.**  Open the store; ``quick_check`` (before the first write, so
-  a damaged file is kept as found); increment the boot epoch; seal what the
-  last run left; sign a ``BOOT`` event saying whether the last stop was clean.  A store that cannot be opened or fails the check is moved
-  aside (kept for forensics), a new one continues the chain from the head
-  file, whatever batches can be read back are taken over, and a signed
-  ``STORE_REPLACED`` event says what happened.  A store older than its head
+  a damaged file is kept as found); increment the boot epoch, committing the
+  ``BOOT`` event (was the last stop clean?) in the same transaction; seal
+  what the last run left together with it.  A store that cannot be opened or
+  fails the check, at start or later, is moved aside (kept for forensics), a
+  new one continues the chain from the head file, whatever batches can be
+  read back are taken over, and a signed ``STORE_REPLACED`` event says what
+  happened; :attr:`Recorder.store` then names the new store.  A store older than its head
   file (restored from a backup, or rolled back by a lying disk) continues
   from the head with a ``STORE_ROLLED_BACK`` event, so no sequence is ever
   signed twice.
@@ -39,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cngmrv.agent.keys import Signer
+from cngmrv.agent.keys import Signer, public_key_from_pem
 from cngmrv.agent.store import (
     ChainState,
     Sealed,
@@ -222,7 +224,7 @@ class Recorder:
                 os.replace(src, Path(str(moved) + suffix))
         log.error("event=store_replaced reason=%r moved_to=%s", reason, moved.name)
         self.stats["store_replaced"] += 1
-        found = salvage(moved, self.device_id, self.signer.kid)
+        found = salvage(moved, self.device_id, public_key_from_pem(self.signer.public_pem()))
         store = self._open()
         for seq, raw, uploaded in found.batches:
             store.import_batch(seq, raw, uploaded)

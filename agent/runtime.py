@@ -22,7 +22,7 @@ from cngmrv.agent.config import Config
 from cngmrv.agent.keys import load_signer
 from cngmrv.agent.pipeline import Pipeline
 from cngmrv.agent.recorder import Recorder, RecorderConfig
-from cngmrv.agent.store import Sealed
+from cngmrv.agent.store import Sealed, Store
 from cngmrv.agent.upload import Uploader
 from cngmrv.drivers.can_source import CanSource, open_bus
 from cngmrv.drivers.kit_link import KitSerialSource
@@ -52,7 +52,6 @@ class Agent:
         )
         self.boot = self.recorder.start()
         self.boot_epoch = self.boot.epoch
-        self.store = self.recorder.store
         self.pipeline = Pipeline(config.pipeline, self.boot_epoch, clock)
         self.can = CanSource(
             open_bus(config.can_interface, config.can_channel, config.can_listen_only),
@@ -63,7 +62,7 @@ class Agent:
         )
         self.uploader = (
             Uploader(
-                self.store,
+                lambda: self.recorder.store,
                 config.upload_url,
                 timeout=config.upload_timeout_s,
                 base_s=config.upload_backoff_base_s,
@@ -76,6 +75,11 @@ class Agent:
         self.readings = 0
         self.totals = {"diesel_l": 0.0, "gas_kg": 0.0, "distance_km": 0.0}
         self._events_done = 0
+
+    @property
+    def store(self) -> Store:
+        """The store in use (the recorder replaces a damaged one)."""
+        return self.recorder.store
 
     def _sealed(self, _: Sealed) -> None:
         if self.uploader:

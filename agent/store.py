@@ -1,17 +1,24 @@
 """The device store: readings, events and sealed batches in one SQLite file.
 
-WAL mode with ``synchronous=FULL``: in WAL mode ``NORMAL`` can lose the last
-committed transactions on power loss, and a device that forgot it sealed
-batch N could sign a different batch N after uploading the first one.  Only
-the uploader's "acknowledged" marks are written with ``NORMAL``: losing one
-means a batch is posted again, which the ingest answers with ``duplicate``.
+WAL mode with ``synchronous=FULL`` for every commit: in WAL mode ``NORMAL``
+can lose the last committed transactions on power loss, and a device that
+forgot it sealed batch N could sign a different batch N after uploading the
+first one.  The uploader's acknowledgements are not signed state and get no
+commit of their own: they ride on the next seal (a lost one only re-posts a
+batch, which the ingest answers with ``duplicate``).
+
+Readings are stored one row per commit, in the payload's column layout, with
+1 KiB pages: each commit appends about a page to the WAL.  With the
+recorder's 10-second buffer that is ~3.6 MB of kernel-counted writes per
+bus-hour (``bench/store.py``); at 5 seconds it would be ~5.7 MB, because every
+fsync'd commit costs at least one 4 KiB page however little it holds.
 
 The store is opened with ``locking_mode=EXCLUSIVE``: one process holds it
 for as long as it runs, so two agents can never sign into one chain, and
-SQLite keeps its WAL index in memory instead of a ``-shm`` file, which halves
-the bytes written per commit.  The price: ``cngmrv export`` of a running
-agent's store is refused as "in use"; stop the agent, or export from the
-ingest.  Threads of one process share the connection through a lock.
+SQLite keeps its WAL index in memory instead of a ``-shm`` file that the
+kernel would write back after every commit.  The price: ``cngmrv export`` of
+a running agent's store is refused as "in use"; stop the agent, or export
+from the ingest.  Threads of one process share the connection through a lock.
 
 Sealing (select unsealed rows, build, sign, insert, advance the chain) is one
 transaction, so a crash leaves either no batch or a complete one.  The chain
@@ -36,6 +43,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from cngmrv.agent import batch
 from cngmrv.agent.keys import Signer
@@ -309,10 +318,6 @@ class Store:
             max(sealed_e, -1 if last_e is None else last_e + 1),
         )
 
-    def meta(self, key: str) -> Any:
-        with self._lock:
-            return self._meta(key)
-
     # -- start-up -----------------------------------------------------------
 
     def state(self) -> ChainState:
@@ -448,9 +453,6 @@ class Store:
             r = int(self._meta("sealed_reading") or 0)
             e = int(self._meta("sealed_event") or 0)
             return self._next_reading - r, self._next_event - e
-
-    def unbatched_count(self) -> int:
-        return self.unsealed()[0]
 
     def seal(
         self,
@@ -687,12 +689,14 @@ class Salvage:
     problem: str | None  # why reading stopped early, if it did
 
 
-def salvage(path: Path, device_id: str, kid: str) -> Salvage:
+def salvage(path: Path, device_id: str, public_key: ec.EllipticCurvePublicKey) -> Salvage:
     """Read what is still readable from a (moved-aside) damaged store.
 
     Works on a scratch copy so the forensic copy stays byte for byte as it
-    was found.  Only batches of this device and key that chain to each other
-    from the lowest one read are kept; reading stops at the first error.
+    was found.  Only batches of this device that verify with its key and
+    chain to each other from the lowest one read are kept (a rotted batch
+    taken over would block the upload forever); reading stops at the first
+    error.
     """
     scratch = path.with_name(path.name + ".salvage")
     shutil.rmtree(scratch, ignore_errors=True)
@@ -727,8 +731,12 @@ def salvage(path: Path, device_id: str, kid: str) -> Salvage:
                 except batch.BatchFormatError as e:
                     problem = f"batch {seq}: {e}"
                     break
-                if b.seq != seq or b.device_id != device_id or b.header["kid"] != kid:
+                if b.seq != seq or b.device_id != device_id:
                     problem = f"batch {seq} is not this device's"
+                    break
+                bad = batch.check(b, public_key)
+                if bad:
+                    problem = f"batch {seq}: {bad[0]}"
                     break
                 if prev is not None and b.header["prev_hash"] != prev:
                     problem = f"batch {seq} does not chain to the one before"

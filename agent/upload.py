@@ -85,6 +85,8 @@ def backoff_delay(
 class Uploader:
     """Background thread that drains the store's pending batches to ``url``.
 
+    ``store`` is a :class:`Store` or a callable returning the current one.
+
     ``wait(seconds)`` is how the thread sleeps between attempts; it returns
     True when the uploader should stop.  Tests pass one that advances a
     simulated clock, so a day of backoff passes in moments while the delays
@@ -93,7 +95,7 @@ class Uploader:
 
     def __init__(
         self,
-        store: Store,
+        store: Store | Callable[[], Store],
         url: str,
         timeout: float = 10.0,
         base_s: float = BASE_S,
@@ -101,7 +103,8 @@ class Uploader:
         seed: int | None = None,
         wait: Callable[[float], bool] | None = None,
     ) -> None:
-        self._store = store
+        # A callable is asked for the store each time: the recorder may replace a damaged one.
+        self._get_store: Callable[[], Store] = store if callable(store) else lambda: store
         self.url = url
         self.timeout = timeout
         self.base_s = base_s
@@ -158,7 +161,7 @@ class Uploader:
         while not self._stop.is_set():
             self._wake.clear()
             try:
-                pending = self._store.pending(after=after, limit=50)
+                pending = self._get_store().pending(after=after, limit=50)
             except StoreError as e:
                 log.error("event=upload_store_error reason=%r", str(e))
                 if self._backoff(attempt):
@@ -175,7 +178,7 @@ class Uploader:
                 out = post_batch(self.url, raw, self.timeout)
                 if out.acknowledged:
                     try:
-                        self._store.mark_uploaded(seq)
+                        self._get_store().mark_uploaded(seq)
                     except StoreError as e:
                         log.error("event=upload_mark_failed seq=%d reason=%r", seq, str(e))
                     after = seq

@@ -82,7 +82,9 @@ def child(args: argparse.Namespace) -> int:
     # Markers only: the calls underneath are the real ones.
     store.seal = seal  # type: ignore[method-assign]
     upload.post_batch = post
-    uploader = Uploader(store, args.url, timeout=5.0, base_s=0.01, cap_s=0.2, seed=boot.epoch)
+    uploader = Uploader(
+        lambda: rec.store, args.url, timeout=5.0, base_s=0.01, cap_s=0.2, seed=boot.epoch
+    )
     rec.on_sealed = lambda _: uploader.notify()
     uploader.start()
     uploader.notify()

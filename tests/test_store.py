@@ -28,14 +28,17 @@ class FakeClock:
         return self.now
 
 
-def _recorder(tmp_path: Path, signer: keys.FileSigner, **cfg: Any) -> Recorder:
+def _recorder(
+    tmp_path: Path, signer: keys.FileSigner, clock: FakeClock | None = None, **cfg: Any
+) -> Recorder:
     options = {"readings_per_batch": 10, "buffer_s": 5.0, **cfg}
-    clock = FakeClock()
-    rec = Recorder(
-        tmp_path / "store.sqlite", DEV, signer, RecorderConfig(**options), monotonic=clock
+    return Recorder(
+        tmp_path / "store.sqlite",
+        DEV,
+        signer,
+        RecorderConfig(**options),
+        monotonic=clock or FakeClock(),
     )
-    rec.clock_for_tests = clock  # type: ignore[attr-defined]
-    return rec
 
 
 def _reading(i: int) -> dict[str, Any]:
@@ -173,7 +176,8 @@ def test_the_hard_quota_refuses_a_write_and_leaves_the_store_usable(
 def test_readings_wait_in_memory_for_at_most_the_window(
     tmp_path: Path, signer: keys.FileSigner
 ) -> None:
-    rec = _recorder(tmp_path, signer, buffer_s=5.0)
+    clock = FakeClock()
+    rec = _recorder(tmp_path, signer, clock, buffer_s=5.0)
     rec.start()
     for k in range(4):
         rec.add([_reading(k)])
@@ -182,10 +186,10 @@ def test_readings_wait_in_memory_for_at_most_the_window(
     assert rec.store.unsealed()[0] == 5  # the fifth fills the 5-second window: one commit
     assert rec.stats["flushes"] == 1
     rec.add([_reading(5)])
-    rec.clock_for_tests.now += 4.9  # type: ignore[attr-defined]
+    clock.now += 4.9
     rec.tick()
     assert rec.store.unsealed()[0] == 5
-    rec.clock_for_tests.now += 0.1  # type: ignore[attr-defined]
+    clock.now += 0.1
     rec.tick()  # a slow trickle still reaches the disk within the window of wall time
     assert rec.store.unsealed()[0] == 6
     rec.stop()

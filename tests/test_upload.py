@@ -256,3 +256,30 @@ def test_backoff_is_full_jitter_and_capped() -> None:
 def test_unreachable_ingest_is_a_retryable_failure() -> None:
     out = post_batch("http://127.0.0.1:9/v1/batches", b"x", timeout=2.0)
     assert (out.acknowledged, out.retry, out.status) == (False, True, 0)
+
+
+def test_the_uploader_follows_a_replaced_store(
+    server: IngestServer, signer: keys.FileSigner, tmp_path: Path
+) -> None:
+    first = _store(tmp_path, signer, 3)
+    current = [first]
+    up = Uploader(lambda: current[0], server.url, seed=1)
+    up.start()
+    up.notify()
+    assert up.wait_idle(10.0)
+    # The recorder moved a damaged store aside; its successor holds the chain's next batches.
+    second = Store(tmp_path / "next.sqlite", "bus-7")
+    for seq, raw in first.batches():
+        second.import_batch(seq, raw, uploaded=True)
+    for i in range(2):
+        second.add_readings([{"t0": 10.0 + i}])
+        second.seal(signer, 1)
+    current[0] = second
+    first.close()
+    up.notify()
+    deadline = time.monotonic() + 10
+    while second.counts()["batches_pending"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    up.stop()
+    assert stored_batches(server.db, "bus-7") == list(second.batches())
+    assert [s for s, _ in stored_batches(server.db, "bus-7")] == [0, 1, 2, 3, 4]
