@@ -309,7 +309,8 @@ class Store:
     def _counters(self) -> tuple[int, int]:
         # Sealed rows may have been pruned: the meta boundaries keep the numbering going.
         q = self._db.execute
-        last_r = q("SELECT max(first_seq + n) - 1 FROM readings").fetchone()[0]
+        row = q("SELECT first_seq + n - 1 FROM readings ORDER BY first_seq DESC LIMIT 1").fetchone()
+        last_r = None if row is None else row[0]
         last_e = q("SELECT max(seq) FROM events").fetchone()[0]
         sealed_r = int(self._meta("sealed_reading") or 0)
         sealed_e = int(self._meta("sealed_event") or 0)
@@ -421,11 +422,18 @@ class Store:
     def _unsealed_rows(self, start: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
         """Up to ``limit`` numbered readings from ``start`` on, stopping at a hole."""
         out: list[tuple[int, dict[str, Any]]] = []
+        # From the row holding ``start`` on, found through the primary key: sealed rows
+        # may pile up until the quota prunes them, and a seal must not scan them all.
+        holder = self._db.execute(
+            "SELECT ifnull(max(first_seq), ?) FROM readings WHERE first_seq <= ?", (start, start)
+        ).fetchone()[0]
         cur = self._db.execute(
-            "SELECT first_seq, n, body FROM readings WHERE first_seq + n > ? ORDER BY first_seq",
-            (start,),
+            "SELECT first_seq, n, body FROM readings WHERE first_seq >= ? ORDER BY first_seq",
+            (holder,),
         )
-        for first, _n, body in cur:
+        for first, n, body in cur:
+            if first + n <= start:
+                continue
             if out and first != out[-1][0] + 1:
                 break
             for i, r in enumerate(batch.decode_readings(batch.unpackb(body))):
@@ -587,10 +595,13 @@ class Store:
         with self._tx():
             state = self.state()
             n = self._db.execute(
-                "SELECT ifnull(sum(n), 0) FROM readings WHERE first_seq + n <= ?",
-                (state.next_reading,),
+                "SELECT ifnull(sum(n), 0) FROM readings WHERE first_seq < ? AND first_seq + n <= ?",
+                (state.next_reading, state.next_reading),
             ).fetchone()[0]
-            self._db.execute("DELETE FROM readings WHERE first_seq + n <= ?", (state.next_reading,))
+            self._db.execute(
+                "DELETE FROM readings WHERE first_seq < ? AND first_seq + n <= ?",
+                (state.next_reading, state.next_reading),
+            )
             self._db.execute("DELETE FROM events WHERE seq < ?", (state.next_event,))
         return int(n)
 
