@@ -30,7 +30,7 @@ setup(
         "pyserial>=3.5",
         "cffi>=1.16",
         "msgpack>=1.0.7",
-        "cryptography>=42",
+        "cryptography>=43",
         "cantools>=39.4",
         # The HTML report's plots (Agg backend, no display needed).
         "matplotlib>=3.8",

@@ -10,24 +10,43 @@ without breaking the signature (OCMF leaves its algorithm unsigned; we do not).
 ``prev_hash`` chains each batch to the SHA-256 of the previous batch *file*, so
 a verifier detects both a deleted batch (a sequence gap) and a substituted one
 (a chain break).  The first batch of a device carries 32 zero bytes.
+
+The payload holds the readings column by column (``payload_format``
+``"cols-1"``, see :func:`encode_readings`): a 60-reading batch is about a
+third of the size of the same readings as a list of maps, and the encoding is
+lossless, so :meth:`Batch.payload` gives back the very dicts that were sealed.
+``docs/batch-format.md`` is the normative description, with test vectors.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 import msgpack
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cngmrv.agent.keys import ALG, Signer, kid_of, verify_signature
+from cngmrv.agent.keys import ALG, ALLOWED_ALGS, Signer, kid_of, verify_signature
 
 MAGIC = "cngmrv-batch"
 VERSION = 1
 ZERO_HASH = bytes(32)
 REQUIRED_HEADER = ("alg", "kid", "device_id", "batch_seq", "prev_hash", "payload_sha256")
+PAYLOAD_FORMAT = "cols-1"
+# Fields build() derives from the payload; callers may not set them.
+DERIVED_HEADER = ("payload_format", "n_readings", "n_events", "first_t0", "last_t0")
+MAX_SEQ = (1 << 63) - 1  # sequences must fit a signed 64-bit SQL integer
+MAX_DEVICE_ID = 128
+_KID = re.compile(r"[0-9a-f]{64}")
+# Integral floats below this travel as msgpack integers (at most 5 bytes instead of 9).
+_SMALL_INT = 1 << 32
+# Event kinds that explain missing batches or readings (see docs/batch-format.md).
+LOSS_EVENTS = frozenset({"STORAGE_FULL", "STORE_REPLACED", "STORE_ROLLED_BACK"})
 
 
 class BatchFormatError(ValueError):
@@ -48,6 +67,104 @@ def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+# -- the columnar reading table ------------------------------------------------
+
+
+def _float_entry(x: float) -> int | float:
+    # -0.0 is integral but would come back as +0.0, so it stays a float.
+    if x.is_integer() and abs(x) < _SMALL_INT and not (x == 0 and math.copysign(1.0, x) < 0):
+        return int(x)
+    return x
+
+
+def _column(values: list[Any]) -> dict[str, Any]:
+    first = packb(values[0])
+    if all(packb(v) == first for v in values[1:]):
+        return {"k": values[0]}
+    if all(type(v) is float for v in values):
+        return {"f": [_float_entry(v) for v in values]}
+    if all(type(v) is dict and all(type(k) is str for k in v) for v in values):
+        return {"m": encode_readings(values)}
+    return {"v": values}
+
+
+def encode_readings(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Readings (maps with string keys) as a column table: ``{"n": N, "cols": {key: column}}``.
+
+    Each column is a one-entry map whose key says how it is stored:
+
+    - ``k``: every reading holds this same value (compared by its msgpack bytes);
+    - ``f``: every reading holds a float; integral ones are stored as integers
+      (turn each entry back into a float when decoding);
+    - ``m``: every reading holds a map with string keys: a nested column table;
+    - ``v``: every reading holds a value, stored as is;
+    - ``s``: only some readings hold the key: ``[[index, value], ...]``.
+
+    Lossless: :func:`decode_readings` returns equal values of the same types.
+    Key order within a decoded reading follows the order keys were first seen.
+    """
+    keys: dict[str, None] = {}
+    for r in rows:
+        for k in r:
+            if type(k) is not str:
+                raise TypeError(f"reading keys must be strings, got {k!r}")
+            keys.setdefault(k, None)
+    cols: dict[str, Any] = {}
+    for k in keys:
+        present = [i for i, r in enumerate(rows) if k in r]
+        if len(present) == len(rows):
+            cols[k] = _column([r[k] for r in rows])
+        else:
+            cols[k] = {"s": [[i, rows[i][k]] for i in present]}
+    return {"n": len(rows), "cols": cols}
+
+
+def decode_readings(table: Any, where: str = "readings") -> list[dict[str, Any]]:
+    """The inverse of :func:`encode_readings`; raises BatchFormatError naming the column."""
+    if not isinstance(table, dict) or set(table) != {"n", "cols"}:
+        raise BatchFormatError(f"{where} is not a column table {{n, cols}}")
+    n, cols = table["n"], table["cols"]
+    if type(n) is not int or not 0 <= n <= 1_000_000 or not isinstance(cols, dict):
+        raise BatchFormatError(f"{where}: bad row count or columns")
+    rows: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key, col in cols.items():
+        name = f"{where}.{key}"
+        if type(key) is not str or not isinstance(col, dict) or len(col) != 1:
+            raise BatchFormatError(f"{name}: a column is a one-entry map")
+        ((tag, val),) = col.items()
+        if tag == "k":
+            packed = packb(val)
+            for r in rows:
+                r[key] = unpackb(packed)  # a fresh copy per row: rows must not share maps
+        elif tag == "s":
+            if not isinstance(val, list):
+                raise BatchFormatError(f"{name}: sparse column is not a list")
+            last = -1
+            for item in val:
+                if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int):
+                    raise BatchFormatError(f"{name}: sparse entry is not [index, value]")
+                if not last < item[0] < n:
+                    raise BatchFormatError(f"{name}: sparse index {item[0]} out of order or range")
+                last = item[0]
+                rows[item[0]][key] = item[1]
+        else:
+            values: Any = decode_readings(val, name) if tag == "m" else val
+            if not isinstance(values, list) or len(values) != n:
+                raise BatchFormatError(f"{name}: column does not have {n} entries")
+            if tag == "f":
+                if not all(type(v) in (int, float) for v in values):
+                    raise BatchFormatError(f"{name}: float column holds a non-number")
+                values = [float(v) for v in values]
+            elif tag not in ("v", "m"):
+                raise BatchFormatError(f"{name}: unknown column kind {tag!r}")
+            for r, v in zip(rows, values, strict=True):
+                r[key] = v
+    return rows
+
+
+# -- building -------------------------------------------------------------------
+
+
 def build(
     signer: Signer,
     device_id: str,
@@ -58,28 +175,45 @@ def build(
 ) -> bytes:
     """Encode and sign one batch; returns the exact file bytes.
 
-    ``extra_header`` adds informative fields (boot epoch, time range); it may
-    not override the required ones.
+    ``payload`` holds ``readings`` (a list of maps, stored column by column)
+    and ``events`` (a list of maps, stored as is).  ``extra_header`` adds
+    fields such as ``boot_epoch`` and ``first_reading_seq``; it may not
+    override the required fields or those derived from the payload.
     """
     if len(prev_hash) != 32:
         raise ValueError("prev_hash must be 32 bytes")
-    payload_bytes = packb(dict(payload))
-    header: dict[str, Any] = dict(extra_header or {})
-    clash = set(header) & set(REQUIRED_HEADER)
+    if not 0 <= batch_seq <= MAX_SEQ:
+        raise ValueError("batch_seq out of range")
+    readings = list(payload.get("readings", ()))
+    events = list(payload.get("events", ()))
+    body = {k: v for k, v in payload.items() if k not in ("readings", "events")}
+    body["readings"] = encode_readings(readings)
+    body["events"] = events
+    payload_bytes = packb(body)
+    extra = dict(extra_header or {})
+    clash = set(extra) & (set(REQUIRED_HEADER) | set(DERIVED_HEADER))
     if clash:
         raise ValueError(f"extra_header may not set {sorted(clash)}")
-    header.update(
-        {
-            "alg": ALG,
-            "kid": signer.kid,
-            "device_id": device_id,
-            "batch_seq": int(batch_seq),
-            "prev_hash": bytes(prev_hash),
-            "payload_sha256": sha256(payload_bytes),
-        }
-    )
+    header: dict[str, Any] = {
+        "alg": ALG,
+        "kid": signer.kid,
+        "device_id": device_id,
+        "batch_seq": int(batch_seq),
+        "prev_hash": bytes(prev_hash),
+        "payload_sha256": sha256(payload_bytes),
+        "payload_format": PAYLOAD_FORMAT,
+        "n_readings": len(readings),
+        "n_events": len(events),
+    }
+    if readings and "t0" in readings[0] and "t0" in readings[-1]:
+        header["first_t0"] = readings[0]["t0"]
+        header["last_t0"] = readings[-1]["t0"]
+    header.update(extra)
     header_bytes = packb(header)
     return packb([MAGIC, VERSION, header_bytes, payload_bytes, signer.sign(header_bytes)])
+
+
+# -- parsing --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -104,26 +238,85 @@ class Batch:
     def file_hash(self) -> bytes:
         return sha256(self.raw)
 
+    @property
+    def first_reading_seq(self) -> int | None:
+        v = self.header.get("first_reading_seq")
+        return v if type(v) is int else None
+
+    @property
+    def n_readings(self) -> int | None:
+        v = self.header.get("n_readings")
+        return v if type(v) is int else None
+
     def payload(self) -> dict[str, Any]:
-        """Decode the payload; only meaningful after :func:`check` passed."""
-        obj = unpackb(self.payload_bytes)
+        """Decode the payload, readings as a list of dicts; only meaningful after :func:`check`.
+
+        Batches written before ``payload_format`` existed hold readings as a
+        plain list of maps; both layouts decode to the same shape.
+        """
+        try:
+            obj = unpackb(self.payload_bytes)
+        except ValueError as e:
+            raise BatchFormatError(f"payload bytes are not msgpack: {e}") from None
         if not isinstance(obj, dict):
             raise BatchFormatError("payload is not a map")
+        readings = obj.get("readings", [])
+        if self.header.get("payload_format") == PAYLOAD_FORMAT:
+            obj["readings"] = decode_readings(readings)
+        elif "payload_format" in self.header:
+            raise BatchFormatError(f"unknown payload_format {self.header['payload_format']!r}")
+        elif not isinstance(readings, list):
+            raise BatchFormatError("readings is not a list")
+        events = obj.setdefault("events", [])
+        if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+            raise BatchFormatError("events is not a list of maps")
         return obj
+
+    def events(self) -> list[dict[str, Any]]:
+        return list(self.payload()["events"])
+
+
+def _unpack_part(data: bytes, what: str) -> Any:
+    try:
+        return unpackb(data)
+    except msgpack.ExtraData:
+        raise BatchFormatError(f"{what} has trailing bytes after the msgpack value") from None
+    except ValueError as e:
+        if "incomplete input" in str(e):
+            raise BatchFormatError(f"truncated: {what} ends inside a msgpack value") from None
+        raise BatchFormatError(f"{what} is not msgpack: {e or type(e).__name__}") from None
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise BatchFormatError(f"{what} is not msgpack: {e or type(e).__name__}") from None
+
+
+def _check_header(header: dict[str, Any]) -> None:
+    missing = [k for k in REQUIRED_HEADER if k not in header]
+    if missing:
+        raise BatchFormatError(f"header lacks {', '.join(missing)}")
+    if type(header["alg"]) is not str:
+        raise BatchFormatError("alg is not a string")
+    if type(header["kid"]) is not str or not _KID.fullmatch(header["kid"]):
+        raise BatchFormatError("kid is not 64 lowercase hex digits")
+    dev = header["device_id"]
+    if type(dev) is not str or not dev or len(dev) > MAX_DEVICE_ID:
+        raise BatchFormatError(f"device_id is not a string of 1..{MAX_DEVICE_ID} characters")
+    for k in ("batch_seq", "first_reading_seq", "n_readings", "n_events", "boot_epoch"):
+        if k in header and not (type(header[k]) is int and 0 <= header[k] <= MAX_SEQ):
+            raise BatchFormatError(f"{k} is not an integer in 0..2**63-1")
+    for k in ("prev_hash", "payload_sha256"):
+        if not isinstance(header[k], bytes) or len(header[k]) != 32:
+            raise BatchFormatError(f"{k} is not 32 bytes")
 
 
 def parse(raw: bytes) -> Batch:
-    """Parse the envelope and header, checking shape only (not the signature)."""
-    try:
-        outer = unpackb(raw)
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise BatchFormatError(f"not msgpack: {e}") from None
+    """Parse the envelope and header, checking shape and types only (not the signature)."""
+    outer = _unpack_part(raw, "envelope")
     if not isinstance(outer, list) or len(outer) != 5:
         raise BatchFormatError("envelope is not a 5-element msgpack array")
     magic, version, header_bytes, payload_bytes, signature = outer
     if magic != MAGIC:
         raise BatchFormatError(f"magic is {magic!r}, expected {MAGIC!r}")
-    if version != VERSION:
+    if version != VERSION or type(version) is not int:
         raise BatchFormatError(f"unsupported envelope version {version!r}")
     for name, part in (
         ("header", header_bytes),
@@ -132,40 +325,468 @@ def parse(raw: bytes) -> Batch:
     ):
         if not isinstance(part, bytes):
             raise BatchFormatError(f"{name} is not a byte string")
-    try:
-        header = unpackb(header_bytes)
-    except Exception as e:
-        raise BatchFormatError(f"header bytes are not msgpack: {e}") from None
-    if not isinstance(header, dict):
-        raise BatchFormatError("header is not a map")
-    missing = [k for k in REQUIRED_HEADER if k not in header]
-    if missing:
-        raise BatchFormatError(f"header lacks {', '.join(missing)}")
-    if not isinstance(header["batch_seq"], int) or header["batch_seq"] < 0:
-        raise BatchFormatError("batch_seq is not a non-negative integer")
-    for k in ("prev_hash", "payload_sha256"):
-        if not isinstance(header[k], bytes) or len(header[k]) != 32:
-            raise BatchFormatError(f"{k} is not 32 bytes")
+    header = _unpack_part(header_bytes, "header bytes")
+    if not isinstance(header, dict) or not all(type(k) is str for k in header):
+        raise BatchFormatError("header is not a map with string keys")
+    _check_header(header)
     return Batch(raw, header_bytes, payload_bytes, signature, header)
 
 
-def check(batch: Batch, public_key: ec.EllipticCurvePublicKey) -> list[str]:
-    """Problems with one batch on its own (algorithm, key id, signature, payload hash)."""
+# -- checking -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a batch is refused: a stable ``code`` and a sentence for people."""
+
+    code: str
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def check(
+    batch: Batch,
+    public_key: ec.EllipticCurvePublicKey,
+    allowed_algs: Iterable[str] = ALLOWED_ALGS,
+) -> list[Problem]:
+    """Problems with one batch on its own (algorithm, key id, signature, payload).
+
+    The algorithm is checked first and alone: a header naming an algorithm
+    outside the allow-list is refused whatever its signature says.
+    """
+    allowed = sorted(allowed_algs)
+    alg = batch.header["alg"]
+    if alg not in allowed:
+        return [Problem("alg_not_allowed", f"alg {alg!r} is not allowed (allowed: {allowed})")]
     problems = []
-    if batch.header["alg"] != ALG:
-        problems.append(f"alg is {batch.header['alg']!r}, expected {ALG!r}")
     if batch.header["kid"] != kid_of(public_key):
-        problems.append("kid does not match the public key")
+        problems.append(Problem("kid_mismatch", "kid does not match the public key"))
     if not verify_signature(public_key, batch.signature, batch.header_bytes):
-        problems.append("signature does not verify over the header bytes")
+        problems.append(Problem("bad_signature", "signature does not verify over the header bytes"))
     if sha256(batch.payload_bytes) != batch.header["payload_sha256"]:
-        problems.append("payload SHA-256 does not match the signed header")
+        problems.append(Problem("payload_hash", "payload SHA-256 does not match the signed header"))
+    if problems:
+        return problems
+    try:
+        body = batch.payload()
+    except BatchFormatError as e:
+        return [Problem("bad_payload", f"payload: {e}")]
+    n = batch.header.get("n_readings")
+    if n is not None and n != len(body["readings"]):
+        problems.append(
+            Problem(
+                "bad_payload", f"header says {n} readings, payload holds {len(body['readings'])}"
+            )
+        )
     return problems
+
+
+# -- auditing a set of batches ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something an auditor must see.  ``severity``: bad (fails), gap, or note."""
+
+    severity: str
+    code: str
+    text: str
+    device_id: str | None = None
+    seq: int | None = None
+    where: str | None = None  # the file (or other name) it came from
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class DeviceSummary:
+    """What one device's batches say, once verified."""
+
+    device_id: str
+    kids: set[str] = field(default_factory=set)
+    batches: int = 0  # verified, each counted once
+    bad: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    explained_gaps: list[tuple[int, int]] = field(default_factory=list)
+    readings: int = 0
+    reading_gaps: list[tuple[int, int]] = field(default_factory=list)
+    first_t0: float | None = None
+    last_t0: float | None = None
+    boot_epochs: list[int] = field(default_factory=list)
+    unclean_stops: int = 0
+    clock_events: list[dict[str, Any]] = field(default_factory=list)
+    loss_events: list[dict[str, Any]] = field(default_factory=list)
+    event_kinds: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["kids"] = sorted(self.kids)
+        for k in ("gaps", "explained_gaps", "reading_gaps"):
+            d[k] = [list(g) for g in d[k]]
+        return d
+
+
+@dataclass
+class AuditReport:
+    devices: dict[str, DeviceSummary] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    # (device, seq) of every batch whose signature, payload and links all verified
+    verified: set[tuple[str, int]] = field(default_factory=set)
+
+    @property
+    def passed(self) -> bool:
+        return not any(f.severity in ("bad", "gap") for f in self.findings)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form; ``ok``, ``bad`` and ``gaps`` keep the shape of :class:`ChainReport`."""
+        bad: dict[str, list[str]] = {}
+        for f in self.findings:
+            if f.severity == "bad":
+                bad.setdefault(f.where or f"{f.device_id} seq {f.seq}", []).append(f.text)
+        return {
+            "passed": self.passed,
+            "ok": len(self.verified),
+            "bad": bad,
+            "gaps": sorted(
+                list(g) for s in self.devices.values() for g in s.gaps + s.explained_gaps
+            ),
+            "devices": {d: s.as_dict() for d, s in sorted(self.devices.items())},
+            "findings": [f.as_dict() for f in self.findings],
+        }
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """Public keys a verifier trusts, by kid, each optionally bound to one device id."""
+
+    keys: Mapping[str, tuple[ec.EllipticCurvePublicKey, str | None]]
+
+    @classmethod
+    def of(cls, items: Iterable[tuple[str | None, ec.EllipticCurvePublicKey]]) -> KeyRing:
+        return cls({kid_of(k): (k, dev) for dev, k in items})
+
+
+def _seq_from_name(name: str) -> int | None:
+    stem = PurePath(name).stem
+    return int(stem) if stem.isdigit() else None
+
+
+def _covered(gap: tuple[int, int], events: list[dict[str, Any]], key: str) -> bool:
+    for e in events:
+        r = e.get(key)
+        if isinstance(r, list) and len(r) == 2 and r[0] <= gap[0] and gap[1] <= r[1]:
+            return True
+    return False
+
+
+def _split(
+    gap: tuple[int, int], events: list[dict[str, Any]], key: str
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Split a missing range into (unexplained, explained) parts by the events' ``key`` ranges.
+
+    Interval arithmetic, never a set of sequence numbers: a forged header may
+    claim a sequence near 2**63.
+    """
+    cuts = sorted(
+        (int(r[0]), int(r[1]))
+        for e in events
+        if isinstance(r := e.get(key), list)
+        and len(r) == 2
+        and all(type(x) is int for x in r)
+        and r[0] <= r[1]
+    )
+    unexplained, explained = [], []
+    lo, hi = gap
+    for a, b in cuts:
+        if b < lo or a > hi:
+            continue
+        if a > lo:
+            unexplained.append((lo, a - 1))
+        explained.append((max(a, lo), min(b, hi)))
+        lo = b + 1
+        if lo > hi:
+            break
+    if lo <= hi:
+        unexplained.append((lo, hi))
+    return unexplained, explained
+
+
+def audit(
+    named: Iterable[tuple[str, bytes]],
+    keyring: KeyRing,
+    allowed_algs: Iterable[str] = ALLOWED_ALGS,
+) -> AuditReport:
+    """Verify batches of one or more devices, as an auditor would.
+
+    Per batch: envelope, algorithm allow-list, key id (and the device a key is
+    bound to), signature, payload hash, payload decoding, and that a file
+    named ``<n>.batch`` holds batch ``n``.  Per device: duplicates (replays)
+    and conflicts, the hash chain between consecutive batches, sequence gaps
+    (explained when a signed loss event names the range), reading-sequence
+    continuity, boot epochs that only go up, and clock events.
+
+    A bad batch still occupies its sequence: it is reported as bad, not as a gap.
+    """
+    allowed = list(allowed_algs)
+    report = AuditReport()
+    by_dev: dict[str, dict[int, list[tuple[str, Batch, bool]]]] = {}
+
+    def bad(code: str, text: str, dev: str | None, seq: int | None, where: str | None) -> None:
+        report.findings.append(Finding("bad", code, text, dev, seq, where))
+
+    for name, raw in named:
+        try:
+            b = parse(raw)
+        except BatchFormatError as e:
+            code = "truncated" if str(e).startswith("truncated") else "malformed"
+            bad(code, str(e), None, None, name)
+            continue
+        dev, seq = b.device_id, b.seq
+        problems: list[Problem] = []
+        named_seq = _seq_from_name(name)
+        if named_seq is not None and named_seq != seq:
+            problems.append(
+                Problem(
+                    "misplaced",
+                    f"file is named for batch {named_seq} but holds batch_seq {seq}: "
+                    "batches were reordered or renamed",
+                )
+            )
+        entry = keyring.keys.get(b.header["kid"])
+        if b.header["alg"] not in allowed:
+            alg = b.header["alg"]
+            problems.append(
+                Problem(
+                    "alg_not_allowed", f"alg {alg!r} is not allowed (allowed: {sorted(allowed)})"
+                )
+            )
+        elif entry is None:
+            problems.append(
+                Problem("unknown_kid", f"no trusted public key has kid {b.header['kid'][:16]}…")
+            )
+        else:
+            key, bound = entry
+            if bound is not None and bound != dev:
+                problems.append(
+                    Problem(
+                        "device_mismatch",
+                        f"signed with the key of device {bound!r} but names device {dev!r}: "
+                        "a batch spliced in from another device",
+                    )
+                )
+            problems.extend(check(b, key, allowed))
+        summary = report.devices.setdefault(dev, DeviceSummary(dev))
+        for p in problems:
+            bad(p.code, p.text, dev, seq, name)
+        if problems:
+            summary.bad += 1
+        by_dev.setdefault(dev, {}).setdefault(seq, []).append((name, b, not problems))
+
+    for dev, seqs in sorted(by_dev.items()):
+        _audit_device(report, report.devices[dev], seqs)
+    return report
+
+
+def _audit_device(
+    report: AuditReport,
+    summary: DeviceSummary,
+    seqs: dict[int, list[tuple[str, Batch, bool]]],
+) -> None:
+    dev = summary.device_id
+    good: dict[int, Batch] = {}
+    for seq, copies in seqs.items():
+        ok = [(n, b) for n, b, g in copies if g]
+        distinct = {b.raw for _, b in ok}
+        if len(distinct) > 1:
+            names = ", ".join(n for n, _ in ok)
+            report.findings.append(
+                Finding(
+                    "bad",
+                    "conflict",
+                    f"batch_seq {seq} signed twice with other content ({names})",
+                    dev,
+                    seq,
+                )
+            )
+            summary.bad += len(ok)
+            continue
+        for name, _ in ok[1:]:
+            summary.duplicates += 1
+            report.findings.append(
+                Finding(
+                    "bad",
+                    "replayed",
+                    f"replayed: an identical copy of batch_seq {seq} (counted once)",
+                    dev,
+                    seq,
+                    name,
+                )
+            )
+        if ok:
+            good[seq] = ok[0][1]
+    present = sorted(seqs)
+    if present:
+        summary.first_seq, summary.last_seq = present[0], present[-1]
+    events_by_seq = {s: b.events() for s, b in good.items()}
+    all_events = [e for s in sorted(events_by_seq) for e in events_by_seq[s]]
+    loss = [e for e in all_events if e.get("kind") in LOSS_EVENTS]
+    summary.loss_events = loss
+    holes = [(a + 1, b - 1) for a, b in zip([-1, *present], present, strict=False) if b > a + 1]
+    for hole in holes:
+        unexplained, explained = _split(hole, loss, "lost_batches")
+        for gap in explained:
+            summary.explained_gaps.append(gap)
+            report.findings.append(
+                Finding(
+                    "note",
+                    "gap_explained",
+                    f"batches {gap[0]}..{gap[1]} missing, explained by a signed loss event",
+                    dev,
+                    gap[0],
+                )
+            )
+        for gap in unexplained:
+            summary.gaps.append(gap)
+            report.findings.append(
+                Finding("gap", "gap", f"batches {gap[0]}..{gap[1]} missing", dev, gap[0])
+            )
+    prev_epoch = -1
+    for seq in sorted(good):
+        b = good[seq]
+        linked = True
+        if seq == 0 and b.header["prev_hash"] != ZERO_HASH:
+            linked = False
+            report.findings.append(
+                Finding(
+                    "bad",
+                    "chain_broken",
+                    "first batch's prev_hash is not 32 zero bytes",
+                    dev,
+                    seq,
+                    f"seq {seq}",
+                )
+            )
+        before = good.get(seq - 1)
+        if before is not None and b.header["prev_hash"] != before.file_hash:
+            linked = False
+            report.findings.append(
+                Finding(
+                    "bad",
+                    "chain_broken",
+                    f"prev_hash does not match batch {seq - 1}: chain broken",
+                    dev,
+                    seq,
+                    f"seq {seq}",
+                )
+            )
+        if before is not None:
+            _check_reading_link(report, summary, before, b, events_by_seq[seq])
+        epoch = b.header.get("boot_epoch")
+        if isinstance(epoch, int):
+            if epoch < prev_epoch:
+                linked = False
+                report.findings.append(
+                    Finding(
+                        "bad",
+                        "epoch_regression",
+                        f"boot_epoch went back from {prev_epoch} to {epoch}",
+                        dev,
+                        seq,
+                    )
+                )
+            prev_epoch = max(prev_epoch, epoch)
+        if linked:
+            report.verified.add((dev, seq))
+        summary.batches += 1
+        summary.kids.add(b.header["kid"])
+        summary.readings += b.n_readings or 0
+        if b.header.get("first_t0") is not None:
+            t0, t1 = b.header["first_t0"], b.header["last_t0"]
+            summary.first_t0 = t0 if summary.first_t0 is None else min(summary.first_t0, t0)
+            summary.last_t0 = t1 if summary.last_t0 is None else max(summary.last_t0, t1)
+        for e in events_by_seq[seq]:
+            kind = str(e.get("kind"))
+            summary.event_kinds[kind] = summary.event_kinds.get(kind, 0) + 1
+            if kind == "BOOT":
+                _check_boot(report, summary, e, seq)
+            elif "CLOCK" in kind:
+                summary.clock_events.append({"seq": seq, **e})
+
+
+def _check_reading_link(
+    report: AuditReport,
+    summary: DeviceSummary,
+    before: Batch,
+    b: Batch,
+    events: list[dict[str, Any]],
+) -> None:
+    f0, n0, f1 = before.first_reading_seq, before.n_readings, b.first_reading_seq
+    if f0 is None or n0 is None or f1 is None or f0 + n0 == f1:
+        return
+    dev, seq = summary.device_id, b.seq
+    if f1 < f0 + n0:
+        report.findings.append(
+            Finding(
+                "bad",
+                "reading_overlap",
+                f"readings from {f1} were already sealed in batch {seq - 1}",
+                dev,
+                seq,
+            )
+        )
+        return
+    gap = (f0 + n0, f1 - 1)
+    if _covered(gap, events, "lost_readings"):
+        report.findings.append(
+            Finding(
+                "note",
+                "reading_gap_explained",
+                f"readings {gap[0]}..{gap[1]} missing, explained by a signed loss event",
+                dev,
+                seq,
+            )
+        )
+    else:
+        summary.reading_gaps.append(gap)
+        report.findings.append(
+            Finding(
+                "gap",
+                "reading_gap",
+                f"readings {gap[0]}..{gap[1]} missing before batch {seq}",
+                dev,
+                seq,
+            )
+        )
+
+
+def _check_boot(report: AuditReport, summary: DeviceSummary, e: dict[str, Any], seq: int) -> None:
+    epoch = e.get("epoch")
+    if not isinstance(epoch, int):
+        return
+    if summary.boot_epochs and epoch <= summary.boot_epochs[-1]:
+        report.findings.append(
+            Finding(
+                "bad",
+                "epoch_regression",
+                f"BOOT epoch {epoch} does not follow {summary.boot_epochs[-1]}",
+                summary.device_id,
+                seq,
+            )
+        )
+    summary.boot_epochs.append(epoch)
+    if e.get("clean_stop") is False:
+        summary.unclean_stops += 1
 
 
 @dataclass
 class ChainReport:
-    """Result of verifying a set of one device's batches."""
+    """Result of verifying one device's batches with one key (the simple view of :func:`audit`)."""
 
     ok: list[int] = field(default_factory=list)
     bad: dict[str, list[str]] = field(default_factory=dict)  # name -> reasons
@@ -186,43 +807,13 @@ def verify_set(
     check; its successor then also reports a chain break, since the chain is
     over file bytes.
     """
+    full = audit(named, KeyRing.of([(None, public_key)]))
     report = ChainReport()
-    good: dict[int, Batch] = {}
-    # A bad batch still occupies its sequence number: it is reported as bad, not as a gap.
-    parsed: dict[int, Batch] = {}
-    for name, raw in named:
-        try:
-            b = parse(raw)
-        except BatchFormatError as e:
-            report.bad.setdefault(name, []).append(str(e))
-            continue
-        parsed.setdefault(b.seq, b)
-        problems = check(b, public_key)
-        if b.seq in good and good[b.seq].raw != raw:
-            problems.append(f"batch_seq {b.seq} appears twice with different content")
-        if problems:
-            report.bad.setdefault(name, []).extend(problems)
-            continue
-        good[b.seq] = b
-    seen = sorted(good)
-    if parsed:
-        expected = 0
-        for seq in sorted(parsed):
-            if seq > expected:
-                report.gaps.append((expected, seq - 1))
-            expected = seq + 1
-    for seq in seen:
-        b = good[seq]
-        if seq == 0:
-            if b.header["prev_hash"] != ZERO_HASH:
-                report.bad.setdefault(f"seq {seq}", []).append(
-                    "first batch's prev_hash is not 32 zero bytes"
-                )
-                continue
-        elif seq - 1 in parsed and b.header["prev_hash"] != parsed[seq - 1].file_hash:
-            report.bad.setdefault(f"seq {seq}", []).append(
-                f"prev_hash does not match batch {seq - 1}: chain broken"
-            )
-            continue
-        report.ok.append(seq)
+    for f in full.findings:
+        if f.severity == "bad":
+            report.bad.setdefault(f.where or f"seq {f.seq}", []).append(f.text)
+    for s in full.devices.values():
+        report.gaps.extend(s.gaps + s.explained_gaps)
+    report.gaps.sort()
+    report.ok = sorted(seq for _, seq in full.verified)
     return report

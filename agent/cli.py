@@ -13,13 +13,15 @@ import argparse
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from cngmrv.agent import batch, config, keys
+from cngmrv.agent.ingest import IngestError
 from cngmrv.agent.store import StoreError, open_readonly
 
 EXIT_USAGE = 2
@@ -40,37 +42,58 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_batches(db_path: Path) -> list[tuple[int, bytes]]:
+def _read_batches(db_path: Path, device: str | None = None) -> list[tuple[str, int, bytes]]:
+    """(device, seq, bytes) of every batch in a device store or an ingest database."""
     db = open_readonly(db_path)
     try:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if "batches" not in tables:
             raise StoreError(f"{db_path} is not a cngmrv store (no batches table)")
-        return [
-            (int(s), bytes(b)) for s, b in db.execute("SELECT seq, bytes FROM batches ORDER BY seq")
-        ]
+        if "devices" in tables:  # an ingest database: many devices
+            rows = db.execute(
+                "SELECT device_id, seq, bytes FROM batches "
+                "WHERE ? IS NULL OR device_id = ? ORDER BY device_id, seq",
+                (device, device),
+            ).fetchall()
+            return [(str(d), int(s), bytes(b)) for d, s, b in rows]
+        row = db.execute("SELECT value FROM meta WHERE key='device_id'").fetchone()
+        dev = str(row[0]) if row else "?"
+        if device is not None and device != dev:
+            return []
+        rows = db.execute("SELECT seq, bytes FROM batches ORDER BY seq").fetchall()
+        return [(dev, int(s), bytes(b)) for s, b in rows]
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot read batches from {db_path}: {e}") from None
     finally:
         db.close()
 
 
 def _export(args: argparse.Namespace) -> int:
-    rows = _read_batches(Path(args.db))
+    rows = [r for r in _read_batches(Path(args.db), args.device) if r[1] >= args.since]
     out = Path(args.out)
+    devices = sorted({d for d, _, _ in rows})
     out.mkdir(parents=True, exist_ok=True)
-    for seq, raw in rows:
-        (out / f"{seq}.batch").write_bytes(raw)
+    for dev, seq, raw in rows:
+        # One folder per device when there are several, so file names stay <seq>.batch.
+        folder = out / dev if len(devices) > 1 else out
+        folder.mkdir(exist_ok=True)
+        (folder / f"{seq}.batch").write_bytes(raw)
     if args.json:
-        print(json.dumps({"exported": len(rows), "out": str(out)}))
+        print(json.dumps({"exported": len(rows), "devices": devices, "out": str(out)}))
     else:
-        print(f"exported {len(rows)} batches to {out}")
+        print(f"exported {len(rows)} batches of {len(devices)} device(s) to {out}")
     return 0
+
+
+def _seq_key(p: Path) -> tuple[int, int | str]:
+    return (0, int(p.stem)) if p.stem.isdigit() else (1, p.name)
 
 
 def _collect(paths: list[str]) -> list[tuple[str, bytes]]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(p.glob("*.batch")))
+            files.extend(sorted(p.rglob("*.batch"), key=lambda f: (str(f.parent), _seq_key(f))))
         elif p.is_file():
             files.append(p)
         else:
@@ -80,34 +103,82 @@ def _collect(paths: list[str]) -> list[tuple[str, bytes]]:
     return [(str(f), f.read_bytes()) for f in files]
 
 
+def _keyring(args: argparse.Namespace) -> batch.KeyRing:
+    items: list[tuple[str | None, Any]] = []
+    for spec in args.pubkey or []:
+        device, sep, path = spec.rpartition("=")
+        items.append((device if sep else None, keys.load_public_key(Path(path))))
+    if args.registry:
+        db = open_readonly(Path(args.registry))
+        try:
+            for dev, pem in db.execute("SELECT device_id, pubkey_pem FROM devices"):
+                items.append((str(dev), keys.public_key_from_pem(bytes(pem), f"key of {dev}")))
+        except sqlite3.Error as e:
+            raise StoreError(f"{args.registry} has no device registry: {e}") from None
+        finally:
+            db.close()
+    if not items:
+        raise ValueError("give the device keys: --pubkey FILE, --pubkey DEVICE=FILE or --registry")
+    return batch.KeyRing.of(items)
+
+
+def _span(a: int | None, b: int | None) -> str:
+    return "-" if a is None else f"{a}..{b}"
+
+
 def _verify(args: argparse.Namespace) -> int:
-    pub = keys.load_public_key(Path(args.pubkey))
-    report = batch.verify_set(_collect(args.paths), pub)
+    ring = _keyring(args)
+    named: list[tuple[str, bytes]] = []
+    if args.db:
+        named += [(f"{d}:{s}", raw) for d, s, raw in _read_batches(Path(args.db))]
+    if args.paths:
+        named += _collect(args.paths)
+    if not named:
+        raise FileNotFoundError("nothing to verify: give batch files, a folder or --db")
+    report = batch.audit(named, ring)
     if args.json:
+        print(json.dumps(report.as_dict(), default=str))
+        return 0 if report.passed else EXIT_FAILED
+    for f in report.findings:
+        where = f.where or (f"{f.device_id} seq {f.seq}" if f.seq is not None else f.device_id)
+        print(f"{f.severity.upper():<5} {f.code:<16} {where}: {f.text}")
+    cols = ("device", "batches", "bad", "seqs", "gaps", "readings", "boots", "unclean", "clock")
+    print(
+        f"{cols[0]:<16} {cols[1]:>7} {cols[2]:>4} {cols[3]:>11} {cols[4]:>4} "
+        f"{cols[5]:>9} {cols[6]:>5} {cols[7]:>7} {cols[8]:>5}"
+    )
+    for dev, d in sorted(report.devices.items()):
         print(
-            json.dumps(
-                {
-                    "passed": report.passed,
-                    "ok": len(report.ok),
-                    "bad": report.bad,
-                    "gaps": [list(g) for g in report.gaps],
-                }
-            )
+            f"{dev:<16} {d.batches:>7} {d.bad:>4} {_span(d.first_seq, d.last_seq):>11} "
+            f"{len(d.gaps) + len(d.explained_gaps):>4} {d.readings:>9} {len(d.boot_epochs):>5} "
+            f"{d.unclean_stops:>7} {len(d.clock_events):>5}"
         )
-    else:
-        for name, reasons in sorted(report.bad.items()):
-            for r in reasons:
-                print(f"BAD  {name}: {r}")
-        for lo, hi in report.gaps:
-            print(f"GAP  batch_seq {lo}" + (f"..{hi}" if hi != lo else "") + " missing")
-        print(f"{len(report.ok)} batches verified, {len(report.bad)} bad, {len(report.gaps)} gaps")
+    verdict = "PASSED" if report.passed else "FAILED"
+    print(f"{verdict}: {len(report.verified)} batches verified, {len(report.findings)} findings")
     return 0 if report.passed else EXIT_FAILED
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from cngmrv.agent.ingest import IngestServer, register_device
+    from cngmrv.agent.ingest import Ingest, IngestServer, open_db, register_device
 
-    server = IngestServer(Path(args.db), args.host, args.port)
+    if args.report:
+        db = open_db(args.db)
+        try:
+            devices = Ingest(db).report()
+        finally:
+            db.close()
+        if args.json:
+            print(json.dumps(devices))
+        for d in [] if args.json else devices:
+            gaps = ", ".join(f"{a}..{b}" for a, b in d["gaps"]) or "none"
+            print(
+                f"{d['device_id']}: {d['batches']} batches, last {d['last_seq']}, "
+                f"gaps {gaps}, {len(d['alarms'])} alarms"
+            )
+            for a in d["alarms"]:
+                print(f"  ALARM {a['kind']} seq {a['seq']}: {a['detail']}")
+        return 0
+    server = IngestServer(args.db, args.host, args.port)
     for item in args.register or []:
         device_id, sep, pub = item.partition("=")
         if not sep:
@@ -201,14 +272,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_keygen)
 
     s = sub.add_parser("export", help="write each batch of a store as <batch_seq>.batch")
-    s.add_argument("--db", required=True, help="device store (SQLite)")
-    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--db", required=True, help="device store or ingest database (SQLite)")
+    s.add_argument("--out", required=True, help="output folder (one subfolder per device)")
+    s.add_argument("--device", help="only this device (ingest databases hold many)")
+    s.add_argument("--since", type=int, default=0, metavar="SEQ", help="from this batch_seq on")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_export)
 
-    s = sub.add_parser("verify", help="check signatures, hash chain and sequence gaps")
-    s.add_argument("paths", nargs="+", metavar="FILES_OR_DIR")
-    s.add_argument("--pubkey", required=True, help="the device's public key (PEM)")
+    s = sub.add_parser(
+        "verify", help="audit batches: signatures, chain, gaps, boot epochs, clock events"
+    )
+    s.add_argument("paths", nargs="*", metavar="FILES_OR_DIR")
+    s.add_argument("--db", help="verify the batches held in a store or ingest database")
+    s.add_argument(
+        "--pubkey",
+        action="append",
+        metavar="[DEVICE=]PEM",
+        help="a trusted public key, optionally bound to one device (repeatable)",
+    )
+    s.add_argument("--registry", help="trust the device keys registered in an ingest database")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_verify)
 
@@ -222,12 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_replay)
 
     s = sub.add_parser("ingest", help="run the reference ingest server")
-    s.add_argument("--db", required=True, help="ingest database (SQLite)")
+    s.add_argument(
+        "--db", required=True, help="ingest database: SQLite file, or a postgresql:// URL"
+    )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument(
         "--register", action="append", metavar="DEVICE_ID=PUBKEY", help="register a device key"
     )
+    s.add_argument("--report", action="store_true", help="print gaps and alarms per device, exit")
+    s.add_argument("--json", action="store_true")
     s.set_defaults(func=_ingest)
 
     s = sub.add_parser("report", help="emission reductions per bus and period (csv/json/html)")
@@ -267,6 +353,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         StoreError,
         config.ConfigError,
         batch.BatchFormatError,
+        IngestError,
         FileNotFoundError,
         PermissionError,
         ValueError,

@@ -78,6 +78,19 @@ def _request_period(v: Any) -> str | None:
     return None if v >= 1.0 else "must be >= 1 s (requests are sent at a low rate)"
 
 
+def _fraction(v: Any) -> str | None:
+    return None if 0 < v < 1 else "must be between 0 and 1"
+
+
+def _buffer(v: Any) -> str | None:
+    # A few seconds: longer means more readings lost per power cut.
+    return None if 0 < v <= 60 else "must be > 0 and at most 60 seconds"
+
+
+def _quota(v: Any) -> str | None:
+    return None if v >= 1 else "must be at least 1 MB"
+
+
 # section -> key -> (type, default, check); a default of None means required.
 SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
     "device": {
@@ -113,9 +126,20 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
         "can_source_address": (int, 0x27, _address),
         "dbc": (str, "", None),  # empty: the DBC shipped with cngmrv.drivers
     },
-    "store": {"path": (Path, None, None)},
+    "store": {
+        "path": (Path, None, None),
+        "buffer_s": (float, 10.0, _buffer),
+        "quota_mb": (float, 1024.0, _quota),
+        "alarm_fraction": (float, 0.8, _fraction),
+        "drop_fraction": (float, 0.95, _fraction),
+    },
     "batch": {"readings_per_batch": (int, 60, _positive)},
-    "upload": {"url": (str, "", _url)},
+    "upload": {
+        "url": (str, "", _url),
+        "timeout_s": (float, 10.0, _positive),
+        "backoff_base_s": (float, 2.0, _positive),
+        "backoff_cap_s": (float, 900.0, _positive),
+    },
     "pipeline": {
         "period_s": (float, 1.0, _positive),
         "can_max_gap_s": (float, 1.0, _positive),
@@ -173,6 +197,13 @@ class Config:
     pipeline: PipelineConfig
     can_source: SourceSettings = SourceSettings()
     can_dbc: Path | None = None
+    store_buffer_s: float = 10.0
+    store_quota_bytes: int = 1 << 30
+    store_alarm_fraction: float = 0.8
+    store_drop_fraction: float = 0.95
+    upload_timeout_s: float = 10.0
+    upload_backoff_base_s: float = 2.0
+    upload_backoff_cap_s: float = 900.0
 
 
 def _coerce(key: str, kind: type, value: Any, base: Path) -> Any:
@@ -246,6 +277,10 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
             raise ConfigError(f"kit.dbc: cannot load {kit_dbc}: {e}") from None
     source = _can_source(v, base, dbc_pgns)
     engine_name = v["pipeline.engine_name"]
+    if v["store.drop_fraction"] <= v["store.alarm_fraction"]:
+        raise ConfigError("store.drop_fraction: must be above store.alarm_fraction")
+    if v["upload.backoff_cap_s"] < v["upload.backoff_base_s"]:
+        raise ConfigError("upload.backoff_cap_s: must be at least upload.backoff_base_s")
     return Config(
         device_id=v["device.id"],
         key_file=v["device.key_file"],
@@ -281,6 +316,13 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         ),
         can_source=source,
         can_dbc=dbc,
+        store_buffer_s=v["store.buffer_s"],
+        store_quota_bytes=int(v["store.quota_mb"] * 1024 * 1024),
+        store_alarm_fraction=v["store.alarm_fraction"],
+        store_drop_fraction=v["store.drop_fraction"],
+        upload_timeout_s=v["upload.timeout_s"],
+        upload_backoff_base_s=v["upload.backoff_base_s"],
+        upload_backoff_cap_s=v["upload.backoff_cap_s"],
     )
 
 

@@ -1,17 +1,32 @@
-"""The reference ingest server: verifies batches and stores them once.
+"""The reference ingest server: verifies batches and stores each one once.
 
-``POST /v1/batches`` takes one batch's exact bytes.  The answer:
+``POST /v1/batches`` takes one batch's exact bytes.  The answer (JSON):
 
-- 201 ``stored``: new, verified, chained to the device's previous batch;
-- 200 ``duplicate``: the same bytes were already stored (uploads are idempotent);
-- 400 malformed envelope; 403 unknown device or key id; 422 bad signature or hash;
-- 409 ``conflict``: the same (device, sequence) with other bytes (flagged and kept
-  for the auditor in ``conflicts``), or ``out_of_order``: the batch does not follow
-  the device's last stored one (the body names the expected sequence).
+- 201 ``stored``: new and verified.  ``gap: [a, b]`` when batches a..b of the
+  device are missing before it (accepted; the gap is recorded and reported
+  until the missing batches arrive), ``out_of_order: true`` when it filled
+  such a gap late.
+- 200 ``duplicate``: the same bytes were already stored (uploads are
+  idempotent, and a replay is stored once).
+- 400 ``malformed`` or ``truncated``: not a batch envelope (the reason says why).
+- 403 ``unknown_device``, or ``kid_mismatch`` (signed by another key than the
+  device's registered one: e.g. a batch spliced in from another device).
+- 422 ``rejected``: algorithm outside the allow-list, bad signature, payload
+  hash or payload; ``reasons`` lists them, ``codes`` their stable codes.
+- 409 ``conflict``: the same (device, sequence) with other bytes; or
+  ``chain_broken``: ``prev_hash`` does not match the stored neighbour.  Both
+  are tamper alarms: logged at error level and kept in ``alarms`` with the
+  offending bytes for the auditor (they carry a valid device signature).
 
-Devices are registered out of band (:func:`register_device`, or
-``cngmrv ingest --register``), never over HTTP: a public key that anyone can
-upload would let anyone forge a device.
+Devices are registered out of band (:func:`register_device`, or ``cngmrv
+ingest --register``), never over HTTP: a public key that anyone can upload
+would let anyone forge a device.
+
+Storage is plain SQL over a DB-API connection (:class:`IngestDB`): SQLite by
+default, PostgreSQL when given a ``postgresql://`` URL and the ``psycopg``
+package, for a fleet.  Each batch is checked and stored in one transaction
+that first locks the device's row, so concurrent posts of the same batch store
+it exactly once, on one server or several.
 """
 
 from __future__ import annotations
@@ -21,143 +36,388 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from cngmrv.agent import batch
-from cngmrv.agent.keys import kid_of, public_key_from_pem
+from cngmrv.agent.keys import ALLOWED_ALGS, kid_of, public_key_from_pem
 
 log = logging.getLogger("cngmrv.ingest")
 
 MAX_BODY = 16 * 1024 * 1024
 
-SCHEMA = """
+_TABLES = """
 CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY, kid TEXT NOT NULL, pubkey_pem BLOB NOT NULL
+    device_id TEXT PRIMARY KEY, kid TEXT NOT NULL, pubkey_pem {blob} NOT NULL
 );
 CREATE TABLE IF NOT EXISTS batches (
-    device_id TEXT NOT NULL, seq INTEGER NOT NULL, sha256 BLOB NOT NULL,
-    bytes BLOB NOT NULL, received_at REAL NOT NULL,
+    device_id TEXT NOT NULL, seq BIGINT NOT NULL, sha256 {blob} NOT NULL,
+    prev_hash {blob}, bytes {blob} NOT NULL, received_at {real} NOT NULL,
     PRIMARY KEY (device_id, seq)
 );
-CREATE TABLE IF NOT EXISTS conflicts (
-    device_id TEXT NOT NULL, seq INTEGER NOT NULL, bytes BLOB NOT NULL, received_at REAL NOT NULL
+CREATE TABLE IF NOT EXISTS gaps (
+    device_id TEXT NOT NULL, first_seq BIGINT NOT NULL, last_seq BIGINT NOT NULL,
+    found_at {real} NOT NULL, PRIMARY KEY (device_id, first_seq)
 );
+CREATE TABLE IF NOT EXISTS alarms (
+    device_id TEXT NOT NULL, seq BIGINT, kind TEXT NOT NULL, detail TEXT NOT NULL,
+    bytes {blob}, at {real} NOT NULL
+)
 """
 
 
-def open_db(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.executescript(SCHEMA)
-    return db
+class IngestError(Exception):
+    """The ingest database cannot be opened or used."""
 
 
-def register_device(db: sqlite3.Connection, device_id: str, pubkey_pem: bytes) -> str:
+class IngestDB:
+    """The ingest's storage: a DB-API connection and plain SQL written with ``?`` markers.
+
+    Thread-safe: one connection, one lock.  ``target`` is a file path, a
+    ``sqlite:///path`` URL, or a ``postgresql://`` URL (needs ``psycopg``).
+    """
+
+    def __init__(self, target: str | Path) -> None:
+        text = str(target)
+        self._lock = threading.RLock()
+        self.dialect = "sqlite"
+        self._conn: Any
+        if text.startswith(("postgresql://", "postgres://")):
+            try:
+                import psycopg  # type: ignore[import-not-found]
+            except ImportError:
+                raise IngestError(
+                    "a PostgreSQL URL needs the psycopg package: pip install 'psycopg[binary]'"
+                ) from None
+            self.dialect = "postgresql"
+            self._conn = psycopg.connect(text, autocommit=True)
+        else:
+            path = Path(text.removeprefix("sqlite:///") if text.startswith("sqlite:") else text)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._conn = sqlite3.connect(
+                    path, isolation_level=None, check_same_thread=False, timeout=30
+                )
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=FULL")
+            except (sqlite3.Error, OSError) as e:
+                raise IngestError(f"cannot open ingest database {path}: {e}") from None
+        pg = self.dialect == "postgresql"
+        blob, real = ("BYTEA", "DOUBLE PRECISION") if pg else ("BLOB", "REAL")
+        # Serialises the checks of one device's batches across servers sharing the database.
+        self.for_update = " FOR UPDATE" if pg else ""
+        with self.tx():
+            for stmt in _TABLES.format(blob=blob, real=real).split(";"):
+                self.execute(stmt)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        # Databases from before prev_hash was kept: add it and fill it in.
+        if self.dialect != "sqlite":
+            return
+        cols = {r[1] for r in self.execute("PRAGMA table_info(batches)")}
+        if "prev_hash" not in cols:
+            self.execute("ALTER TABLE batches ADD COLUMN prev_hash BLOB")
+        for dev, seq, raw in self.all(
+            "SELECT device_id, seq, bytes FROM batches WHERE prev_hash IS NULL"
+        ):
+            prev = batch.parse(bytes(raw)).header["prev_hash"]
+            self.execute(
+                "UPDATE batches SET prev_hash=? WHERE device_id=? AND seq=?", (prev, dev, seq)
+            )
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        if self.dialect == "postgresql":
+            sql = sql.replace("?", "%s")
+        with self._lock:
+            return self._conn.execute(sql, tuple(params))
+
+    def one(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        with self._lock:
+            return self.execute(sql, params).fetchone()
+
+    def all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        with self._lock:
+            return list(self.execute(sql, params).fetchall())
+
+    @contextmanager
+    def tx(self) -> Iterator[None]:
+        with self._lock:
+            self.execute("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
+            try:
+                yield
+            except BaseException:
+                self.execute("ROLLBACK")
+                raise
+            self.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def open_db(target: str | Path) -> IngestDB:
+    return IngestDB(target)
+
+
+def register_device(db: IngestDB, device_id: str, pubkey_pem: bytes) -> str:
     """Register (or confirm) a device's public key; returns its kid.
 
     Re-registering the same key is a no-op; a different key for a known device
     is refused, since it would orphan the device's existing chain.
     """
     kid = kid_of(public_key_from_pem(pubkey_pem, f"public key of {device_id}"))
-    row = db.execute("SELECT kid FROM devices WHERE device_id=?", (device_id,)).fetchone()
-    if row is not None and row[0] != kid:
-        raise ValueError(f"device {device_id!r} is already registered with another key")
-    if row is None:
-        db.execute(
-            "INSERT INTO devices(device_id, kid, pubkey_pem) VALUES(?, ?, ?)",
-            (device_id, kid, pubkey_pem),
-        )
+    with db.tx():
+        row = db.one("SELECT kid FROM devices WHERE device_id=?", (device_id,))
+        if row is not None and row[0] != kid:
+            raise ValueError(f"device {device_id!r} is already registered with another key")
+        if row is None:
+            db.execute(
+                "INSERT INTO devices(device_id, kid, pubkey_pem) VALUES(?, ?, ?)",
+                (device_id, kid, pubkey_pem),
+            )
     return kid
 
 
 class Ingest:
     """Verification and storage, separate from HTTP so tests can call it directly."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-        self._lock = threading.Lock()
-        self._keys: dict[str, Any] = {}
+    def __init__(self, db: IngestDB, allowed_algs: Iterable[str] = ALLOWED_ALGS) -> None:
+        self.db = db
+        self.allowed_algs = frozenset(allowed_algs)
+        self.counts: dict[str, int] = {}
+        self._counts_lock = threading.Lock()
+        self._keys: dict[bytes, Any] = {}
 
     def accept(self, raw: bytes) -> tuple[int, dict[str, Any]]:
+        """Check and store one batch; returns the HTTP status and the JSON answer."""
         try:
             b = batch.parse(raw)
         except batch.BatchFormatError as e:
-            return 400, {"error": "malformed", "reason": str(e)}
-        with self._lock:
-            return self._accept(b)
+            code = "truncated" if str(e).startswith("truncated") else "malformed"
+            return self._count(400, {"error": code, "reason": str(e)})
+        with self.db.tx():
+            return self._count(*self._accept(b))
+
+    def _count(self, status: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        key = str(body.get("status") or body.get("error"))
+        with self._counts_lock:
+            self.counts[key] = self.counts.get(key, 0) + 1
+        return status, body
+
+    def _key(self, pem: bytes) -> Any:
+        if pem not in self._keys:
+            self._keys[pem] = public_key_from_pem(pem)
+        return self._keys[pem]
+
+    def _alarm(self, dev: str, seq: int, kind: str, detail: str, raw: bytes | None) -> None:
+        log.error("event=tamper_alarm kind=%s device=%s seq=%d detail=%r", kind, dev, seq, detail)
+        self.db.execute(
+            "INSERT INTO alarms(device_id, seq, kind, detail, bytes, at) VALUES(?, ?, ?, ?, ?, ?)",
+            (dev, seq, kind, detail, raw, time.time()),
+        )
 
     def _accept(self, b: batch.Batch) -> tuple[int, dict[str, Any]]:
         dev, seq = b.device_id, b.seq
-        row = self._db.execute(
-            "SELECT kid, pubkey_pem FROM devices WHERE device_id=?", (dev,)
-        ).fetchone()
+        row = self.db.one(
+            "SELECT kid, pubkey_pem FROM devices WHERE device_id=?" + self.db.for_update, (dev,)
+        )
         if row is None:
+            log.warning("event=batch_rejected reason=unknown_device device=%s", dev)
             return 403, {"error": "unknown_device", "device_id": dev}
-        key = public_key_from_pem(bytes(row[1]))
-        problems = batch.check(b, key)
+        alg = b.header["alg"]
+        if alg not in self.allowed_algs:
+            reason = f"alg {alg!r} is not allowed (allowed: {sorted(self.allowed_algs)})"
+            log.warning("event=batch_rejected reason=alg_not_allowed device=%s seq=%d", dev, seq)
+            return 422, {
+                "error": "rejected",
+                "codes": ["alg_not_allowed"],
+                "reasons": [reason],
+                "seq": seq,
+            }
+        if b.header["kid"] != row[0]:
+            log.warning("event=batch_rejected reason=kid_mismatch device=%s seq=%d", dev, seq)
+            return 403, {
+                "error": "kid_mismatch",
+                "reason": f"signed with key {b.header['kid'][:16]}…, not device {dev!r}'s",
+                "seq": seq,
+            }
+        problems = batch.check(b, self._key(bytes(row[1])), self.allowed_algs)
         if problems:
-            status = 403 if "kid does not match the public key" in problems else 422
-            return status, {"error": "rejected", "reasons": problems, "seq": seq}
-        held = self._db.execute(
-            "SELECT sha256 FROM batches WHERE device_id=? AND seq=?", (dev, seq)
-        ).fetchone()
+            log.warning(
+                "event=batch_rejected reason=%s device=%s seq=%d",
+                ",".join(p.code for p in problems),
+                dev,
+                seq,
+            )
+            return 422, {
+                "error": "rejected",
+                "codes": [p.code for p in problems],
+                "reasons": [p.text for p in problems],
+                "seq": seq,
+            }
+        held = self.db.one("SELECT sha256 FROM batches WHERE device_id=? AND seq=?", (dev, seq))
         if held is not None:
             if bytes(held[0]) == b.file_hash:
+                log.info("event=batch_duplicate device=%s seq=%d", dev, seq)
                 return 200, {"status": "duplicate", "seq": seq}
-            self._db.execute(
-                "INSERT INTO conflicts(device_id, seq, bytes, received_at) VALUES(?, ?, ?, ?)",
-                (dev, seq, b.raw, time.time()),
-            )
-            log.error("event=batch_conflict device=%s seq=%d", dev, seq)
+            self._alarm(dev, seq, "conflict", "same sequence, other content", b.raw)
             return 409, {"error": "conflict", "seq": seq}
-        last = self._db.execute(
-            "SELECT seq, sha256 FROM batches WHERE device_id=? ORDER BY seq DESC LIMIT 1", (dev,)
-        ).fetchone()
-        expected_seq, expected_prev = (
-            (0, batch.ZERO_HASH)
-            if last is None
-            else (
-                last[0] + 1,
-                bytes(last[1]),
+        if seq == 0 and b.header["prev_hash"] != batch.ZERO_HASH:
+            return 422, {
+                "error": "rejected",
+                "codes": ["chain_broken"],
+                "reasons": ["the first batch must carry 32 zero bytes as prev_hash"],
+                "seq": seq,
+            }
+        before = self.db.one(
+            "SELECT sha256 FROM batches WHERE device_id=? AND seq=?", (dev, seq - 1)
+        )
+        if before is not None and bytes(before[0]) != b.header["prev_hash"]:
+            self._alarm(
+                dev, seq, "chain_broken", f"prev_hash does not match batch {seq - 1}", b.raw
             )
+            return 409, {"error": "chain_broken", "seq": seq, "detail": f"batch {seq - 1}"}
+        after = self.db.one(
+            "SELECT prev_hash FROM batches WHERE device_id=? AND seq=?", (dev, seq + 1)
         )
-        if seq != expected_seq or b.header["prev_hash"] != expected_prev:
-            return 409, {"error": "out_of_order", "seq": seq, "expected_seq": expected_seq}
-        self._db.execute(
-            "INSERT INTO batches(device_id, seq, sha256, bytes, received_at) VALUES(?, ?, ?, ?, ?)",
-            (dev, seq, b.file_hash, b.raw, time.time()),
+        if after is not None and bytes(after[0]) != b.file_hash:
+            self._alarm(dev, seq, "chain_broken", f"batch {seq + 1} does not chain to it", b.raw)
+            return 409, {"error": "chain_broken", "seq": seq, "detail": f"batch {seq + 1}"}
+        last_row = self.db.one("SELECT max(seq) FROM batches WHERE device_id=?", (dev,))
+        last = None if last_row is None or last_row[0] is None else int(last_row[0])
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO batches(device_id, seq, sha256, prev_hash, bytes, received_at) "
+            "VALUES(?, ?, ?, ?, ?, ?)",
+            (dev, seq, b.file_hash, b.header["prev_hash"], b.raw, now),
         )
-        return 201, {"status": "stored", "seq": seq}
+        answer: dict[str, Any] = {"status": "stored", "seq": seq}
+        expected = 0 if last is None else last + 1
+        if seq > expected:
+            self.db.execute(
+                "INSERT INTO gaps(device_id, first_seq, last_seq, found_at) VALUES(?, ?, ?, ?)",
+                (dev, expected, seq - 1, now),
+            )
+            log.warning("event=batch_gap device=%s missing=%d..%d", dev, expected, seq - 1)
+            answer["gap"] = [expected, seq - 1]
+        elif seq < expected:
+            self._fill_gap(dev, seq, now)
+            log.warning("event=batch_out_of_order device=%s seq=%d", dev, seq)
+            answer["out_of_order"] = True
+        return 201, answer
+
+    def _fill_gap(self, dev: str, seq: int, now: float) -> None:
+        row = self.db.one(
+            "SELECT first_seq, last_seq, found_at FROM gaps "
+            "WHERE device_id=? AND first_seq<=? AND last_seq>=?",
+            (dev, seq, seq),
+        )
+        if row is None:
+            return
+        first, last, found = int(row[0]), int(row[1]), row[2]
+        self.db.execute("DELETE FROM gaps WHERE device_id=? AND first_seq=?", (dev, first))
+        for lo, hi in ((first, seq - 1), (seq + 1, last)):
+            if lo <= hi:
+                self.db.execute(
+                    "INSERT INTO gaps(device_id, first_seq, last_seq, found_at) VALUES(?, ?, ?, ?)",
+                    (dev, lo, hi, found),
+                )
+
+    def report(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        """Per device: batches held, last sequence, open gaps and alarms."""
+        devs = (
+            [device_id]
+            if device_id is not None
+            else [r[0] for r in self.db.all("SELECT device_id FROM devices ORDER BY device_id")]
+        )
+        out = []
+        for dev in devs:
+            kid = self.db.one("SELECT kid FROM devices WHERE device_id=?", (dev,))
+            if kid is None:
+                continue
+            n, last = self.db.one(
+                "SELECT count(*), max(seq) FROM batches WHERE device_id=?", (dev,)
+            )
+            gaps = self.db.all(
+                "SELECT first_seq, last_seq FROM gaps WHERE device_id=? ORDER BY first_seq", (dev,)
+            )
+            alarms = self.db.all(
+                "SELECT seq, kind, detail, at FROM alarms WHERE device_id=? ORDER BY at", (dev,)
+            )
+            out.append(
+                {
+                    "device_id": dev,
+                    "kid": kid[0],
+                    "batches": int(n),
+                    "last_seq": None if last is None else int(last),
+                    "gaps": [[int(a), int(b)] for a, b in gaps],
+                    "alarms": [
+                        {"seq": s, "kind": k, "detail": d, "at": a} for s, k, d, a in alarms
+                    ],
+                }
+            )
+        return out
+
+
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog of 5 refuses a burst of simultaneous uploads.
+    request_queue_size = 128
+    daemon_threads = True
 
 
 def _handler(ingest: Ingest) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "cngmrv-ingest/1"
+        timeout = 30  # seconds a client may stall mid-request before it is dropped
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("http " + format, *args)
 
+        def send_error(
+            self, code: int, message: str | None = None, explain: str | None = None
+        ) -> None:
+            # An unknown method is the client's mistake: 405, not "501 not implemented".
+            super().send_error(405 if code == 501 else code, message, explain)
+
         def _reply(self, status: int, obj: dict[str, Any]) -> None:
             body = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:
+                pass  # the client went away; the outcome is already stored
 
         def do_GET(self) -> None:
             if self.path == "/v1/health":
-                self._reply(200, {"status": "ok"})
+                self._reply(200, {"status": "ok", "counts": ingest.counts})
+            elif self.path.startswith("/v1/devices/"):
+                found = ingest.report(unquote(self.path.removeprefix("/v1/devices/")))
+                if found:
+                    self._reply(200, found[0])
+                else:
+                    self._reply(404, {"error": "not_found"})
             else:
                 self._reply(404, {"error": "not_found"})
+
+        def _not_allowed(self) -> None:
+            self._reply(405, {"error": "method_not_allowed"})
+
+        do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
 
         def do_POST(self) -> None:
             if self.path != "/v1/batches":
                 self._reply(404, {"error": "not_found"})
+                return
+            if self.headers.get("Transfer-Encoding"):
+                self._reply(411, {"error": "length_required", "reason": "send Content-Length"})
                 return
             try:
                 length = int(self.headers.get("Content-Length", ""))
@@ -167,7 +427,24 @@ def _handler(ingest: Ingest) -> type[BaseHTTPRequestHandler]:
             if length <= 0 or length > MAX_BODY:
                 self._reply(413, {"error": "bad_length", "max": MAX_BODY})
                 return
-            status, obj = ingest.accept(self.rfile.read(length))
+            try:
+                raw = self.rfile.read(length)
+            except OSError:
+                return  # timed out or reset mid-body: nobody is left to answer
+            if len(raw) < length:
+                self._reply(
+                    400,
+                    {
+                        "error": "truncated",
+                        "reason": f"body ended after {len(raw)} of {length} bytes",
+                    },
+                )
+                return
+            try:
+                status, obj = ingest.accept(raw)
+            except Exception:
+                log.exception("event=ingest_internal_error")
+                status, obj = 500, {"error": "internal"}
             self._reply(status, obj)
 
     return Handler
@@ -176,11 +453,21 @@ def _handler(ingest: Ingest) -> type[BaseHTTPRequestHandler]:
 class IngestServer:
     """The HTTP server in a background thread; ``url`` is where to POST batches."""
 
-    def __init__(self, db_path: Path, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.db = open_db(db_path)
-        self.ingest = Ingest(self.db)
-        self._httpd = ThreadingHTTPServer((host, port), _handler(self.ingest))
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+    def __init__(
+        self,
+        db_target: str | Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        allowed_algs: Iterable[str] = ALLOWED_ALGS,
+    ) -> None:
+        self.db = open_db(db_target)
+        self.ingest = Ingest(self.db, allowed_algs)
+        try:
+            self._httpd = _Server((host, port), _handler(self.ingest))
+        except OSError:
+            self.db.close()
+            raise
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
@@ -192,7 +479,8 @@ class IngestServer:
         return self
 
     def serve_forever(self) -> None:
-        self._httpd.serve_forever()
+        # A short poll so stop() returns promptly.
+        self._httpd.serve_forever(poll_interval=0.05)
 
     def stop(self) -> None:
         self._httpd.shutdown()
@@ -200,8 +488,6 @@ class IngestServer:
         self.db.close()
 
 
-def stored_batches(db: sqlite3.Connection, device_id: str) -> list[tuple[int, bytes]]:
-    rows = db.execute(
-        "SELECT seq, bytes FROM batches WHERE device_id=? ORDER BY seq", (device_id,)
-    ).fetchall()
+def stored_batches(db: IngestDB, device_id: str) -> list[tuple[int, bytes]]:
+    rows = db.all("SELECT seq, bytes FROM batches WHERE device_id=? ORDER BY seq", (device_id,))
     return [(int(s), bytes(r)) for s, r in rows]

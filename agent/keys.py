@@ -3,6 +3,11 @@
 Signing sits behind :class:`Signer` so a secure element (which only does
 ECDSA P-256) can replace the key file later without touching the batch code.
 The private key never leaves this module: nothing here logs or formats it.
+
+The file signer uses deterministic ECDSA (RFC 6979): a Raspberry Pi at boot
+may have a thin entropy pool, and a repeated nonce would leak the key.  It
+also makes the published test vectors reproducible byte for byte.  Verifiers
+must not assume determinism: a secure element signs with random nonces.
 """
 
 from __future__ import annotations
@@ -11,13 +16,17 @@ import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 ALG = "ES256"
+# The algorithms a verifier accepts.  Only one: a header naming any other
+# algorithm is refused before the signature is even looked at, so an attacker
+# cannot pick a weaker one (OCMF leaves its algorithm field unsigned).
+ALLOWED_ALGS = frozenset({ALG})
 KEY_FILE = "device.key"
 PUB_FILE = "device.pub"
 
@@ -48,7 +57,11 @@ class Signer(Protocol):
 
 
 class FileSigner:
-    """A P-256 key held in a PKCS#8 PEM file of mode 0600."""
+    """A P-256 key held in a PKCS#8 PEM file of mode 0600.
+
+    ``repr`` and ``str`` show only the key id; the object refuses to be pickled
+    so the key cannot leak through a multiprocessing queue or a crash dump.
+    """
 
     def __init__(self, private_key: ec.EllipticCurvePrivateKey) -> None:
         if not isinstance(private_key.curve, ec.SECP256R1):
@@ -59,12 +72,15 @@ class FileSigner:
     def __repr__(self) -> str:  # never show key material
         return f"FileSigner(kid={self._kid[:16]}…)"
 
+    def __reduce__(self) -> Any:
+        raise TypeError("a device key cannot be pickled")
+
     @property
     def kid(self) -> str:
         return self._kid
 
     def sign(self, data: bytes) -> bytes:
-        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
+        return self._key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
 
     def public_pem(self) -> bytes:
         return self._key.public_key().public_bytes(
@@ -78,7 +94,8 @@ def generate(out_dir: Path, overwrite: bool = False) -> tuple[Path, Path]:
     Refuses to replace an existing key unless ``overwrite``: a device that
     silently changes key breaks its own signature chain at the ingest.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # A fresh key folder is private too: other users should not even see the key's name.
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key_path, pub_path = out_dir / KEY_FILE, out_dir / PUB_FILE
     if key_path.exists() and not overwrite:
         raise KeyFileError(f"{key_path} already exists; refusing to replace a device key")

@@ -1,12 +1,14 @@
 """The running agent: sources → pipeline → store → sealed batches → uploader.
 
 This is the I/O shell around the deterministic :class:`Pipeline`.  Its one
-loop reads whatever the CAN and kit sources queued, feeds the pipeline,
-commits the readings it returns, seals a batch every ``readings_per_batch``
-readings and wakes the uploader thread.  :meth:`Agent.close` flushes the
-partial window, seals what is left and gives the uploader a bounded time
-to drain; nothing committed is lost if it runs out, the batches simply stay
-pending for the next start.
+loop reads whatever the CAN and kit sources queued, feeds the pipeline and
+hands the readings it returns to the :class:`Recorder`, which buffers them
+for a few seconds, commits, seals a batch every ``readings_per_batch``
+readings and wakes the uploader thread.  Building an Agent runs the store's
+start-up sequence (boot epoch, ``quick_check``, leftovers, signed BOOT).
+:meth:`Agent.close` flushes the partial window, seals what is left with a
+signed STOP and gives the uploader a bounded time to drain; nothing committed
+is lost if it runs out, the batches simply stay pending for the next start.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 from cngmrv.agent.config import Config
 from cngmrv.agent.keys import load_signer
 from cngmrv.agent.pipeline import Pipeline
-from cngmrv.agent.store import Store
+from cngmrv.agent.recorder import Recorder, RecorderConfig
+from cngmrv.agent.store import Sealed, Store
 from cngmrv.agent.upload import Uploader
 from cngmrv.drivers.can_source import Frame, make_source
 from cngmrv.drivers.dbc import DbcSignals
@@ -36,13 +39,22 @@ class Agent:
     def __init__(self, config: Config, clock: str = "unknown") -> None:
         self.config = config
         self.signer = load_signer(config.key_file)
-        self.store = Store(config.store_path, config.device_id)
-        self.boot_epoch = self.store.begin_boot()
-        self.store.add_event(
-            time.time(),
-            "BOOT",
-            {"epoch": self.boot_epoch, "kid": self.signer.kid, "clock": clock},
+        self.recorder = Recorder(
+            config.store_path,
+            config.device_id,
+            self.signer,
+            RecorderConfig(
+                readings_per_batch=config.readings_per_batch,
+                buffer_s=config.store_buffer_s,
+                period_s=config.pipeline.period_s,
+                quota_bytes=config.store_quota_bytes,
+                alarm_fraction=config.store_alarm_fraction,
+                drop_fraction=config.store_drop_fraction,
+            ),
+            clock=clock,
         )
+        self.boot = self.recorder.start()
+        self.boot_epoch = self.boot.epoch
         kit_can = None
         if config.kit_transport == "can":
             kit_can = KitCanDecoder(config.kit_dbc or DEFAULT_DBC, config.kit_can_source_address)
@@ -64,14 +76,34 @@ class Agent:
             else None
         )
         self.uploader = (
-            Uploader(config.store_path, config.device_id, config.upload_url)
+            Uploader(
+                lambda: self.recorder.store,
+                config.upload_url,
+                timeout=config.upload_timeout_s,
+                base_s=config.upload_backoff_base_s,
+                cap_s=config.upload_backoff_cap_s,
+            )
             if config.upload_url
             else None
         )
+        self.recorder.on_sealed = self._sealed
         self.readings = 0
-        self.sealed: list[int] = []
         self.totals = {"diesel_l": 0.0, "gas_kg": 0.0, "distance_km": 0.0}
         self._events_done = 0
+
+    @property
+    def store(self) -> Store:
+        """The store in use (the recorder replaces a damaged one)."""
+        return self.recorder.store
+
+    def _sealed(self, _: Sealed) -> None:
+        if self.uploader:
+            self.uploader.notify()
+
+    @property
+    def sealed(self) -> list[int]:
+        """Sequences of the batches this run sealed (the boot batch included)."""
+        return self.recorder.sealed
 
     def start(self) -> None:
         self.can.start()
@@ -99,6 +131,7 @@ class Agent:
                 self.pipeline.on_kit(received + to_wall, msg)
                 n += 1
         self._commit(self.pipeline.advance())
+        self.recorder.tick()
         return n
 
     def _feed_can(self, frames: list[Frame]) -> None:
@@ -128,28 +161,15 @@ class Agent:
     def _commit(self, readings: list[dict[str, Any]]) -> None:
         events = self.pipeline.events[self._events_done :]
         for ev in events:
-            self.store.add_event(float(ev["t"]), str(ev["kind"]), ev)
+            self.recorder.add_event(float(ev["t"]), str(ev["kind"]), ev)
         self._events_done += len(events)
         if not readings:
             return
-        self.store.add_readings(readings)
+        self.recorder.add(readings)
         self.readings += len(readings)
         for r in readings:
             for k in self.totals:
                 self.totals[k] += r[k]
-        while self.store.unbatched_count() >= self.config.readings_per_batch:
-            self._seal()
-
-    def _seal(self) -> bool:
-        seq = self.store.seal(
-            self.signer, self.config.readings_per_batch, {"boot_epoch": self.boot_epoch}
-        )
-        if seq is None:
-            return False
-        self.sealed.append(seq)
-        if self.uploader:
-            self.uploader.notify()
-        return True
 
     def close(self, upload_timeout: float = 10.0) -> None:
         """Stop sources, flush and seal everything, let the uploader drain for a bounded time."""
@@ -158,14 +178,12 @@ class Agent:
             self.kit.stop()
         self.poll(0.0)
         self._commit(self.pipeline.finish())
-        self.store.add_event(time.time(), "STOP", {"epoch": self.boot_epoch, "clean": True})
-        while self._seal():
-            pass
+        self.recorder.stop()
         if self.uploader:
             self.uploader.notify()
             self.uploader.wait_idle(upload_timeout)
             self.uploader.stop()
-        self.store.close()
+        self.recorder.close()
         log.info("event=agent_stopped readings=%d batches=%d", self.readings, len(self.sealed))
 
     def stats(self) -> dict[str, Any]:
@@ -182,6 +200,7 @@ class Agent:
             "engine_address": self.pipeline.engine.address,
             "can_outages": s.can_outages,
             "integrator": self.pipeline.counters(),
+            "store": dict(self.recorder.stats),
         }
         if self.kit:
             out["kit_link"] = self.kit.stats

@@ -29,9 +29,8 @@ from typing import Any
 import can
 
 from cngmrv.agent import batch, config, keys
-from cngmrv.agent.ingest import IngestServer, register_device, stored_batches
+from cngmrv.agent.ingest import IngestServer, open_db, register_device, stored_batches
 from cngmrv.agent.runtime import Agent
-from cngmrv.agent.store import open_readonly
 from cngmrv.sim.ecu import TICK_S, EngineEcu
 from cngmrv.sim.kit import INJ_DEAD_MS, INJ_FLOW, KitFaults, KitFirmware, KitLogic, LinkFaults
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
@@ -299,7 +298,7 @@ def run_bus(opts: SimOptions, workdir: Path, url: str, ingest_db: Path) -> dict[
             os.close(fd)
         port.unlink(missing_ok=True)
     wall = time.monotonic() - wall_start
-    db = open_readonly(ingest_db)
+    db = open_db(ingest_db)
     try:
         held = stored_batches(db, opts.device_id)
     finally:

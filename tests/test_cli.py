@@ -88,6 +88,13 @@ def _cfg(tmp_path: Path, extra: str) -> Path:
         ('[upload]\nurl = "ftp://x"\n', "upload.url: must be an http(s) URL"),
         ("[nonsense]\n", "nonsense: unknown section"),
         ("[can]\nlisten_only = 1\n", "can.listen_only: expected bool"),
+        # _cfg's last table is [store]: these lines continue it.
+        ("buffer_s = 0\n", "store.buffer_s: must be > 0"),
+        ("buffer_s = 600\n", "at most 60 seconds"),
+        ("alarm_fraction = 1.5\n", "store.alarm_fraction: must be between"),
+        ("drop_fraction = 0.5\n", "store.drop_fraction: must be above"),
+        ("quota_mb = 0.1\n", "store.quota_mb: must be at least 1 MB"),
+        ("[upload]\nbackoff_cap_s = 1\n", "upload.backoff_cap_s: must be at least"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, extra: str, message: str) -> None:
@@ -100,8 +107,45 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.can_interface == "socketcan" and cfg.can_listen_only is True
     assert cfg.key_file == tmp_path.resolve() / "k" / "device.key"
     assert cfg.readings_per_batch == 60
+    assert (cfg.store_buffer_s, cfg.store_quota_bytes) == (10.0, 1024 * 1024 * 1024)
+    assert (cfg.upload_backoff_base_s, cfg.upload_backoff_cap_s) == (2.0, 900.0)
 
 
 def test_bad_config_via_cli_is_one_line(tmp_path: Path, cli) -> None:
     line = _one_line_error(cli("run", "--config", str(_cfg(tmp_path, "[can]\nbogus = 1\n"))))
     assert "can.bogus: unknown key" in line
+
+
+def test_keygen_makes_a_private_folder(tmp_path: Path, cli) -> None:
+    r = cli("keygen", "--out", str(tmp_path / "new" / "keys"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE((tmp_path / "new" / "keys").stat().st_mode) == 0o700
+
+
+def test_verify_needs_keys_and_says_so(tmp_path: Path, cli) -> None:
+    (tmp_path / "0.batch").write_bytes(b"x")
+    line = _one_line_error(cli("verify", str(tmp_path)))
+    assert "--pubkey" in line and "--registry" in line
+
+
+def test_export_and_verify_from_an_ingest_database(tmp_path: Path, keydir: Path, cli) -> None:
+    from cngmrv.agent import batch
+    from cngmrv.agent.ingest import Ingest, open_db, register_device
+
+    signer = keys.load_signer(keydir / keys.KEY_FILE)
+    db = open_db(tmp_path / "ingest.sqlite")
+    register_device(db, "bus-1", (keydir / keys.PUB_FILE).read_bytes())
+    ingest, prev = Ingest(db), batch.ZERO_HASH
+    for seq in range(3):
+        raw = batch.build(signer, "bus-1", seq, prev, {"readings": [{"t0": float(seq)}]})
+        assert ingest.accept(raw)[0] == 201
+        prev = batch.sha256(raw)
+    db.close()
+    ingest_db = str(tmp_path / "ingest.sqlite")
+    out = tmp_path / "o"
+    r = cli("export", "--db", ingest_db, "--device", "bus-1", "--since", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["1.batch", "2.batch"]
+    r = cli("verify", "--db", ingest_db, "--registry", ingest_db)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASSED: 3 batches verified" in r.stdout

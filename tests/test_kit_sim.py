@@ -24,17 +24,19 @@ UNPLUG_AT, UNPLUG_FOR = 50.0, 5.0
 
 
 def stored(workdir: Path) -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, Any]]]]:
+    """Readings and events as an auditor gets them: from the run's sealed batches."""
     db = open_readonly(workdir / "store.sqlite")
     try:
-        readings = [
-            batch.unpackb(b) for (b,) in db.execute("SELECT body FROM readings ORDER BY t0")
-        ]
-        events = [
-            (kind, batch.unpackb(b))
-            for kind, b in db.execute("SELECT kind, body FROM events ORDER BY id")
-        ]
+        raws = [bytes(b) for (b,) in db.execute("SELECT bytes FROM batches ORDER BY seq")]
     finally:
         db.close()
+    readings: list[dict[str, Any]] = []
+    events: list[tuple[str, dict[str, Any]]] = []
+    for raw in raws:
+        payload = batch.parse(raw).payload()
+        readings.extend(payload["readings"])
+        events.extend((e["kind"], e) for e in payload["events"])
+    readings.sort(key=lambda r: r["t0"])
     return readings, events
 
 

@@ -93,12 +93,12 @@ def test_fleet_er_matches_the_truth_and_the_unplugged_bus_is_flagged(
     assert b3["mode_h"]["unknown"] * 3600 == pytest.approx(UNPLUG[1] - UNPLUG[0], abs=3.0)
     assert any(f.startswith("gas_kg coverage") for f in b3["flags"])
     for dev, b in by.items():
-        # Every batch with readings, in one unbroken range (the last batch may hold only
-        # the STOP event, which carries no figure).
+        # Every batch with readings, in one unbroken range (the first batch may hold
+        # only the BOOT event, the last only the STOP event, and neither carries a figure).
         signed = truth[dev]["batches_signed"]
         t = b["batches"]
-        assert t["first_seq"] == 0 and t["last_seq"] in (signed - 2, signed - 1)
-        assert t["count"] == t["last_seq"] + 1 and t["missing_seqs"] == []
+        assert t["first_seq"] in (0, 1) and t["last_seq"] in (signed - 2, signed - 1)
+        assert t["count"] == t["last_seq"] - t["first_seq"] + 1 and t["missing_seqs"] == []
         assert b["batches"]["signatures"] == "verified against the registered key"
 
 
