@@ -15,8 +15,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+from cngmrv.agent.clock import ClockMonitor, FixedClock
 from cngmrv.agent.config import Config
 from cngmrv.agent.keys import load_signer
 from cngmrv.agent.pipeline import Pipeline
@@ -33,9 +35,15 @@ log = logging.getLogger("cngmrv.agent")
 class Agent:
     """One device's agent, built from a validated :class:`Config`."""
 
-    def __init__(self, config: Config, clock: str = "unknown") -> None:
+    def __init__(self, config: Config, clock: str | ClockMonitor | None = None) -> None:
+        """``clock``: a state to assert (the simulator's), a monitor, or None for the config's."""
         self.config = config
         self.signer = load_signer(config.key_file)
+        if clock is None:
+            clock = ClockMonitor.from_settings(config.clock)
+        self.clock = FixedClock(clock) if isinstance(clock, str) else clock
+        self.clock.poll()  # the first poll only sets the state and the step baseline
+        clock = self.clock.state
         self.store = Store(config.store_path, config.device_id)
         self.boot_epoch = self.store.begin_boot()
         self.store.add_event(
@@ -88,6 +96,7 @@ class Agent:
 
     def poll(self, timeout: float = 0.05) -> int:
         """Process what the sources queued (waiting up to ``timeout``); returns inputs handled."""
+        self._poll_clock()
         frames = self.can.wait(timeout)
         self._feed_can(frames)
         n = len(frames)
@@ -118,10 +127,23 @@ class Agent:
             on_can(t, can_id, data, mono)
         self._can_seen += len(frames) - start
 
-    def run(self, stop: threading.Event) -> None:
-        """Poll until ``stop`` is set, or until a replayed log has been read to its end."""
+    def _poll_clock(self) -> None:
+        # A step is stored as an event (signed with the next batch); readings
+        # only take the state, so the integration never sees the wall clock.
+        for ev in self.clock.poll():
+            self.store.add_event(float(ev["t"]), str(ev["kind"]), ev)
+        self.pipeline.clock = self.clock.state
+
+    def run(self, stop: threading.Event, tick: Callable[[], None] | None = None) -> None:
+        """Poll until ``stop`` is set, or until a replayed log has been read to its end.
+
+        ``tick`` is called after every pass (the service's watchdog ping and
+        metrics snapshot), so it stops when the loop hangs.
+        """
         while not stop.is_set():
             self.poll()
+            if tick is not None:
+                tick()
             if self.can.finished and not self.can.pending():
                 break
 
@@ -165,6 +187,7 @@ class Agent:
             self.uploader.notify()
             self.uploader.wait_idle(upload_timeout)
             self.uploader.stop()
+        self.clock.close()
         self.store.close()
         log.info("event=agent_stopped readings=%d batches=%d", self.readings, len(self.sealed))
 
