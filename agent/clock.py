@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from cngmrv.agent.config import ClockSettings
+from cngmrv.drivers.can_source import Frame
 from cngmrv.drivers.gps import GpsReader
 
 log = logging.getLogger("cngmrv.clock")
@@ -108,6 +109,11 @@ class ClockMonitor:
         self._offset: float | None = None
         self.state = UNKNOWN
         self.steps = 0
+        # wall - monotonic at the first poll, and the steps since, summed: a
+        # wall-clock stamp t taken at monotonic m is ``m + base + level`` then.
+        self.base = 0.0
+        self.level = 0.0
+        self._levels = [0.0]  # the latest few levels, for stamps taken before a step was seen
 
     @classmethod
     def from_settings(cls, s: ClockSettings) -> ClockMonitor:
@@ -146,6 +152,10 @@ class ClockMonitor:
                 }
             )
             log.warning("event=clock_step step_s=%+.3f wall=%.3f", step, wall)
+            self.level += step
+            self._levels = [*self._levels[-7:], self.level]
+        elif self._offset is None:
+            self.base = offset
         self._offset = offset
         previous = self.state
         if wall < self._min_wall:
@@ -160,6 +170,41 @@ class ClockMonitor:
             log.info("event=clock_state state=%s was=%s", self.state, previous)
         return events
 
+    def level_for(self, t: float, mono: float) -> float:
+        """The step level a wall-clock stamp ``t`` taken near monotonic ``mono`` was made at.
+
+        The nearest of the last few levels: a frame stamped just before a step
+        and read just after it still gets the level it was stamped at.
+        """
+        apparent = t - mono - self.base
+        return min(self._levels, key=lambda lv: abs(apparent - lv))
+
+    def rebase(self, frames: list[Frame], poll: Callable[[], None]) -> list[Frame]:
+        """Frames stamped with the wall clock, moved onto this run's step-free timeline.
+
+        SocketCAN (and ``udp_multicast``) stamp frames with the kernel's wall
+        clock, so a step would move the bus time the integration runs on: an
+        hour's gap for +1 h, an hour of "late" frames for -1 h.  Subtracting
+        the step level undoes that and keeps readings contiguous; the step
+        itself is the signed event.  ``poll`` is called (it must poll this
+        monitor and store the events) when a frame shows a step not seen yet.
+        A frame that waited longer than ``step_threshold_s`` in a queue only
+        costs an extra poll.
+        """
+        level, base, limit = self.level, self.base, self.step_threshold_s
+        out: list[Frame] = []
+        for frame in frames:
+            t, can_id, data, mono = frame
+            d = t - mono - base - level
+            if -limit <= d <= limit:
+                lv = level
+            else:
+                poll()
+                level = self.level
+                lv = self.level_for(t, mono)
+            out.append((t - lv, can_id, data, mono) if lv else frame)
+        return out
+
 
 class FixedClock(ClockMonitor):
     """A clock whose state the caller asserts (the simulator's, or a replay's)."""
@@ -167,6 +212,7 @@ class FixedClock(ClockMonitor):
     def __init__(self, state: str) -> None:
         super().__init__()
         self.state = state
+        self.base = time.time() - time.monotonic()
 
     def poll(self) -> list[dict[str, Any]]:
         return []

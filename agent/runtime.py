@@ -31,6 +31,8 @@ from cngmrv.drivers.kit_link import KitSerialSource
 
 log = logging.getLogger("cngmrv.agent")
 
+WALL_STAMPED = frozenset({"socketcan", "udp_multicast"})  # kernel receive time = wall clock
+
 
 class Agent:
     """One device's agent, built from a validated :class:`Config`."""
@@ -57,6 +59,10 @@ class Agent:
         dbc = DbcSignals(config.can_dbc) if config.can_dbc else None
         self.pipeline = Pipeline(config.pipeline, self.boot_epoch, clock, kit_can=kit_can, dbc=dbc)
         self.can = make_source(config.can_source)
+        # True when the bus stamps frames with the kernel's wall clock, which
+        # steps (see ClockMonitor.rebase); a replay or the simulator's
+        # preserved timestamps are their own timeline.
+        self.rebase_can_time = config.can_interface in WALL_STAMPED
         self._can_seen = 0  # frames handed to the pipeline, to place source events among them
         self._can_events: deque[dict[str, Any]] = deque()
         self.kit = (
@@ -98,12 +104,15 @@ class Agent:
         """Process what the sources queued (waiting up to ``timeout``); returns inputs handled."""
         self._poll_clock()
         frames = self.can.wait(timeout)
+        if self.rebase_can_time and frames:
+            frames = self.clock.rebase(frames, self._poll_clock)
         self._feed_can(frames)
         n = len(frames)
         if self.kit:
             # The kit source stamps with the monotonic clock; the pipeline wants
-            # epoch seconds for its (rarely used) pre-CAN anchor.
-            to_wall = time.time() - time.monotonic()
+            # epoch seconds for its (rarely used) pre-CAN anchor, on the
+            # step-free timeline when the CAN time is rebased.
+            to_wall = self.clock.base if self.rebase_can_time else time.time() - time.monotonic()
             for received, msg in self.kit.drain():
                 self.pipeline.on_kit(received + to_wall, msg)
                 n += 1
@@ -154,6 +163,11 @@ class Agent:
         self._events_done += len(events)
         if not readings:
             return
+        if self.rebase_can_time and self.clock.level:
+            # t0 is on this run's step-free timeline; UTC is t0 plus the steps
+            # since (as of this commit, a second or two after the window).
+            for r in readings:
+                r["utc_offset_s"] = self.clock.level
         self.store.add_readings(readings)
         self.readings += len(readings)
         for r in readings:

@@ -111,7 +111,13 @@ class GpsReader:
         self._latest: tuple[Fix, float] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gps", daemon=True)
-        self.stats: dict[str, int] = {"fixes": 0, "no_fix": 0, "errors": 0, "reopens": 0}
+        self.stats: dict[str, int] = {
+            "opens": 0,
+            "fixes": 0,
+            "no_fix": 0,
+            "errors": 0,
+            "reopens": 0,
+        }
 
     @property
     def latest(self) -> tuple[Fix, float] | None:
@@ -148,6 +154,7 @@ class GpsReader:
         while not self._stop.is_set():
             try:
                 with serial.serial_for_url(self.port, self.baudrate, timeout=0.5) as port:
+                    self.stats["opens"] += 1  # pyserial flushes the input as it opens
                     while not self._stop.is_set():
                         raw = port.readline()
                         if raw:

@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import tty
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,10 @@ from cngmrv.sim.kit import KitFirmware, KitLogic
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
 
 GROUP = "239.74.163.2"
+# A port of its own per run: udp_multicast binds 0.0.0.0:port, so every bus on
+# the host that joined any group on that port would hear this test's frames.
+# The agent gets it through python-can's own environment config (CAN_CONFIG).
+MCAST_PORT = 40000 + uuid.uuid4().int % 20000
 
 
 @pytest.fixture
@@ -149,7 +154,12 @@ def test_run_as_a_service_end_to_end(
     kit_port.symlink_to(os.ttyname(slave))
     port = _free_port()
     cfg = _config(tmp_path, kit_port, port)
-    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "200000"}
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": sock_path,
+        "WATCHDOG_USEC": "200000",
+        "CAN_CONFIG": json.dumps({"port": MCAST_PORT}),
+    }
     env.pop("WATCHDOG_PID", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cngmrv.agent.cli", "run", "--config", str(cfg)],
@@ -158,7 +168,7 @@ def test_run_as_a_service_end_to_end(
         stderr=subprocess.PIPE,
         text=True,
     )
-    sim_bus = can.Bus(interface="udp_multicast", channel=GROUP)
+    sim_bus = can.Bus(interface="udp_multicast", channel=GROUP, port=MCAST_PORT)
     try:
         notes.wait_for("READY=1")
         can_sent, kit_sent = _drive(sim_bus, master, 3.0)
