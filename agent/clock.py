@@ -16,9 +16,15 @@ It also detects steps: ``wall - monotonic`` is constant while the clock runs
 (slewing moves it by well under a millisecond a second), so a change larger
 than ``step_threshold_s`` between two polls is a step, reported with its sign
 as a ``CLOCK_STEP`` event that the agent stores and so signs into the next
-batch.  Nothing is reordered or dropped: readings keep their sequence, only
-their ``clock`` field follows the state.  The monitor never feeds the
-integration, which takes time from the frames.
+batch.  Nothing is reordered or dropped: readings keep their sequence and
+their ``clock`` field follows the state.
+
+The integration takes time from the frames.  Where those are stamped with
+the wall clock (SocketCAN, ``udp_multicast``), :meth:`ClockMonitor.rebase`
+subtracts the steps seen since start, so the bus time the pipeline runs on
+never jumps; readings then carry ``utc_offset_s`` (UTC = ``t0`` + it) once
+the clock has stepped.  Replayed logs and the simulator's bus time are their
+own timeline and are left alone.
 """
 
 from __future__ import annotations

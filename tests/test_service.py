@@ -284,3 +284,21 @@ def test_json_log_lines_carry_the_message_fields() -> None:
     assert kv.startswith("ts=") and kv.endswith(
         "level=warning logger=cngmrv.x event=can_up outage_s=1.500"
     )
+
+
+def test_systemd_unit_runs_the_agent_as_a_watched_notify_service() -> None:
+    import configparser
+
+    from cngmrv.agent.config import ServiceSettings
+
+    unit = configparser.ConfigParser(interpolation=None, strict=True)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(Path(__file__).resolve().parents[1] / "deploy" / "cngmrv.service")
+    svc = unit["Service"]
+    assert svc["Type"] == "notify" and svc["NotifyAccess"] == "main"
+    assert int(svc["WatchdogSec"]) > 0 and svc["Restart"] == "always"
+    assert svc["ExecStart"].split()[1:] == ["run", "--config", "/etc/cngmrv/agent.toml"]
+    assert svc["ExecStartPre"].split()[1:] == ["config", "check", "/etc/cngmrv/agent.toml"]
+    # systemd must not SIGKILL an agent still sealing within its own bound.
+    assert int(svc["TimeoutStopSec"]) > ServiceSettings().stop_timeout_s
+    assert svc["KillSignal"] == "SIGTERM"
