@@ -17,22 +17,9 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-
-
-@dataclass
-class CanBench:
-    """A SocketCAN interface under test; ``virtual`` when it is a kernel vcan fed by the test."""
-
-    name: str
-    virtual: bool
-
-    def counter(self, which: str) -> int:
-        """The kernel's per-interface counter (``tx_packets``, ``rx_packets``, ...)."""
-        return int(Path(f"/sys/class/net/{self.name}/statistics/{which}").read_text())
+from hil_support import CanBench, EngineFeed
 
 
 def _is_vcan(name: str) -> bool:
@@ -62,26 +49,6 @@ def _can_bench() -> CanBench:
     if not os.path.exists(f"/sys/class/net/{name}"):
         pytest.skip(f"CNGMRV_HIL_CAN={name} but no such network interface on this machine")
     return CanBench(name, virtual=_is_vcan(name))
-
-
-class EngineFeed:
-    """The simulated engine on a vcan (``virtual``), or the real engine on hardware.
-
-    ``sent`` counts the frames this test process put on the interface, so a
-    TX counter can be checked against it; :meth:`paused` holds the feed still
-    while counters are read.
-    """
-
-    def __init__(self, virtual: bool) -> None:
-        self.virtual = virtual
-        self.sent = 0
-        self.flowing = threading.Event()
-        self.lock = threading.Lock()
-        if not virtual:
-            self.flowing.set()
-
-    def paused(self) -> threading.Lock:
-        return self.lock
 
 
 @pytest.fixture
@@ -141,8 +108,3 @@ def replug() -> None:
             "needs a person at the bench: set CNGMRV_HIL_REPLUG=1 and run pytest -s "
             "to be asked to unplug and replug the adapter"
         )
-
-
-def ask(text: str) -> None:
-    """Tell the person at the bench what to do now (visible with pytest -s)."""
-    print(f"\n>>> {text}", flush=True)

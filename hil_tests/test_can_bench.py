@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import CanBench, EngineFeed, ask
+from hil_support import CanBench, EngineFeed, ask
 
 from cngmrv.agent import config, keys
 from cngmrv.agent.runtime import Agent

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from conftest import ask
+from hil_support import ask
 
 from cngmrv.drivers.kit_link import KitSerialSource
 
 
-def _messages(link: KitSerialSource, seconds: float) -> list[dict]:  # type: ignore[type-arg]
-    out = []
+def _messages(link: KitSerialSource, seconds: float) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         out.extend(msg for _, msg in link.drain())
@@ -26,7 +27,9 @@ def test_kit_answers_the_handshake_and_streams_status(hil_kit: str) -> None:
     finally:
         link.stop()
     kinds = [m.get("type") for m in msgs]
-    assert "hello" in kinds, f"no HELLO within 5 s of the handshake (got {sorted(set(kinds))})"
+    assert "hello" in kinds, (
+        f"no HELLO within 5 s of the handshake (got {sorted(set(map(str, kinds)))})"
+    )
     hello = next(m for m in msgs if m.get("type") == "hello")
     assert hello.get("kit_id") is not None
     assert kinds.count("status") >= 10, "the kit should send STATUS every 100 ms"
