@@ -130,10 +130,11 @@ def parse(text: str) -> dict[str, float]:
 class HealthServer:
     """Serves ``GET /metrics`` on 127.0.0.1:``port`` (0 = any free port, see :attr:`url`)."""
 
-    def __init__(self, agent: Agent, port: int, refresh_s: float = 1.0) -> None:
-        self._agent = agent
+    def __init__(self, port: int, refresh_s: float = 1.0) -> None:
+        """Bind the port now (so a port in use fails before the agent starts)."""
+        self._agent: Agent | None = None
         self._refresh_s = refresh_s
-        self._metrics = collect(agent)
+        self._metrics: dict[str, list[tuple[dict[str, str], float]]] = {}
         self._taken = time.monotonic()
         self._lock = threading.Lock()
         server = self
@@ -161,14 +162,17 @@ class HealthServer:
     def url(self) -> str:
         return f"http://{HOST}:{self._http.server_address[1]}/metrics"
 
-    def start(self) -> HealthServer:
+    def start(self, agent: Agent) -> HealthServer:
+        """Serve ``agent``'s figures, from a first snapshot taken now."""
+        self._agent = agent
+        self._metrics, self._taken = collect(agent), time.monotonic()
         self._thread.start()
         return self
 
     def refresh(self) -> None:
         """Take a new snapshot if the last is ``refresh_s`` old; call from the main loop."""
         now = time.monotonic()
-        if now - self._taken < self._refresh_s:
+        if self._agent is None or now - self._taken < self._refresh_s:
             return
         metrics = collect(self._agent)
         with self._lock:
@@ -180,7 +184,8 @@ class HealthServer:
         return render(metrics, time.monotonic() - taken)
 
     def stop(self) -> None:
-        self._http.shutdown()
+        if self._thread.is_alive():
+            self._http.shutdown()  # waits for serve_forever, so only once it runs
         self._http.server_close()
 
 

@@ -32,7 +32,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from cngmrv.agent.config import Config
+from cngmrv.agent.config import Config, ConfigError
 
 log = logging.getLogger("cngmrv.service")
 
@@ -151,7 +151,20 @@ def run(cfg: Config, verbose: bool = False) -> int:
 
     configure_logging(cfg.service.log_format, verbose)
     service = Service()
-    agent = Agent(cfg)
+    health = None
+    if cfg.health.enabled:
+        try:
+            health = HealthServer(cfg.health.port)
+        except OSError as e:
+            raise ConfigError(
+                f"health.port: cannot listen on 127.0.0.1:{cfg.health.port}: {e.strerror}"
+            ) from None
+    try:
+        agent = Agent(cfg)
+    except BaseException:
+        if health is not None:
+            health.stop()
+        raise
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -160,11 +173,11 @@ def run(cfg: Config, verbose: bool = False) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    health = None
+    clean = False
     try:
         agent.start()
-        if cfg.health.enabled:
-            health = HealthServer(agent, cfg.health.port).start()
+        if health is not None:
+            health.start(agent)
             log.info("event=health_listening url=%s", health.url)
         service.ready(f"epoch {agent.boot_epoch}")
         log.info(
@@ -178,6 +191,7 @@ def run(cfg: Config, verbose: bool = False) -> int:
                 refresh()
 
         agent.run(stop, tick=tick)
+        clean = True
     finally:
         service.stopping()
         started = time.monotonic()
@@ -185,5 +199,9 @@ def run(cfg: Config, verbose: bool = False) -> int:
         agent.close(upload_timeout=max(0.0, cfg.service.stop_timeout_s - 1.0))
         if health is not None:
             health.stop()
-        log.info("event=stopped clean=true close_s=%.3f", time.monotonic() - started)
+        log.info(
+            "event=stopped clean=%s close_s=%.3f",
+            "true" if clean else "false",
+            time.monotonic() - started,
+        )
     return 0

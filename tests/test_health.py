@@ -51,7 +51,7 @@ def test_every_metric_is_exposed_with_help_and_type(agent: Agent) -> None:
 
 
 def test_served_on_loopback_only_and_only_metrics(agent: Agent) -> None:
-    server = health.HealthServer(agent, 0).start()
+    server = health.HealthServer(0).start(agent)
     try:
         host, port = server._http.server_address[:2]
         assert host == "127.0.0.1"
@@ -68,7 +68,7 @@ def test_served_on_loopback_only_and_only_metrics(agent: Agent) -> None:
 
 
 def test_scrapes_see_the_main_loops_snapshot(agent: Agent) -> None:
-    server = health.HealthServer(agent, 0, refresh_s=0.0).start()
+    server = health.HealthServer(0, refresh_s=0.0).start(agent)
     port = server._http.server_address[1]
     bus = can.Bus(interface="virtual", channel=agent.config.can_channel)
     try:

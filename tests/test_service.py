@@ -302,3 +302,14 @@ def test_systemd_unit_runs_the_agent_as_a_watched_notify_service() -> None:
     # systemd must not SIGKILL an agent still sealing within its own bound.
     assert int(svc["TimeoutStopSec"]) > ServiceSettings().stop_timeout_s
     assert svc["KillSignal"] == "SIGTERM"
+
+
+def test_a_health_port_in_use_is_refused_naming_the_key(tmp_path: Path, keydir: Path, cli) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cfg = _config(tmp_path, tmp_path / "none", taken.getsockname()[1])
+        r = cli("run", "--config", str(cfg))
+    assert r.returncode == 2
+    assert "health.port: cannot listen on 127.0.0.1:" in r.stderr, r.stderr
+    assert not (tmp_path / "store.sqlite").exists(), "refused before the store was opened"
