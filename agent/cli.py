@@ -159,7 +159,10 @@ def _status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"running": False, **counts}))
         else:
-            print(f"agent not answering on 127.0.0.1:{cfg.health.port} (stopped?)")
+            if cfg.health.enabled:
+                print(f"agent not answering on 127.0.0.1:{cfg.health.port} (stopped?)")
+            else:
+                print("no health endpoint (health.enabled = false); from the store:")
             for k, v in counts.items():
                 print(f"{k:<15} {v}")
         return EXIT_FAILED
