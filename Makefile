@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python bench/kit.py
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/store.py
+	$(BIN)/python bench/service.py
 
 # The integrator core under AddressSanitizer + UndefinedBehaviorSanitizer:
 # its tests against a sanitized build in a temporary folder, then a standalone

@@ -195,19 +195,68 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cngmrv.agent.runtime import Agent
+    from cngmrv.agent import service
 
     cfg = config.load(Path(args.config))
-    agent = Agent(cfg)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    agent.start()
-    try:
-        agent.run(stop)
-    finally:
-        agent.close()
+    config.check_key_file(cfg)
+    return service.run(cfg, verbose=args.verbose)
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    cfg = config.load(path)
+    kid = config.check_key_file(cfg)
+    if args.json:
+        print(json.dumps({"ok": True, "device": cfg.device_id, "kid": kid}))
+    else:
+        print(f"{path}: ok (device {cfg.device_id}, key {kid[:16]})")
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from urllib.error import URLError
+
+    from cngmrv.agent import health
+
+    cfg = config.load(Path(args.config))
+    try:
+        samples = health.fetch(cfg.health.port) if cfg.health.enabled else None
+    except (URLError, OSError):
+        samples = None
+    if samples is None:
+        # No agent answering: what the store says is still worth showing.
+        counts = dict(_store_counts(cfg.store_path))
+        if args.json:
+            print(json.dumps({"running": False, **counts}))
+        else:
+            if cfg.health.enabled:
+                print(f"agent not answering on 127.0.0.1:{cfg.health.port} (stopped?)")
+            else:
+                print("no health endpoint (health.enabled = false); from the store:")
+            for k, v in counts.items():
+                print(f"{k:<15} {v}")
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps({"running": True, "metrics": samples}))
+    else:
+        print("\n".join(health.describe(samples)))
+    return 0
+
+
+def _store_counts(db_path: Path) -> dict[str, int]:
+    db = open_readonly(db_path)
+    try:
+        q = db.execute
+        return {
+            # One row holds the readings of one commit (agent/store.py).
+            "readings": int(q("SELECT ifnull(sum(n), 0) FROM readings").fetchone()[0]),
+            "batches": int(q("SELECT count(*) FROM batches").fetchone()[0]),
+            "pending": int(q("SELECT count(*) FROM batches WHERE uploaded = 0").fetchone()[0]),
+        }
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{db_path}: {e}") from None
+    finally:
+        db.close()
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -264,6 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run the agent from a TOML config")
     s.add_argument("--config", required=True, help="TOML config file")
     s.set_defaults(func=_run)
+
+    s = sub.add_parser("config", help="check a config file")
+    csub = s.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    c = csub.add_parser("check", help="validate FILE and the key file it names")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_config_check)
+
+    s = sub.add_parser("status", help="the running agent's health, for a person")
+    s.add_argument("--config", required=True, help="the agent's TOML config")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_status)
 
     s = sub.add_parser("keygen", help="make a device key pair (device.key 0600, device.pub)")
     s.add_argument("--out", required=True, help="folder for device.key and device.pub")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cngmrv.agent.keys import KeyFileError, load_signer
 from cngmrv.agent.pipeline import FuelFactors, GasCalibration, PipelineConfig
 from cngmrv.drivers.can_source import (
     DEFAULT_PGNS,
@@ -89,6 +90,21 @@ def _buffer(v: Any) -> str | None:
 
 def _quota(v: Any) -> str | None:
     return None if v >= 1 else "must be at least 1 MB"
+
+
+def _one_of(*allowed: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in allowed else "must be one of " + ", ".join(repr(a) for a in allowed)
+
+    return check
+
+
+def _port(v: Any) -> str | None:
+    return None if 0 <= v <= 65535 else "must be a TCP port 0..65535 (0 = any free port)"
+
+
+def _year(v: Any) -> str | None:
+    return None if 2000 <= v <= 2100 else "must be a year 2000..2100"
 
 
 # section -> key -> (type, default, check); a default of None means required.
@@ -171,7 +187,47 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
         "t_pc_k": (float, 190.6, _positive),
         "refuel_min_kg": (float, 5.0, _positive),
     },
+    "service": {
+        "log_format": (str, "kv", _one_of("kv", "json")),  # one line per event on stdout
+        "stop_timeout_s": (float, 5.0, _positive),  # SIGTERM to exit, upload drain included
+    },
+    "health": {
+        "enabled": (bool, True, None),
+        "port": (int, 9108, _port),  # always bound to 127.0.0.1
+    },
+    "clock": {
+        "source": (str, "ntp", _one_of("none", "ntp", "gps")),
+        "gps_port": (str, "", None),
+        "gps_baudrate": (int, 9600, _positive),
+        "gps_max_age_s": (float, 5.0, _positive),  # an older fix no longer confirms the clock
+        "gps_tolerance_s": (float, 1.0, _positive),
+        "step_threshold_s": (float, 1.0, _positive),
+        "min_year": (int, 2024, _year),  # an earlier wall clock is a board booted without time
+    },
 }
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    log_format: str = "kv"
+    stop_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    enabled: bool = True
+    port: int = 9108
+
+
+@dataclass(frozen=True)
+class ClockSettings:
+    source: str = "ntp"
+    gps_port: str = ""
+    gps_baudrate: int = 9600
+    gps_max_age_s: float = 5.0
+    gps_tolerance_s: float = 1.0
+    step_threshold_s: float = 1.0
+    min_year: int = 2024
 
 
 @dataclass(frozen=True)
@@ -204,6 +260,9 @@ class Config:
     upload_timeout_s: float = 10.0
     upload_backoff_base_s: float = 2.0
     upload_backoff_cap_s: float = 900.0
+    service: ServiceSettings = ServiceSettings()
+    health: HealthSettings = HealthSettings()
+    clock: ClockSettings = ClockSettings()
 
 
 def _coerce(key: str, kind: type, value: Any, base: Path) -> Any:
@@ -275,6 +334,8 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
             dbc_pgns |= KitCanDecoder(kit_dbc, v["kit.can_source_address"]).pgns
         except Exception as e:  # cantools raises several unrelated types on a bad file
             raise ConfigError(f"kit.dbc: cannot load {kit_dbc}: {e}") from None
+    if v["clock.source"] == "gps" and not v["clock.gps_port"]:
+        raise ConfigError("clock.gps_port: required when clock.source = 'gps'")
     source = _can_source(v, base, dbc_pgns)
     engine_name = v["pipeline.engine_name"]
     if v["store.drop_fraction"] <= v["store.alarm_fraction"]:
@@ -323,6 +384,9 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         upload_timeout_s=v["upload.timeout_s"],
         upload_backoff_base_s=v["upload.backoff_base_s"],
         upload_backoff_cap_s=v["upload.backoff_cap_s"],
+        service=ServiceSettings(**_section(v, "service")),
+        health=HealthSettings(**_section(v, "health")),
+        clock=ClockSettings(**_section(v, "clock")),
     )
 
 
@@ -365,8 +429,20 @@ def _section(values: Mapping[str, Any], section: str) -> dict[str, Any]:
     return {k: values[f"{section}.{k}"] for k in SCHEMA[section]}
 
 
+def check_key_file(cfg: Config) -> str:
+    """Load the device key the config names; returns its kid or raises ConfigError.
+
+    Done at start (and by ``cngmrv config check``) so a missing key or one
+    that others can read stops the agent before it opens a bus.
+    """
+    try:
+        return load_signer(cfg.key_file).kid
+    except KeyFileError as e:
+        raise ConfigError(f"device.key_file: {e}") from None
+
+
 def load(path: Path) -> Config:
-    """Read and validate a TOML config file."""
+    """Read and validate a TOML config file (the key file: :func:`check_key_file`)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:

@@ -17,8 +17,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
+from cngmrv.agent.clock import ClockMonitor, FixedClock
 from cngmrv.agent.config import Config
 from cngmrv.agent.keys import load_signer
 from cngmrv.agent.pipeline import Pipeline
@@ -32,13 +34,21 @@ from cngmrv.drivers.kit_link import KitSerialSource
 
 log = logging.getLogger("cngmrv.agent")
 
+WALL_STAMPED = frozenset({"socketcan", "udp_multicast"})  # kernel receive time = wall clock
+
 
 class Agent:
     """One device's agent, built from a validated :class:`Config`."""
 
-    def __init__(self, config: Config, clock: str = "unknown") -> None:
+    def __init__(self, config: Config, clock: str | ClockMonitor | None = None) -> None:
+        """``clock``: a state to assert (the simulator's), a monitor, or None for the config's."""
         self.config = config
         self.signer = load_signer(config.key_file)
+        if clock is None:
+            clock = ClockMonitor.from_settings(config.clock)
+        self.clock = FixedClock(clock) if isinstance(clock, str) else clock
+        self.clock.poll()  # the first poll only sets the state and the step baseline
+        clock = self.clock.state
         self.recorder = Recorder(
             config.store_path,
             config.device_id,
@@ -61,6 +71,10 @@ class Agent:
         dbc = DbcSignals(config.can_dbc) if config.can_dbc else None
         self.pipeline = Pipeline(config.pipeline, self.boot_epoch, clock, kit_can=kit_can, dbc=dbc)
         self.can = make_source(config.can_source)
+        # True when the bus stamps frames with the kernel's wall clock, which
+        # steps (see ClockMonitor.rebase); a replay or the simulator's
+        # preserved timestamps are their own timeline.
+        self.rebase_can_time = config.can_interface in WALL_STAMPED
         self._can_seen = 0  # frames handed to the pipeline, to place source events among them
         self._can_events: deque[dict[str, Any]] = deque()
         self.kit = (
@@ -120,13 +134,17 @@ class Agent:
 
     def poll(self, timeout: float = 0.05) -> int:
         """Process what the sources queued (waiting up to ``timeout``); returns inputs handled."""
+        self._poll_clock()
         frames = self.can.wait(timeout)
+        if self.rebase_can_time and frames:
+            frames = self.clock.rebase(frames, self._poll_clock)
         self._feed_can(frames)
         n = len(frames)
         if self.kit:
             # The kit source stamps with the monotonic clock; the pipeline wants
-            # epoch seconds for its (rarely used) pre-CAN anchor.
-            to_wall = time.time() - time.monotonic()
+            # epoch seconds for its (rarely used) pre-CAN anchor, on the
+            # step-free timeline when the CAN time is rebased.
+            to_wall = self.clock.base if self.rebase_can_time else time.time() - time.monotonic()
             for received, msg in self.kit.drain():
                 self.pipeline.on_kit(received + to_wall, msg)
                 n += 1
@@ -151,10 +169,23 @@ class Agent:
             on_can(t, can_id, data, mono)
         self._can_seen += len(frames) - start
 
-    def run(self, stop: threading.Event) -> None:
-        """Poll until ``stop`` is set, or until a replayed log has been read to its end."""
+    def _poll_clock(self) -> None:
+        # A step is stored as an event (signed with the next batch); readings
+        # only take the state, so the integration never sees the wall clock.
+        for ev in self.clock.poll():
+            self.recorder.add_event(float(ev["t"]), str(ev["kind"]), ev)
+        self.pipeline.clock = self.clock.state
+
+    def run(self, stop: threading.Event, tick: Callable[[], None] | None = None) -> None:
+        """Poll until ``stop`` is set, or until a replayed log has been read to its end.
+
+        ``tick`` is called after every pass (the service's watchdog ping and
+        metrics snapshot), so it stops when the loop hangs.
+        """
         while not stop.is_set():
             self.poll()
+            if tick is not None:
+                tick()
             if self.can.finished and not self.can.pending():
                 break
 
@@ -165,6 +196,11 @@ class Agent:
         self._events_done += len(events)
         if not readings:
             return
+        if self.rebase_can_time and self.clock.level:
+            # t0 is on this run's step-free timeline; UTC is t0 plus the steps
+            # since (as of this commit, a second or two after the window).
+            for r in readings:
+                r["utc_offset_s"] = self.clock.level
         self.recorder.add(readings)
         self.readings += len(readings)
         for r in readings:
@@ -183,6 +219,7 @@ class Agent:
             self.uploader.notify()
             self.uploader.wait_idle(upload_timeout)
             self.uploader.stop()
+        self.clock.close()
         self.recorder.close()
         log.info("event=agent_stopped readings=%d batches=%d", self.readings, len(self.sealed))
 

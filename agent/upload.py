@@ -23,6 +23,7 @@ import json
 import logging
 import random
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -116,6 +117,7 @@ class Uploader:
         self._wait = wait or self._stop.wait
         self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
         self.uploaded = 0
+        self.last_upload: float | None = None  # wall time of the latest acknowledgement
         self.duplicates = 0
         self.failures = 0
         self.delays: list[float] = []  # every backoff wait, in order (the last 1000)
@@ -183,6 +185,7 @@ class Uploader:
                         log.error("event=upload_mark_failed seq=%d reason=%r", seq, str(e))
                     after = seq
                     self.uploaded += 1
+                    self.last_upload = time.time()
                     self.duplicates += out.status == 200
                     self.blocked = None
                     attempt = 0

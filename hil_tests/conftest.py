@@ -1,22 +1,110 @@
 """Bench (hardware-in-the-loop) tests: selected by environment variables.
 
 CNGMRV_HIL_CAN      a SocketCAN interface with a live J1939 engine or a CAN
-                    generator on it (e.g. can0)
+                    generator on it (e.g. can0).  Unset, a kernel ``vcan0`` is
+                    used when one exists, with the simulated engine feeding it.
+CNGMRV_HIL_KIT      the kit's serial port (e.g. /dev/ttyUSB0 or /dev/cngmrv-kit)
+CNGMRV_HIL_REPLUG   set to 1 to run the unplug/replug tests: they ask a person
+                    to pull and reconnect the adapter (run pytest with -s)
+
 Each test skips, saying which variable it needs, when the hardware is absent.
+See docs/hil-runbook.md for the wiring and what a pass looks like.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Iterator
 
 import pytest
+from hil_support import CanBench, EngineFeed
+
+
+def _is_vcan(name: str) -> bool:
+    # A vcan has no device behind it; its link type is ARPHRD_CAN (280) like a real one.
+    return not os.path.exists(f"/sys/class/net/{name}/device")
 
 
 @pytest.fixture
 def hil_can() -> str:
+    return _can_bench().name
+
+
+@pytest.fixture
+def can_bench() -> CanBench:
+    return _can_bench()
+
+
+def _can_bench() -> CanBench:
     name = os.environ.get("CNGMRV_HIL_CAN")
     if not name:
-        pytest.skip("no CAN hardware: set CNGMRV_HIL_CAN=can0 to run bench CAN tests")
+        if os.path.exists("/sys/class/net/vcan0"):
+            return CanBench("vcan0", virtual=True)
+        pytest.skip(
+            "no CAN hardware: set CNGMRV_HIL_CAN=can0 to run bench CAN tests "
+            "(or create a kernel vcan0 to run them on virtual SocketCAN)"
+        )
     if not os.path.exists(f"/sys/class/net/{name}"):
         pytest.skip(f"CNGMRV_HIL_CAN={name} but no such network interface on this machine")
-    return name
+    return CanBench(name, virtual=_is_vcan(name))
+
+
+@pytest.fixture
+def engine_feed(can_bench: CanBench) -> Iterator[EngineFeed]:
+    """On a vcan, the simulated engine broadcasting in real time; on hardware, the engine itself."""
+    feed = EngineFeed(can_bench.virtual)
+    if not can_bench.virtual:
+        yield feed
+        return
+    import can
+
+    from cngmrv.sim.ecu import TICK_S, EngineEcu
+    from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
+
+    stop = threading.Event()
+    bus = can.Bus(interface="socketcan", channel=can_bench.name)
+
+    def run() -> None:
+        vehicle = Bus(BusParams(), DriveCycle.brt(3600.0, 1))
+        ecu = EngineEcu(bus, vehicle, time.time())
+        t0 = time.monotonic()
+        i = 0
+        while not stop.is_set():
+            with feed.lock:
+                ecu.tick(i, vehicle.step(i * TICK_S))
+                feed.sent = ecu.frames_sent
+            feed.flowing.set()
+            i += 1
+            ahead = i * TICK_S - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    thread = threading.Thread(target=run, name="vcan-engine", daemon=True)
+    thread.start()
+    try:
+        yield feed
+    finally:
+        stop.set()
+        thread.join()
+        bus.shutdown()
+
+
+@pytest.fixture
+def hil_kit() -> str:
+    port = os.environ.get("CNGMRV_HIL_KIT")
+    if not port:
+        pytest.skip("no kit on the bench: set CNGMRV_HIL_KIT=/dev/ttyUSB0 to run kit tests")
+    if not os.path.exists(port):
+        pytest.skip(f"CNGMRV_HIL_KIT={port} but no such port (is the adapter plugged in?)")
+    return port
+
+
+@pytest.fixture
+def replug() -> None:
+    if os.environ.get("CNGMRV_HIL_REPLUG") != "1":
+        pytest.skip(
+            "needs a person at the bench: set CNGMRV_HIL_REPLUG=1 and run pytest -s "
+            "to be asked to unplug and replug the adapter"
+        )

@@ -1,0 +1,127 @@
+"""Service figures: SIGTERM to exit of ``cngmrv run``, and the cost of rebasing wall-stamped frames.
+
+Prints one JSON object:
+
+* ``stop_s``: seconds from SIGTERM to process exit (the median and the worst of
+  ``--repeat`` runs) for ``cngmrv run`` fed by the simulated engine over
+  ``udp_multicast`` and the simulated kit over a pty for ``--seconds``; the
+  acceptance bound is 5 s.
+* ``rebase_ns_per_frame``: :meth:`ClockMonitor.rebase` on frames without a
+  step (the steady state on SocketCAN), per frame, against a plain list copy.
+
+Usage: python bench/service.py [--repeat R] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tty
+import uuid
+from pathlib import Path
+from typing import Any
+
+import can
+
+from cngmrv.agent import keys
+from cngmrv.agent.clock import ClockMonitor
+from cngmrv.sim.ecu import TICK_S, EngineEcu
+from cngmrv.sim.kit import KitFirmware, KitLogic
+from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
+
+
+def stop_time(seconds: float) -> float:
+    with tempfile.TemporaryDirectory(prefix="cngmrv-bench-") as tmp:
+        d = Path(tmp)
+        keys.generate(d / "keys")
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        (d / "ttyKIT").symlink_to(os.ttyname(slave))
+        port = 40000 + uuid.uuid4().int % 20000
+        (d / "agent.toml").write_text(
+            '[device]\nid = "bench"\nkey_file = "keys/device.key"\n'
+            '[can]\ninterface = "udp_multicast"\nchannel = "239.74.163.2"\n'
+            f'[kit]\nport = "{d / "ttyKIT"}"\n[store]\npath = "store.sqlite"\n'
+            '[health]\nenabled = false\n[clock]\nsource = "none"\n'
+        )
+        env = {**os.environ, "CAN_CONFIG": json.dumps({"port": port})}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cngmrv.agent.cli", "run", "--config", str(d / "agent.toml")],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "event=ready" in line:
+                break
+        bus = can.Bus(interface="udp_multicast", channel="239.74.163.2", port=port)
+        logic = KitLogic()
+        vehicle = Bus(BusParams(), DriveCycle.brt(seconds + 5, 1), controller=logic)
+        ecu = EngineEcu(bus, vehicle, time.time())
+        kit = KitFirmware(master, logic)
+        t0 = time.monotonic()
+        for i in range(int(seconds / TICK_S)):
+            s = vehicle.step(i * TICK_S)
+            ecu.tick(i, s)
+            kit.tick(i, s)
+            ahead = i * TICK_S - (time.monotonic() - t0)
+            if ahead > 0.001:
+                time.sleep(ahead)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        took = time.monotonic() - sent
+        proc.stdout.close()
+        bus.shutdown()
+        os.close(master)
+        os.close(slave)
+        assert code == 0, code
+        return took
+
+
+def rebase_cost(n: int = 200_000) -> dict[str, float]:
+    m = ClockMonitor()
+    m.poll()
+    now_mono = time.monotonic()
+    base = m.base
+    frames = [
+        (base + now_mono + i * 1e-4, 0x0CF00400, b"\0" * 8, now_mono + i * 1e-4) for i in range(n)
+    ]
+
+    def poll() -> None:
+        m.poll()
+
+    t = time.perf_counter()
+    m.rebase(frames, poll)
+    rebase = time.perf_counter() - t
+    t = time.perf_counter()
+    _ = list(frames)
+    copy = time.perf_counter() - t
+    return {"rebase_ns_per_frame": rebase / n * 1e9, "list_copy_ns_per_frame": copy / n * 1e9}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    args = ap.parse_args()
+    stops = [stop_time(args.seconds) for _ in range(args.repeat)]
+    out: dict[str, Any] = {
+        "stop_s": {"median": statistics.median(stops), "max": max(stops), "runs": len(stops)},
+        "stop_bound_s": 5.0,
+        **rebase_cost(),
+        "python": sys.version.split()[0],
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
