@@ -42,7 +42,7 @@ def _runtime(cc: str, lib: str) -> str:
 
 def build_extension(out: Path) -> Path:
     sys.path.insert(0, str(NATIVE))
-    import build_integrator  # the same CDEF and flags as the real build
+    import build_integrator  # the same declarations and flags as the real build
 
     pkg = out / "cngmrv" / "native"
     if out.exists():
