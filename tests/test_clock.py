@@ -220,10 +220,8 @@ def _wait(cond: Any, timeout: float = 10.0) -> None:
 # -- in a simulated run ---------------------------------------------------
 
 
-def _simulated_run(
-    tmp_path: Path, monitor: ClockMonitor, steps: dict[int, float], fake: FakeClock
-) -> tuple[Agent, Path]:
-    """40 s of bus time, as fast as the agent keeps up; ``steps``: tick -> wall-clock step."""
+def _rig(tmp_path: Path, device_id: str, per_batch: int) -> tuple[Any, str, int, int]:
+    """Key, a fresh virtual-bus channel, a raw pty for the kit, and the agent's config."""
     keydir = tmp_path / "keys"
     if not keydir.exists():
         keys.generate(keydir)
@@ -234,14 +232,22 @@ def _simulated_run(
     port.symlink_to(os.ttyname(slave))
     cfg = config.from_mapping(
         {
-            "device": {"id": "bus-clock", "key_file": "keys/device.key"},
+            "device": {"id": device_id, "key_file": "keys/device.key"},
             "can": {"interface": "virtual", "channel": channel},
             "kit": {"port": str(port), "reconnect_min_s": 0.02, "reconnect_max_s": 0.2},
             "store": {"path": "store.sqlite"},
-            "batch": {"readings_per_batch": 5},
+            "batch": {"readings_per_batch": per_batch},
         },
         tmp_path,
     )
+    return cfg, channel, master, slave
+
+
+def _simulated_run(
+    tmp_path: Path, monitor: ClockMonitor, steps: dict[int, float], fake: FakeClock
+) -> tuple[Agent, Path]:
+    """40 s of bus time, as fast as the agent keeps up; ``steps``: tick -> wall-clock step."""
+    cfg, channel, master, slave = _rig(tmp_path, "bus-clock", 5)
     sim_bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
     agent = Agent(cfg, clock=monitor)
     stop = threading.Event()
@@ -385,23 +391,7 @@ def _real_time_run(
 
     Returns the agent, the signed payloads and the bus time the drive started at.
     """
-    keydir = tmp_path / "keys"
-    keys.generate(keydir)
-    channel = f"cngmrv-step-{uuid.uuid4().hex[:8]}"
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    port = tmp_path / "ttyKIT"
-    port.symlink_to(os.ttyname(slave))
-    cfg = config.from_mapping(
-        {
-            "device": {"id": "bus-step", "key_file": "keys/device.key"},
-            "can": {"interface": "virtual", "channel": channel},
-            "kit": {"port": str(port), "reconnect_min_s": 0.02, "reconnect_max_s": 0.2},
-            "store": {"path": "store.sqlite"},
-            "batch": {"readings_per_batch": 2},
-        },
-        tmp_path,
-    )
+    cfg, channel, master, slave = _rig(tmp_path, "bus-step", 2)
     fake = FakeClock(wall0=float(int(time.time())))
     sim_bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
     bus = ShiftingBus(sim_bus)
