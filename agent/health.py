@@ -110,8 +110,17 @@ def render(metrics: dict[str, list[tuple[dict[str, str], float]]], age_s: float 
         lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples.get(name, []):
             lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
-            lines.append(f"{name}{{{lab}}} {value:g}" if lab else f"{name} {value:g}")
+            text = _number(value)
+            lines.append(f"{name}{{{lab}}} {text}" if lab else f"{name} {text}")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    # Counters run past a million frames in hours; "%g" would round them to
+    # six digits, and a loss count taken from two rounded counters is noise.
+    if float(value).is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(float(value))
 
 
 def parse(text: str) -> dict[str, float]:

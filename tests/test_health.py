@@ -109,3 +109,12 @@ def test_status_lines_for_a_person() -> None:
     assert any(x.startswith("clock           informative") for x in lines)
     assert any("3 pending" in x for x in lines)
     assert "last upload     never" in lines
+
+
+def test_counters_past_a_million_keep_every_digit() -> None:
+    # A loss count is a difference of two counters; "%g" would round both to six digits.
+    text = health.render({"cngmrv_frames_received_total": [({"source": "can"}, 2_280_001)]})
+    assert health.parse(text)['cngmrv_frames_received_total{source="can"}'] == 2_280_001
+    assert 'cngmrv_frames_received_total{source="can"} 2280001\n' in text
+    text = health.render({"cngmrv_disk_free_bytes": [({}, 0.1)]})
+    assert health.parse(text)["cngmrv_disk_free_bytes"] == 0.1
