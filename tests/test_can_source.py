@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -365,3 +366,44 @@ def test_a_device_that_sends_requests_also_hears_them() -> None:
     talking = SourceSettings(listen_only=False, requests=RequestPlan(GEARBOX_NAME, 0x4A))
     assert talking.filter_pgns is not None and j1939.PGN_REQUEST in talking.filter_pgns
     assert SourceSettings(pgns=None, requests=RequestPlan(GEARBOX_NAME, 0x4A)).filter_pgns is None
+
+
+def test_a_waiting_consumer_is_woken_per_batch_not_per_frame(channel: str) -> None:
+    tx = can.Bus(interface="virtual", channel=channel)
+    src = CanSource(can.Bus(interface="virtual", channel=channel), poll_s=0.01, wake_after=5)
+    src.start()
+    try:
+        for i in range(4):
+            tx.send(frame(0x18FEF200, 1000 + i))
+        assert until(lambda: src.stats["frames"] == 4)
+        # Fewer than wake_after queued: no early wake-up, they come at the timeout.
+        started = time.monotonic()
+        got = src.wait(0.3)
+        assert time.monotonic() - started >= 0.25
+        assert len(got) == 4
+
+        def burst() -> None:
+            time.sleep(0.1)
+            for i in range(5):
+                tx.send(frame(0x18FEF200, 2000 + i))
+
+        sender = threading.Thread(target=burst)
+        sender.start()
+        started = time.monotonic()
+        got = src.wait(30.0)
+        # The fifth frame wakes it, long before its 30 s timeout.
+        assert time.monotonic() - started < 10.0
+        assert len(got) == 5
+        sender.join()
+    finally:
+        src.stop()
+        tx.shutdown()
+
+
+def test_wake_after_must_fit_the_queue(channel: str) -> None:
+    bus = can.Bus(interface="virtual", channel=channel)
+    try:
+        with pytest.raises(ValueError, match="wake_after"):
+            CanSource(bus, queue_size=8, wake_after=9)
+    finally:
+        bus.shutdown()
