@@ -278,6 +278,12 @@ class Pipeline:
         if n == 1 or n % 1000 == 0:
             log.warning("event=decode_rejected reason=%r count=%d", reason, n)
 
+    def take_events(self) -> list[dict[str, Any]]:
+        """The events since the last call, oldest first, handed over: a running agent
+        stores them, and a pipeline that kept them all would grow for as long as it runs."""
+        out, self.events = self.events, []
+        return out
+
     def on_can(self, t: float, can_id: int, data: bytes, mono: float | None = None) -> None:
         """One CAN frame with its bus timestamp ``t`` and monotonic receive time ``mono``.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -102,8 +102,9 @@ class Agent:
         )
         self.recorder.on_sealed = self._sealed
         self.readings = 0
+        # Events stored this run, by kind (the events themselves go to the store).
+        self.event_counts: Counter[str] = Counter()
         self.totals = {"diesel_l": 0.0, "gas_kg": 0.0, "distance_km": 0.0}
-        self._events_done = 0
 
     @property
     def store(self) -> Store:
@@ -190,10 +191,9 @@ class Agent:
                 break
 
     def _commit(self, readings: list[dict[str, Any]]) -> None:
-        events = self.pipeline.events[self._events_done :]
-        for ev in events:
+        for ev in self.pipeline.take_events():
             self.recorder.add_event(float(ev["t"]), str(ev["kind"]), ev)
-        self._events_done += len(events)
+            self.event_counts[str(ev["kind"])] += 1
         if not readings:
             return
         if self.rebase_can_time and self.clock.level:
@@ -221,7 +221,18 @@ class Agent:
             self.uploader.stop()
         self.clock.close()
         self.recorder.close()
-        log.info("event=agent_stopped readings=%d batches=%d", self.readings, len(self.sealed))
+        s = self.pipeline.stats
+        log.info(
+            "event=agent_stopped readings=%d batches=%d can_frames=%d can_queue_dropped=%d"
+            " frames=%d decode_errors=%d kit_messages=%d",
+            self.readings,
+            len(self.sealed),
+            self.can.stats["frames"],
+            self.can.stats["queue_dropped"],
+            s.frames,
+            s.decode_errors,
+            s.kit_messages,
+        )
 
     def stats(self) -> dict[str, Any]:
         s = self.pipeline.stats

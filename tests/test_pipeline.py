@@ -304,3 +304,16 @@ def test_calibration_config_reaches_the_pipeline(tmp_path: Path) -> None:
     assert cfg.fuel == FuelFactors(diesel_co2_kg_per_tj=70000.0)
     assert cfg.gas == GasCalibration(injector_k=2e-6, tank_pressure_gauge=True)
     assert cfg.idle_max_kmh == 3.0
+
+
+def test_events_are_handed_over_once_and_not_kept() -> None:
+    # A running agent takes the events every pass; a pipeline that kept them
+    # would grow for as long as the bus runs.
+    p = Pipeline(PipelineConfig())
+    dm1 = j1939.make_id(j1939.PGN_DM1, 0x03, 6)
+    p.on_can(1000.0, dm1, b"\x04\xff\x64\x00\x01\x01\xff\xff")  # SPN 100 FMI 1
+    taken = p.take_events()
+    assert [e["kind"] for e in taken] == ["DM1_CHANGED"]
+    assert p.take_events() == [] and p.events == []
+    p.on_can(1001.0, dm1, b"\x00\xff\x00\x00\x00\x00\xff\xff")  # cleared
+    assert [e["kind"] for e in p.take_events()] == ["DM1_CHANGED"]
