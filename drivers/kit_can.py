@@ -38,8 +38,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import cantools
-
 from .j1939 import parse_id
 
 DEFAULT_DBC = Path(__file__).with_name("kit_propb.dbc")
@@ -81,6 +79,8 @@ class KitCanDecoder:
     ) -> None:
         if not 0 <= source_address <= 253:
             raise ValueError(f"source_address must be 0..253, got {source_address!r}")
+        import cantools  # here, not at the top: see cngmrv.drivers.dbc
+
         db = cantools.database.can.Database()
         db.add_dbc_file(str(dbc))
         self.source_address = source_address
