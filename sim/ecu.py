@@ -64,16 +64,20 @@ class EngineEcu:
             }
         return {"coolant_temp_c": 85.0}
 
-    def tick(self, i: int, s: State) -> None:
-        """Send every message due at tick ``i`` (time ``i * TICK_S``)."""
+    def frames_due(self, i: int, s: State) -> list[tuple[float, int, bytes]]:
+        """Every message due at tick ``i`` (time ``i * TICK_S``) as ``(t, can_id, data)``."""
         t = self._epoch0 + i * TICK_S
-        for pgn, _, period, phase in SCHEDULE:
-            if i % period == phase % period:
-                msg = can.Message(
-                    timestamp=t,
-                    arbitration_id=self._ids[pgn],
-                    is_extended_id=True,
-                    data=j1939.encode(pgn, self._values(pgn, s)),
-                )
-                self._bus.send(msg)
-                self.frames_sent += 1
+        out = [
+            (t, self._ids[pgn], j1939.encode(pgn, self._values(pgn, s)))
+            for pgn, _, period, phase in SCHEDULE
+            if i % period == phase % period
+        ]
+        self.frames_sent += len(out)
+        return out
+
+    def tick(self, i: int, s: State) -> None:
+        """Send every message due at tick ``i`` straight onto the bus, stamped with its tick time."""
+        for t, can_id, data in self.frames_due(i, s):
+            self._bus.send(
+                can.Message(timestamp=t, arbitration_id=can_id, is_extended_id=True, data=data)
+            )

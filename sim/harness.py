@@ -16,12 +16,14 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
 import time
 import tty
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,12 +33,15 @@ import can
 from cngmrv.agent import batch, config, keys
 from cngmrv.agent.ingest import IngestServer, open_db, register_device, stored_batches
 from cngmrv.agent.runtime import Agent
+from cngmrv.agent.store import open_readonly
+from cngmrv.sim.agent_process import AgentProcess
+from cngmrv.sim.busload import BackgroundTraffic, Wire, capacity_fps
 from cngmrv.sim.ecu import TICK_S, EngineEcu
 from cngmrv.sim.kit import INJ_DEAD_MS, INJ_FLOW, KitFaults, KitFirmware, KitLogic, LinkFaults
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
 
 DEVICE_ID = "sim-bus-001"
-MAX_LAG_FRAMES = 100  # about 1.4 s of the engine's broadcast
+MAX_LAG_FRAMES = 100  # about 1.4 s of the engine's broadcast, unloaded
 MAX_LAG_STATUS = 10  # 1 s of the kit's STATUS stream
 
 
@@ -56,6 +61,19 @@ class SimOptions:
     tank_start_bar: float = 200.0
     refuel_below_bar: float = 0.0
     dpf_regens: tuple[tuple[float, float], ...] = ()
+    # The CAN bus: its bit rate, and the share of its time other ECUs' traffic
+    # fills (0: the engine alone; see cngmrv.sim.busload).
+    bitrate: int = 250_000
+    bus_load_pct: float = 0.0
+    # Run the agent as its own process (`cngmrv run`) on a udp_multicast bus,
+    # in real time, instead of in this process on a virtual bus.
+    agent_process: bool = False
+    # The interpreter that runs it (None: this one).  Benchmarks point it at an
+    # environment holding only what `pip install cngmrv` installs, as on a bus.
+    agent_python: str | None = None
+    # The udp_multicast port (None: a random one); another receiver may listen
+    # on the same group and port (bench/full_load.py's bare python-can loop).
+    mcast_port: int | None = None
 
 
 @dataclass
@@ -118,9 +136,10 @@ def _drive(
     sim_bus: can.BusABC,
     fds: list[int],
     port: Path,
-    agent: Agent,
+    agent: Agent | None,
     epoch0: float,
-) -> tuple[Bus, EngineEcu, KitRun]:
+) -> tuple[Bus, EngineEcu, KitRun, Wire]:
+    """Run the drive cycle; ``agent`` is the in-process agent (None: in its own process, real time)."""
     logic = KitLogic(opts.kit_faults)
     params = BusParams(
         tank_start_bar=opts.tank_start_bar,
@@ -133,6 +152,18 @@ def _drive(
     kit = KitFirmware(fds[0], logic, opts.link)
     run = KitRun(kit, port)
     counts = kit.counts
+    speedup = 1.0 if agent is None else opts.speedup
+    wall0 = time.monotonic()
+    wire = Wire(
+        opts.bitrate,
+        epoch0,
+        _sender(sim_bus, epoch0, wall0 if agent is None else None),
+        BackgroundTraffic(epoch0, opts.seed) if opts.bus_load_pct > 0 else None,
+        opts.bus_load_pct,
+    )
+    # Never let an in-process agent fall more than about a second of bus time
+    # behind: unpaced, the simulator would otherwise outrun every queue.
+    max_lag = max(MAX_LAG_FRAMES, int(capacity_fps(opts.bitrate) * opts.bus_load_pct / 100))
     # Tick of each unplug -> tick of its replug.
     unplug_ticks: dict[int, int] = {}
     for start, end in opts.kit_unplugged:
@@ -140,42 +171,72 @@ def _drive(
         unplug_ticks[a] = max(a + 1, int(round(end / TICK_S)))
     replug_ticks = set(unplug_ticks.values())
     steps = int(round(opts.duration / TICK_S))
-    wall0 = time.monotonic()
     for i in range(steps + 1):
         span = run.unplugged[-1] if run.unplugged else None
         if i in unplug_ticks:
+            assert agent is not None
             _unplug(fds, port, kit, agent)
             span = {"from": i * TICK_S, "to": unplug_ticks[i] * TICK_S, "truth_gas_kg": 0.0}
             run.unplugged.append(span)
         elif i in replug_ticks:
+            assert agent is not None
             _replug(fds, port, kit, agent)
         gas_before = vehicle.truth_gas_kg
         s = vehicle.step(i * TICK_S)
         if span is not None and span["from"] <= i * TICK_S < span["to"]:
             span["truth_gas_kg"] += vehicle.truth_gas_kg - gas_before
-        ecu.tick(i, s)
+        for t, can_id, data in ecu.frames_due(i, s):
+            wire.submit(t, can_id, data)
         status_before = counts.intact_by_type.get("status", 0)
         kit.tick(i, s)
         if counts.intact_by_type.get("status", 0) != status_before:
             run.intact_status.append((i * TICK_S, vehicle.truth_gas_kg))
+        wire.run_until(epoch0 + (i + 1) * TICK_S)
         if i % 10:
             continue
-        if opts.speedup > 0:
-            ahead = i * TICK_S / opts.speedup - (time.monotonic() - wall0)
+        if speedup > 0:
+            ahead = i * TICK_S / speedup - (time.monotonic() - wall0)
             if ahead > 0.002:
                 time.sleep(ahead)
-        # Never let the agent fall more than about a second of bus time behind:
-        # unpaced, the simulator would otherwise outrun every queue.
+        if agent is None:
+            continue  # a real bus waits for nobody
         # The kit's lag is bounded in time (STATUS frames, 10 per second), since
         # its frame rate varies with the injection rate; a kit further behind
         # than the pipeline's stale_s would have its samples arrive too late.
         stats = agent.pipeline.stats
         while (
-            ecu.frames_sent - stats.frames > MAX_LAG_FRAMES
+            wire.sent - stats.frames > max_lag
             or counts.intact_by_type.get("status", 0) - stats.kit_status > MAX_LAG_STATUS
         ):
             time.sleep(0.001)
-    return vehicle, ecu, run
+    return vehicle, ecu, run, wire
+
+
+def _sender(
+    bus: can.BusABC, epoch0: float, wall0: float | None
+) -> Callable[[float, int, bytes], None]:
+    """Put one frame on ``bus``; with ``wall0``, not before its bus time comes round in real time.
+
+    Receivers on a udp_multicast bus stamp frames when they arrive, so real-time
+    pacing is what spaces their timestamps as the wire does.
+    """
+    send = bus.send
+    message = can.Message
+
+    def put(t: float, can_id: int, data: bytes) -> None:
+        send(message(timestamp=t, arbitration_id=can_id, is_extended_id=True, data=data))
+
+    if wall0 is None:
+        return put
+    monotonic, sleep = time.monotonic, time.sleep
+
+    def paced(t: float, can_id: int, data: bytes) -> None:
+        ahead = (t - epoch0) - (monotonic() - wall0)
+        if ahead > 0.0005:
+            sleep(ahead)
+        put(t, can_id, data)
+
+    return paced
 
 
 def _unplug(fds: list[int], port: Path, kit: KitFirmware, agent: Agent) -> None:
@@ -226,8 +287,15 @@ def _truth_over_intact(points: list[tuple[float, float]], max_gap: float) -> flo
     return total
 
 
-def run(opts: SimOptions, progress: bool = False) -> dict[str, Any]:
-    """One simulated run; returns the summary (see ``cngmrv sim --json``)."""
+def run(
+    opts: SimOptions,
+    progress: bool = False,
+    on_agent: Callable[[AgentProcess], None] | None = None,
+) -> dict[str, Any]:
+    """One simulated run; returns the summary (see ``cngmrv sim --json``).
+
+    ``on_agent``: see :func:`run_bus`.
+    """
     tmp = None
     if opts.workdir is None:
         tmp = tempfile.mkdtemp(prefix="cngmrv-sim-")
@@ -236,7 +304,7 @@ def run(opts: SimOptions, progress: bool = False) -> dict[str, Any]:
         workdir = opts.workdir
         workdir.mkdir(parents=True, exist_ok=True)
     try:
-        return _run_in(opts, workdir, progress)
+        return _run_in(opts, workdir, progress, on_agent)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -250,13 +318,18 @@ def ensure_key(workdir: Path) -> bytes:
     return (key_path.parent / keys.PUB_FILE).read_bytes()
 
 
-def _run_in(opts: SimOptions, workdir: Path, progress: bool) -> dict[str, Any]:
+def _run_in(
+    opts: SimOptions,
+    workdir: Path,
+    progress: bool,
+    on_agent: Callable[[AgentProcess], None] | None = None,
+) -> dict[str, Any]:
     pub = ensure_key(workdir)
     ingest_db = workdir / "ingest.sqlite"
     server = IngestServer(ingest_db).start()
     try:
         register_device(server.db, opts.device_id, pub)
-        summary = run_bus(opts, workdir, server.url, ingest_db)
+        summary = run_bus(opts, workdir, server.url, ingest_db, on_agent)
     finally:
         server.stop()
     if progress:
@@ -266,12 +339,22 @@ def _run_in(opts: SimOptions, workdir: Path, progress: bool) -> dict[str, Any]:
     return summary
 
 
-def run_bus(opts: SimOptions, workdir: Path, url: str, ingest_db: Path) -> dict[str, Any]:
+def run_bus(
+    opts: SimOptions,
+    workdir: Path,
+    url: str,
+    ingest_db: Path,
+    on_agent: Callable[[AgentProcess], None] | None = None,
+) -> dict[str, Any]:
     """One bus (key already in ``workdir/keys``) uploading to the ingest at ``url``.
 
     The ingest may be shared with other buses (``cngmrv sim --fleet``); its
-    database file is read afterwards to verify what arrived.
+    database file is read afterwards to verify what arrived.  With
+    ``opts.agent_process``, ``on_agent`` is called with the agent's process
+    once it is ready (the soak benchmark samples it from there).
     """
+    if opts.agent_process:
+        return _run_bus_process(opts, workdir, url, ingest_db, on_agent)
     channel = f"cngmrv-sim-{uuid.uuid4().hex[:8]}"
     port = workdir / "ttyKIT"
     fds = list(_open_pty(port))
@@ -286,8 +369,8 @@ def run_bus(opts: SimOptions, workdir: Path, url: str, ingest_db: Path) -> dict[
         worker.start()
         _wait_for_kit(agent)
         epoch0 = float(int(time.time()))
-        vehicle, ecu, kit = _drive(opts, sim_bus, fds, port, agent, epoch0)
-        _wait_for_inputs(agent, ecu.frames_sent, kit.firmware.counts.intact)
+        vehicle, ecu, kit, wire = _drive(opts, sim_bus, fds, port, agent, epoch0)
+        _wait_for_inputs(agent, wire.sent, kit.firmware.counts.intact)
         stop.set()
         worker.join()
         agent.close(upload_timeout=30.0)
@@ -298,13 +381,166 @@ def run_bus(opts: SimOptions, workdir: Path, url: str, ingest_db: Path) -> dict[
             os.close(fd)
         port.unlink(missing_ok=True)
     wall = time.monotonic() - wall_start
+    held = _held(ingest_db, opts.device_id)
+    stats = agent.stats()
+    measured = {**agent.totals, "readings": agent.readings}
+    return _summarise(
+        opts, workdir, held, agent.sealed, stats, measured, agent.config, vehicle, kit, wire, wall
+    )
+
+
+def _held(ingest_db: Path, device_id: str) -> list[tuple[int, bytes]]:
     db = open_db(ingest_db)
     try:
-        held = stored_batches(db, opts.device_id)
+        return stored_batches(db, device_id)
     finally:
         db.close()
-    summary = _summarise(opts, workdir, held, agent, vehicle, ecu, kit, wall)
-    return summary
+
+
+# The multicast group the simulated bus uses across processes; each run has a port of its own.
+MCAST_GROUP = "239.74.163.9"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _process_config(workdir: Path, opts: SimOptions, kit_port: Path, url: str, health: int) -> Path:
+    """The agent's TOML for a run in its own process: the in-process settings, over udp_multicast."""
+    path = workdir / "agent.toml"
+    path.write_text(
+        f"""# Written by `cngmrv sim --agent-process`.
+[device]
+id = {json.dumps(opts.device_id)}
+key_file = "keys/device.key"
+[can]
+interface = "udp_multicast"
+channel = "{MCAST_GROUP}"
+[kit]
+port = {json.dumps(str(kit_port))}
+reconnect_min_s = 0.02
+reconnect_max_s = 0.2
+[store]
+path = "store.sqlite"
+[batch]
+readings_per_batch = {opts.readings_per_batch}
+[upload]
+url = {json.dumps(url)}
+[gas]
+injector_k = {INJ_FLOW * math.sqrt(293.15) * 1e-6!r}
+injector_dead_time_ms = {INJ_DEAD_MS!r}
+[health]
+port = {health}
+[clock]
+source = "none"
+"""
+    )
+    return path
+
+
+def _wait_opened(agent: AgentProcess, tty: str, timeout: float = 30.0) -> None:
+    """Wait until the agent process has ``tty`` open (it flushes the port when it opens it)."""
+
+    def opened() -> bool:
+        fd_dir = Path(f"/proc/{agent.pid}/fd")
+        for fd in fd_dir.iterdir():
+            try:
+                if os.readlink(fd) == tty:
+                    return True
+            except OSError:
+                continue
+        return False
+
+    _wait(opened, "the agent process to open the kit's port", timeout)
+
+
+def _run_bus_process(
+    opts: SimOptions,
+    workdir: Path,
+    url: str,
+    ingest_db: Path,
+    on_agent: Callable[[AgentProcess], None] | None,
+) -> dict[str, Any]:
+    port = workdir / "ttyKIT"
+    fds = list(_open_pty(port))
+    mcast_port = opts.mcast_port or 40000 + uuid.uuid4().int % 20000
+    sim_bus = can.Bus(interface="udp_multicast", channel=MCAST_GROUP, port=mcast_port)
+    cfg_path = _process_config(workdir, opts, port, url, _free_port())
+    cfg = config.load(cfg_path)
+    wall_start = time.monotonic()
+    agent = AgentProcess(
+        cfg_path,
+        cfg.health.port,
+        env={"CAN_CONFIG": json.dumps({"port": mcast_port})},
+        python=opts.agent_python,
+    )
+    try:
+        agent.wait_ready()
+        _wait_opened(agent, os.ttyname(fds[1]))
+        if on_agent is not None:
+            on_agent(agent)
+        cpu0, t0 = agent.cpu_seconds(), time.monotonic()
+        epoch0 = time.time()
+        vehicle, _, kit, wire = _drive(opts, sim_bus, fds, port, None, epoch0)
+        cpu1, t1 = agent.cpu_seconds(), time.monotonic()
+        agent.settle(wire.sent)
+        memory = agent.memory_mb()
+        final = agent.stop()
+    finally:
+        if agent.returncode is None:
+            agent.proc.kill()
+            agent.stop()
+        sim_bus.shutdown()
+        for fd in fds:
+            os.close(fd)
+        port.unlink(missing_ok=True)
+    if agent.returncode != 0 or not final:
+        tail = "\n".join(agent.lines[-20:])
+        raise RuntimeError(f"sim: the agent process exited {agent.returncode}:\n{tail}")
+    wall = time.monotonic() - wall_start
+    held = _held(ingest_db, opts.device_id)
+    measured = _totals_from_batches(held)
+    stats = {
+        "frames": int(final["frames"]),
+        "kit_messages": int(final["kit_messages"]),
+        "decode_errors": int(final["decode_errors"]),
+        "can": {"frames": int(final["can_frames"])},
+        "can_queue_dropped": int(final["can_queue_dropped"]),
+        "process": {
+            "pid": agent.pid,
+            "cpu_s": cpu1 - cpu0,
+            "wall_s": t1 - t0,
+            "cpu_pct_one_core": 100 * (cpu1 - cpu0) / (t1 - t0),
+            "rss_mb": memory.get("rss", 0.0),
+            # The kernel's high-water mark (VmHWM), start-up and shutdown included.
+            "peak_rss_mb": agent.peak_rss_mb,
+        },
+    }
+    sealed = _sealed_this_run(cfg.store_path, int(final["batches"]))
+    return _summarise(opts, workdir, held, sealed, stats, measured, cfg, vehicle, kit, wire, wall)
+
+
+def _sealed_this_run(store_path: Path, n: int) -> list[int]:
+    """The sequences of the last ``n`` batches in a stopped agent's store (its log says how many)."""
+    db = open_readonly(store_path)
+    try:
+        rows = db.execute("SELECT seq FROM batches ORDER BY seq DESC LIMIT ?", (n,)).fetchall()
+    finally:
+        db.close()
+    return sorted(int(r[0]) for r in rows)
+
+
+def _totals_from_batches(held: list[tuple[int, bytes]]) -> dict[str, float]:
+    """Readings and totals as the ingest holds them: what an auditor would add up."""
+    totals = {"diesel_l": 0.0, "gas_kg": 0.0, "distance_km": 0.0, "readings": 0}
+    for _, raw in held:
+        for r in batch.parse(raw).payload()["readings"]:
+            totals["readings"] += 1
+            for k in ("diesel_l", "gas_kg", "distance_km"):
+                totals[k] += r[k]
+    return totals
 
 
 def _wait_for_kit(agent: Agent, timeout: float = 5.0) -> None:
@@ -328,49 +564,77 @@ def _summarise(
     opts: SimOptions,
     workdir: Path,
     held: list[tuple[int, bytes]],
-    agent: Agent,
+    signed: list[int],
+    stats: dict[str, Any],
+    measured: dict[str, float],
+    cfg: Any,
     vehicle: Bus,
-    ecu: EngineEcu,
     kit: KitRun,
+    wire: Wire,
     wall: float,
 ) -> dict[str, Any]:
     pub = keys.load_public_key(workdir / "keys" / keys.PUB_FILE)
     report = batch.verify_set(((f"ingest:{s}", raw) for s, raw in held), pub)
     uploaded = {s for s, _ in held}
-    signed = agent.sealed
-    stats = agent.stats()
     return {
         "sim_seconds": opts.duration,
         "wall_seconds": round(wall, 3),
         "seed": opts.seed,
         "device_id": opts.device_id,
         "workdir": str(workdir) if opts.workdir else None,
-        "frames": ecu.frames_sent,
+        "agent_process": opts.agent_process,
+        "frames": wire.sent,
         "frames_received": stats["frames"],
+        "bus": {
+            "bitrate": opts.bitrate,
+            "load_pct": opts.bus_load_pct,
+            "busy_share": round(wire.busy_share, 6),
+            "offered": wire.sent,
+            "offered_per_id": {f"{k:08X}": v for k, v in sorted(wire.offered.items())},
+            "sequenced": wire.seq,
+            "lost": _losses(wire.sent, stats),
+        },
         "kit_frames": kit.firmware.frames_sent,
         "kit_frames_received": stats["kit_messages"],
         "kit": kit.firmware.counts.as_dict(),
         "kit_unplugged": kit.unplugged,
-        "readings": agent.readings,
+        "readings": int(measured["readings"]),
         "batches_signed": len(signed),
         "batches_uploaded": sum(1 for s in signed if s in uploaded),
         "batches_verified": sum(1 for s in signed if s in report.ok),
         "verify_problems": {k: v for k, v in report.bad.items()},
         "verify_gaps": report.gaps,
-        "diesel_l": agent.totals["diesel_l"],
-        "gas_kg": agent.totals["gas_kg"],
-        "distance_km": agent.totals["distance_km"],
+        "diesel_l": measured["diesel_l"],
+        "gas_kg": measured["gas_kg"],
+        "distance_km": measured["distance_km"],
         "truth": {
             "diesel_l": vehicle.truth_diesel_l,
             "gas_kg": vehicle.truth_gas_kg,
             "distance_km": vehicle.truth_distance_km,
             "gas_kg_over_intact_kit_data": _truth_over_intact(
-                kit.intact_status, agent.config.pipeline.kit_max_gap_s
+                kit.intact_status, cfg.pipeline.kit_max_gap_s
             ),
             "refuels": vehicle.refuels,
         },
         "agent": stats,
     }
+
+
+def _losses(offered: int, stats: dict[str, Any]) -> dict[str, int]:
+    """CAN frames lost on the way into the pipeline, and where.
+
+    ``socket``: offered but never read off the bus (kernel buffer overrun);
+    ``queue``: read, then dropped on the source's full queue; ``decoder``:
+    queued but never used (decode errors, or still queued at the stop).
+    """
+    read = stats["can"]["frames"]
+    queue = stats["can_queue_dropped"]
+    out = {
+        "socket": offered - read,
+        "queue": queue,
+        "decoder": stats["decode_errors"] + (read - queue - stats["frames"]),
+    }
+    return {**out, "total": sum(out.values())}
 
 
 def _relative_errors(summary: dict[str, Any]) -> dict[str, float]:
@@ -386,7 +650,17 @@ def _print_human(s: dict[str, Any]) -> None:
     print(
         f"simulated {s['sim_seconds']:.0f} s in {s['wall_seconds']:.1f} s wall (seed {s['seed']})"
     )
-    print(f"frames {s['frames']} sent, {s['frames_received']} received; readings {s['readings']}")
+    bus = s["bus"]
+    print(
+        f"CAN {bus['bitrate']} bit/s, {100 * bus['busy_share']:.1f} % busy: "
+        f"frames {s['frames']} sent, {s['frames_received']} received; readings {s['readings']}"
+    )
+    proc = s["agent"].get("process")
+    if proc:
+        print(
+            f"agent process: {proc['cpu_pct_one_core']:.1f} % of one core, "
+            f"peak RSS {proc['peak_rss_mb']:.1f} MB"
+        )
     print(
         f"batches: {s['batches_signed']} signed, {s['batches_uploaded']} uploaded, "
         f"{s['batches_verified']} verified"
@@ -440,8 +714,19 @@ def parse_unplug(specs: list[str], buses: int) -> dict[int, tuple[tuple[float, f
 def command(args: argparse.Namespace) -> int:
     if args.duration <= 0:
         raise ValueError("--duration must be > 0")
-    if args.speedup < 0:
+    if args.speedup is not None and args.speedup < 0:
         raise ValueError("--speedup must be >= 0 (0 = unpaced)")
+    if not 0 <= args.bus_load <= 100:
+        raise ValueError("--bus-load must be a percentage 0..100")
+    if args.bitrate <= 0:
+        raise ValueError("--bitrate must be > 0 bit/s")
+    if args.agent_process:
+        if args.speedup not in (None, 1.0):
+            raise ValueError(
+                "--agent-process runs in real time: the agent stamps frames when they arrive"
+            )
+        if args.fleet > 1 or args.kit_unplug or args.kit_unplug_at is not None:
+            raise ValueError("--agent-process runs one bus, with its kit plugged in throughout")
     for name in ("kit_noise", "kit_bursts", "kit_truncate"):
         if not 0 <= getattr(args, name) <= 100:
             raise ValueError(f"--{name.replace('_', '-')} must be a percentage 0..100")
@@ -455,7 +740,7 @@ def command(args: argparse.Namespace) -> int:
     unplug = parse_unplug(specs, args.fleet)
     opts = SimOptions(
         duration=args.duration,
-        speedup=args.speedup,
+        speedup=(1.0 if args.agent_process else 100.0) if args.speedup is None else args.speedup,
         seed=args.seed,
         workdir=Path(args.workdir) if args.workdir else None,
         readings_per_batch=args.batch,
@@ -470,6 +755,9 @@ def command(args: argparse.Namespace) -> int:
         refuel_below_bar=args.refuel_below,
         dpf_regens=tuple(args.dpf_regen),
         kit_unplugged=unplug.get(1, ()),
+        bitrate=args.bitrate,
+        bus_load_pct=args.bus_load,
+        agent_process=args.agent_process,
     )
     if args.fleet > 1:
         from cngmrv.sim.fleet import command as fleet_command
@@ -495,7 +783,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("sim", help="run the simulated bus, kit, agent and ingest locally")
     p.add_argument("--duration", type=float, default=600.0, help="simulated seconds (600)")
     p.add_argument(
-        "--speedup", type=float, default=100.0, help="times faster than real time; 0 = unpaced"
+        "--speedup",
+        type=float,
+        help="times faster than real time; 0 = unpaced (100; 1 with --agent-process)",
     )
     p.add_argument("--seed", type=int, default=1, help="drive-cycle seed (1)")
     p.add_argument("--workdir", help="keep keys, store and ingest database here (continues)")
@@ -510,6 +800,22 @@ def register(sub: Any) -> None:
         help="bus BUS's kit sends nothing from START to END simulated s (repeatable)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    b = p.add_argument_group("CAN bus")
+    b.add_argument(
+        "--bitrate", type=int, default=250_000, metavar="BPS", help="bus bit rate (250000)"
+    )
+    b.add_argument(
+        "--bus-load",
+        type=float,
+        default=0.0,
+        metavar="PERCENT",
+        help="fill this share of the bus with other ECUs' traffic (0: the engine alone)",
+    )
+    b.add_argument(
+        "--agent-process",
+        action="store_true",
+        help="run the agent as its own process on a udp_multicast bus, in real time",
+    )
     k = p.add_argument_group("kit faults")
     k.add_argument(
         "--kit-noise",
