@@ -1,0 +1,55 @@
+"""The environment the benchmarks run the agent process in: cngmrv as a bus gets it.
+
+``pip install .`` into a virtual environment of its own, with nothing from
+the ``test`` extra: the agent's memory then counts only what it imports on a
+bus.  (In the development environment python-can finds asammdf, installed for
+the MF4 replay tests, and imports it with pandas and numpy on ``import can``:
+some 60 MB no bus carries.)
+
+It is a copy, not an editable install, so it is made again whenever the
+sources it was made from change (a hash of them is kept beside it).
+``python bench/agent_env.py`` makes or refreshes it and prints its interpreter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT = ROOT / ".venv-agent"
+
+
+SOURCES = ("agent", "drivers", "native", "sim")
+
+
+def sources_hash() -> str:
+    h = hashlib.sha256((ROOT / "setup.py").read_bytes())
+    for folder in SOURCES:
+        for f in sorted((ROOT / folder).rglob("*")):
+            if f.suffix in (".py", ".c", ".h", ".dbc", ".toml") and f.is_file():
+                h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def agent_python(path: Path = DEFAULT, refresh: bool = False) -> str:
+    """The interpreter of the agent-only environment at ``path``, made first if missing or stale."""
+    python = path / "bin" / "python"
+    stamp = path / "cngmrv-sources.sha256"
+    want = sources_hash()
+    if refresh or not python.exists() or not stamp.exists() or stamp.read_text() != want:
+        venv.EnvBuilder(with_pip=True, clear=True).create(path)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", str(ROOT)],
+            check=True,
+            stdout=sys.stderr,
+        )
+        stamp.write_text(want)
+    return str(python)
+
+
+if __name__ == "__main__":
+    print(agent_python(refresh="--refresh" in sys.argv))

@@ -1,0 +1,225 @@
+"""The agent in its own process on a saturated J1939 bus: loss, CPU and memory.
+
+For each bit rate (250 and 500 kbit/s by default) at ``--load`` percent of the
+bus (100 by default), ``cngmrv sim --agent-process`` runs for ``--seconds`` of
+real time: the simulator puts the engine's, the kit's and the other ECUs'
+traffic on a python-can ``udp_multicast`` bus, spaced as the wire spaces it,
+and the agent (``cngmrv run``, in the agent-only environment of
+``bench/agent_env.py``) reads, integrates, stores, signs and uploads it.  In
+the same run a bare python-can receive loop listens on the same bus in a
+third process: the floor any python-can reader pays.
+
+Per case: frames offered (the simulator's count), received (read off the bus
+by the agent), dropped and where (``socket``: offered but never read;
+``queue``: read but dropped on a full queue; ``decoder``: queued but never
+used), the agent's CPU as a percentage of one core over the drive, its peak
+RSS, readings and batches, the bare loop's CPU and its sequence-number check,
+and the integrated totals beside those of the same drive cycle on a bus
+without background traffic (simulated in-process, unpaced).
+
+Prints ``{"cases": [...], ...}``.  Ten minutes per case by default; the two
+cases run one after the other, so a full run takes about 22 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# The acceptance bounds of issue 9: the agent's CPU, % of one core, at 100 % load.
+CPU_LIMIT_PCT = {250_000: 15.0, 500_000: 25.0}
+RSS_LIMIT_MB = 80.0
+TOTALS_TOLERANCE = 0.001  # relative, against the unloaded run
+
+
+def bare_loop(group: str, port: int) -> None:
+    """python-can's receive loop and nothing else, until SIGTERM; prints its counts as JSON.
+
+    The sequence numbers of the background frames are checked too (one
+    struct unpack per frame), so this loop's loss is exact as well.
+    """
+    import can
+
+    from cngmrv.sim.busload import sequence_of
+
+    stop = False
+
+    def on_term(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    bus = can.Bus(interface="udp_multicast", channel=group, port=port)
+    print("ready", flush=True)
+    n = 0
+    expected = 0
+    missing = 0
+    backwards = 0
+    first: tuple[float, float] | None = None
+    last = (0.0, 0.0)
+    recv = bus.recv
+    while not stop:
+        msg = recv(0.2)
+        if msg is None:
+            continue
+        now = (time.monotonic(), time.process_time())
+        if first is None:
+            first = now
+        last = now
+        n += 1
+        seq = sequence_of(msg.arbitration_id, bytes(msg.data))
+        if seq is not None:
+            if seq >= expected:
+                missing += seq - expected
+                expected = seq + 1
+            else:
+                backwards += 1
+    bus.shutdown()
+    wall = last[0] - first[0] if first else 0.0
+    cpu = last[1] - first[1] if first else 0.0
+    print(
+        json.dumps(
+            {
+                "received": n,
+                "sequenced": expected,
+                "seq_missing": missing,
+                "seq_backwards": backwards,
+                "cpu_s": cpu,
+                "wall_s": wall,
+                "cpu_pct_one_core": 100 * cpu / wall if wall else 0.0,
+            }
+        ),
+        flush=True,
+    )
+
+
+def _start_bare(python: str, group: str, port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [python, __file__, "--bare", group, str(port)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError("the bare receive loop did not start")
+    return proc
+
+
+def _stop_bare(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def _relative(a: float, b: float) -> float:
+    return (a - b) / b if b else 0.0
+
+
+def case(
+    base: Any, bitrate: int, load: float, python: str, reference: dict[str, Any]
+) -> dict[str, Any]:
+    from cngmrv.sim.harness import MCAST_GROUP, run
+
+    port = 40000 + uuid.uuid4().int % 20000
+    opts = replace(base, bitrate=bitrate, bus_load_pct=load, mcast_port=port)
+    bare = _start_bare(python, MCAST_GROUP, port)
+    try:
+        s = run(opts)
+    finally:
+        bare_out = _stop_bare(bare)
+    a = s["agent"]
+    proc = a["process"]
+    offered = s["bus"]["offered"]
+    lost = s["bus"]["lost"]
+    totals = {k: s[k] for k in ("diesel_l", "gas_kg", "distance_km")}
+    vs = {k: _relative(totals[k], reference[k]) for k in totals}
+    limit = CPU_LIMIT_PCT.get(bitrate)
+    return {
+        "bitrate": bitrate,
+        "load_pct": load,
+        "busy_share": s["bus"]["busy_share"],
+        "seconds": s["sim_seconds"],
+        "offered": offered,
+        "offered_fps": round(offered / s["sim_seconds"], 1),
+        "received": a["can"]["frames"],
+        "dropped": lost["total"],
+        "dropped_where": {k: lost[k] for k in ("socket", "queue", "decoder")},
+        "cpu_pct_one_core": round(proc["cpu_pct_one_core"], 2),
+        "cpu_limit_pct": limit,
+        "peak_rss_mb": round(proc["peak_rss_mb"], 1),
+        "readings": s["readings"],
+        "batches": {
+            "signed": s["batches_signed"],
+            "uploaded": s["batches_uploaded"],
+            "verified": s["batches_verified"],
+        },
+        "kit": {"sent": s["kit_frames"], "received": s["kit_frames_received"]},
+        "bare_cpu_pct_one_core": round(bare_out["cpu_pct_one_core"], 2),
+        "bare": bare_out,
+        "totals": totals,
+        "totals_vs_no_load": vs,
+        "ok": (
+            lost["total"] == 0
+            and (limit is None or proc["cpu_pct_one_core"] <= limit)
+            and proc["peak_rss_mb"] <= RSS_LIMIT_MB
+            and all(abs(v) <= TOTALS_TOLERANCE for v in vs.values())
+            and s["batches_verified"] == s["batches_signed"]
+        ),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=600.0, help="per case, real time (600)")
+    ap.add_argument("--bitrates", default="250000,500000", help="comma-separated bit/s")
+    ap.add_argument("--load", type=float, default=100.0, help="bus load, percent (100)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--same-python",
+        action="store_true",
+        help="run the agent with this interpreter, not the agent-only environment",
+    )
+    ap.add_argument("--bare", nargs=2, metavar=("GROUP", "PORT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.bare:
+        bare_loop(args.bare[0], int(args.bare[1]))
+        return 0
+
+    from agent_env import agent_python
+
+    from cngmrv.sim.harness import SimOptions, run
+
+    python = sys.executable if args.same_python else agent_python()
+    base = SimOptions(duration=args.seconds, seed=args.seed, agent_process=True)
+    base = replace(base, agent_python=python)
+    # The same drive cycle with the engine alone on the bus, as fast as it goes.
+    ref = run(replace(base, agent_process=False, speedup=0.0, agent_python=None))
+    reference = {k: ref[k] for k in ("diesel_l", "gas_kg", "distance_km")}
+    cases = [
+        case(base, int(b), args.load, python, reference) for b in args.bitrates.split(",") if b
+    ]
+    out = {
+        "cases": cases,
+        "no_load": {**reference, "readings": ref["readings"], "frames": ref["frames"]},
+        "agent_python": "agent-only venv" if python != sys.executable else "this interpreter",
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+    print(json.dumps(out, indent=2))
+    return 0 if all(c["ok"] for c in cases) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
