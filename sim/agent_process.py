@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,12 +23,30 @@ from cngmrv.agent import health
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1
+# Looked up here, not in the forked child: only the call itself runs there.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+#: The multicast group a simulated bus uses across processes.
+MCAST_GROUP = "239.74.163.9"
 
 
-def _die_with_parent() -> None:
-    # In the child before exec: SIGTERM when the simulator dies, so a killed
-    # benchmark leaves no agent behind reading an empty bus.
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def new_mcast_port() -> int:
+    """A port for one simulated bus of its own.
+
+    ``udp_multicast`` binds 0.0.0.0:port, so every receiver on the host that
+    joined any group on the same port would hear this bus's frames; a random
+    port in 40000-59999 keeps concurrent runs apart.
+    """
+    return 40000 + uuid.uuid4().int % 20000
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a child that must not outlive this process (SIGTERM when it dies).
+
+    A killed benchmark would otherwise leave its agent, or its bare receiver,
+    reading an empty bus for ever.
+    """
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def parse_kv(line: str) -> dict[str, str]:
@@ -52,7 +71,7 @@ class AgentProcess:
     def __init__(
         self,
         config: Path,
-        health_port: int,
+        health_port: int | None = None,
         env: Mapping[str, str] | None = None,
         python: str | None = None,
     ) -> None:
@@ -65,7 +84,7 @@ class AgentProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._reader = threading.Thread(target=self._read, name="agent-stdout", daemon=True)
         self._reader.start()
@@ -103,12 +122,18 @@ class AgentProcess:
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
     def memory_mb(self) -> dict[str, float]:
-        """Resident set now (``rss``) and at its peak so far (``peak``), in MB."""
+        """Resident set now (``rss``) and at its peak so far (``peak``), in MB (10^6 bytes).
+
+        Raises ``ProcessLookupError`` once the process has exited (a zombie has
+        no memory lines).
+        """
         out = {}
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
             if key in ("VmRSS", "VmHWM"):
-                out["rss" if key == "VmRSS" else "peak"] = int(value.split()[0]) / 1024
+                out["rss" if key == "VmRSS" else "peak"] = int(value.split()[0]) * 1024 / 1e6
+        if "rss" not in out:
+            raise ProcessLookupError(f"process {self.pid} has exited")
         self.peak_rss_mb = max(self.peak_rss_mb, out.get("peak", 0.0))
         return out
 
@@ -117,6 +142,8 @@ class AgentProcess:
 
     def metrics(self) -> dict[str, float]:
         """The health endpoint's samples (see :mod:`cngmrv.agent.health`)."""
+        if self.health_port is None:
+            raise ValueError("this agent was started without a health port")
         return health.fetch(self.health_port)
 
     def settle(self, frames: int, timeout: float = 30.0) -> dict[str, float]:
@@ -128,8 +155,15 @@ class AgentProcess:
         """
         deadline = time.monotonic() + timeout
         last, still_since = -1.0, time.monotonic()
+        m: dict[str, float] = {}
         while True:
-            m = self.metrics()
+            try:
+                m = self.metrics()
+            except OSError:  # one slow answer under load must not end the run
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+                continue
             got = m.get('cngmrv_frames_received_total{source="can"}', 0.0)
             if got >= frames:
                 return m
@@ -144,16 +178,18 @@ class AgentProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
+        killed = False
         while self.proc.poll() is None:
             try:
-                self.memory_mb()  # the shutdown's peak too, up to its last 50 ms
+                self.memory_mb()  # the shutdown's peak too, up to its last 10 ms
             except (OSError, ValueError):
                 pass  # exiting: /proc/PID/status is gone or half-written
             if time.monotonic() > deadline:
+                if killed:
+                    raise RuntimeError(f"the agent process {self.pid} survives SIGKILL")
                 self.proc.kill()
-                timeout = 5.0
-                deadline = time.monotonic() + timeout
-            time.sleep(0.05)
+                killed, deadline = True, time.monotonic() + 5.0
+            time.sleep(0.01)
         self.returncode = self.proc.returncode
         self._reader.join(5.0)
         for line in reversed(self.lines):

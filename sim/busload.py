@@ -231,6 +231,8 @@ class Wire:
             raise ValueError("bitrate must be > 0")
         if not 0 <= load_pct <= 100:
             raise ValueError("load_pct must be 0..100")
+        if load_pct > 0 and background is None:
+            raise ValueError("a load needs the background traffic that fills it")
         self.bitrate = bitrate
         self.t0 = t0
         self.load_pct = load_pct

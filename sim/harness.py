@@ -34,7 +34,7 @@ from cngmrv.agent import batch, config, keys
 from cngmrv.agent.ingest import IngestServer, open_db, register_device, stored_batches
 from cngmrv.agent.runtime import Agent
 from cngmrv.agent.store import open_readonly
-from cngmrv.sim.agent_process import AgentProcess
+from cngmrv.sim.agent_process import MCAST_GROUP, AgentProcess, new_mcast_port
 from cngmrv.sim.busload import BackgroundTraffic, Wire, capacity_fps
 from cngmrv.sim.ecu import TICK_S, EngineEcu
 from cngmrv.sim.kit import INJ_DEAD_MS, INJ_FLOW, KitFaults, KitFirmware, KitLogic, LinkFaults
@@ -89,27 +89,41 @@ class KitRun:
     unplugged: list[dict[str, float]] = field(default_factory=list)
 
 
-def _device_config(
-    workdir: Path, device_id: str, channel: str, kit_port: str, url: str, per_batch: int
-) -> Any:
-    return config.from_mapping(
-        {
-            "device": {"id": device_id, "key_file": "keys/device.key"},
-            "can": {"interface": "virtual", "channel": channel, "listen_only": True},
-            # A short reconnect backoff: the simulation pauses until the agent is back.
-            "kit": {"port": kit_port, "reconnect_min_s": 0.02, "reconnect_max_s": 0.2},
-            "store": {"path": "store.sqlite"},
-            "batch": {"readings_per_batch": per_batch},
-            "upload": {"url": url},
-            # The simulated kit's injector model (its HELLO), as a fleet engineer
-            # would enter each kit's calibration: kg = k (pulse - dead) P / sqrt(T).
-            "gas": {
-                "injector_k": INJ_FLOW * math.sqrt(293.15) * 1e-6,
-                "injector_dead_time_ms": INJ_DEAD_MS,
-            },
+def _device_settings(
+    device_id: str, can_section: dict[str, Any], kit_port: str, url: str, per_batch: int
+) -> dict[str, dict[str, Any]]:
+    """The simulated bus's agent config, as the TOML tables an operator would write."""
+    return {
+        "device": {"id": device_id, "key_file": "keys/device.key"},
+        "can": can_section,
+        # A short reconnect backoff: the simulation pauses until the agent is back.
+        "kit": {"port": kit_port, "reconnect_min_s": 0.02, "reconnect_max_s": 0.2},
+        "store": {"path": "store.sqlite"},
+        "batch": {"readings_per_batch": per_batch},
+        "upload": {"url": url},
+        # The simulated kit's injector model (its HELLO), as a fleet engineer
+        # would enter each kit's calibration: kg = k (pulse - dead) P / sqrt(T).
+        "gas": {
+            "injector_k": INJ_FLOW * math.sqrt(293.15) * 1e-6,
+            "injector_dead_time_ms": INJ_DEAD_MS,
         },
-        workdir,
-    )
+    }
+
+
+def _toml(tables: dict[str, dict[str, Any]]) -> str:
+    """Tables of scalars as TOML (a JSON string is a valid TOML basic string)."""
+    lines = []
+    for name, table in tables.items():
+        lines.append(f"[{name}]")
+        for key, v in table.items():
+            if isinstance(v, bool):
+                text = "true" if v else "false"
+            elif isinstance(v, int | float):
+                text = repr(v)
+            else:
+                text = json.dumps(str(v))
+            lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
 
 
 def _open_pty(link: Path) -> tuple[int, int]:
@@ -131,6 +145,14 @@ def _wait(cond: Any, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.001)
 
 
+@dataclass
+class Pacing:
+    """How well a real-time drive kept to real time."""
+
+    wall_s: float = 0.0  # the drive's wall time
+    late_max_s: float = 0.0  # the most a frame went out after its bus time came round
+
+
 def _drive(
     opts: SimOptions,
     sim_bus: can.BusABC,
@@ -138,7 +160,7 @@ def _drive(
     port: Path,
     agent: Agent | None,
     epoch0: float,
-) -> tuple[Bus, EngineEcu, KitRun, Wire]:
+) -> tuple[Bus, EngineEcu, KitRun, Wire, Pacing]:
     """Run the drive cycle; ``agent`` is the in-process agent (None: in its own process, real time)."""
     logic = KitLogic(opts.kit_faults)
     params = BusParams(
@@ -154,10 +176,11 @@ def _drive(
     counts = kit.counts
     speedup = 1.0 if agent is None else opts.speedup
     wall0 = time.monotonic()
+    pacing = Pacing()
     wire = Wire(
         opts.bitrate,
         epoch0,
-        _sender(sim_bus, epoch0, wall0 if agent is None else None),
+        _sender(sim_bus, epoch0, pacing, wall0 if agent is None else None),
         BackgroundTraffic(epoch0, opts.seed) if opts.bus_load_pct > 0 else None,
         opts.bus_load_pct,
     )
@@ -209,16 +232,18 @@ def _drive(
             or counts.intact_by_type.get("status", 0) - stats.kit_status > MAX_LAG_STATUS
         ):
             time.sleep(0.001)
-    return vehicle, ecu, run, wire
+    pacing.wall_s = time.monotonic() - wall0
+    return vehicle, ecu, run, wire, pacing
 
 
 def _sender(
-    bus: can.BusABC, epoch0: float, wall0: float | None
+    bus: can.BusABC, epoch0: float, pacing: Pacing, wall0: float | None
 ) -> Callable[[float, int, bytes], None]:
     """Put one frame on ``bus``; with ``wall0``, not before its bus time comes round in real time.
 
     Receivers on a udp_multicast bus stamp frames when they arrive, so real-time
-    pacing is what spaces their timestamps as the wire does.
+    pacing is what spaces their timestamps as the wire does.  A simulator that
+    falls behind sends late and bunched; ``pacing.late_max_s`` says by how much.
     """
     send = bus.send
     message = can.Message
@@ -234,6 +259,8 @@ def _sender(
         ahead = (t - epoch0) - (monotonic() - wall0)
         if ahead > 0.0005:
             sleep(ahead)
+        elif -ahead > pacing.late_max_s:
+            pacing.late_max_s = -ahead
         put(t, can_id, data)
 
     return paced
@@ -359,7 +386,11 @@ def run_bus(
     port = workdir / "ttyKIT"
     fds = list(_open_pty(port))
     sim_bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
-    cfg = _device_config(workdir, opts.device_id, channel, str(port), url, opts.readings_per_batch)
+    can_section = {"interface": "virtual", "channel": channel, "listen_only": True}
+    settings = _device_settings(
+        opts.device_id, can_section, str(port), url, opts.readings_per_batch
+    )
+    cfg = config.from_mapping(settings, workdir)
     wall_start = time.monotonic()
     agent = Agent(cfg, clock="synchronised")
     stop = threading.Event()
@@ -369,7 +400,7 @@ def run_bus(
         worker.start()
         _wait_for_kit(agent)
         epoch0 = float(int(time.time()))
-        vehicle, ecu, kit, wire = _drive(opts, sim_bus, fds, port, agent, epoch0)
+        vehicle, ecu, kit, wire, pacing = _drive(opts, sim_bus, fds, port, agent, epoch0)
         _wait_for_inputs(agent, wire.sent, kit.firmware.counts.intact)
         stop.set()
         worker.join()
@@ -385,7 +416,18 @@ def run_bus(
     stats = agent.stats()
     measured = {**agent.totals, "readings": agent.readings}
     return _summarise(
-        opts, workdir, held, agent.sealed, stats, measured, agent.config, vehicle, kit, wire, wall
+        opts,
+        workdir,
+        held,
+        agent.sealed,
+        stats,
+        measured,
+        agent.config,
+        vehicle,
+        kit,
+        wire,
+        pacing,
+        wall,
     )
 
 
@@ -397,10 +439,6 @@ def _held(ingest_db: Path, device_id: str) -> list[tuple[int, bytes]]:
         db.close()
 
 
-# The multicast group the simulated bus uses across processes; each run has a port of its own.
-MCAST_GROUP = "239.74.163.9"
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -409,34 +447,14 @@ def _free_port() -> int:
 
 def _process_config(workdir: Path, opts: SimOptions, kit_port: Path, url: str, health: int) -> Path:
     """The agent's TOML for a run in its own process: the in-process settings, over udp_multicast."""
-    path = workdir / "agent.toml"
-    path.write_text(
-        f"""# Written by `cngmrv sim --agent-process`.
-[device]
-id = {json.dumps(opts.device_id)}
-key_file = "keys/device.key"
-[can]
-interface = "udp_multicast"
-channel = "{MCAST_GROUP}"
-[kit]
-port = {json.dumps(str(kit_port))}
-reconnect_min_s = 0.02
-reconnect_max_s = 0.2
-[store]
-path = "store.sqlite"
-[batch]
-readings_per_batch = {opts.readings_per_batch}
-[upload]
-url = {json.dumps(url)}
-[gas]
-injector_k = {INJ_FLOW * math.sqrt(293.15) * 1e-6!r}
-injector_dead_time_ms = {INJ_DEAD_MS!r}
-[health]
-port = {health}
-[clock]
-source = "none"
-"""
+    can_section = {"interface": "udp_multicast", "channel": MCAST_GROUP}
+    tables = _device_settings(
+        opts.device_id, can_section, str(kit_port), url, opts.readings_per_batch
     )
+    tables["health"] = {"port": health}
+    tables["clock"] = {"source": "none"}
+    path = workdir / "agent.toml"
+    path.write_text("# Written by `cngmrv sim --agent-process`.\n" + _toml(tables))
     return path
 
 
@@ -464,35 +482,39 @@ def _run_bus_process(
     on_agent: Callable[[AgentProcess], None] | None,
 ) -> dict[str, Any]:
     port = workdir / "ttyKIT"
-    fds = list(_open_pty(port))
-    mcast_port = opts.mcast_port or 40000 + uuid.uuid4().int % 20000
-    sim_bus = can.Bus(interface="udp_multicast", channel=MCAST_GROUP, port=mcast_port)
+    mcast_port = opts.mcast_port or new_mcast_port()
     cfg_path = _process_config(workdir, opts, port, url, _free_port())
     cfg = config.load(cfg_path)
     wall_start = time.monotonic()
-    agent = AgentProcess(
-        cfg_path,
-        cfg.health.port,
-        env={"CAN_CONFIG": json.dumps({"port": mcast_port})},
-        python=opts.agent_python,
-    )
+    fds: list[int] = []
+    sim_bus: can.BusABC | None = None
+    agent: AgentProcess | None = None
     try:
+        fds[:] = _open_pty(port)
+        sim_bus = can.Bus(interface="udp_multicast", channel=MCAST_GROUP, port=mcast_port)
+        agent = AgentProcess(
+            cfg_path,
+            cfg.health.port,
+            env={"CAN_CONFIG": json.dumps({"port": mcast_port})},
+            python=opts.agent_python,
+        )
         agent.wait_ready()
         _wait_opened(agent, os.ttyname(fds[1]))
         if on_agent is not None:
             on_agent(agent)
         cpu0, t0 = agent.cpu_seconds(), time.monotonic()
         epoch0 = time.time()
-        vehicle, _, kit, wire = _drive(opts, sim_bus, fds, port, None, epoch0)
+        vehicle, _, kit, wire, pacing = _drive(opts, sim_bus, fds, port, None, epoch0)
         cpu1, t1 = agent.cpu_seconds(), time.monotonic()
         agent.settle(wire.sent)
         memory = agent.memory_mb()
         final = agent.stop()
     finally:
-        if agent.returncode is None:
+        if agent is not None and agent.returncode is None:
             agent.proc.kill()
             agent.stop()
-        sim_bus.shutdown()
+        if sim_bus is not None:
+            sim_bus.shutdown()
         for fd in fds:
             os.close(fd)
         port.unlink(missing_ok=True)
@@ -500,7 +522,10 @@ def _run_bus_process(
         tail = "\n".join(agent.lines[-20:])
         raise RuntimeError(f"sim: the agent process exited {agent.returncode}:\n{tail}")
     wall = time.monotonic() - wall_start
-    held = _held(ingest_db, opts.device_id)
+    sealed = _sealed_this_run(cfg.store_path, int(final["batches"]))
+    # Only this run's batches: a --workdir that continues holds earlier runs' too.
+    this_run = set(sealed)
+    held = [(seq, raw) for seq, raw in _held(ingest_db, opts.device_id) if seq in this_run]
     measured = _totals_from_batches(held)
     stats = {
         "frames": int(final["frames"]),
@@ -518,8 +543,9 @@ def _run_bus_process(
             "peak_rss_mb": agent.peak_rss_mb,
         },
     }
-    sealed = _sealed_this_run(cfg.store_path, int(final["batches"]))
-    return _summarise(opts, workdir, held, sealed, stats, measured, cfg, vehicle, kit, wire, wall)
+    return _summarise(
+        opts, workdir, held, sealed, stats, measured, cfg, vehicle, kit, wire, pacing, wall
+    )
 
 
 def _sealed_this_run(store_path: Path, n: int) -> list[int]:
@@ -571,6 +597,7 @@ def _summarise(
     vehicle: Bus,
     kit: KitRun,
     wire: Wire,
+    pacing: Pacing,
     wall: float,
 ) -> dict[str, Any]:
     pub = keys.load_public_key(workdir / "keys" / keys.PUB_FILE)
@@ -592,7 +619,9 @@ def _summarise(
             "offered": wire.sent,
             "offered_per_id": {f"{k:08X}": v for k, v in sorted(wire.offered.items())},
             "sequenced": wire.seq,
-            "lost": _losses(wire.sent, stats),
+            "lost": frame_losses(wire.sent, stats),
+            "drive_wall_s": round(pacing.wall_s, 3),
+            "late_max_s": round(pacing.late_max_s, 4),
         },
         "kit_frames": kit.firmware.frames_sent,
         "kit_frames_received": stats["kit_messages"],
@@ -620,19 +649,20 @@ def _summarise(
     }
 
 
-def _losses(offered: int, stats: dict[str, Any]) -> dict[str, int]:
+def frame_losses(offered: int, stats: dict[str, Any]) -> dict[str, int]:
     """CAN frames lost on the way into the pipeline, and where.
 
     ``socket``: offered but never read off the bus (kernel buffer overrun);
-    ``queue``: read, then dropped on the source's full queue; ``decoder``:
-    queued but never used (decode errors, or still queued at the stop).
+    ``queue``: read, then dropped on the source's full queue (the source
+    counts those apart from the frames it queued); ``decoder``: queued but
+    never used (decode errors, or still queued at the stop).
     """
-    read = stats["can"]["frames"]
+    queued = stats["can"]["frames"]
     queue = stats["can_queue_dropped"]
     out = {
-        "socket": offered - read,
+        "socket": offered - queued - queue,
         "queue": queue,
-        "decoder": stats["decode_errors"] + (read - queue - stats["frames"]),
+        "decoder": stats["decode_errors"] + (queued - stats["frames"]),
     }
     return {**out, "total": sum(out.values())}
 
@@ -655,6 +685,11 @@ def _print_human(s: dict[str, Any]) -> None:
         f"CAN {bus['bitrate']} bit/s, {100 * bus['busy_share']:.1f} % busy: "
         f"frames {s['frames']} sent, {s['frames_received']} received; readings {s['readings']}"
     )
+    if bus["load_pct"] and 100 * bus["busy_share"] > bus["load_pct"] + 0.5:
+        print(
+            f"note: the other ECUs' own traffic fills more than --bus-load {bus['load_pct']:g} % "
+            "of this bus, so no filler was added"
+        )
     proc = s["agent"].get("process")
     if proc:
         print(

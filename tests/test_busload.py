@@ -186,3 +186,46 @@ def test_bad_load_options_say_why(cli, args: list[str], message: str) -> None:  
     r = cli("sim", *args)
     assert r.returncode != 0
     assert message in r.stderr
+
+
+def test_a_load_without_background_is_refused() -> None:
+    with pytest.raises(ValueError, match="background"):
+        Wire(250_000, T0, lambda t, i, d: None, None, 50.0)
+
+
+def test_losses_say_where_each_frame_went() -> None:
+    """A source whose queue overflows, and two frames the bus never delivered."""
+    import time
+    import uuid
+
+    import can
+
+    from cngmrv.drivers.can_source import CanSource
+    from cngmrv.sim.harness import frame_losses
+
+    channel = f"loss-{uuid.uuid4().hex[:8]}"
+    tx = can.Bus(interface="virtual", channel=channel)
+    src = CanSource(can.Bus(interface="virtual", channel=channel), queue_size=4, poll_s=0.01)
+    src.start()
+    lfe = j1939.make_id(j1939.PGN_LFE, 0, 6)
+    try:
+        for i in range(10):
+            tx.send(can.Message(timestamp=T0 + i, arbitration_id=lfe, data=bytes(8)))
+        deadline = time.monotonic() + 10
+        while src.stats["frames"] + src.stats["queue_dropped"] < 10:
+            assert time.monotonic() < deadline, "the source never read the frames"
+            time.sleep(0.005)
+        p = Pipeline(PipelineConfig())
+        for t, can_id, data, mono in src.drain():
+            p.on_can(t, can_id, data, mono)
+    finally:
+        src.stop()
+        tx.shutdown()
+    stats = {
+        "can": src.stats,
+        "can_queue_dropped": src.stats["queue_dropped"],
+        "frames": p.stats.frames,
+        "decode_errors": p.stats.decode_errors,
+    }
+    # 12 offered: 2 lost before the socket, 6 on the full queue, 4 decoded.
+    assert frame_losses(12, stats) == {"socket": 2, "queue": 6, "decoder": 0, "total": 8}

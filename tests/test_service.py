@@ -19,7 +19,6 @@ import tempfile
 import threading
 import time
 import tty
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,15 +26,15 @@ import can
 import pytest
 
 from cngmrv.agent import batch, health, keys, service
+from cngmrv.sim.agent_process import new_mcast_port
 from cngmrv.sim.ecu import TICK_S, EngineEcu
 from cngmrv.sim.kit import KitFirmware, KitLogic
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
 
 GROUP = "239.74.163.2"
-# A port of its own per run: udp_multicast binds 0.0.0.0:port, so every bus on
-# the host that joined any group on that port would hear this test's frames.
-# The agent gets it through python-can's own environment config (CAN_CONFIG).
-MCAST_PORT = 40000 + uuid.uuid4().int % 20000
+# A port of its own per run (see new_mcast_port); the agent gets it through
+# python-can's own environment config (CAN_CONFIG).
+MCAST_PORT = new_mcast_port()
 
 
 @pytest.fixture
