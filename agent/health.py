@@ -110,12 +110,13 @@ def render(metrics: dict[str, list[tuple[dict[str, str], float]]], age_s: float 
         lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples.get(name, []):
             lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
-            text = _number(value)
+            text = format_number(value)
             lines.append(f"{name}{{{lab}}} {text}" if lab else f"{name} {text}")
     return "\n".join(lines) + "\n"
 
 
-def _number(value: float) -> str:
+def format_number(value: float) -> str:
+    """A sample as the exposition writes it: integers exactly, other values by repr."""
     # Counters run past a million frames in hours; "%g" would round them to
     # six digits, and a loss count taken from two rounded counters is noise.
     if float(value).is_integer() and abs(value) < 2**53:

@@ -13,6 +13,7 @@ sources it was made from change (a hash of them is kept beside it).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import subprocess
 import sys
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = ROOT / ".venv-agent"
 
 
-SOURCES = ("agent", "drivers", "native", "sim")
+# The folders setup.py installs: the ones that are packages.
+SOURCES = tuple(sorted(d.name for d in ROOT.iterdir() if (d / "__init__.py").is_file()))
 
 
 def sources_hash() -> str:
@@ -49,6 +51,24 @@ def agent_python(path: Path = DEFAULT, refresh: bool = False) -> str:
         )
         stamp.write_text(want)
     return str(python)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark that runs the agent takes to choose its interpreter."""
+    who = parser.add_mutually_exclusive_group()
+    who.add_argument("--agent-python", help="interpreter for the agent (default: agent-only venv)")
+    who.add_argument(
+        "--same-python",
+        action="store_true",
+        help="run the agent with this interpreter, not the agent-only environment",
+    )
+
+
+def chosen_python(args: argparse.Namespace) -> str:
+    """The interpreter :func:`add_arguments`' options name (making the venv if needed)."""
+    if args.same_python:
+        return sys.executable
+    return str(args.agent_python) if args.agent_python else agent_python()
 
 
 if __name__ == "__main__":

@@ -17,14 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import tty
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,7 @@ import can
 
 from cngmrv.agent import keys
 from cngmrv.agent.clock import ClockMonitor
+from cngmrv.sim.agent_process import MCAST_GROUP, AgentProcess, new_mcast_port
 from cngmrv.sim.ecu import TICK_S, EngineEcu
 from cngmrv.sim.kit import KitFirmware, KitLogic
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
@@ -44,25 +42,16 @@ def stop_time(seconds: float) -> float:
         master, slave = os.openpty()
         tty.setraw(slave)
         (d / "ttyKIT").symlink_to(os.ttyname(slave))
-        port = 40000 + uuid.uuid4().int % 20000
+        port = new_mcast_port()
         (d / "agent.toml").write_text(
             '[device]\nid = "bench"\nkey_file = "keys/device.key"\n'
-            '[can]\ninterface = "udp_multicast"\nchannel = "239.74.163.2"\n'
+            f'[can]\ninterface = "udp_multicast"\nchannel = "{MCAST_GROUP}"\n'
             f'[kit]\nport = "{d / "ttyKIT"}"\n[store]\npath = "store.sqlite"\n'
             '[health]\nenabled = false\n[clock]\nsource = "none"\n'
         )
-        env = {**os.environ, "CAN_CONFIG": json.dumps({"port": port})}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cngmrv.agent.cli", "run", "--config", str(d / "agent.toml")],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "event=ready" in line:
-                break
-        bus = can.Bus(interface="udp_multicast", channel="239.74.163.2", port=port)
+        agent = AgentProcess(d / "agent.toml", env={"CAN_CONFIG": json.dumps({"port": port})})
+        agent.wait_ready()
+        bus = can.Bus(interface="udp_multicast", channel=MCAST_GROUP, port=port)
         logic = KitLogic()
         vehicle = Bus(BusParams(), DriveCycle.brt(seconds + 5, 1), controller=logic)
         ecu = EngineEcu(bus, vehicle, time.time())
@@ -76,14 +65,12 @@ def stop_time(seconds: float) -> float:
             if ahead > 0.001:
                 time.sleep(ahead)
         sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=30)
+        agent.stop(timeout=30)
         took = time.monotonic() - sent
-        proc.stdout.close()
         bus.shutdown()
         os.close(master)
         os.close(slave)
-        assert code == 0, code
+        assert agent.returncode == 0, agent.returncode
         return took
 
 

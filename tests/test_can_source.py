@@ -372,32 +372,25 @@ def test_a_waiting_consumer_is_woken_per_batch_not_per_frame(channel: str) -> No
     tx = can.Bus(interface="virtual", channel=channel)
     src = CanSource(can.Bus(interface="virtual", channel=channel), poll_s=0.01, wake_after=5)
     src.start()
+    got: list[list[tuple[float, int, bytes, float]]] = []
+    waiter = threading.Thread(target=lambda: got.append(src.wait(60.0)))
     try:
+        waiter.start()
         for i in range(4):
             tx.send(frame(0x18FEF200, 1000 + i))
         assert until(lambda: src.stats["frames"] == 4)
-        # Fewer than wake_after queued: no early wake-up, they come at the timeout.
-        started = time.monotonic()
-        got = src.wait(0.3)
-        assert time.monotonic() - started >= 0.25
-        assert len(got) == 4
-
-        def burst() -> None:
-            time.sleep(0.1)
-            for i in range(5):
-                tx.send(frame(0x18FEF200, 2000 + i))
-
-        sender = threading.Thread(target=burst)
-        sender.start()
-        started = time.monotonic()
-        got = src.wait(30.0)
-        # The fifth frame wakes it, long before its 30 s timeout.
-        assert time.monotonic() - started < 10.0
-        assert len(got) == 5
-        sender.join()
+        # Four queued, fewer than wake_after: the consumer sleeps on.
+        waiter.join(0.3)
+        assert waiter.is_alive()
+        tx.send(frame(0x18FEF200, 1004))
+        # The fifth wakes it, long before its timeout; it takes all five.
+        waiter.join(30.0)
+        assert not waiter.is_alive()
+        assert [len(batch) for batch in got] == [5]
     finally:
         src.stop()
         tx.shutdown()
+        waiter.join()
 
 
 def test_wake_after_must_fit_the_queue(channel: str) -> None:

@@ -40,7 +40,9 @@ def test_short_full_load_run_reports_every_figure() -> None:
     assert case["dropped"] == 0 and set(case["dropped_where"].values()) == {0}
     assert case["bare"]["received"] == case["offered"]
     assert case["bare"]["seq_missing"] == 0 and case["bare"]["seq_backwards"] == 0
-    assert case["bare"]["sequenced"] > 0.9 * case["offered"]
+    assert case["bare"]["seq_seen"] > 0.9 * case["offered"]
+    assert case["pacing"]["drive_overrun"] < 0.5
+    assert out["no_load"]["how"] == "process" and out["no_load"]["readings"] >= 8
     assert 0 < case["cpu_pct_one_core"] < 100 and 0 < case["bare_cpu_pct_one_core"] < 100
     assert case["peak_rss_mb"] > 10
     assert case["batches"]["signed"] == case["batches"]["verified"] >= 1

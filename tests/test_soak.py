@@ -64,29 +64,43 @@ def test_half_a_minute_at_full_load_samples_plots_and_drops_nothing(tmp_path: Pa
     assert png.parent == tmp_path and png.read_bytes()[:8] == PNG_MAGIC
     assert out["frames"]["offered"] > 0
     assert out["frames"]["dropped"] == 0, out["frames"]
-    assert set(out["trend"]) == {"rss_mb", "open_fds", "can_queue_depth", "batches_pending"}
+    assert set(out["trend"]) == {
+        "rss_mb", "open_fds", "can_queue_depth", "batches_pending", "store_bytes",
+    }  # fmt: skip
+    assert out["trend"]["store_bytes"]["verdict"] == "reported"
     # The exit status says what the JSON says.
-    failed = (
-        any(t["verdict"] == "rising" for t in out["trend"].values())
-        or out["batches"]["verified"] != out["batches"]["signed"]
+    assert r.returncode == (1 if out["failed"] else 0), r.stderr[-3000:]
+    # The samples can be judged again later, with the same answer.
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), "--analyse", out["csv"], "--minutes", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert r.returncode == (1 if failed else 0), r.stderr[-3000:]
+    assert json.loads(again.stdout)["trend"] == out["trend"]
 
 
 def test_trend_tells_a_leak_from_noise_and_from_warm_up() -> None:
     soak = _soak()
     rng = random.Random(9)
     minutes = [60.0 * i for i in range(61)]
-    leak = [80 + 5 * t / 3600 + rng.gauss(0, 0.2) for t in minutes]
-    noise = [80 + rng.gauss(0, 0.5) for _ in minutes]
+    leak = [80 + 5 * t / 3600 + rng.gauss(0, 0.1) for t in minutes]
+    noise = [80 + rng.gauss(0, 0.1) for _ in minutes]
     # 10 MB in the first 5 minutes, then nothing: the allocator settling.
-    settling = [80 + 10 * min(t, 300) / 300 + rng.gauss(0, 0.2) for t in minutes]
+    settling = [80 + 10 * min(t, 300) / 300 + rng.gauss(0, 0.1) for t in minutes]
+    # A queue caught once, in the last sample, while a commit held the loop.
+    queue = [0.0] * 60 + [1000.0]
 
-    t = soak.trend(minutes, leak, 2.0, 3600.0)
+    t = soak.trend(minutes, leak, 0.5, 3600.0)
     assert t["verdict"] == "rising", t
     assert 4.5 < t["slope_per_hour_after_warmup"] < 5.5, t
-    assert soak.trend(minutes, noise, 2.0, 3600.0)["verdict"] == "flat"
-    t = soak.trend(minutes, settling, 2.0, 3600.0)
+    assert soak.trend(minutes, noise, 0.5, 3600.0)["verdict"] == "flat"
+    t = soak.trend(minutes, settling, 0.5, 3600.0)
     assert t["slope_per_hour"] > 2.0 and t["verdict"] == "flat", t
+    t = soak.trend(minutes, queue, 100.0, 3600.0)
+    assert t["verdict"] == "flat" and t["max"] == 1000.0, t
+    # Samples after the run (the final seal and upload) are left out.
+    assert soak.trend(minutes + [3700.0], noise + [500.0], 0.5, 3600.0)["verdict"] == "flat"
+    assert soak.trend(minutes, leak, None, 3600.0)["verdict"] == "reported"
     # Two samples after warm-up are no trend.
-    assert soak.trend([0.0, 3000.0, 3600.0], [1.0, 2.0, 3.0], 2.0, 3600.0)["verdict"] == "too short"
+    assert soak.trend([0.0, 3000.0, 3600.0], [1.0, 2.0, 3.0], 0.5, 3600.0)["verdict"] == "too short"
