@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 MPY_WASM := @micropython/micropython-webassembly-pyscript
 MPY_WASM_VERSION := 1.27.0
 
-.PHONY: setup sim test lint bench sanitize
+.PHONY: setup sim test lint bench bench-load soak sanitize
 
 setup:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ bench: setup
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/service.py
+
+# The agent in its own process on a saturated bus (docs/performance.md): about
+# 22 minutes for both bit rates, then an hour's soak.  Both install the agent
+# into .venv-agent first, as a bus would have it.
+bench-load: setup
+	$(BIN)/python bench/full_load.py
+
+soak: setup
+	$(BIN)/python bench/soak.py
 
 # The integrator core under AddressSanitizer + UndefinedBehaviorSanitizer:
 # its tests against a sanitized build in a temporary folder, then a standalone
