@@ -229,3 +229,20 @@ def test_losses_say_where_each_frame_went() -> None:
     }
     # 12 offered: 2 lost before the socket, 6 on the full queue, 4 decoded.
     assert frame_losses(12, stats) == {"socket": 2, "queue": 6, "decoder": 0, "total": 8}
+
+
+def test_cli_runs_the_agent_in_its_own_process(cli) -> None:  # type: ignore[no-untyped-def]
+    r = cli(
+        "sim", "--json", "--agent-process", "--duration", "4", "--bitrate", "125000",
+        "--bus-load", "30", timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout)
+    assert s["agent_process"] is True
+    proc = s["agent"]["process"]
+    assert proc["pid"] > 0 and proc["peak_rss_mb"] > 0 and proc["cpu_s"] > 0
+    assert s["bus"]["busy_share"] == pytest.approx(0.30, abs=0.02)
+    assert s["bus"]["lost"]["total"] == 0 and s["frames_received"] == s["frames"]
+    # Real time: the drive took about as long as it simulated.
+    assert s["bus"]["drive_wall_s"] >= 4.0
+    assert s["batches_signed"] == s["batches_verified"] >= 1
