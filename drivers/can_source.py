@@ -464,7 +464,8 @@ class CanSource:
                     self._transmit(monotonic(), msg)
                 if msg is None:
                     if getattr(bus, "finished", False):
-                        return  # the end of a replayed log
+                        self._ready.set()  # the end of a replayed log: no more to wait for
+                        return
                     continue
                 # J1939 uses 29-bit data frames only; 11-bit, remote and error frames
                 # are other protocols' traffic, not decode errors.
