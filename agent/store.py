@@ -52,6 +52,7 @@ from cngmrv.agent.keys import Signer
 log = logging.getLogger("cngmrv.store")
 
 SCHEMA_VERSION = 2
+CACHE_KIB = 256  # the store's page cache
 PAGE_SIZE = 1024  # small pages: a commit of a few readings appends ~1 KiB of WAL, not 4
 ACKS_HELD = 32  # upload marks held in memory before they get a commit of their own
 
@@ -258,6 +259,10 @@ class Store:
             raise StoreError(f"store {self.path}: cannot switch to WAL mode")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA journal_size_limit=1048576")  # a checkpointed WAL shrinks back
+        # Appends, and reads near the end (sealing, upload) need few pages in
+        # memory.  SQLite's default 2 MB cache would keep filling for the first
+        # hour of a run (about 3.5 MB of store a bus-hour): memory that grows.
+        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         # Take the write lock now: a second agent on the same store fails here, at once.
         db.execute("BEGIN IMMEDIATE")
         db.execute("COMMIT")

@@ -74,6 +74,7 @@ def test_store_is_wal_full_exclusive_with_small_pages(
     assert q("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert q("PRAGMA locking_mode").fetchone()[0] == "exclusive"
     assert q("PRAGMA page_size").fetchone()[0] == 1024
+    assert q("PRAGMA cache_size").fetchone()[0] == -256  # KiB: filled in minutes, not an hour
     assert not (tmp_path / "store.sqlite-shm").exists()  # the WAL index lives in memory
     # A second agent on the same store is refused at once: two writers would fork the chain.
     with pytest.raises(StoreError, match="in use by another process"):
