@@ -261,7 +261,7 @@ class Store:
         db.execute("PRAGMA journal_size_limit=1048576")  # a checkpointed WAL shrinks back
         # Appends, and reads near the end (sealing, upload) need few pages in
         # memory.  SQLite's default 2 MB cache would keep filling for the first
-        # hour of a run (about 3.5 MB of store a bus-hour): memory that grows.
+        # hour of a run (the store grows about 1.8 MB a bus-hour): memory that grows.
         db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         # Take the write lock now: a second agent on the same store fails here, at once.
         db.execute("BEGIN IMMEDIATE")
