@@ -173,16 +173,10 @@ class Sampler:
         self._thread.start()
 
     def stop(self) -> None:
-        """End the thread, then take a last sample if the process is still there."""
+        """End the thread (the harness has stopped the agent by the time run() returns)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        if self._agent is None:
-            return
-        try:
-            self.samples.append(self._sample())
-        except (OSError, ValueError):
-            pass  # stopped already: the harness stops it inside run()
 
     def _loop(self) -> None:
         k = 1
