@@ -169,7 +169,11 @@ def test_run_as_a_service_end_to_end(
     sim_bus = can.Bus(interface="udp_multicast", channel=GROUP, port=MCAST_PORT)
     try:
         notes.wait_for("READY=1")
-        can_sent, kit_sent = _drive(sim_bus, master, 3.0)
+        # A window closes once every source is a lateness (1 s) past its end, and
+        # windows are aligned to whole seconds: 3 s of data closes only one of
+        # them when the drive starts just after a second boundary.  4 s always
+        # closes at least two, whatever the phase.
+        can_sent, kit_sent = _drive(sim_bus, master, 4.0)
         # The loop pings at half the watchdog interval (0.1 s): several by now.
         notes.wait_for("WATCHDOG=1", 3)
 
