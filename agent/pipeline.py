@@ -9,7 +9,8 @@ messages carry the kit's millisecond tick, which is precise for intervals but
 has an unknown offset.  The offset is anchored to the latest bus time when the
 first kit message arrives (or to the receive time before any CAN frame), and
 re-anchored, with an event, only when the two drift apart by more than
-``kit_resync_s``.
+``kit_resync_s``.  During a CAN outage the bus time the kit is compared with
+runs on by the kit's own tick, so the outage alone never re-anchors it.
 
 Protocol timers (the transport protocol's T1-T4) run on the monotonic time
 each CAN frame carries (``mono``), never on the bus timestamp, which is wall
@@ -234,6 +235,9 @@ class Pipeline:
         self._kit_offset: float | None = None
         self._kit_last_tick: int | None = None
         self._kit_wraps = 0
+        # The latest bus time the kit has seen, the kit's tick (s) when it first
+        # saw it, and the bus time that tick stands for (see _kit_time).
+        self._can_mark: tuple[float, float, float] | None = None
         # Kit link outages in pipeline time: the open one starts at the last
         # kit message before it and ends at the first one after the link is up.
         self._kit_down: float | None = None
@@ -707,7 +711,22 @@ class Pipeline:
             self._kit_wraps += 1
         self._kit_last_tick = tick_ms
         tick_s = (tick_ms + (self._kit_wraps << 32)) / 1000.0
-        reference = self._latest.get("can", received_at)
+        can_t = self._latest.get("can")
+        if can_t is None:
+            reference = received_at
+        else:
+            # While the CAN source is out the latest bus time stands still but
+            # the kit's clock runs on: the bus time now is that latest time plus
+            # what the kit has counted since, so an outage alone never drags the
+            # kit's time back to the last frame.  A kit that reboots in such an
+            # outage has counted nothing usable: it goes on from its own last time.
+            mark = self._can_mark
+            if mark is None or can_t != mark[0]:
+                mark = self._can_mark = (can_t, tick_s, can_t)
+            elif tick_s < mark[1]:
+                last = max(can_t, self._latest.get("kit", can_t))
+                mark = self._can_mark = (can_t, tick_s, last)
+            reference = mark[2] + (tick_s - mark[1])
         if self._kit_offset is None:
             self._kit_offset = reference - tick_s
         elif abs(self._kit_offset + tick_s - reference) > self.config.kit_resync_s:
@@ -717,6 +736,10 @@ class Pipeline:
             self.events.append(
                 {"t": reference, "kind": "KIT_CLOCK_REANCHORED", "shift_s": self._kit_offset - old}
             )
+            # The kit's earlier times are on the old anchor; kept as its latest,
+            # a backward shift would hold the kit "ahead" and let it alone close
+            # windows the other sources still have samples for.
+            self._latest.pop("kit", None)
         return self._kit_offset + tick_s
 
     # -- outputs --------------------------------------------------------

@@ -188,3 +188,88 @@ def test_kit_config_defaults_and_values(tmp_path: Path) -> None:
         (1.0, 10.0),
     )
     assert cfg.kit_handshake is False and kc.PROTOCOL_VERSION == 2
+
+
+def _gas_and_diesel(out: list[dict[str, Any]]) -> tuple[float, float]:
+    return sum(r["gas_kg"] for r in out), sum(r["diesel_l"] for r in out)
+
+
+def test_a_can_outage_does_not_drag_the_kit_clock_back() -> None:
+    """The kit keeps counting while no frame comes: its time must not snap to the last one."""
+    p = Pipeline(PipelineConfig())
+    out = []
+    for i in range(451):
+        s = i / 10
+        if not 5.0 <= s < 35.0:  # 30 s without CAN, three times kit_resync_s
+            p.on_can(T0 + s, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
+        p.on_kit(0.0, status(TICK0 + i * 100))
+        out += p.advance()
+    out += p.finish()
+    assert [e["kind"] for e in p.events] == []
+    assert p.stats.kit_reanchors == 0 and p.counters()["rejected"] == 0
+    gas, _ = _gas_and_diesel(out)
+    assert gas == pytest.approx(36.0 / 3600 * 45.0, rel=1e-9)
+    # The gas of the outage lands in the outage's own seconds.
+    assert all(r["gas_kg"] == pytest.approx(0.01) for r in out if 5.0 <= r["t0"] - T0 < 35.0)
+
+
+def test_a_kit_reboot_reanchors_to_bus_time() -> None:
+    p = Pipeline(PipelineConfig())
+    out = []
+    for i in range(201):
+        s = i / 10
+        p.on_can(T0 + s, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
+        tick = TICK0 + i * 100 if s < 10.0 else (i - 100) * 100  # the kit restarts at 10 s
+        p.on_kit(0.0, status(tick))
+        out += p.advance()
+    out += p.finish()
+    [event] = p.events
+    assert event["kind"] == "KIT_CLOCK_REANCHORED" and event["t"] == pytest.approx(T0 + 10.0)
+    assert event["shift_s"] == pytest.approx(TICK0 / 1000 + 10.0)
+    assert p.counters()["rejected"] == 0
+    gas, _ = _gas_and_diesel(out)
+    # Re-anchored to the frame it came with, the kit's time runs on without a hole.
+    assert gas == pytest.approx(36.0 / 3600 * 20.0, rel=1e-9)
+
+
+def test_a_backward_reanchor_keeps_the_bus_samples() -> None:
+    """A kit anchored ahead of bus time (on its receive time, before any frame) is pulled back.
+
+    The bus's samples must all be integrated: the kit's old, later times must
+    not stand as its latest and close windows on their own.
+    """
+    p = Pipeline(PipelineConfig())
+    out = []
+    for i in range(3):
+        p.on_kit(T0 + 1000.0 + i / 10, status(TICK0 + i * 100))
+        out += p.advance()
+    for i in range(3, 201):
+        p.on_can(T0 + i / 10, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 36.0}))
+        p.on_kit(0.0, status(TICK0 + i * 100))
+        out += p.advance()
+    out += p.finish()
+    assert [(e["kind"], e["shift_s"]) for e in p.events] == [
+        ("KIT_CLOCK_REANCHORED", pytest.approx(-1000.0))
+    ]
+    _, diesel = _gas_and_diesel(out)
+    assert diesel == pytest.approx(36.0 / 3600 * (20.0 - 0.3), rel=1e-9)
+    assert p.counters()["late_s"] == 0
+
+
+def test_a_kit_reboot_in_a_can_outage_goes_on_from_the_kits_last_time() -> None:
+    p = Pipeline(PipelineConfig())
+    out = []
+    for i in range(451):
+        s = i / 10
+        if not 5.0 <= s < 35.0:
+            p.on_can(T0 + s, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
+        tick = TICK0 + i * 100 if s < 20.0 else (i - 200) * 100  # the kit restarts at 20 s
+        p.on_kit(0.0, status(tick))
+        out += p.advance()
+    out += p.finish()
+    [event] = p.events
+    # Not pulled back to the last frame (5 s): on from the kit's last STATUS (19.9 s).
+    assert event["kind"] == "KIT_CLOCK_REANCHORED" and event["t"] == pytest.approx(T0 + 19.9)
+    gas, _ = _gas_and_diesel(out)
+    # The reboot costs the one status interval its restart is taken to fill.
+    assert gas == pytest.approx(36.0 / 3600 * (45.0 - 0.1), rel=1e-9)
