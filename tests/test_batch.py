@@ -96,7 +96,7 @@ def _canon(obj: Any) -> Any:
     return batch.packb(obj)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(rows=_rows)
 def test_column_table_round_trips_exactly(rows: list[dict[str, Any]]) -> None:
     table = batch.encode_readings(rows)
@@ -113,7 +113,7 @@ def test_column_table_keeps_float_types_and_signs() -> None:
     assert type(back[0]["z"]) is int
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(obj=st.recursive(_scalars, lambda i: st.lists(i) | st.dictionaries(_scalars, i)))
 def test_column_table_decoder_refuses_garbage_with_a_reason(obj: Any) -> None:
     for candidate in (obj, {"n": 2, "cols": obj}, {"n": 1, "cols": {"x": obj}}):
@@ -220,7 +220,7 @@ def test_one_altered_byte_fails_with_a_reason(
 _ONE_BATCH = batch.build(_SIGNER, "bus-7", 0, batch.ZERO_HASH, {"readings": [_reading(1.0)]})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(data=st.data())
 def test_any_single_bit_flip_of_a_batch_file_is_detected(data: st.DataObject) -> None:
     # Built once: ECDSA signatures vary in length, which would make the draws flaky.

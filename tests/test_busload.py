@@ -102,7 +102,7 @@ frames = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(
     submitted=frames,
     load=st.sampled_from([0.0, 35.0, 100.0]),

@@ -103,7 +103,8 @@ def test_bus_taken_down_mid_run_recovers_by_itself_and_loses_nothing_around_it(
         seen_before_c = agent.pipeline.stats.frames
         for i in range(350, 650):
             engine.send(can.Message(timestamp=1000 + i * 0.1, arbitration_id=LFE, data=_lfe(20.0)))
-        assert until(lambda: agent.pipeline.stats.frames == seen_before_c + 300)
+        # >=: a straggler of the outage's frames may reach the new bus after the count.
+        assert until(lambda: agent.pipeline.stats.frames >= seen_before_c + 300)
     finally:
         run.close()
         engine.shutdown()

@@ -71,7 +71,6 @@ def check(p: Pipeline, fed: int) -> None:
 
 
 SETTINGS = settings(
-    deadline=None,
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[
         HealthCheck.too_slow,

@@ -209,7 +209,8 @@ def test_kernel_bus_off_is_an_outage_until_the_link_recovers(channel: str, tmp_p
         link_poll_s=0.01,
     )
     src.start()
-    assert until(lambda: src.link_state is not None and src.link_state.ok)
+    # The monitor sets the link state before it copies the kernel's counters.
+    assert until(lambda: src.link_state is not None and src.link_state.ok and src.stats["kernel"])
     assert src.stats["kernel"] == {"rx_dropped": 4, "rx_over_errors": 2, "bus_off": 1}
     set_state("BUS-OFF")
     assert until(lambda: src.stats["outages"] == 1)

@@ -197,9 +197,7 @@ _bodies = st.one_of(
 )
 
 
-@settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=_bodies, mutate=st.integers(0, 5), where=st.integers(0, 10_000))
 def test_fuzzed_bodies_never_get_a_server_error(
     server: IngestServer, signer: keys.FileSigner, body: bytes, mutate: int, where: int

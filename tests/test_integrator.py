@@ -163,7 +163,7 @@ def push_chunk(it: Any, i: int, spec: Any, chunk: list[Sample], one: bool) -> No
         feed(it, i, chunk, spec)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 @given(scen=streams(), data=st.data())
 def test_c_matches_reference(scen: Scenario, data: Any) -> None:
     kwargs, chans = scen
@@ -237,7 +237,7 @@ def honest_run(
     return popped, it.totals(), it.counters
 
 
-@settings(max_examples=EXAMPLES // 3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES // 3, suppress_health_check=[HealthCheck.too_slow])
 @given(scen=streams(allow_back=False), data=st.data())
 def test_chunk_independence(scen: Scenario, data: Any) -> None:
     kwargs, chans = scen
@@ -253,7 +253,7 @@ def test_chunk_independence(scen: Scenario, data: Any) -> None:
     assert first[2]["late_points"] == 0
 
 
-@settings(max_examples=EXAMPLES // 4, deadline=None)
+@settings(max_examples=EXAMPLES // 4)
 @given(
     values=st.lists(st.floats(-1e3, 1e3), min_size=2, max_size=40),
     steps=st.lists(st.floats(0.001, 0.5), min_size=40, max_size=40),

@@ -147,7 +147,7 @@ def test_dak_limits_and_range() -> None:
         assert math.isnan(dak_z(p_pr, t_pr)) and math.isnan(ref.dak_z(p_pr, t_pr))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(p_pr=st.floats(0.0, 30.0), t_pr=st.floats(1.0, 3.0))
 def test_dak_c_equals_reference_and_solves_its_equation(p_pr: float, t_pr: float) -> None:
     z = dak_z(p_pr, t_pr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import tempfile
 import tty
 from typing import Any
@@ -153,6 +154,9 @@ def test_agent_hello_gets_an_answer_and_can_lower_the_version() -> None:
         kit = KitFirmware(master, logic)
         os.write(slave, kc.encode_message({"type": "hello", "seq": 0, "tick_ms": 0, "role": 1,
                                            "max_version": 1}))  # fmt: skip
+        # A pty hands bytes across in a kernel worker, not at once: the kit
+        # must have the HELLO before its first STATUS goes out.
+        assert select.select([master], [], [], 5.0)[0]
         for i in range(200):
             kit.tick(i, vehicle.step(i * TICK_S))
         got = b""

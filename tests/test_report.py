@@ -166,9 +166,7 @@ def test_form_b_does_not_credit_distance_without_gas(
     assert bus["re_kg_co2"] == pytest.approx(48.4062696)
 
 
-@settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     covs=st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0]), min_size=5, max_size=5),
     form=st.sampled_from(["A", "B"]),

@@ -116,7 +116,6 @@ class Checked:
 
 
 SETTINGS = settings(
-    deadline=None,
     # Shrinking big inputs can take many minutes; a failure prints the input or seed.
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[
