@@ -9,8 +9,10 @@ messages carry the kit's millisecond tick, which is precise for intervals but
 has an unknown offset.  The offset is anchored to the latest bus time when the
 first kit message arrives (or to the receive time before any CAN frame), and
 re-anchored, with an event, only when the two drift apart by more than
-``kit_resync_s``.  During a CAN outage the bus time the kit is compared with
-runs on by the kit's own tick, so the outage alone never re-anchors it.
+``kit_resync_s``, or when its tick goes back (a restart).  "Bus time" for a
+kit message is the latest frame's time plus the receive-clock time since that
+frame came (both sources are stamped on one monotonic clock), so a CAN outage
+alone never drags the kit's time back to the last frame.
 
 Protocol timers (the transport protocol's T1-T4) run on the monotonic time
 each CAN frame carries (``mono``), never on the bus timestamp, which is wall
@@ -82,6 +84,8 @@ ENGINE_OFF, ENGINE_IDLE, ENGINE_MOVING = 0, 1, 2
 # Samples held per channel before they go to the integrator in one call; a
 # bound on memory, and far more than one poll's worth at full bus load.
 MAX_BUFFERED = 4096
+# A kit tick this far behind the last one is a restart, not reordering.
+KIT_REBOOT_BACKSTEP_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -232,12 +236,10 @@ class Pipeline:
         self.events: list[dict[str, Any]] = []
         self._latest: dict[str, float] = {}
         self._can_latest = -math.inf  # == self._latest["can"] once a frame came; read per frame
+        self._can_latest_mono = -math.inf  # when that frame was received
         self._kit_offset: float | None = None
         self._kit_last_tick: int | None = None
         self._kit_wraps = 0
-        # The latest bus time the kit has seen, the kit's tick (s) when it first
-        # saw it, and the bus time that tick stands for (see _kit_time).
-        self._can_mark: tuple[float, float, float] | None = None
         # Kit link outages in pipeline time: the open one starts at the last
         # kit message before it and ends at the first one after the link is up.
         self._kit_down: float | None = None
@@ -302,7 +304,7 @@ class Pipeline:
         pgn = pgn_of(can_id)
         if self.kit_can is not None and self.kit_can.wants(pgn):
             for msg in self.kit_can.decode(t, can_id, data):
-                self.on_kit(t, msg)
+                self.on_kit(t, msg, mono)
         pgns = self.stats.pgns
         pgns[pgn] = pgns.get(pgn, 0) + 1
         handler = self._handlers.get(pgn)
@@ -310,6 +312,7 @@ class Pipeline:
             handler(t, can_id, data, t if mono is None else mono)
         if t > self._can_latest:
             self._can_latest = self._latest["can"] = t
+            self._can_latest_mono = t if mono is None else mono
 
     @staticmethod
     def _chain(first: Handler | None, second: Handler) -> Handler:
@@ -565,13 +568,16 @@ class Pipeline:
                 push(name, col.t, *col.values, col.ok)
             col.clear()
 
-    def on_kit(self, received_at: float, msg: Mapping[str, Any]) -> None:
+    def on_kit(self, received_at: float, msg: Mapping[str, Any], mono: float | None = None) -> None:
         """One decoded kit message or link marker (``cngmrv.drivers.kit_link``).
 
-        ``received_at`` is used only before any CAN time exists. STATUS feeds
-        the gas and mode channels; MODE, FAULT and a changed kit HELLO become
-        events; INJECTION events feed the event-based gas channel; link markers open and close outages, which readings report
-        as ``kit_down_s``.
+        ``received_at`` is the receive time on the bus's timeline, used only
+        before any CAN time exists; ``mono`` is the receive time on the clock
+        of :meth:`on_can`'s ``mono`` (default ``received_at``), which ties the
+        kit's clock to bus time while no frame comes.  STATUS feeds the gas
+        and mode channels; MODE, FAULT and a changed kit HELLO become events;
+        INJECTION events feed the event-based gas channel; link markers open
+        and close outages, which readings report as ``kit_down_s``.
         """
         kind = msg.get("type")
         if kind == "link":
@@ -582,7 +588,7 @@ class Pipeline:
         if not isinstance(tick, int):
             self._reject(f"kit {kind} message without tick_ms")
             return
-        t = self._kit_time(tick, received_at)
+        t = self._kit_time(tick, received_at, received_at if mono is None else mono)
         if self._kit_up_pending and self._kit_down is not None:
             self._kit_outages.append((self._kit_down, t))
             self.events.append({"t": t, "kind": "KIT_LINK_UP", "down_s": t - self._kit_down})
@@ -706,30 +712,30 @@ class Pipeline:
         temp_k = None if gas_temp_c is None else gas_temp_c + KELVIN
         self._add("gas_kg_events", t, pulse_ms, rail_bar_abs, temp_k)
 
-    def _kit_time(self, tick_ms: int, received_at: float) -> float:
-        if self._kit_last_tick is not None and tick_ms < self._kit_last_tick - (1 << 31):
+    def _kit_time(self, tick_ms: int, received_at: float, mono: float) -> float:
+        last_tick, rebooted = self._kit_last_tick, False
+        if last_tick is not None and tick_ms < last_tick - (1 << 31):
             self._kit_wraps += 1
+        elif last_tick is not None and tick_ms < last_tick - KIT_REBOOT_BACKSTEP_MS:
+            # Ticks a little out of order are the kit's own (an injection is
+            # sent after its pulse); more than a second back is a restart.  It
+            # is re-anchored at once: one soon after the last anchor would
+            # otherwise hide inside kit_resync_s, and its samples fall behind.
+            self._kit_wraps, rebooted = 0, True
         self._kit_last_tick = tick_ms
         tick_s = (tick_ms + (self._kit_wraps << 32)) / 1000.0
         can_t = self._latest.get("can")
         if can_t is None:
             reference = received_at
         else:
-            # While the CAN source is out the latest bus time stands still but
-            # the kit's clock runs on: the bus time now is that latest time plus
-            # what the kit has counted since, so an outage alone never drags the
-            # kit's time back to the last frame.  A kit that reboots in such an
-            # outage has counted nothing usable: it goes on from its own last time.
-            mark = self._can_mark
-            if mark is None or can_t != mark[0]:
-                mark = self._can_mark = (can_t, tick_s, can_t)
-            elif tick_s < mark[1]:
-                last = max(can_t, self._latest.get("kit", can_t))
-                mark = self._can_mark = (can_t, tick_s, last)
-            reference = mark[2] + (tick_s - mark[1])
+            # While the CAN source is out its latest time stands still; the
+            # receive clock carries it on.  Never below the latest frame's time,
+            # so a message received just before that frame, or a caller with no
+            # receive clock to give, gets that time.
+            reference = can_t + max(0.0, mono - self._can_latest_mono)
         if self._kit_offset is None:
             self._kit_offset = reference - tick_s
-        elif abs(self._kit_offset + tick_s - reference) > self.config.kit_resync_s:
+        elif rebooted or abs(self._kit_offset + tick_s - reference) > self.config.kit_resync_s:
             old = self._kit_offset
             self._kit_offset = reference - tick_s
             self.stats.kit_reanchors += 1

@@ -142,12 +142,13 @@ class Agent:
         self._feed_can(frames)
         n = len(frames)
         if self.kit:
-            # The kit source stamps with the monotonic clock; the pipeline wants
-            # epoch seconds for its (rarely used) pre-CAN anchor, on the
-            # step-free timeline when the CAN time is rebased.
+            # The kit source stamps with the monotonic clock, as the CAN source
+            # does (the pipeline ties the two clocks through it); the pipeline
+            # also wants epoch seconds for its pre-CAN anchor, on the step-free
+            # timeline when the CAN time is rebased.
             to_wall = self.clock.base if self.rebase_can_time else time.time() - time.monotonic()
             for received, msg in self.kit.drain():
-                self.pipeline.on_kit(received + to_wall, msg)
+                self.pipeline.on_kit(received + to_wall, msg, received)
                 n += 1
         self._commit(self.pipeline.advance())
         self.recorder.tick()

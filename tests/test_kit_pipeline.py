@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cngmrv.agent import config
 from cngmrv.agent.pipeline import Pipeline, PipelineConfig
@@ -202,7 +204,7 @@ def test_a_can_outage_does_not_drag_the_kit_clock_back() -> None:
         s = i / 10
         if not 5.0 <= s < 35.0:  # 30 s without CAN, three times kit_resync_s
             p.on_can(T0 + s, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
-        p.on_kit(0.0, status(TICK0 + i * 100))
+        p.on_kit(T0 + s, status(TICK0 + i * 100))  # received at once
         out += p.advance()
     out += p.finish()
     assert [e["kind"] for e in p.events] == []
@@ -220,7 +222,7 @@ def test_a_kit_reboot_reanchors_to_bus_time() -> None:
         s = i / 10
         p.on_can(T0 + s, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
         tick = TICK0 + i * 100 if s < 10.0 else (i - 100) * 100  # the kit restarts at 10 s
-        p.on_kit(0.0, status(tick))
+        p.on_kit(T0 + s, status(tick))
         out += p.advance()
     out += p.finish()
     [event] = p.events
@@ -232,6 +234,24 @@ def test_a_kit_reboot_reanchors_to_bus_time() -> None:
     assert gas == pytest.approx(36.0 / 3600 * 20.0, rel=1e-9)
 
 
+def test_a_restart_soon_after_the_kit_booted_is_still_a_restart() -> None:
+    """3 s of uptime lost is inside kit_resync_s: only the tick going back tells it."""
+    p = Pipeline(PipelineConfig())
+    out = []
+    for i in range(101):
+        s = i / 10
+        p.on_can(T0 + s, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
+        tick = 5000 + i * 100 if s < 3.0 else 5000 + (i - 30) * 100  # booted, up 3 s, again
+        p.on_kit(T0 + s, status(tick))
+        out += p.advance()
+    out += p.finish()
+    assert [(e["kind"], e["shift_s"]) for e in p.events] == [
+        ("KIT_CLOCK_REANCHORED", pytest.approx(3.0))
+    ]
+    assert p.counters()["rejected"] == 0
+    assert _gas_and_diesel(out)[0] == pytest.approx(36.0 / 3600 * 10.0, rel=1e-9)
+
+
 def test_a_backward_reanchor_keeps_the_bus_samples() -> None:
     """A kit anchored ahead of bus time (on its receive time, before any frame) is pulled back.
 
@@ -240,12 +260,13 @@ def test_a_backward_reanchor_keeps_the_bus_samples() -> None:
     """
     p = Pipeline(PipelineConfig())
     out = []
-    for i in range(3):
-        p.on_kit(T0 + 1000.0 + i / 10, status(TICK0 + i * 100))
-        out += p.advance()
-    for i in range(3, 201):
-        p.on_can(T0 + i / 10, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 36.0}))
-        p.on_kit(0.0, status(TICK0 + i * 100))
+    lfe = j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 36.0})
+    for i in range(201):
+        mono = i / 10  # the receive clock both sources are stamped with
+        if i >= 3:
+            p.on_can(T0 + mono, LFE, lfe, mono)
+        # Received on a wall clock 1000 s from the frames' own timeline.
+        p.on_kit(T0 + 1000.0 + mono, status(TICK0 + i * 100), mono)
         out += p.advance()
     out += p.finish()
     assert [(e["kind"], e["shift_s"]) for e in p.events] == [
@@ -256,7 +277,7 @@ def test_a_backward_reanchor_keeps_the_bus_samples() -> None:
     assert p.counters()["late_s"] == 0
 
 
-def test_a_kit_reboot_in_a_can_outage_goes_on_from_the_kits_last_time() -> None:
+def test_a_kit_restart_in_a_can_outage_is_placed_by_the_receive_clock() -> None:
     p = Pipeline(PipelineConfig())
     out = []
     for i in range(451):
@@ -264,12 +285,63 @@ def test_a_kit_reboot_in_a_can_outage_goes_on_from_the_kits_last_time() -> None:
         if not 5.0 <= s < 35.0:
             p.on_can(T0 + s, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
         tick = TICK0 + i * 100 if s < 20.0 else (i - 200) * 100  # the kit restarts at 20 s
-        p.on_kit(0.0, status(tick))
+        p.on_kit(T0 + s, status(tick))
         out += p.advance()
     out += p.finish()
     [event] = p.events
-    # Not pulled back to the last frame (5 s): on from the kit's last STATUS (19.9 s).
-    assert event["kind"] == "KIT_CLOCK_REANCHORED" and event["t"] == pytest.approx(T0 + 19.9)
+    # Not pulled back to the last frame (4.9 s), nor left where its tick says.
+    assert event["kind"] == "KIT_CLOCK_REANCHORED" and event["t"] == pytest.approx(T0 + 20.0)
+    assert p.counters()["rejected"] == 0
     gas, _ = _gas_and_diesel(out)
-    # The reboot costs the one status interval its restart is taken to fill.
-    assert gas == pytest.approx(36.0 / 3600 * (45.0 - 0.1), rel=1e-9)
+    assert gas == pytest.approx(36.0 / 3600 * 45.0, rel=1e-9)
+
+
+Span = tuple[int, int]  # (first step, steps long), at 10 steps a second
+
+
+def _inside(i: int, spans: list[Span]) -> bool:
+    return any(a <= i < a + n for a, n in spans)
+
+
+def _run(can_out: list[Span], kit_out: list[Span], reboots: list[int]) -> tuple[Pipeline, list]:
+    """30 s: LFE and kit STATUS at 10 Hz, each silent inside its spans; the kit restarts at ``reboots``."""
+    p = Pipeline(PipelineConfig())
+    out: list[dict[str, Any]] = []
+    boot = 0
+    for i in range(301):
+        if i in reboots:
+            boot = i
+        if not _inside(i, can_out):
+            p.on_can(T0 + i / 10, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
+        if not _inside(i, kit_out):
+            tick = (i - boot) * 100 + (TICK0 if boot == 0 else 0)
+            # Received on the bus's own timeline, as the agent stamps it.
+            p.on_kit(T0 + i / 10, status(tick))
+        out += p.advance()
+    return p, out + p.finish()
+
+
+spans = st.lists(st.tuples(st.integers(0, 300), st.integers(1, 200)), max_size=3)
+
+
+@settings(max_examples=200)
+@given(can_out=spans, kit_out=spans, reboots=st.lists(st.integers(1, 300), max_size=2))
+def test_one_sources_outages_never_change_the_others_figures(
+    can_out: list[Span], kit_out: list[Span], reboots: list[int]
+) -> None:
+    """Silence on CAN, silence on the kit, kit restarts: each source keeps its own figures.
+
+    Restarts fall only where the bus is live (one in a CAN outage has its own
+    test): the kit is then re-anchored to a frame of the same instant.  Each
+    comes after more than a second of ticks, the least step back that tells a
+    restart from ticks out of order.
+    """
+    reboots = [i for i in reboots if not _inside(i, can_out) and not _inside(i, kit_out)]
+    reboots = [i for i in sorted(reboots) if all(i - j > 11 for j in reboots if j < i)]
+    p, out = _run(can_out, kit_out, reboots)
+    _, kit_alone = _run([], kit_out, reboots)
+    _, can_alone = _run(can_out, [], [])
+    gas, diesel = _gas_and_diesel(out)
+    assert gas == pytest.approx(_gas_and_diesel(kit_alone)[0], rel=1e-9, abs=1e-12)
+    assert diesel == pytest.approx(_gas_and_diesel(can_alone)[1], rel=1e-9, abs=1e-12)
+    assert p.counters()["rejected"] == 0
