@@ -220,7 +220,9 @@ def _wait(cond: Any, timeout: float = 10.0) -> None:
 # -- in a simulated run ---------------------------------------------------
 
 
-def _rig(tmp_path: Path, device_id: str, per_batch: int) -> tuple[Any, str, int, int]:
+def _rig(
+    tmp_path: Path, device_id: str, per_batch: int, **sections: dict[str, Any]
+) -> tuple[Any, str, int, int]:
     """Key, a fresh virtual-bus channel, a raw pty for the kit, and the agent's config."""
     keydir = tmp_path / "keys"
     if not keydir.exists():
@@ -237,6 +239,7 @@ def _rig(tmp_path: Path, device_id: str, per_batch: int) -> tuple[Any, str, int,
             "kit": {"port": str(port), "reconnect_min_s": 0.02, "reconnect_max_s": 0.2},
             "store": {"path": "store.sqlite"},
             "batch": {"readings_per_batch": per_batch},
+            **sections,
         },
         tmp_path,
     )
@@ -393,13 +396,19 @@ class ShiftingBus:
 
 
 def _real_time_run(
-    tmp_path: Path, steps: dict[int, float], seconds: float = 6.0
+    tmp_path: Path,
+    steps: dict[int, float],
+    seconds: float = 6.0,
+    can_silent: range = range(0),
+    **sections: dict[str, Any],
 ) -> tuple[Agent, list[dict[str, Any]], float]:
     """A run paced in real time with wall-clock frame stamps, as on SocketCAN.
 
-    Returns the agent, the signed payloads and the bus time the drive started at.
+    The engine sends nothing in the ticks ``can_silent``; ``sections`` go into
+    the agent's configuration.  Returns the agent, the signed payloads and the
+    bus time the drive started at.
     """
-    cfg, channel, master, slave = _rig(tmp_path, "bus-step", 2)
+    cfg, channel, master, slave = _rig(tmp_path, "bus-step", 2, **sections)
     fake = FakeClock(wall0=float(int(time.time())))
     sim_bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
     bus = ShiftingBus(sim_bus)
@@ -427,7 +436,8 @@ def _real_time_run(
                 fake.step(steps[i])  # the kernel's clock steps, then stamps with it
                 bus.shift += steps[i]
             s = vehicle.step(i * TICK_S)
-            ecu.tick(i, s)
+            if i not in can_silent:
+                ecu.tick(i, s)
             kit.tick(i, s)
             ahead = i * TICK_S - (time.monotonic() - mono0)
             if ahead > 0.001:
@@ -462,3 +472,24 @@ def test_wall_stamped_frames_are_rebased_across_steps(tmp_path: Path) -> None:
     # Readings committed between the steps say how to get UTC from t0.
     assert {round(r.get("utc_offset_s", 0.0)) for r in readings} >= {3600}
     assert agent.pipeline.stats.decode_errors == ref.pipeline.stats.decode_errors == 0
+
+
+def test_a_can_outage_leaves_the_kits_clock_where_it_is(tmp_path: Path) -> None:
+    """3 s without a frame while the kit runs on, with re-anchoring after 1 s of drift.
+
+    The kit's time must go on by the receive clock, not snap back to the last
+    frame: no re-anchor, no kit sample rejected, and the kit's mode covers
+    every second of the outage.
+    """
+    silent = range(int(1.5 / TICK_S), int(4.5 / TICK_S))
+    agent, payloads, start = _real_time_run(
+        tmp_path, {}, 6.0, can_silent=silent, pipeline={"kit_resync_s": 1.0}
+    )
+    kinds = [e["kind"] for p in payloads for e in p["events"]]
+    assert "KIT_CLOCK_REANCHORED" not in kinds and agent.pipeline.stats.kit_reanchors == 0
+    assert agent.pipeline.counters()["rejected_by_channel"]["mode"] == 0
+    readings = [r for p in payloads for r in p["readings"]]
+    inside = [r for r in readings if 2.0 <= r["t0"] - start < 4.0]
+    assert len(inside) == 2
+    for r in inside:
+        assert sum(r["mode_s"].values()) == pytest.approx(1.0, abs=0.15), r["mode_s"]
