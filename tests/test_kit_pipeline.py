@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,17 +197,42 @@ def _gas_and_diesel(out: list[dict[str, Any]]) -> tuple[float, float]:
     return sum(r["gas_kg"] for r in out), sum(r["diesel_l"] for r in out)
 
 
+Span = tuple[int, int]  # (first step, steps long), at 10 steps a second
+
+
+def _inside(i: int, spans: Sequence[Span]) -> bool:
+    return any(a <= i < a + n for a, n in spans)
+
+
+def _run(
+    steps: int,
+    can_out: Sequence[Span] = (),
+    kit_out: Sequence[Span] = (),
+    reboots: Sequence[int] = (),
+    first_tick: int = TICK0,
+) -> tuple[Pipeline, list[dict[str, Any]]]:
+    """LFE (10 L/h) and kit STATUS (36 kg/h) at 10 Hz from T0, each silent inside its spans.
+
+    The kit restarts at the steps in ``reboots``, its tick going back to 0.
+    Kit messages are received at once, on the bus's own timeline.
+    """
+    p = Pipeline(PipelineConfig())
+    out: list[dict[str, Any]] = []
+    boot, base = 0, first_tick
+    for i in range(steps):
+        if i in reboots:
+            boot, base = i, 0
+        if not _inside(i, can_out):
+            p.on_can(T0 + i / 10, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
+        if not _inside(i, kit_out):
+            p.on_kit(T0 + i / 10, status(base + (i - boot) * 100))
+        out += p.advance()
+    return p, out + p.finish()
+
+
 def test_a_can_outage_does_not_drag_the_kit_clock_back() -> None:
     """The kit keeps counting while no frame comes: its time must not snap to the last one."""
-    p = Pipeline(PipelineConfig())
-    out = []
-    for i in range(451):
-        s = i / 10
-        if not 5.0 <= s < 35.0:  # 30 s without CAN, three times kit_resync_s
-            p.on_can(T0 + s, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
-        p.on_kit(T0 + s, status(TICK0 + i * 100))  # received at once
-        out += p.advance()
-    out += p.finish()
+    p, out = _run(451, can_out=[(50, 300)])  # 30 s without CAN, three times kit_resync_s
     assert [e["kind"] for e in p.events] == []
     assert p.stats.kit_reanchors == 0 and p.counters()["rejected"] == 0
     gas, _ = _gas_and_diesel(out)
@@ -216,15 +242,7 @@ def test_a_can_outage_does_not_drag_the_kit_clock_back() -> None:
 
 
 def test_a_kit_reboot_reanchors_to_bus_time() -> None:
-    p = Pipeline(PipelineConfig())
-    out = []
-    for i in range(201):
-        s = i / 10
-        p.on_can(T0 + s, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
-        tick = TICK0 + i * 100 if s < 10.0 else (i - 100) * 100  # the kit restarts at 10 s
-        p.on_kit(T0 + s, status(tick))
-        out += p.advance()
-    out += p.finish()
+    p, out = _run(201, reboots=[100])
     [event] = p.events
     assert event["kind"] == "KIT_CLOCK_REANCHORED" and event["t"] == pytest.approx(T0 + 10.0)
     assert event["shift_s"] == pytest.approx(TICK0 / 1000 + 10.0)
@@ -235,18 +253,10 @@ def test_a_kit_reboot_reanchors_to_bus_time() -> None:
 
 
 def test_a_restart_soon_after_the_kit_booted_is_still_a_restart() -> None:
-    """3 s of uptime lost is inside kit_resync_s: only the tick going back tells it."""
-    p = Pipeline(PipelineConfig())
-    out = []
-    for i in range(101):
-        s = i / 10
-        p.on_can(T0 + s, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
-        tick = 5000 + i * 100 if s < 3.0 else 5000 + (i - 30) * 100  # booted, up 3 s, again
-        p.on_kit(T0 + s, status(tick))
-        out += p.advance()
-    out += p.finish()
+    """Its tick goes back 7.9 s, inside kit_resync_s: only the step back tells a restart."""
+    p, out = _run(101, reboots=[30], first_tick=5000)
     assert [(e["kind"], e["shift_s"]) for e in p.events] == [
-        ("KIT_CLOCK_REANCHORED", pytest.approx(3.0))
+        ("KIT_CLOCK_REANCHORED", pytest.approx(8.0))
     ]
     assert p.counters()["rejected"] == 0
     assert _gas_and_diesel(out)[0] == pytest.approx(36.0 / 3600 * 10.0, rel=1e-9)
@@ -278,47 +288,13 @@ def test_a_backward_reanchor_keeps_the_bus_samples() -> None:
 
 
 def test_a_kit_restart_in_a_can_outage_is_placed_by_the_receive_clock() -> None:
-    p = Pipeline(PipelineConfig())
-    out = []
-    for i in range(451):
-        s = i / 10
-        if not 5.0 <= s < 35.0:
-            p.on_can(T0 + s, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
-        tick = TICK0 + i * 100 if s < 20.0 else (i - 200) * 100  # the kit restarts at 20 s
-        p.on_kit(T0 + s, status(tick))
-        out += p.advance()
-    out += p.finish()
+    p, out = _run(451, can_out=[(50, 300)], reboots=[200])
     [event] = p.events
     # Not pulled back to the last frame (4.9 s), nor left where its tick says.
     assert event["kind"] == "KIT_CLOCK_REANCHORED" and event["t"] == pytest.approx(T0 + 20.0)
     assert p.counters()["rejected"] == 0
     gas, _ = _gas_and_diesel(out)
     assert gas == pytest.approx(36.0 / 3600 * 45.0, rel=1e-9)
-
-
-Span = tuple[int, int]  # (first step, steps long), at 10 steps a second
-
-
-def _inside(i: int, spans: list[Span]) -> bool:
-    return any(a <= i < a + n for a, n in spans)
-
-
-def _run(can_out: list[Span], kit_out: list[Span], reboots: list[int]) -> tuple[Pipeline, list]:
-    """30 s: LFE and kit STATUS at 10 Hz, each silent inside its spans; the kit restarts at ``reboots``."""
-    p = Pipeline(PipelineConfig())
-    out: list[dict[str, Any]] = []
-    boot = 0
-    for i in range(301):
-        if i in reboots:
-            boot = i
-        if not _inside(i, can_out):
-            p.on_can(T0 + i / 10, LFE, j1939.encode(j1939.PGN_LFE, {"fuel_rate_lph": 10.0}))
-        if not _inside(i, kit_out):
-            tick = (i - boot) * 100 + (TICK0 if boot == 0 else 0)
-            # Received on the bus's own timeline, as the agent stamps it.
-            p.on_kit(T0 + i / 10, status(tick))
-        out += p.advance()
-    return p, out + p.finish()
 
 
 spans = st.lists(st.tuples(st.integers(0, 300), st.integers(1, 200)), max_size=3)
@@ -338,9 +314,9 @@ def test_one_sources_outages_never_change_the_others_figures(
     """
     reboots = [i for i in reboots if not _inside(i, can_out) and not _inside(i, kit_out)]
     reboots = [i for i in sorted(reboots) if all(i - j > 11 for j in reboots if j < i)]
-    p, out = _run(can_out, kit_out, reboots)
-    _, kit_alone = _run([], kit_out, reboots)
-    _, can_alone = _run(can_out, [], [])
+    p, out = _run(301, can_out, kit_out, reboots)
+    _, kit_alone = _run(301, kit_out=kit_out, reboots=reboots)
+    _, can_alone = _run(301, can_out=can_out)
     gas, diesel = _gas_and_diesel(out)
     assert gas == pytest.approx(_gas_and_diesel(kit_alone)[0], rel=1e-9, abs=1e-12)
     assert diesel == pytest.approx(_gas_and_diesel(can_alone)[1], rel=1e-9, abs=1e-12)
