@@ -14,6 +14,7 @@ sources it was made from change (a hash of them is kept beside it).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import subprocess
 import sys
@@ -37,19 +38,27 @@ def sources_hash() -> str:
     return h.hexdigest()
 
 
-def agent_python(path: Path = DEFAULT, refresh: bool = False) -> str:
-    """The interpreter of the agent-only environment at ``path``, made first if missing or stale."""
-    python = path / "bin" / "python"
-    stamp = path / "cngmrv-sources.sha256"
+def agent_python(refresh: bool = False) -> str:
+    """The interpreter of the agent-only environment, made first if missing or stale.
+
+    Two benchmarks started together (the soak beside the full-load run) take
+    turns here, so both find the environment made, and made once.  The lock
+    covers the check and the remake, not the runs: a benchmark started after
+    the sources changed still remakes it under one that is running.
+    """
+    python = DEFAULT / "bin" / "python"
+    stamp = DEFAULT / "cngmrv-sources.sha256"
     want = sources_hash()
-    if refresh or not python.exists() or not stamp.exists() or stamp.read_text() != want:
-        venv.EnvBuilder(with_pip=True, clear=True).create(path)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", str(ROOT)],
-            check=True,
-            stdout=sys.stderr,
-        )
-        stamp.write_text(want)
+    with open(ROOT / ".venv-agent.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if refresh or not python.exists() or not stamp.exists() or stamp.read_text() != want:
+            venv.EnvBuilder(with_pip=True, clear=True).create(DEFAULT)
+            subprocess.run(
+                [str(python), "-m", "pip", "install", "--quiet", str(ROOT)],
+                check=True,
+                stdout=sys.stderr,
+            )
+            stamp.write_text(want)
     return str(python)
 
 
@@ -68,7 +77,7 @@ def chosen_python(args: argparse.Namespace) -> str:
     """The interpreter :func:`add_arguments`' options name (making the venv if needed)."""
     if args.same_python:
         return sys.executable
-    return str(args.agent_python) if args.agent_python else agent_python()
+    return args.agent_python or agent_python()
 
 
 if __name__ == "__main__":
