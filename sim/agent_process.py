@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +39,17 @@ def new_mcast_port() -> int:
     port in 40000-59999 keeps concurrent runs apart.
     """
     return 40000 + uuid.uuid4().int % 20000
+
+
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a child to bind.
+
+    Another process may take it in between; a child that then fails to bind
+    says so and exits, and the run fails loudly rather than quietly.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def die_with_parent() -> None:

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ from cngmrv.agent import batch, config, keys
 from cngmrv.agent.ingest import IngestServer, open_db, register_device, stored_batches
 from cngmrv.agent.runtime import Agent
 from cngmrv.agent.store import open_readonly
-from cngmrv.sim.agent_process import MCAST_GROUP, AgentProcess, new_mcast_port
+from cngmrv.sim.agent_process import MCAST_GROUP, AgentProcess, free_tcp_port, new_mcast_port
 from cngmrv.sim.busload import BackgroundTraffic, Wire, capacity_fps
 from cngmrv.sim.ecu import TICK_S, EngineEcu
 from cngmrv.sim.kit import INJ_DEAD_MS, INJ_FLOW, KitFaults, KitFirmware, KitLogic, LinkFaults
@@ -439,12 +438,6 @@ def _held(ingest_db: Path, device_id: str) -> list[tuple[int, bytes]]:
         db.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _process_config(workdir: Path, opts: SimOptions, kit_port: Path, url: str, health: int) -> Path:
     """The agent's TOML for a run in its own process: the in-process settings, over udp_multicast."""
     can_section = {"interface": "udp_multicast", "channel": MCAST_GROUP}
@@ -483,7 +476,7 @@ def _run_bus_process(
 ) -> dict[str, Any]:
     port = workdir / "ttyKIT"
     mcast_port = opts.mcast_port or new_mcast_port()
-    cfg_path = _process_config(workdir, opts, port, url, _free_port())
+    cfg_path = _process_config(workdir, opts, port, url, free_tcp_port())
     cfg = config.load(cfg_path)
     wall_start = time.monotonic()
     fds: list[int] = []
@@ -667,12 +660,20 @@ def frame_losses(offered: int, stats: dict[str, Any]) -> dict[str, int]:
     return {**out, "total": sum(out.values())}
 
 
-def _relative_errors(summary: dict[str, Any]) -> dict[str, float]:
+def relative_error(measured: float, reference: float) -> float | None:
+    """``(measured - reference) / reference``: 0 when both are 0, None when only the reference is."""
+    if reference:
+        return (measured - reference) / reference
+    return 0.0 if measured == reference else None
+
+
+def _percent(e: float | None) -> str:
+    return "n/a (no truth)" if e is None else f"{100 * e:+.3f} %"
+
+
+def _relative_errors(summary: dict[str, Any]) -> dict[str, float | None]:
     t = summary["truth"]
-    return {
-        k: (summary[k] - t[k]) / t[k] if t[k] else 0.0
-        for k in ("diesel_l", "gas_kg", "distance_km")
-    }
+    return {k: relative_error(summary[k], t[k]) for k in ("diesel_l", "gas_kg", "distance_km")}
 
 
 def _print_human(s: dict[str, Any]) -> None:
@@ -703,13 +704,13 @@ def _print_human(s: dict[str, Any]) -> None:
     for k, unit in (("diesel_l", "L"), ("gas_kg", "kg"), ("distance_km", "km")):
         print(
             f"{k:<12} measured {s[k]:10.3f} {unit:<2}  truth {s['truth'][k]:10.3f} {unit:<2}"
-            f"  error {100 * err[k]:+.3f} %"
+            f"  error {_percent(err[k])}"
         )
     intact = s["truth"]["gas_kg_over_intact_kit_data"]
     if intact and abs(intact - s["truth"]["gas_kg"]) > 1e-9:
         print(
             f"{'':<12} truth over intact kit data {intact:10.3f} kg"
-            f"  error {100 * (s['gas_kg'] - intact) / intact:+.3f} %"
+            f"  error {_percent(relative_error(s['gas_kg'], intact))}"
         )
     k, link = s["kit"], s["agent"].get("kit_link", {})
     print(

@@ -48,3 +48,4 @@ def test_short_full_load_run_reports_every_figure() -> None:
     assert case["batches"]["signed"] == case["batches"]["verified"] >= 1
     assert case["readings"] >= 8
     assert set(case["totals_vs_no_load"]) == {"diesel_l", "gas_kg", "distance_km"}
+    assert all(abs(v) <= 1e-3 for v in case["totals_vs_no_load"].values()), case

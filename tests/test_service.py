@@ -26,7 +26,7 @@ import can
 import pytest
 
 from cngmrv.agent import batch, health, keys, service
-from cngmrv.sim.agent_process import new_mcast_port
+from cngmrv.sim.agent_process import free_tcp_port, new_mcast_port
 from cngmrv.sim.ecu import TICK_S, EngineEcu
 from cngmrv.sim.kit import KitFirmware, KitLogic
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
@@ -83,12 +83,6 @@ class Notifications:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(tmp_path: Path, kit_port: Path, health_port: int) -> Path:
@@ -150,7 +144,7 @@ def test_run_as_a_service_end_to_end(
     tty.setraw(slave)
     kit_port = tmp_path / "ttyKIT"
     kit_port.symlink_to(os.ttyname(slave))
-    port = _free_port()
+    port = free_tcp_port()
     cfg = _config(tmp_path, kit_port, port)
     env = {
         **os.environ,
@@ -238,7 +232,7 @@ def test_run_as_a_service_end_to_end(
 
 
 def test_status_of_a_stopped_agent_reads_the_store(tmp_path: Path, keydir: Path, cli) -> None:
-    cfg = _config(tmp_path, tmp_path / "none", _free_port())
+    cfg = _config(tmp_path, tmp_path / "none", free_tcp_port())
     from cngmrv.agent.store import Store
 
     Store(tmp_path / "store.sqlite", "bus-svc").close()
