@@ -12,7 +12,9 @@ re-anchored, with an event, only when the two drift apart by more than
 ``kit_resync_s``, or when its tick goes back (a restart).  "Bus time" for a
 kit message is the latest frame's time plus the receive-clock time since that
 frame came (both sources are stamped on one monotonic clock), so a CAN outage
-alone never drags the kit's time back to the last frame.
+alone never drags the kit's time back to the last frame.  That needs the two
+sources fed in the order they were received, as the runtime does; a kit
+message fed after frames that came later is timed by them.
 
 Protocol timers (the transport protocol's T1-T4) run on the monotonic time
 each CAN frame carries (``mono``), never on the bus timestamp, which is wall

@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from bisect import bisect_right
 from collections import Counter, deque
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 from cngmrv.agent.clock import ClockMonitor, FixedClock
@@ -139,8 +141,8 @@ class Agent:
         frames = self.can.wait(timeout)
         if self.rebase_can_time and frames:
             frames = self.clock.rebase(frames, self._poll_clock)
-        self._feed_can(frames)
         n = len(frames)
+        done = 0
         if self.kit:
             # The kit source stamps with the monotonic clock, as the CAN source
             # does (the pipeline ties the two clocks through it); the pipeline
@@ -148,8 +150,16 @@ class Agent:
             # timeline when the CAN time is rebased.
             to_wall = self.clock.base if self.rebase_can_time else time.time() - time.monotonic()
             for received, msg in self.kit.drain():
+                # Each kit message goes in after the frames received before it
+                # and before those received after it: the pipeline times the
+                # kit by the latest frame, and a pass can hold seconds of bus
+                # time (a simulator unpaced, a loop that stalled).
+                upto = bisect_right(frames, received, lo=done, key=itemgetter(3))
+                self._feed_can(frames[done:upto])
+                done = upto
                 self.pipeline.on_kit(received + to_wall, msg, received)
                 n += 1
+        self._feed_can(frames[done:] if done else frames)
         self._commit(self.pipeline.advance())
         self.recorder.tick()
         return n

@@ -137,6 +137,10 @@ class KitSerialSource:
             except queue.Empty:
                 return out
 
+    def pending(self) -> int:
+        """Messages queued right now, for :meth:`drain` to take."""
+        return self._queue.qsize()
+
     @property
     def stats(self) -> dict[str, int]:
         with self._lock:

@@ -31,6 +31,8 @@ from cngmrv.agent.clock import (
     NtpSource,
 )
 from cngmrv.agent.runtime import Agent
+from cngmrv.drivers import j1939
+from cngmrv.drivers import kit_codec as kc
 from cngmrv.drivers.gps import Fix, GpsReader, NmeaError, checksum, parse_rmc
 from cngmrv.sim.ecu import TICK_S, EngineEcu
 from cngmrv.sim.kit import KitFirmware, KitLogic
@@ -493,3 +495,45 @@ def test_a_can_outage_leaves_the_kits_clock_where_it_is(tmp_path: Path) -> None:
     assert len(inside) == 2
     for r in inside:
         assert sum(r["mode_s"].values()) == pytest.approx(1.0, abs=0.15), r["mode_s"]
+
+
+def test_a_kit_message_is_timed_by_the_frames_received_before_it(tmp_path: Path) -> None:
+    """Frames that came after a kit message, though read in the same pass, do not time it.
+
+    One pass of the agent's loop can hold seconds of bus time: an unpaced
+    simulator, or a loop that stalled on a slow card.  Timed by the pass's last
+    frame, the kit would be anchored that far late.
+    """
+    cfg, channel, master, slave = _rig(tmp_path, "bus-order", 5)
+    sim_bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
+    agent = Agent(cfg, clock="synchronised")
+
+    def send(t: float) -> None:
+        eec1 = j1939.make_id(j1939.PGN_EEC1, 0, 3)
+        idle = bytes([0xF0, 0x7D, 0x7D, 0x00, 0x1E, 0x00, 0xF0, 0x7D])  # 960 rpm
+        sim_bus.send(can.Message(timestamp=t, arbitration_id=eec1, data=idle))
+
+    try:
+        agent.start()  # the sources read; the test runs the loop's one pass itself
+        kit_link = agent.kit
+        assert kit_link is not None
+        _wait(lambda: kit_link.stats["connected"] == 1)
+        agent.poll(0)  # the link's own "up" marker
+        send(NOW)
+        _wait(lambda: agent.can.pending() == 1)
+        mode = {"type": "mode", "seq": 1, "tick_ms": 7000, "mode": 1, "previous": 0, "reason": 0}
+        os.write(master, kc.encode_message(mode))
+        _wait(lambda: kit_link.pending() == 1)
+        for k in range(1, 51):
+            send(NOW + 0.1 * k)
+        _wait(lambda: agent.can.pending() == 51)
+        assert agent.poll(0) == 52
+        agent.close()
+    finally:
+        sim_bus.shutdown()
+        os.close(master)
+        os.close(slave)
+    events = [e for p in _signed(tmp_path, tmp_path / "store.sqlite") for e in p["events"]]
+    [mode_event] = [e for e in events if e["kind"] == "KIT_MODE"]
+    # Received a few milliseconds after the frame at NOW, 5 s of bus time before the last.
+    assert NOW <= mode_event["t"] < NOW + 0.5
