@@ -170,7 +170,12 @@ def _drive(
     )
     vehicle = Bus(params, DriveCycle.brt(opts.duration, opts.seed), controller=logic)
     ecu = EngineEcu(sim_bus, vehicle, epoch0)
-    kit = KitFirmware(fds[0], logic, opts.link)
+    # In process, bus time runs ahead of the agent's receive clock, and the
+    # agent anchors the kit's clock on the frames received around the kit's
+    # first message, or on the wall clock before any.  So the kit boots after a
+    # frame is in and is heard before more come (below): it is then on bus time
+    # within a tick.
+    kit = KitFirmware(fds[0], logic, opts.link, boot=agent is None)
     run = KitRun(kit, port)
     counts = kit.counts
     speedup = 1.0 if agent is None else opts.speedup
@@ -209,10 +214,16 @@ def _drive(
             span["truth_gas_kg"] += vehicle.truth_gas_kg - gas_before
         for t, can_id, data in ecu.frames_due(i, s):
             wire.submit(t, can_id, data)
+        if i == 0 and agent is not None:
+            wire.run_until(epoch0 + TICK_S)
+            _wait(lambda: agent.pipeline.stats.frames > 0, "the agent's first frame")
+            kit.boot()
         status_before = counts.intact_by_type.get("status", 0)
         kit.tick(i, s)
         if counts.intact_by_type.get("status", 0) != status_before:
             run.intact_status.append((i * TICK_S, vehicle.truth_gas_kg))
+        if i == 0 and agent is not None:
+            _wait(lambda: agent.pipeline.stats.kit_messages >= counts.intact, "the kit's boot")
         wire.run_until(epoch0 + (i + 1) * TICK_S)
         if i % 10:
             continue

@@ -194,7 +194,9 @@ class KitFirmware:
         link: LinkFaults = LinkFaults(),
         boot_tick_ms: int = 5000,
         injection_events: bool = True,
+        boot: bool = True,
     ) -> None:
+        """``boot=False`` holds the kit's first words (its boot HELLO) until :meth:`boot`."""
         self._fd: int | None = fd
         self.logic = logic or KitLogic()
         self.link = link
@@ -214,6 +216,11 @@ class KitFirmware:
         self._gas_total = GAS_TOTAL_START_KG
         self._last_t: float | None = None
         self._last_flow = 0.0
+        if boot:
+            self.boot()
+
+    def boot(self) -> None:
+        """Announce the kit: a delimiter, then HELLO at the sim's time 0."""
         # A leading delimiter tells a receiver holding a stale partial frame to drop it.
         self._write_raw(b"\x00")
         self._hello(0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cngmrv.agent import keys
+from cngmrv.agent import batch, keys
 
 
 def _sim(cli, *args: str) -> dict:  # type: ignore[no-untyped-def]
@@ -63,6 +63,26 @@ def test_store_is_wal_and_export_verify_pass(first_run: dict, run_dir: Path, cli
     r = cli("verify", str(out), "--pubkey", str(run_dir / "keys" / keys.PUB_FILE), "--json")
     assert r.returncode == 0, r.stdout
     assert json.loads(r.stdout)["ok"] == n
+
+
+def test_the_kit_is_on_bus_time_within_a_tick(first_run: dict, run_dir: Path) -> None:
+    """Unpaced, bus time runs far ahead of the agent's receive clock, which ties the kit to it.
+
+    The kit's boot HELLO is stamped at the drive's time 0, where the first
+    reading starts: the simulator lets the kit speak only after a frame is in,
+    and the agent times it by the frames received before it, not after.  It is
+    late by the time the first frame waited for the agent's pass (up to 50 ms)
+    and scheduling; anchored on the wall clock or the pass's last frame, it was
+    late by most of a second.
+    """
+    db = sqlite3.connect(run_dir / "store.sqlite")
+    payloads = [batch.parse(bytes(raw)).payload() for (raw,) in db.execute(
+        "SELECT bytes FROM batches ORDER BY seq"
+    )]  # fmt: skip
+    db.close()
+    start = min(r["t0"] for p in payloads for r in p["readings"])
+    hello = next(e for p in payloads for e in p["events"] if e["kind"] == "KIT_HELLO")
+    assert 0.0 <= hello["t"] - start <= 0.25
 
 
 def test_second_run_continues_the_same_device(first_run: dict, run_dir: Path, cli) -> None:
