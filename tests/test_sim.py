@@ -65,7 +65,7 @@ def test_store_is_wal_and_export_verify_pass(first_run: dict, run_dir: Path, cli
     assert json.loads(r.stdout)["ok"] == n
 
 
-def test_the_kit_is_on_bus_time_within_a_tick(first_run: dict, run_dir: Path) -> None:
+def test_the_kits_clock_is_anchored_on_bus_time(first_run: dict, run_dir: Path) -> None:
     """Unpaced, bus time runs far ahead of the agent's receive clock, which ties the kit to it.
 
     The kit's boot HELLO is stamped at the drive's time 0, where the first
