@@ -173,8 +173,8 @@ def _drive(
     # In process, bus time runs ahead of the agent's receive clock, and the
     # agent anchors the kit's clock on the frames received around the kit's
     # first message, or on the wall clock before any.  So the kit boots after a
-    # frame is in and is heard before more come (below): it is then on bus time
-    # within a tick.
+    # frame is in and is heard before more come (below): it is then late by
+    # no more than the wait for one of the agent's passes.
     kit = KitFirmware(fds[0], logic, opts.link, boot=agent is None)
     run = KitRun(kit, port)
     counts = kit.counts
