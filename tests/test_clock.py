@@ -268,7 +268,7 @@ def _simulated_run(
         # Bus time is the frames' own and fixed, whatever the wall clock does.
         ecu = EngineEcu(sim_bus, vehicle, NOW)
         stats = agent.pipeline.stats
-        kit: KitFirmware | None = None
+        kit = KitFirmware(master, logic, boot=False)
         for i in range(int(40.0 / TICK_S) + 1):
             if i in steps:
                 seen = agent.clock.steps
@@ -276,21 +276,19 @@ def _simulated_run(
                 _wait(lambda seen=seen: agent.clock.steps > seen)  # type: ignore[misc]
             s = vehicle.step(i * TICK_S)
             ecu.tick(i, s)
-            if kit is None:
+            if i == 0:
                 # The kit speaks only after a frame is in: before any, its time
                 # is anchored on the receive (wall) clock, months from this run's
                 # fixed bus time, and would close every window on its own.
                 _wait(lambda: stats.frames > 0)
-                kit = KitFirmware(master, logic)
+                kit.boot()
             kit.tick(i, s)
             while (
                 ecu.frames_sent - stats.frames > 100
                 or kit.counts.intact_by_type.get("status", 0) - stats.kit_status > 10
             ):
                 time.sleep(0.001)
-        assert kit is not None
-        counts = kit.counts
-        _wait(lambda: stats.frames >= ecu.frames_sent and stats.kit_messages >= counts.intact)
+        _wait(lambda: stats.frames >= ecu.frames_sent and stats.kit_messages >= kit.counts.intact)
         stop.set()
         worker.join()
         agent.close()
