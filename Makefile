@@ -31,7 +31,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy agent drivers native sim
+	$(BIN)/mypy agent drivers native signed office sim
 	# The kit codec again, against MicroPython's stdlib stubs (mypy-micropython.ini).
 	$(BIN)/mypy --config-file mypy-micropython.ini \
 		--custom-typeshed-dir "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"

@@ -1,14 +1,20 @@
 """Packaging for cngmrv.
 
-The folders at the repository root (``agent``, ``drivers``, ``native``, ``sim``)
-install as subpackages of one implicit namespace package ``cngmrv``, so no
-generic top-level names land in site-packages.  The C integrator is built by
+The folders at the repository root (``agent``, ``drivers``, ``native``,
+``signed``, ``office``, ``sim``) install as subpackages of one implicit
+namespace package ``cngmrv``, so no generic top-level names land in
+site-packages.
+
+Two installs from one distribution: ``pip install cngmrv`` is the bus's
+(what the agent runs on, nothing more); ``pip install 'cngmrv[office]'`` adds
+what the office's ingest server and reports need (docs/deploy-pi.md,
+docs/office.md).  The C integrator is built by
 cffi in API (out-of-line) mode through ``cffi_modules``.
 """
 
 from setuptools import setup
 
-SUBPACKAGES = ("agent", "drivers", "native", "sim")
+SUBPACKAGES = ("agent", "drivers", "native", "signed", "office", "sim")
 
 setup(
     name="cngmrv",
@@ -21,7 +27,7 @@ setup(
         "cngmrv.native": ["*.h", "*.c"],
         "cngmrv.drivers": ["*.dbc"],
         # The shipped MRV methodology files, read by `cngmrv report`.
-        "cngmrv.agent": ["methodology/*.toml"],
+        "cngmrv.office": ["methodology/*.toml"],
     },
     setup_requires=["cffi>=1.16"],
     cffi_modules=["native/build_integrator.py:ffibuilder"],
@@ -32,11 +38,15 @@ setup(
         "msgpack>=1.0.7",
         "cryptography>=43",
         "cantools>=39.4",
-        # The HTML report's plots (Agg backend, no display needed).
-        "matplotlib>=3.8",
     ],
     extras_require={
+        # The office: never installed in a bus.
+        "office": [
+            # The HTML report's plots (Agg backend, no display needed).
+            "matplotlib>=3.8",
+        ],
         "test": [
+            "cngmrv[office]",
             "pytest>=8",
             "hypothesis>=6.100",
             "mypy>=1.10",
@@ -53,6 +63,10 @@ setup(
     entry_points={
         "console_scripts": ["cngmrv = cngmrv.agent.cli:main"],
         # Subcommands contributed by other packages, so the agent never imports the simulator.
-        "cngmrv.commands": ["sim = cngmrv.sim.harness:register"],
+        "cngmrv.commands": [
+            "sim = cngmrv.sim.sim_cli:register",
+            "ingest = cngmrv.office.office_cli:register_ingest",
+            "report = cngmrv.office.office_cli:register_report",
+        ],
     },
 )

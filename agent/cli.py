@@ -12,17 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sqlite3
 import sys
-import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cngmrv.agent import batch, config, keys
-from cngmrv.agent.ingest import IngestError
-from cngmrv.agent.store import StoreError, open_readonly
+from cngmrv.agent import config
+from cngmrv.agent.store import StoreError
+from cngmrv.signed import archive, batch, keys
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -42,34 +40,8 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_batches(db_path: Path, device: str | None = None) -> list[tuple[str, int, bytes]]:
-    """(device, seq, bytes) of every batch in a device store or an ingest database."""
-    db = open_readonly(db_path)
-    try:
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "batches" not in tables:
-            raise StoreError(f"{db_path} is not a cngmrv store (no batches table)")
-        if "devices" in tables:  # an ingest database: many devices
-            rows = db.execute(
-                "SELECT device_id, seq, bytes FROM batches "
-                "WHERE ? IS NULL OR device_id = ? ORDER BY device_id, seq",
-                (device, device),
-            ).fetchall()
-            return [(str(d), int(s), bytes(b)) for d, s, b in rows]
-        row = db.execute("SELECT value FROM meta WHERE key='device_id'").fetchone()
-        dev = str(row[0]) if row else "?"
-        if device is not None and device != dev:
-            return []
-        rows = db.execute("SELECT seq, bytes FROM batches ORDER BY seq").fetchall()
-        return [(dev, int(s), bytes(b)) for s, b in rows]
-    except sqlite3.Error as e:
-        raise StoreError(f"cannot read batches from {db_path}: {e}") from None
-    finally:
-        db.close()
-
-
 def _export(args: argparse.Namespace) -> int:
-    rows = [r for r in _read_batches(Path(args.db), args.device) if r[1] >= args.since]
+    rows = [r for r in archive.read_batches(Path(args.db), args.device) if r[1] >= args.since]
     out = Path(args.out)
     devices = sorted({d for d, _, _ in rows})
     out.mkdir(parents=True, exist_ok=True)
@@ -109,14 +81,8 @@ def _keyring(args: argparse.Namespace) -> batch.KeyRing:
         device, sep, path = spec.rpartition("=")
         items.append((device if sep else None, keys.load_public_key(Path(path))))
     if args.registry:
-        db = open_readonly(Path(args.registry))
-        try:
-            for dev, pem in db.execute("SELECT device_id, pubkey_pem FROM devices"):
-                items.append((str(dev), keys.public_key_from_pem(bytes(pem), f"key of {dev}")))
-        except sqlite3.Error as e:
-            raise StoreError(f"{args.registry} has no device registry: {e}") from None
-        finally:
-            db.close()
+        for dev, pem in archive.registered_keys(Path(args.registry)).items():
+            items.append((dev, keys.public_key_from_pem(pem, f"key of {dev}")))
     if not items:
         raise ValueError("give the device keys: --pubkey FILE, --pubkey DEVICE=FILE or --registry")
     return batch.KeyRing.of(items)
@@ -130,7 +96,7 @@ def _verify(args: argparse.Namespace) -> int:
     ring = _keyring(args)
     named: list[tuple[str, bytes]] = []
     if args.db:
-        named += [(f"{d}:{s}", raw) for d, s, raw in _read_batches(Path(args.db))]
+        named += [(f"{d}:{s}", raw) for d, s, raw in archive.read_batches(Path(args.db))]
     if args.paths:
         named += _collect(args.paths)
     if not named:
@@ -156,42 +122,6 @@ def _verify(args: argparse.Namespace) -> int:
     verdict = "PASSED" if report.passed else "FAILED"
     print(f"{verdict}: {len(report.verified)} batches verified, {len(report.findings)} findings")
     return 0 if report.passed else EXIT_FAILED
-
-
-def _ingest(args: argparse.Namespace) -> int:
-    from cngmrv.agent.ingest import Ingest, IngestServer, open_db, register_device
-
-    if args.report:
-        db = open_db(args.db)
-        try:
-            devices = Ingest(db).report()
-        finally:
-            db.close()
-        if args.json:
-            print(json.dumps(devices))
-        for d in [] if args.json else devices:
-            gaps = ", ".join(f"{a}..{b}" for a, b in d["gaps"]) or "none"
-            print(
-                f"{d['device_id']}: {d['batches']} batches, last {d['last_seq']}, "
-                f"gaps {gaps}, {len(d['alarms'])} alarms"
-            )
-            for a in d["alarms"]:
-                print(f"  ALARM {a['kind']} seq {a['seq']}: {a['detail']}")
-        return 0
-    server = IngestServer(args.db, args.host, args.port)
-    for item in args.register or []:
-        device_id, sep, pub = item.partition("=")
-        if not sep:
-            raise ValueError(f"--register takes DEVICE_ID=PUBKEY_FILE, got {item!r}")
-        kid = register_device(server.db, device_id, Path(pub).read_bytes())
-        print(f"registered {device_id} kid {kid}", file=sys.stderr)
-    print(f"ingest listening on {server.url}", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.stop).start())
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.stop()
-    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -244,7 +174,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _store_counts(db_path: Path) -> dict[str, int]:
-    db = open_readonly(db_path)
+    db = archive.open_readonly(db_path)
     try:
         q = db.execute
         return {
@@ -281,31 +211,8 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    # Imported here: matplotlib is heavy and only the report needs it.
-    from cngmrv.agent import mrv, report
-
-    methodology = mrv.load(Path(args.methodology) if args.methodology else None)
-    fmt = "json" if args.json else args.format
-    start = report.parse_when(args.date_from) if args.date_from else None
-    end = report.parse_when(args.date_to, end=True) if args.date_to else None
-    rep = report.build(Path(args.db), methodology, start, end, args.bus, args.coverage_floor)
-    text = report.render(rep, fmt)
-    if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
-        d = rep.data
-        print(
-            f"wrote {args.out}: ER {d['er_kg_co2'] / 1000:.3f} t CO2 "
-            f"({d['er_t_co2_rounded']:g} t rounded down), {len(d['buses'])} buses, "
-            f"flagged: {', '.join(d['flagged']) or 'none'}",
-            file=sys.stderr,
-        )
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``plugins=False`` leaves out the contributed commands."""
     p = _Parser(prog="cngmrv", description="Signed fuel and emission data from dual-fuel buses.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -364,43 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=_replay)
 
-    s = sub.add_parser("ingest", help="run the reference ingest server")
-    s.add_argument(
-        "--db", required=True, help="ingest database: SQLite file, or a postgresql:// URL"
-    )
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8080)
-    s.add_argument(
-        "--register", action="append", metavar="DEVICE_ID=PUBKEY", help="register a device key"
-    )
-    s.add_argument("--report", action="store_true", help="print gaps and alarms per device, exit")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=_ingest)
-
-    s = sub.add_parser("report", help="emission reductions per bus and period (csv/json/html)")
-    s.add_argument("--db", required=True, help="ingest database (fleet) or device store (one bus)")
-    s.add_argument("--from", dest="date_from", metavar="DATE", help="YYYY-MM-DD or ISO time, UTC")
-    s.add_argument("--to", dest="date_to", metavar="DATE", help="a date is inclusive (whole day)")
-    s.add_argument("--format", choices=("csv", "json", "html"), default="csv")
-    s.add_argument("--json", action="store_true", help="same as --format json")
-    s.add_argument("--out", metavar="FILE", help="write here instead of standard output")
-    s.add_argument("--methodology", metavar="FILE", help="project methodology TOML")
-    s.add_argument("--bus", metavar="ID", help="only this bus (device id)")
-    s.add_argument(
-        "--coverage-floor",
-        type=float,
-        metavar="X",
-        help="flag a bus with coverage under X, 0..1 (default: the methodology's)",
-    )
-    s.set_defaults(func=_report)
-
-    for ep in entry_points(group="cngmrv.commands"):
+    for ep in entry_points(group="cngmrv.commands") if plugins else ():
         ep.load()(sub)
     return p
 
 
+def _first_word(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+# The bus's own commands.  When one of them runs, the contributed commands (the
+# office's, the simulator's) are not even registered, so the agent in a bus
+# imports none of their modules.
+_BUILTIN = frozenset({"run", "config", "status", "keygen", "export", "verify", "replay"})
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(plugins=_first_word(words) not in _BUILTIN)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -414,7 +302,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         StoreError,
         config.ConfigError,
         batch.BatchFormatError,
-        IngestError,
+        archive.ArchiveError,
         FileNotFoundError,
         PermissionError,
         ValueError,

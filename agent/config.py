@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cngmrv.agent.keys import KeyFileError, load_signer
 from cngmrv.agent.pipeline import FuelFactors, GasCalibration, PipelineConfig
 from cngmrv.drivers.can_source import (
     DEFAULT_PGNS,
@@ -27,6 +26,7 @@ from cngmrv.drivers.can_source import (
 from cngmrv.drivers.dbc import DbcError, DbcSignals
 from cngmrv.drivers.kit_can import DEFAULT_DBC as DEFAULT_KIT_DBC
 from cngmrv.drivers.kit_can import KitCanDecoder
+from cngmrv.signed.keys import KeyFileError, load_signer
 
 
 class ConfigError(ValueError):

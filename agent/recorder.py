@@ -41,7 +41,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cngmrv.agent.keys import Signer, public_key_from_pem
 from cngmrv.agent.store import (
     ChainState,
     Sealed,
@@ -52,6 +51,7 @@ from cngmrv.agent.store import (
     salvage,
     write_head,
 )
+from cngmrv.signed.keys import Signer, public_key_from_pem
 
 log = logging.getLogger("cngmrv.recorder")
 

@@ -24,7 +24,6 @@ from typing import Any
 
 from cngmrv.agent.clock import ClockMonitor, FixedClock
 from cngmrv.agent.config import Config
-from cngmrv.agent.keys import load_signer
 from cngmrv.agent.pipeline import Pipeline
 from cngmrv.agent.recorder import Recorder, RecorderConfig
 from cngmrv.agent.store import Sealed, Store
@@ -33,6 +32,7 @@ from cngmrv.drivers.can_source import Frame, make_source
 from cngmrv.drivers.dbc import DbcSignals
 from cngmrv.drivers.kit_can import DEFAULT_DBC, KitCanDecoder
 from cngmrv.drivers.kit_link import KitSerialSource
+from cngmrv.signed.keys import load_signer
 
 log = logging.getLogger("cngmrv.agent")
 

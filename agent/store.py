@@ -46,8 +46,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cngmrv.agent import batch
-from cngmrv.agent.keys import Signer
+from cngmrv.signed import batch
+from cngmrv.signed.keys import Signer
 
 log = logging.getLogger("cngmrv.store")
 
@@ -675,24 +675,6 @@ class Store:
                 )
             self._next_reading = max(self._next_reading, rows[-1][0] + 1)
         return len(rows)
-
-
-def open_readonly(path: Path) -> sqlite3.Connection:
-    """Open an existing store (or ingest database) for reading, with a clear error."""
-    if not path.is_file():
-        raise StoreError(f"no such database file: {path}")
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.5)
-        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.Error as e:
-        err = _classify(path, "reading", e)
-        if "in use" in str(err):
-            raise StoreError(
-                f"store {path} is in use by a running agent; stop it first, "
-                "or export the batches from the ingest"
-            ) from None
-        raise StoreError(f"cannot read database {path}: {e}") from None
-    return db
 
 
 @dataclass(frozen=True)

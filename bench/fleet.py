@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cngmrv.agent import mrv, report
+from cngmrv.office import mrv, report
 from cngmrv.sim.fleet import run_fleet
 from cngmrv.sim.harness import SimOptions
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import can
 
-from cngmrv.agent import keys
 from cngmrv.agent.clock import ClockMonitor
+from cngmrv.signed import keys
 from cngmrv.sim.agent_process import MCAST_GROUP, AgentProcess, new_mcast_port
 from cngmrv.sim.ecu import TICK_S, EngineEcu
 from cngmrv.sim.kit import KitFirmware, KitLogic

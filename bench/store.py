@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from cngmrv.agent import batch, keys
 from cngmrv.agent.pipeline import Pipeline, PipelineConfig
 from cngmrv.agent.recorder import Recorder, RecorderConfig
 from cngmrv.agent.store import Sealed, Store
+from cngmrv.signed import batch, keys
 from cngmrv.sim import feed
 
 

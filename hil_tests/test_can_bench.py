@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from hil_support import CanBench, EngineFeed, ask
 
-from cngmrv.agent import config, keys
+from cngmrv.agent import config
 from cngmrv.agent.runtime import Agent
 from cngmrv.drivers import j1939
 from cngmrv.drivers.can_source import CanSource, make_source, open_bus
+from cngmrv.signed import keys
 
 
 def test_receives_and_decodes_engine_speed(can_bench: CanBench, engine_feed: EngineFeed) -> None:

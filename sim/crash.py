@@ -47,10 +47,11 @@ def _emit(line: str) -> None:
 
 
 def child(args: argparse.Namespace) -> int:
-    from cngmrv.agent import keys, upload
+    from cngmrv.agent import upload
     from cngmrv.agent.pipeline import Pipeline, PipelineConfig
     from cngmrv.agent.recorder import Recorder, RecorderConfig
     from cngmrv.agent.upload import Uploader
+    from cngmrv.signed import keys
     from cngmrv.sim import feed
 
     work = Path(args.workdir)
@@ -185,9 +186,9 @@ def run(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Kill and restart the child ``kills`` times on ``workdir``, drain, and check everything."""
-    from cngmrv.agent import batch, keys
-    from cngmrv.agent.ingest import IngestServer, register_device, stored_batches
     from cngmrv.agent.store import Store
+    from cngmrv.office.ingest import IngestServer, register_device, stored_batches
+    from cngmrv.signed import batch, keys
 
     rng = random.Random(seed)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cngmrv.agent.ingest import IngestServer, register_device
+from cngmrv.office.ingest import IngestServer, register_device
 from cngmrv.sim.harness import SimOptions, ensure_key, run_bus
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from cngmrv.agent import keys
+from cngmrv.signed import keys
 
 # No per-example deadline: the suite shares two cores with real-time runs, where
 # a stall is the machine's and not the code's; speed is measured in bench/.

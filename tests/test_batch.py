@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cngmrv.agent import batch, keys
 from cngmrv.agent.pipeline import Pipeline, PipelineConfig
 from cngmrv.agent.store import Store
+from cngmrv.signed import batch, keys
 from cngmrv.sim import feed
 
 _SIGNER = keys.FileSigner(ec.generate_private_key(ec.SECP256R1()))

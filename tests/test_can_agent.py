@@ -13,10 +13,11 @@ from typing import Any
 import can
 import pytest
 
-from cngmrv.agent import batch, config
+from cngmrv.agent import config
 from cngmrv.agent.replay import replay
 from cngmrv.agent.runtime import Agent
 from cngmrv.drivers import j1939
+from cngmrv.signed import batch
 
 LFE = j1939.make_id(j1939.PGN_LFE, 0)
 NAME = 0x7777 | (512 << 21) | (3 << 40) | (1 << 60) | (1 << 63)
@@ -64,7 +65,7 @@ class Running:
 
 
 def _signed_events(store: Path, pubkey_dir: Path) -> list[dict[str, Any]]:
-    from cngmrv.agent import keys
+    from cngmrv.signed import keys
 
     pub = keys.load_public_key(pubkey_dir / keys.PUB_FILE)
     db = sqlite3.connect(store)

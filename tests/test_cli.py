@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cngmrv.agent import config, keys
+from cngmrv.agent import config
+from cngmrv.signed import keys
 
 
 def _one_line_error(r) -> str:  # type: ignore[no-untyped-def]
@@ -129,8 +130,8 @@ def test_verify_needs_keys_and_says_so(tmp_path: Path, cli) -> None:
 
 
 def test_export_and_verify_from_an_ingest_database(tmp_path: Path, keydir: Path, cli) -> None:
-    from cngmrv.agent import batch
-    from cngmrv.agent.ingest import Ingest, open_db, register_device
+    from cngmrv.office.ingest import Ingest, open_db, register_device
+    from cngmrv.signed import batch
 
     signer = keys.load_signer(keydir / keys.KEY_FILE)
     db = open_db(tmp_path / "ingest.sqlite")

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cngmrv.agent import batch, config, keys
+from cngmrv.agent import config
 from cngmrv.agent.clock import (
     INFORMATIVE,
     SYNCHRONISED,
@@ -34,6 +34,7 @@ from cngmrv.agent.runtime import Agent
 from cngmrv.drivers import j1939
 from cngmrv.drivers import kit_codec as kc
 from cngmrv.drivers.gps import Fix, GpsReader, NmeaError, checksum, parse_rmc
+from cngmrv.signed import batch, keys
 from cngmrv.sim.ecu import TICK_S, EngineEcu
 from cngmrv.sim.kit import KitFirmware, KitLogic
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
@@ -301,7 +302,7 @@ def _simulated_run(
 
 
 def _signed(tmp_path: Path, store: Path) -> list[dict[str, Any]]:
-    from cngmrv.agent.store import open_readonly
+    from cngmrv.signed.archive import open_readonly
 
     db = open_readonly(store)
     try:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cngmrv.agent import config, keys
+from cngmrv.agent import config
+from cngmrv.signed import keys
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "agent.example.toml"
 

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cngmrv.agent import batch, keys
-from cngmrv.agent.ingest import IngestServer, register_device, stored_batches
 from cngmrv.agent.upload import post_batch
+from cngmrv.office.ingest import IngestServer, register_device, stored_batches
+from cngmrv.signed import batch, keys
 
 
 @pytest.fixture

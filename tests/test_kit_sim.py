@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from cngmrv.agent import batch
-from cngmrv.agent.store import open_readonly
+from cngmrv.signed import batch
+from cngmrv.signed.archive import open_readonly
 from cngmrv.sim import harness
 from cngmrv.sim.kit import KitFaults, LinkFaults
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cngmrv.agent import mrv
+from cngmrv.office import mrv
 
 BASE = '[methodology]\nbase = "jcm-id-dual-fuel-bus"\n'
 

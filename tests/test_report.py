@@ -16,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cngmrv.agent import batch, keys, mrv, report
-from cngmrv.agent.ingest import Ingest, open_db, register_device
 from cngmrv.agent.store import Store
+from cngmrv.office import mrv, report
+from cngmrv.office.ingest import Ingest, open_db, register_device
+from cngmrv.signed import batch, keys
 
 DAY0 = datetime(2025, 3, 1, tzinfo=UTC).timestamp()
 STEP = 60.0  # one synthetic reading per minute keeps three days small

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from cngmrv.agent import mrv
+from cngmrv.office import mrv
 
 DURATION = 1800.0
 UNPLUG = (900.0, 937.5)  # bus 3, mid-run

@@ -11,7 +11,7 @@ import pytest
 from matplotlib import image
 from test_report import _ingest_fleet, reading, three_days
 
-from cngmrv.agent import mrv, report
+from cngmrv.office import mrv, report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import can
 import pytest
 
-from cngmrv.agent import batch, health, keys, service
+from cngmrv.agent import health, service
+from cngmrv.signed import batch, keys
 from cngmrv.sim.agent_process import free_tcp_port, new_mcast_port
 from cngmrv.sim.ecu import TICK_S, EngineEcu
 from cngmrv.sim.kit import KitFirmware, KitLogic

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cngmrv.agent import batch, keys
+from cngmrv.signed import batch, keys
 
 
 def _sim(cli, *args: str) -> dict:  # type: ignore[no-untyped-def]

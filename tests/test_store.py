@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from cngmrv.agent import batch, keys
 from cngmrv.agent.recorder import Recorder, RecorderConfig
 from cngmrv.agent.store import Store, StoreError, StoreFull, read_head
+from cngmrv.signed import batch, keys
 
 DEV = "bus-7"
 

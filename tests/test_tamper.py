@@ -16,11 +16,12 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from cngmrv.agent import batch, cli, keys
-from cngmrv.agent.ingest import IngestServer, register_device, stored_batches
+from cngmrv.agent import cli
 from cngmrv.agent.recorder import Recorder, RecorderConfig
 from cngmrv.agent.store import Store
 from cngmrv.agent.upload import post_batch
+from cngmrv.office.ingest import IngestServer, register_device, stored_batches
+from cngmrv.signed import batch, keys
 
 A, B = "bus-A", "bus-B"
 

@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from cngmrv.agent import batch, keys
-from cngmrv.agent.ingest import IngestServer, register_device, stored_batches
 from cngmrv.agent.store import Store
 from cngmrv.agent.upload import Uploader, backoff_delay, post_batch
+from cngmrv.office.ingest import IngestServer, register_device, stored_batches
+from cngmrv.signed import batch, keys
 
 DAY = 86400.0
 

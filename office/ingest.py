@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from cngmrv.agent import batch
-from cngmrv.agent.keys import ALLOWED_ALGS, kid_of, public_key_from_pem
+from cngmrv.signed import batch
+from cngmrv.signed.archive import ArchiveError
+from cngmrv.signed.keys import ALLOWED_ALGS, kid_of, public_key_from_pem
 
 log = logging.getLogger("cngmrv.ingest")
 
@@ -70,7 +71,7 @@ CREATE TABLE IF NOT EXISTS alarms (
 """
 
 
-class IngestError(Exception):
+class IngestError(ArchiveError):
     """The ingest database cannot be opened or used."""
 
 

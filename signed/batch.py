@@ -31,7 +31,7 @@ from typing import Any
 import msgpack
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cngmrv.agent.keys import ALG, ALLOWED_ALGS, Signer, kid_of, verify_signature
+from cngmrv.signed.keys import ALG, ALLOWED_ALGS, Signer, kid_of, verify_signature
 
 MAGIC = "cngmrv-batch"
 VERSION = 1

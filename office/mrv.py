@@ -185,7 +185,7 @@ def emissions(m: Methodology, q: Monitored, device_id: str) -> Emissions:
 
 
 def _shipped(name: str) -> tuple[str, bytes]:
-    res = resources.files("cngmrv.agent").joinpath("methodology", f"{name}.toml")
+    res = resources.files("cngmrv.office").joinpath("methodology", f"{name}.toml")
     if not res.is_file():
         raise MethodologyError(f"no shipped methodology named {name!r}")
     return f"shipped:{name}", res.read_bytes()

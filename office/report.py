@@ -10,7 +10,7 @@ checks its signatures).  A batch that fails is left out and listed.
 
 Readings (``Batch.payload()["readings"]``) whose ``t0`` lies in the period are
 summed per bus, per UTC day and per UTC hour.  The methodology
-(:mod:`cngmrv.agent.mrv`) then turns the sums into RE, PE and ER.  The
+(:mod:`cngmrv.office.mrv`) then turns the sums into RE, PE and ER.  The
 conservative rules live here, where the coverage is known:
 
 - gas that was not measured (uncovered time) is absent, never filled;
@@ -44,10 +44,10 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cngmrv.agent import batch
-from cngmrv.agent.keys import public_key_from_pem
-from cngmrv.agent.mrv import Emissions, Methodology, Monitored, emissions
-from cngmrv.agent.store import StoreError, open_readonly
+from cngmrv.office.mrv import Emissions, Methodology, Monitored, emissions
+from cngmrv.signed import batch
+from cngmrv.signed.archive import ArchiveError, open_readonly
+from cngmrv.signed.keys import public_key_from_pem
 
 CHANNELS = ("diesel_l", "gas_kg", "distance_km")
 MODES = ("diesel", "dual", "fault")
@@ -266,7 +266,7 @@ def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBat
     try:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if "batches" not in tables:
-            raise StoreError(f"{path} is neither an ingest database nor a device store")
+            raise ArchiveError(f"{path} is neither an ingest database nor a device store")
         cols = {r[1] for r in db.execute("PRAGMA table_info(batches)")}
         keys: dict[str, bytes] = {}
         if "device_id" in cols:
@@ -286,7 +286,7 @@ def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBat
                 else None
             )
             if row is None:
-                raise StoreError(f"{path}: device store without a device id (no meta.device_id)")
+                raise ArchiveError(f"{path}: device store without a device id (no meta.device_id)")
             known = [str(row[0])]
         if not known:
             raise ReportError(f"no buses in {path}")
@@ -303,7 +303,7 @@ def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBat
             rows = [(int(s), bytes(b)) for s, b in q]
             devices.append(DeviceBatches(dev, rows, keys.get(dev)))
     except sqlite3.Error as e:
-        raise StoreError(f"cannot read {path}: {e}") from None
+        raise ArchiveError(f"cannot read {path}: {e}") from None
     finally:
         db.close()
     for d in devices:
@@ -961,5 +961,11 @@ def render(report: Report, fmt: str) -> str:
     if fmt == "csv":
         return to_csv(report)
     if fmt == "html":
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ReportError(
+                "the HTML report needs the office install: pip install 'cngmrv[office]'"
+            ) from None
         return to_html(report)
     raise ReportError(f"unknown format {fmt!r} (csv, json, html)")

@@ -1,0 +1,106 @@
+"""Batches read back from where they are kept: a device store or an ingest database.
+
+Both are SQLite files with a ``batches`` table.  A device store holds one
+device's chain (its id in ``meta``); an ingest database holds many devices
+(``batches.device_id``) and their registered keys (``devices``).  This module
+is the one place that tells them apart, so ``cngmrv export``, ``cngmrv verify``
+and the office's reports read both the same way.
+
+Every open is read-only: an auditor's copy, or a store on read-only media,
+must never be changed by reading it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Literal
+
+Kind = Literal["store", "ingest"]
+
+
+class ArchiveError(Exception):
+    """The file cannot be read as a store or an ingest database; the message says why."""
+
+
+def open_readonly(path: Path) -> sqlite3.Connection:
+    """Open an existing store or ingest database for reading, never creating or changing it.
+
+    The path goes into SQLite's URI in percent-encoded form: a ``#`` or ``%``
+    in a folder name must not cut the URI short (a cut ``?mode=ro`` would
+    create a new, empty file) or name another file.
+    """
+    if not path.is_file():
+        raise ArchiveError(f"no such database file: {path}")
+    uri = path.resolve().as_uri() + "?mode=ro"
+    try:
+        db = sqlite3.connect(uri, uri=True, timeout=0.5)
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as e:
+        name = getattr(e, "sqlite_errorname", "")
+        if name == "SQLITE_BUSY" or "locked" in str(e):
+            raise ArchiveError(
+                f"store {path} is in use by a running agent; stop it first, "
+                "or export the batches from the ingest"
+            ) from None
+        raise ArchiveError(f"cannot read database {path}: {e}") from None
+    return db
+
+
+def kind_of(db: sqlite3.Connection, path: Path) -> Kind:
+    """``"ingest"`` when the batches table is keyed by device, ``"store"`` otherwise."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "batches" not in tables:
+        raise ArchiveError(f"{path} is neither an ingest database nor a device store")
+    cols = {r[1] for r in db.execute("PRAGMA table_info(batches)")}
+    return "ingest" if "device_id" in cols else "store"
+
+
+def store_device_id(db: sqlite3.Connection, path: Path) -> str:
+    """The device id a device store was made for."""
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='device_id'").fetchone()
+    except sqlite3.Error:
+        row = None
+    if row is None:
+        raise ArchiveError(f"{path}: device store without a device id (no meta.device_id)")
+    return str(row[0])
+
+
+def read_batches(path: Path, device: str | None = None) -> list[tuple[str, int, bytes]]:
+    """(device, seq, bytes) of every batch held, ordered by device and sequence.
+
+    ``device`` narrows an ingest database to one device; for a device store of
+    another device it gives an empty list.
+    """
+    db = open_readonly(path)
+    try:
+        if kind_of(db, path) == "ingest":
+            rows = db.execute(
+                "SELECT device_id, seq, bytes FROM batches "
+                "WHERE ? IS NULL OR device_id = ? ORDER BY device_id, seq",
+                (device, device),
+            ).fetchall()
+            return [(str(d), int(s), bytes(b)) for d, s, b in rows]
+        dev = store_device_id(db, path)
+        if device is not None and device != dev:
+            return []
+        rows = db.execute("SELECT seq, bytes FROM batches ORDER BY seq").fetchall()
+        return [(dev, int(s), bytes(b)) for s, b in rows]
+    except sqlite3.Error as e:
+        raise ArchiveError(f"cannot read batches from {path}: {e}") from None
+    finally:
+        db.close()
+
+
+def registered_keys(path: Path) -> dict[str, bytes]:
+    """Device id → registered public key (PEM) of an ingest database."""
+    db = open_readonly(path)
+    try:
+        return {
+            str(d): bytes(k) for d, k in db.execute("SELECT device_id, pubkey_pem FROM devices")
+        }
+    except sqlite3.Error as e:
+        raise ArchiveError(f"{path} has no device registry: {e}") from None
+    finally:
+        db.close()
