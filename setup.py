@@ -8,7 +8,8 @@ site-packages.
 Two installs from one distribution: ``pip install cngmrv`` is the bus's
 (what the agent runs on, nothing more); ``pip install 'cngmrv[office]'`` adds
 what the office's ingest server and reports need (docs/deploy-pi.md,
-docs/office.md).  The C integrator is built by
+docs/office.md); ``pip install 'cngmrv[pkcs11]'`` adds the signer for a key
+held in a TPM or secure element (docs/deploy-pi.md).  The C integrator is built by
 cffi in API (out-of-line) mode through ``cffi_modules``.
 """
 
@@ -45,8 +46,12 @@ setup(
             # The HTML report's plots (Agg backend, no display needed).
             "matplotlib>=3.8",
         ],
+        # A bus whose key lives in a TPM or secure element (signed/hsm.py).  An extra,
+        # not install_requires: a compiled module (Cython, about 8 MB installed)
+        # that a bus signing with its key file never loads.
+        "pkcs11": ["python-pkcs11>=0.10"],
         "test": [
-            "cngmrv[office]",
+            "cngmrv[office,pkcs11]",
             "pytest>=8",
             "hypothesis>=6.100",
             "mypy>=1.10",

@@ -33,10 +33,47 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _keygen(args: argparse.Namespace) -> int:
+    if args.config:
+        return _keygen_token(args)
+    if args.existing:
+        raise ValueError("--existing needs --config (a key on a PKCS#11 token)")
     key_path, pub_path = keys.generate(Path(args.out), overwrite=args.force)
     signer = keys.load_signer(key_path)
     out = {"key": str(key_path), "pub": str(pub_path), "kid": signer.kid}
     print(json.dumps(out) if args.json else f"wrote {key_path} and {pub_path}\nkid {signer.kid}")
+    return 0
+
+
+def _keygen_token(args: argparse.Namespace) -> int:
+    """The key on the token the config's ``[signer]`` names: generated there, or exported."""
+    from cngmrv.signed import hsm
+
+    cfg = config.load(Path(args.config))
+    if cfg.signer.kind != "pkcs11":
+        raise ValueError(
+            f"{args.config}: signer.kind is 'file'; make a key file with: cngmrv keygen --out DIR"
+        )
+    if args.force:
+        raise ValueError("--force does not apply to a token: its keys are never replaced here")
+    out_dir = Path(args.out)
+    pub_path = out_dir / keys.PUB_FILE
+    if pub_path.exists() and not args.existing:
+        raise FileExistsError(f"{pub_path} already exists; refusing to replace it")
+    ref = config.token_key(cfg)
+    try:
+        pem = hsm.export_public(ref) if args.existing else hsm.generate_on_token(ref)
+    except hsm.TokenError as e:
+        raise config.ConfigError(f"signer.{e.part}: {e}") from None
+    kid = keys.kid_of(keys.public_key_from_pem(pem))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pub_path.write_bytes(pem)
+    out = {"token": ref.token_label, "key_label": ref.key_label, "pub": str(pub_path), "kid": kid}
+    verb = "exported" if args.existing else "generated"
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{verb} key {ref.key_label!r} on token {ref.token_label!r}; wrote {pub_path}")
+        print(f"kid {kid}")
     return 0
 
 
@@ -128,14 +165,17 @@ def _run(args: argparse.Namespace) -> int:
     from cngmrv.agent import service
 
     cfg = config.load(Path(args.config))
-    config.check_key_file(cfg)
+    # Checked here for a one-line error; the agent opens its own (a token session holds the login).
+    config.open_signer(cfg).close()
     return service.run(cfg, verbose=args.verbose)
 
 
 def _config_check(args: argparse.Namespace) -> int:
     path = Path(args.file)
     cfg = config.load(path)
-    kid = config.check_key_file(cfg)
+    signer = config.open_signer(cfg)
+    kid = signer.kid
+    signer.close()
     if args.json:
         print(json.dumps({"ok": True, "device": cfg.device_id, "kid": kid}))
     else:
@@ -233,9 +273,23 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_status)
 
-    s = sub.add_parser("keygen", help="make a device key pair (device.key 0600, device.pub)")
+    s = sub.add_parser(
+        "keygen",
+        help="make a device key pair (device.key 0600, device.pub), or one on a PKCS#11 token",
+    )
     s.add_argument("--out", required=True, help="folder for device.key and device.pub")
-    s.add_argument("--force", action="store_true", help="replace an existing key")
+    s.add_argument("--force", action="store_true", help="replace an existing key file")
+    s.add_argument(
+        "--config",
+        metavar="FILE",
+        help="generate the key on the PKCS#11 token this agent config's [signer] names; "
+        "only device.pub is written",
+    )
+    s.add_argument(
+        "--existing",
+        action="store_true",
+        help="with --config: export the public key of the token's existing key instead",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_keygen)
 
@@ -298,7 +352,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         code = int(args.func(args))
     except (
-        keys.KeyFileError,
+        keys.SignerError,
         StoreError,
         config.ConfigError,
         batch.BatchFormatError,

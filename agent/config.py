@@ -26,7 +26,8 @@ from cngmrv.drivers.can_source import (
 from cngmrv.drivers.dbc import DbcError, DbcSignals
 from cngmrv.drivers.kit_can import DEFAULT_DBC as DEFAULT_KIT_DBC
 from cngmrv.drivers.kit_can import KitCanDecoder
-from cngmrv.signed.keys import KeyFileError, load_signer
+from cngmrv.signed import hsm
+from cngmrv.signed.keys import Signer, SignerError, load_signer
 
 
 class ConfigError(ValueError):
@@ -111,7 +112,17 @@ def _year(v: Any) -> str | None:
 SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
     "device": {
         "id": (str, None, _nonempty),
-        "key_file": (Path, None, None),
+        "key_file": (Path, "", None),  # required when signer.kind = "file"
+    },
+    # Where the device key lives: its file (device.key_file), or a PKCS#11 token.
+    "signer": {
+        "kind": (str, "file", _one_of("file", "pkcs11")),
+        "module": (str, "", None),  # the token's PKCS#11 module (.so), a path
+        "token_label": (str, "", None),
+        "key_label": (str, "", None),
+        # The user PIN: a 0600 file, or an environment variable; never inline here.
+        "pin_file": (str, "", None),
+        "pin_env": (str, "", None),
     },
     "can": {
         # A python-can interface, or "replay" with channel = a log file to play back.
@@ -231,9 +242,21 @@ class ClockSettings:
 
 
 @dataclass(frozen=True)
+class SignerSettings:
+    """The ``[signer]`` table: ``kind`` "file" signs with ``device.key_file``."""
+
+    kind: str = "file"
+    module: Path | None = None
+    token_label: str = ""
+    key_label: str = ""
+    pin_file: Path | None = None
+    pin_env: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     device_id: str
-    key_file: Path
+    key_file: Path | None
     can_interface: str
     can_channel: str
     can_listen_only: bool
@@ -263,6 +286,7 @@ class Config:
     service: ServiceSettings = ServiceSettings()
     health: HealthSettings = HealthSettings()
     clock: ClockSettings = ClockSettings()
+    signer: SignerSettings = SignerSettings()
 
 
 def _coerce(key: str, kind: type, value: Any, base: Path) -> Any:
@@ -342,9 +366,10 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         raise ConfigError("store.drop_fraction: must be above store.alarm_fraction")
     if v["upload.backoff_cap_s"] < v["upload.backoff_base_s"]:
         raise ConfigError("upload.backoff_cap_s: must be at least upload.backoff_base_s")
+    signer = _signer(v, base)
     return Config(
         device_id=v["device.id"],
-        key_file=v["device.key_file"],
+        key_file=v["device.key_file"] or None,
         can_interface=v["can.interface"],
         can_channel=v["can.channel"],
         can_listen_only=v["can.listen_only"],
@@ -387,6 +412,37 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         service=ServiceSettings(**_section(v, "service")),
         health=HealthSettings(**_section(v, "health")),
         clock=ClockSettings(**_section(v, "clock")),
+        signer=signer,
+    )
+
+
+def _signer(v: dict[str, Any], base: Path) -> SignerSettings:
+    """The ``[signer]`` keys, with the checks that span several keys (paths are not opened)."""
+    token_keys = ("module", "token_label", "key_label", "pin_file", "pin_env")
+    if v["signer.kind"] == "file":
+        if not v["device.key_file"]:
+            raise ConfigError("device.key_file: required when signer.kind = 'file' (the default)")
+        for k in token_keys:
+            if v[f"signer.{k}"]:
+                raise ConfigError(f"signer.{k}: only with signer.kind = 'pkcs11'")
+        return SignerSettings()
+    if v["device.key_file"]:
+        raise ConfigError("device.key_file: must be empty when signer.kind = 'pkcs11'")
+    for k in ("module", "token_label", "key_label"):
+        if not v[f"signer.{k}"]:
+            raise ConfigError(f"signer.{k}: required when signer.kind = 'pkcs11'")
+    if bool(v["signer.pin_file"]) == bool(v["signer.pin_env"]):
+        raise ConfigError(
+            "signer.pin_file: give exactly one of signer.pin_file and signer.pin_env "
+            "(the PIN never sits in this file)"
+        )
+    return SignerSettings(
+        kind="pkcs11",
+        module=_path(v["signer.module"], base),
+        token_label=v["signer.token_label"],
+        key_label=v["signer.key_label"],
+        pin_file=_path(v["signer.pin_file"], base) if v["signer.pin_file"] else None,
+        pin_env=v["signer.pin_env"],
     )
 
 
@@ -429,20 +485,46 @@ def _section(values: Mapping[str, Any], section: str) -> dict[str, Any]:
     return {k: values[f"{section}.{k}"] for k in SCHEMA[section]}
 
 
-def check_key_file(cfg: Config) -> str:
-    """Load the device key the config names; returns its kid or raises ConfigError.
+def token_key(cfg: Config) -> hsm.TokenKey:
+    """The ``[signer]`` table as a :class:`cngmrv.signed.hsm.TokenKey`, its PIN read.
 
-    Done at start (and by ``cngmrv config check``) so a missing key or one
-    that others can read stops the agent before it opens a bus.
+    Raises ConfigError naming the key when the PIN cannot be had.
     """
+    s = cfg.signer
+    if s.kind != "pkcs11" or s.module is None:
+        raise ConfigError("signer.kind: not 'pkcs11'")
     try:
-        return load_signer(cfg.key_file).kid
-    except KeyFileError as e:
-        raise ConfigError(f"device.key_file: {e}") from None
+        pin = hsm.read_pin_file(s.pin_file) if s.pin_file else hsm.pin_from_env(s.pin_env)
+    except hsm.TokenError as e:
+        raise ConfigError(f"signer.{e.part}: {e}") from None
+    return hsm.TokenKey(s.module, s.token_label, s.key_label, pin)
+
+
+def open_signer(cfg: Config) -> Signer:
+    """The signer the config names, opened and checked; raises ConfigError naming the key.
+
+    Done at start (and by ``cngmrv config check``) so a missing key, a key file
+    others can read, a wrong token, key label or PIN stops the agent before it
+    opens a bus.
+    """
+    if cfg.signer.kind == "file":
+        if cfg.key_file is None:
+            raise ConfigError("device.key_file: required when signer.kind = 'file' (the default)")
+        try:
+            return load_signer(cfg.key_file)
+        except SignerError as e:
+            raise ConfigError(f"device.key_file: {e}") from None
+    ref = token_key(cfg)
+    try:
+        return hsm.Pkcs11Signer(ref)
+    except hsm.TokenError as e:
+        raise ConfigError(f"signer.{e.part}: {e}") from None
+    except SignerError as e:
+        raise ConfigError(f"signer: {e}") from None
 
 
 def load(path: Path) -> Config:
-    """Read and validate a TOML config file (the key file: :func:`check_key_file`)."""
+    """Read and validate a TOML config file (the key itself: :func:`open_signer`)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:

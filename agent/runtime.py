@@ -23,7 +23,7 @@ from operator import itemgetter
 from typing import Any
 
 from cngmrv.agent.clock import ClockMonitor, FixedClock
-from cngmrv.agent.config import Config
+from cngmrv.agent.config import Config, open_signer
 from cngmrv.agent.pipeline import Pipeline
 from cngmrv.agent.recorder import Recorder, RecorderConfig
 from cngmrv.agent.store import Sealed, Store
@@ -32,7 +32,6 @@ from cngmrv.drivers.can_source import Frame, make_source
 from cngmrv.drivers.dbc import DbcSignals
 from cngmrv.drivers.kit_can import DEFAULT_DBC, KitCanDecoder
 from cngmrv.drivers.kit_link import KitSerialSource
-from cngmrv.signed.keys import load_signer
 
 log = logging.getLogger("cngmrv.agent")
 
@@ -45,7 +44,7 @@ class Agent:
     def __init__(self, config: Config, clock: str | ClockMonitor | None = None) -> None:
         """``clock``: a state to assert (the simulator's), a monitor, or None for the config's."""
         self.config = config
-        self.signer = load_signer(config.key_file)
+        self.signer = open_signer(config)
         if clock is None:
             clock = ClockMonitor.from_settings(config.clock)
         self.clock = FixedClock(clock) if isinstance(clock, str) else clock
@@ -232,6 +231,7 @@ class Agent:
             self.uploader.stop()
         self.clock.close()
         self.recorder.close()
+        self.signer.close()
         s = self.pipeline.stats
         log.info(
             "event=agent_stopped readings=%d batches=%d can_frames=%d can_queue_dropped=%d"

@@ -1,8 +1,11 @@
 """Device keys: generation, loading and the signing interface.
 
-Signing sits behind :class:`Signer` so a secure element (which only does
-ECDSA P-256) can replace the key file later without touching the batch code.
-The private key never leaves this module: nothing here logs or formats it.
+Signing sits behind :class:`Signer`: a key file (:class:`FileSigner`, the
+default) or a key that never leaves a PKCS#11 token (``cngmrv.signed.hsm``:
+a TPM 2.0, a secure element, SoftHSM2 in tests), without touching the batch
+code.  Every signer returns the one encoding :func:`canonical_signature`
+makes: strict DER, low-S.  The private key never leaves this module: nothing
+here logs or formats it.
 
 The file signer uses deterministic ECDSA (RFC 6979): a Raspberry Pi at boot
 may have a thin entropy pool, and a repeated nonce would leak the key.  It
@@ -21,6 +24,10 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
 ALG = "ES256"
 # The algorithms a verifier accepts.  Only one: a header naming any other
@@ -29,10 +36,38 @@ ALG = "ES256"
 ALLOWED_ALGS = frozenset({ALG})
 KEY_FILE = "device.key"
 PUB_FILE = "device.pub"
+# The order of P-256's base point: s and n - s verify alike, so only s <= n/2 is signed.
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
-class KeyFileError(Exception):
+class SignerError(Exception):
+    """A signer cannot be opened or cannot sign; the message says which part and why."""
+
+
+class KeyFileError(SignerError):
     """A key file is missing, unreadable, of the wrong type or too widely readable."""
+
+
+def canonical_signature(r: int, s: int) -> bytes:
+    """The one encoding every signer emits for the P-256 signature (r, s): DER, low-S.
+
+    ``(r, s)`` and ``(r, n - s)`` both verify, so a relay could re-encode a
+    batch and change its bytes without its key; signing only ``s <= n/2``
+    (and verifiers refusing the other form) leaves one valid signature per
+    (header, nonce).  The DER is cryptography's, which writes the minimal
+    form (no extra leading zeros, short lengths).  Raises ValueError for an
+    r or s outside 1..n-1, which no genuine signer produces.
+    """
+    if not (0 < r < P256_N and 0 < s < P256_N):
+        raise ValueError("r and s must lie in 1..n-1")
+    return encode_dss_signature(r, min(s, P256_N - s))
+
+
+def signature_from_raw(rs: bytes) -> bytes:
+    """A PKCS#11 ``CKM_ECDSA`` result (r || s, 32 bytes each) as :func:`canonical_signature`."""
+    if len(rs) != 64:
+        raise ValueError(f"a P-256 raw signature is 64 bytes, got {len(rs)}")
+    return canonical_signature(int.from_bytes(rs[:32], "big"), int.from_bytes(rs[32:], "big"))
 
 
 def kid_of(public_key: ec.EllipticCurvePublicKey) -> str:
@@ -50,10 +85,17 @@ class Signer(Protocol):
     def kid(self) -> str: ...
 
     def sign(self, data: bytes) -> bytes:
-        """Return the DER ECDSA-P256-SHA256 signature of ``data``."""
+        """The DER ECDSA-P256-SHA256 signature of ``data``, low-S (:func:`canonical_signature`).
+
+        Raises :class:`SignerError` when the key cannot be used (a token gone, a PIN refused).
+        """
         ...
 
     def public_pem(self) -> bytes: ...
+
+    def close(self) -> None:
+        """Let go of what the key holds open (a token session); signing again reopens it."""
+        ...
 
 
 class FileSigner:
@@ -80,12 +122,16 @@ class FileSigner:
         return self._kid
 
     def sign(self, data: bytes) -> bytes:
-        return self._key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+        der = self._key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+        return canonical_signature(*decode_dss_signature(der))
 
     def public_pem(self) -> bytes:
         return self._key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
+
+    def close(self) -> None:
+        """Nothing to let go of: the key is in memory."""
 
 
 def generate(out_dir: Path, overwrite: bool = False) -> tuple[Path, Path]:
