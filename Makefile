@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/service.py
+	$(BIN)/python bench/signers.py
 
 # The agent in its own process on a saturated bus (docs/performance.md): about
 # 22 minutes for both bit rates, then an hour's soak.  Both install the agent
