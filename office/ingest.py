@@ -22,6 +22,15 @@ Devices are registered out of band (:func:`register_device`, or ``cngmrv
 ingest --register``), never over HTTP: a public key that anyone can upload
 would let anyone forge a device.
 
+Reading is for the operator only.  ``GET /v1/devices/<id>`` (batches, last
+sequence, gaps, tamper alarms) answers only a request carrying
+``Authorization: Bearer <read token>`` (``cngmrv ingest --read-token-file``);
+without a token configured it is off.  Anyone else gets the same 401 whether
+the device exists or not: the answer would tell a forger which ids exist and
+whether the forgery was noticed.  ``GET /v1/health`` says ``ok`` to anyone
+(a load balancer needs it) and adds the outcome counts for the token holder
+only.  ``docs/security.md`` lists what each endpoint reveals.
+
 Storage is plain SQL over a DB-API connection (:class:`IngestDB`): SQLite by
 default, PostgreSQL when given a ``postgresql://`` URL and the ``psycopg``
 package, for a fleet.  Each batch is checked and stored in one transaction
@@ -31,6 +40,7 @@ it exactly once, on one server or several.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import sqlite3
@@ -187,12 +197,27 @@ def register_device(db: IngestDB, device_id: str, pubkey_pem: bytes) -> str:
 class Ingest:
     """Verification and storage, separate from HTTP so tests can call it directly."""
 
-    def __init__(self, db: IngestDB, allowed_algs: Iterable[str] = ALLOWED_ALGS) -> None:
+    def __init__(
+        self,
+        db: IngestDB,
+        allowed_algs: Iterable[str] = ALLOWED_ALGS,
+        read_token: str | None = None,
+    ) -> None:
         self.db = db
         self.allowed_algs = frozenset(allowed_algs)
+        self._read_auth = f"Bearer {read_token}".encode() if read_token else None
         self.counts: dict[str, int] = {}
         self._counts_lock = threading.Lock()
         self._keys: dict[bytes, Any] = {}
+
+    def may_read(self, authorization: str | None) -> bool:
+        """True when an ``Authorization`` header value carries the operator's read token.
+
+        Always False when no read token is configured: reading is then off.
+        """
+        if self._read_auth is None or not authorization:
+            return False
+        return hmac.compare_digest(self._read_auth, authorization.strip().encode())
 
     def accept(self, raw: bytes) -> tuple[int, dict[str, Any]]:
         """Check and store one batch; returns the HTTP status and the JSON answer."""
@@ -397,8 +422,13 @@ def _handler(ingest: Ingest) -> type[BaseHTTPRequestHandler]:
                 pass  # the client went away; the outcome is already stored
 
         def do_GET(self) -> None:
+            operator = ingest.may_read(self.headers.get("Authorization"))
             if self.path == "/v1/health":
-                self._reply(200, {"status": "ok", "counts": ingest.counts})
+                self._reply(
+                    200, {"status": "ok", **({"counts": ingest.counts} if operator else {})}
+                )
+            elif self.path.startswith("/v1/devices/") and not operator:
+                self._reply(401, {"error": "unauthorized", "reason": "needs the read token"})
             elif self.path.startswith("/v1/devices/"):
                 found = ingest.report(unquote(self.path.removeprefix("/v1/devices/")))
                 if found:
@@ -460,9 +490,10 @@ class IngestServer:
         host: str = "127.0.0.1",
         port: int = 0,
         allowed_algs: Iterable[str] = ALLOWED_ALGS,
+        read_token: str | None = None,
     ) -> None:
         self.db = open_db(db_target)
-        self.ingest = Ingest(self.db, allowed_algs)
+        self.ingest = Ingest(self.db, allowed_algs, read_token)
         try:
             self._httpd = _Server((host, port), _handler(self.ingest))
         except OSError:

@@ -37,7 +37,8 @@ def _ingest(args: argparse.Namespace) -> int:
             for a in d["alarms"]:
                 print(f"  ALARM {a['kind']} seq {a['seq']}: {a['detail']}")
         return 0
-    server = IngestServer(args.db, args.host, args.port)
+    token = _read_token(Path(args.read_token_file)) if args.read_token_file else None
+    server = IngestServer(args.db, args.host, args.port, read_token=token)
     for item in args.register or []:
         device_id, sep, pub = item.partition("=")
         if not sep:
@@ -51,6 +52,17 @@ def _ingest(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         server.stop()
     return 0
+
+
+def _read_token(path: Path) -> str:
+    """The operator's read token: the first line of a file that only its owner can read."""
+    if path.stat().st_mode & 0o077:
+        raise PermissionError(f"read token file {path} is accessible by group/others; chmod 600")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    token = lines[0].strip() if lines else ""
+    if len(token) < 16:
+        raise ValueError(f"read token in {path} is shorter than 16 characters")
+    return token
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -87,6 +99,11 @@ def register_ingest(sub: Any) -> None:
     s.add_argument("--port", type=int, default=8080)
     s.add_argument(
         "--register", action="append", metavar="DEVICE_ID=PUBKEY", help="register a device key"
+    )
+    s.add_argument(
+        "--read-token-file",
+        metavar="FILE",
+        help="the operator's token for GET /v1/devices/<id> (file mode 0600); without it, off",
     )
     s.add_argument("--report", action="store_true", help="print gaps and alarms per device, exit")
     s.add_argument("--json", action="store_true")

@@ -19,10 +19,12 @@ from cngmrv.agent.upload import post_batch
 from cngmrv.office.ingest import IngestServer, register_device, stored_batches
 from cngmrv.signed import batch, keys
 
+READ_TOKEN = "operator-read-token-0123456789"
+
 
 @pytest.fixture
 def server(tmp_path: Path, keydir: Path) -> Iterator[IngestServer]:
-    srv = IngestServer(tmp_path / "ingest.sqlite").start()
+    srv = IngestServer(tmp_path / "ingest.sqlite", read_token=READ_TOKEN).start()
     register_device(srv.db, "bus-7", (keydir / keys.PUB_FILE).read_bytes())
     yield srv
     srv.stop()
@@ -40,7 +42,7 @@ def _batches(signer: keys.FileSigner, n: int, device: str = "bus-7") -> list[byt
 def _report(server: IngestServer) -> dict:
     host, port = urlsplit(server.url).netloc.split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    conn.request("GET", "/v1/devices/bus-7")
+    conn.request("GET", "/v1/devices/bus-7", headers={"Authorization": f"Bearer {READ_TOKEN}"})
     resp = conn.getresponse()
     assert resp.status == 200
     return json.loads(resp.read())
@@ -172,7 +174,13 @@ def _raw_request(url: str, data: bytes, half_close: bool = True) -> tuple[int, b
         (b"DELETE /v1/batches HTTP/1.1\r\n\r\n", 405, b"method_not_allowed"),
         (b"BREW /v1/batches HTTP/1.1\r\n\r\n", 405, b""),
         (b"GET /v1/health HTTP/1.1\r\n\r\n", 200, b"ok"),
-        (b"GET /v1/devices/nobody HTTP/1.1\r\n\r\n", 404, b"not_found"),
+        (
+            b"GET /v1/devices/nobody HTTP/1.1\r\nAuthorization: Bearer "
+            + READ_TOKEN.encode()
+            + b"\r\n\r\n",
+            404,
+            b"not_found",
+        ),
         (b"\x00\xff garbage HTTP/1.1\r\n\r\n", 405, b""),
         (b"GET /v1/health HTTP/one\r\n\r\n", 400, b""),
     ],
