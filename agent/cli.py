@@ -156,6 +156,10 @@ def _verify(args: argparse.Namespace) -> int:
             f"{len(d.gaps) + len(d.explained_gaps):>4} {d.readings:>9} {len(d.boot_epochs):>5} "
             f"{d.unclean_stops:>7} {len(d.clock_events):>5}"
         )
+    for dev, d in sorted(report.devices.items()):
+        if len(d.key_ranges) > 1:  # a rotation: say which key signed which batches
+            for kid, first, last in d.key_ranges:
+                print(f"{dev:<16} key {kid[:16]} signed batches {first}..{last}")
     verdict = "PASSED" if report.passed else "FAILED"
     print(f"{verdict}: {len(report.verified)} batches verified, {len(report.findings)} findings")
     return 0 if report.passed else EXIT_FAILED

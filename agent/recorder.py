@@ -51,7 +51,8 @@ from cngmrv.agent.store import (
     salvage,
     write_head,
 )
-from cngmrv.signed.keys import Signer, public_key_from_pem
+from cngmrv.signed import batch
+from cngmrv.signed.keys import Signer, SignerError, public_key_from_pem
 
 log = logging.getLogger("cngmrv.recorder")
 
@@ -439,6 +440,37 @@ class Recorder:
             return
         if lost:
             self._seal()
+
+    # -- key rotation -----------------------------------------------------------------
+
+    def rotate(self, new_signer: Signer) -> Sealed:
+        """Hand the device's chain to ``new_signer``; returns the old key's last batch.
+
+        Commits what is buffered, then seals, with the current key, a batch
+        holding the signed ``KEY_ROTATION`` event (the new public key and its
+        kid); every later batch is signed by ``new_signer``.  The ingest and
+        ``verify`` follow the chain through that batch.  Raises SignerError,
+        keeping the current key, when the announcement could not be sealed.
+        """
+        if new_signer.kid == self.signer.kid:
+            raise SignerError("the new key is the current key")
+        self.flush()
+        while self.store.unsealed()[0] > 0:
+            if self._seal() is None:
+                break
+        # Sealed last and alone, so the announcing batch is the old key's last.
+        self.store.add_event(self._wall(), batch.ROTATION_EVENT, batch.rotation_event(new_signer))
+        sealed = self._seal()
+        if sealed is None or batch.rotation_of(batch.parse(sealed.raw)) is None:
+            raise SignerError("the KEY_ROTATION event could not be sealed; keeping the current key")
+        log.warning(
+            "event=key_rotated seq=%d old_kid=%s new_kid=%s",
+            sealed.seq,
+            self.signer.kid[:16],
+            new_signer.kid[:16],
+        )
+        self.signer = new_signer
+        return sealed
 
     # -- stopping ----------------------------------------------------------------------
 

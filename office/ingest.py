@@ -22,6 +22,15 @@ Devices are registered out of band (:func:`register_device`, or ``cngmrv
 ingest --register``), never over HTTP: a public key that anyone can upload
 would let anyone forge a device.
 
+A device may hold several keys over time, each valid for a range of its
+sequences (table ``device_keys``).  A new key is trusted only through the
+chain (a stored, verified batch signed by the current key announcing it in a
+``KEY_ROTATION`` event: valid from the next sequence, and the old key ends
+there) or out of band (:func:`register_key`, ``--register DEVICE=PUB@SEQ``).
+:func:`revoke_key` (``--revoke DEVICE=KID@SEQ``) ends a key at a sequence.
+A verified batch signed by a key outside its range is 403 ``key_not_valid``
+and a tamper alarm: someone holds a key that should no longer sign.
+
 Reading is for the operator only.  ``GET /v1/devices/<id>`` (batches, last
 sequence, gaps, tamper alarms) answers only a request carrying
 ``Authorization: Bearer <read token>`` (``cngmrv ingest --read-token-file``);
@@ -53,6 +62,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from cryptography.hazmat.primitives import serialization
+
 from cngmrv.signed import batch
 from cngmrv.signed.archive import ArchiveError
 from cngmrv.signed.keys import ALLOWED_ALGS, kid_of, public_key_from_pem
@@ -73,6 +84,11 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE TABLE IF NOT EXISTS gaps (
     device_id TEXT NOT NULL, first_seq BIGINT NOT NULL, last_seq BIGINT NOT NULL,
     found_at {real} NOT NULL, PRIMARY KEY (device_id, first_seq)
+);
+CREATE TABLE IF NOT EXISTS device_keys (
+    device_id TEXT NOT NULL, kid TEXT NOT NULL, pubkey_pem {blob} NOT NULL,
+    valid_from BIGINT NOT NULL, valid_until BIGINT, via TEXT NOT NULL, at {real} NOT NULL,
+    PRIMARY KEY (device_id, kid)
 );
 CREATE TABLE IF NOT EXISTS alarms (
     device_id TEXT NOT NULL, seq BIGINT, kind TEXT NOT NULL, detail TEXT NOT NULL,
@@ -185,13 +201,119 @@ def register_device(db: IngestDB, device_id: str, pubkey_pem: bytes) -> str:
     with db.tx():
         row = db.one("SELECT kid FROM devices WHERE device_id=?", (device_id,))
         if row is not None and row[0] != kid:
-            raise ValueError(f"device {device_id!r} is already registered with another key")
+            raise ValueError(
+                f"device {device_id!r} is already registered with another key "
+                "(a new key takes a first sequence: DEVICE=PUB@SEQ)"
+            )
         if row is None:
             db.execute(
                 "INSERT INTO devices(device_id, kid, pubkey_pem) VALUES(?, ?, ?)",
                 (device_id, kid, pubkey_pem),
             )
+            _adopt_first_key(db, device_id)
     return kid
+
+
+def _adopt_first_key(db: IngestDB, device_id: str) -> None:
+    # The key in `devices` is the device's first, valid from sequence 0; databases from
+    # before device_keys existed get its row the first time the device is looked at.
+    row = db.one("SELECT kid, pubkey_pem FROM devices WHERE device_id=?", (device_id,))
+    if row is None:
+        return
+    held = db.one("SELECT 1 FROM device_keys WHERE device_id=? AND kid=?", (device_id, row[0]))
+    if held is None:
+        db.execute(
+            "INSERT INTO device_keys(device_id, kid, pubkey_pem, valid_from, valid_until, via, at) "
+            "VALUES(?, ?, ?, 0, NULL, 'registered', ?)",
+            (device_id, row[0], bytes(row[1]), time.time()),
+        )
+
+
+def _add_key(
+    db: IngestDB, device_id: str, kid: str, pubkey_pem: bytes, first_seq: int, via: str
+) -> None:
+    """Trust ``kid`` for ``device_id`` from ``first_seq`` on; every older key ends before it."""
+    _adopt_first_key(db, device_id)
+    held = db.one(
+        "SELECT valid_from FROM device_keys WHERE device_id=? AND kid=?", (device_id, kid)
+    )
+    if held is None:
+        db.execute(
+            "INSERT INTO device_keys(device_id, kid, pubkey_pem, valid_from, valid_until, via, at) "
+            "VALUES(?, ?, ?, ?, NULL, ?, ?)",
+            (device_id, kid, pubkey_pem, first_seq, via, time.time()),
+        )
+    db.execute(
+        "UPDATE device_keys SET valid_until=? WHERE device_id=? AND kid<>? AND valid_from<? "
+        "AND (valid_until IS NULL OR valid_until>=?)",
+        (first_seq - 1, device_id, kid, first_seq, first_seq),
+    )
+
+
+def register_key(db: IngestDB, device_id: str, pubkey_pem: bytes, first_seq: int) -> str:
+    """Register a registered device's next key out of band, valid from ``first_seq``; its kid.
+
+    For a rotation whose announcing batch never arrived: the older keys end at
+    ``first_seq - 1``, so batches they sign from there on are refused.
+    """
+    kid = kid_of(public_key_from_pem(pubkey_pem, f"public key of {device_id}"))
+    if not 0 <= first_seq <= batch.MAX_SEQ:
+        raise ValueError(f"first sequence {first_seq} out of range")
+    with db.tx():
+        if db.one("SELECT 1 FROM devices WHERE device_id=?", (device_id,)) is None:
+            raise ValueError(f"device {device_id!r} is not registered; register it first")
+        _add_key(db, device_id, kid, pubkey_pem, first_seq, f"registered from {first_seq}")
+    return kid
+
+
+def revoke_key(db: IngestDB, device_id: str, kid: str, from_seq: int) -> int:
+    """End ``kid``'s use for ``device_id`` at ``from_seq``; returns the stored batches it hits.
+
+    Later batches signed with it are refused as ``key_not_valid`` alarms; those
+    already stored from ``from_seq`` on stay (they are evidence) and each gets
+    a ``revoked_key`` alarm, so the report shows them.
+    """
+    with db.tx():
+        _adopt_first_key(db, device_id)
+        row = db.one(
+            "SELECT valid_from, valid_until FROM device_keys WHERE device_id=? AND kid=?",
+            (device_id, kid),
+        )
+        if row is None:
+            raise ValueError(f"device {device_id!r} has no key {kid}")
+        until = row[1]
+        if until is None or int(until) >= from_seq:
+            db.execute(
+                "UPDATE device_keys SET valid_until=? WHERE device_id=? AND kid=?",
+                (from_seq - 1, device_id, kid),
+            )
+        hit = 0
+        for seq, raw in db.all(
+            "SELECT seq, bytes FROM batches WHERE device_id=? AND seq>=? ORDER BY seq",
+            (device_id, from_seq),
+        ):
+            if batch.parse(bytes(raw)).header["kid"] == kid:
+                hit += 1
+                db.execute(
+                    "INSERT INTO alarms(device_id, seq, kind, detail, bytes, at) "
+                    "VALUES(?, ?, ?, ?, ?, ?)",
+                    (
+                        device_id,
+                        seq,
+                        "revoked_key",
+                        "stored before its key was revoked",
+                        None,
+                        time.time(),
+                    ),
+                )
+    log.warning(
+        "event=key_revoked device=%s kid=%s from_seq=%d stored_after=%d",
+        device_id,
+        kid[:16],
+        from_seq,
+        hit,
+    )
+    return hit
 
 
 class Ingest:
@@ -265,14 +387,20 @@ class Ingest:
                 "reasons": [reason],
                 "seq": seq,
             }
-        if b.header["kid"] != row[0]:
+        _adopt_first_key(self.db, dev)
+        key = self.db.one(
+            "SELECT pubkey_pem, valid_from, valid_until FROM device_keys "
+            "WHERE device_id=? AND kid=?",
+            (dev, b.header["kid"]),
+        )
+        if key is None:
             log.warning("event=batch_rejected reason=kid_mismatch device=%s seq=%d", dev, seq)
             return 403, {
                 "error": "kid_mismatch",
-                "reason": f"signed with key {b.header['kid'][:16]}…, not device {dev!r}'s",
+                "reason": f"signed with key {b.header['kid'][:16]}…, not one of device {dev!r}'s",
                 "seq": seq,
             }
-        problems = batch.check(b, self._key(bytes(row[1])), self.allowed_algs)
+        problems = batch.check(b, self._key(bytes(key[0])), self.allowed_algs)
         if problems:
             log.warning(
                 "event=batch_rejected reason=%s device=%s seq=%d",
@@ -284,6 +412,17 @@ class Ingest:
                 "error": "rejected",
                 "codes": [p.code for p in problems],
                 "reasons": [p.text for p in problems],
+                "seq": seq,
+            }
+        first, last = int(key[1]), None if key[2] is None else int(key[2])
+        if not first <= seq or (last is not None and seq > last):
+            # A valid signature by a key that should no longer (or not yet) sign: a stolen
+            # old key after a rotation or a revocation.
+            span = f"{first}..{'' if last is None else last}"
+            self._alarm(dev, seq, "key_not_valid", f"key valid for {span} only", b.raw)
+            return 403, {
+                "error": "key_not_valid",
+                "reason": f"key {b.header['kid'][:16]}… signs batches {span} only",
                 "seq": seq,
             }
         held = self.db.one("SELECT sha256 FROM batches WHERE device_id=? AND seq=?", (dev, seq))
@@ -315,15 +454,16 @@ class Ingest:
             self._alarm(dev, seq, "chain_broken", f"batch {seq + 1} does not chain to it", b.raw)
             return 409, {"error": "chain_broken", "seq": seq, "detail": f"batch {seq + 1}"}
         last_row = self.db.one("SELECT max(seq) FROM batches WHERE device_id=?", (dev,))
-        last = None if last_row is None or last_row[0] is None else int(last_row[0])
+        last_seq = None if last_row is None or last_row[0] is None else int(last_row[0])
         now = time.time()
         self.db.execute(
             "INSERT INTO batches(device_id, seq, sha256, prev_hash, bytes, received_at) "
             "VALUES(?, ?, ?, ?, ?, ?)",
             (dev, seq, b.file_hash, b.header["prev_hash"], b.raw, now),
         )
+        self._follow_rotation(b)
         answer: dict[str, Any] = {"status": "stored", "seq": seq}
-        expected = 0 if last is None else last + 1
+        expected = 0 if last_seq is None else last_seq + 1
         if seq > expected:
             self.db.execute(
                 "INSERT INTO gaps(device_id, first_seq, last_seq, found_at) VALUES(?, ?, ?, ?)",
@@ -336,6 +476,24 @@ class Ingest:
             log.warning("event=batch_out_of_order device=%s seq=%d", dev, seq)
             answer["out_of_order"] = True
         return 201, answer
+
+    def _follow_rotation(self, b: batch.Batch) -> None:
+        """Trust the key a stored, verified batch hands its chain to, from the next sequence."""
+        try:
+            announced = batch.rotation_of(b)
+        except batch.BatchFormatError as e:
+            log.error(
+                "event=rotation_ignored device=%s seq=%d reason=%r", b.device_id, b.seq, str(e)
+            )
+            return
+        if announced is None:
+            return
+        kid, key = announced
+        pem = key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        _add_key(self.db, b.device_id, kid, pem, b.seq + 1, f"rotation in batch {b.seq}")
+        log.warning("event=key_rotated device=%s seq=%d new_kid=%s", b.device_id, b.seq, kid[:16])
 
     def _fill_gap(self, dev: str, seq: int, now: float) -> None:
         row = self.db.one(
@@ -355,7 +513,12 @@ class Ingest:
                 )
 
     def report(self, device_id: str | None = None) -> list[dict[str, Any]]:
-        """Per device: batches held, last sequence, open gaps and alarms."""
+        """Per device: batches held, last sequence, open gaps, alarms, and its keys.
+
+        ``keys``: each key the device was trusted with, its sequence range and how
+        it came (registered, or a rotation in batch N); ``signed_by``: the stored
+        batches as runs ``[kid, first seq, last seq]`` of one key.
+        """
         devs = (
             [device_id]
             if device_id is not None
@@ -375,6 +538,18 @@ class Ingest:
             alarms = self.db.all(
                 "SELECT seq, kind, detail, at FROM alarms WHERE device_id=? ORDER BY at", (dev,)
             )
+            key_rows = self.db.all(
+                "SELECT kid, valid_from, valid_until, via FROM device_keys WHERE device_id=? "
+                "ORDER BY valid_from",
+                (dev,),
+            )
+            signed_by: list[list[Any]] = []
+            for seq, raw in stored_batches(self.db, dev):
+                k = batch.parse(raw).header["kid"]
+                if signed_by and signed_by[-1][0] == k and signed_by[-1][2] == seq - 1:
+                    signed_by[-1][2] = seq
+                else:
+                    signed_by.append([k, seq, seq])
             out.append(
                 {
                     "device_id": dev,
@@ -385,6 +560,16 @@ class Ingest:
                     "alarms": [
                         {"seq": s, "kind": k, "detail": d, "at": a} for s, k, d, a in alarms
                     ],
+                    "keys": [
+                        {
+                            "kid": k,
+                            "valid_from": int(f),
+                            "valid_until": None if u is None else int(u),
+                            "via": v,
+                        }
+                        for k, f, u, v in key_rows
+                    ],
+                    "signed_by": signed_by,
                 }
             )
         return out

@@ -18,7 +18,30 @@ from typing import Any
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from cngmrv.office.ingest import Ingest, IngestServer, open_db, register_device
+    from cngmrv.office.ingest import (
+        Ingest,
+        IngestServer,
+        open_db,
+        register_device,
+        register_key,
+        revoke_key,
+    )
+
+    if args.revoke:
+        db = open_db(args.db)
+        try:
+            for item in args.revoke:
+                device_id, kid, seq = _at_seq(item, "--revoke", "DEVICE=KID@SEQ")
+                hit = revoke_key(db, device_id, kid, seq)
+                print(
+                    f"revoked {device_id} key {kid[:16]} from batch {seq}"
+                    f" ({hit} stored batches signed with it from there are now alarms)",
+                    file=sys.stderr,
+                )
+        finally:
+            db.close()
+        if not args.report:
+            return 0
 
     if args.report:
         db = open_db(args.db)
@@ -34,6 +57,8 @@ def _ingest(args: argparse.Namespace) -> int:
                 f"{d['device_id']}: {d['batches']} batches, last {d['last_seq']}, "
                 f"gaps {gaps}, {len(d['alarms'])} alarms"
             )
+            for kid, first, last in d["signed_by"]:
+                print(f"  key {kid[:16]} signed batches {first}..{last}")
             for a in d["alarms"]:
                 print(f"  ALARM {a['kind']} seq {a['seq']}: {a['detail']}")
         return 0
@@ -42,7 +67,12 @@ def _ingest(args: argparse.Namespace) -> int:
     for item in args.register or []:
         device_id, sep, pub = item.partition("=")
         if not sep:
-            raise ValueError(f"--register takes DEVICE_ID=PUBKEY_FILE, got {item!r}")
+            raise ValueError(f"--register takes DEVICE_ID=PUBKEY_FILE[@SEQ], got {item!r}")
+        path, at, seq = pub.rpartition("@")
+        if at and seq.isdigit():
+            kid = register_key(server.db, device_id, Path(path).read_bytes(), int(seq))
+            print(f"registered {device_id} kid {kid} from batch {seq}", file=sys.stderr)
+            continue
         kid = register_device(server.db, device_id, Path(pub).read_bytes())
         print(f"registered {device_id} kid {kid}", file=sys.stderr)
     print(f"ingest listening on {server.url}", file=sys.stderr, flush=True)
@@ -52,6 +82,14 @@ def _ingest(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         server.stop()
     return 0
+
+
+def _at_seq(item: str, option: str, form: str) -> tuple[str, str, int]:
+    device_id, sep, rest = item.partition("=")
+    value, at, seq = rest.rpartition("@")
+    if not (sep and at and seq.isdigit() and device_id and value):
+        raise ValueError(f"{option} takes {form}, got {item!r}")
+    return device_id, value, int(seq)
 
 
 def _read_token(path: Path) -> str:
@@ -98,7 +136,18 @@ def register_ingest(sub: Any) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument(
-        "--register", action="append", metavar="DEVICE_ID=PUBKEY", help="register a device key"
+        "--register",
+        action="append",
+        metavar="DEVICE_ID=PUBKEY[@SEQ]",
+        help="register a device key; with @SEQ, a registered device's next key from batch SEQ "
+        "on (a rotation whose announcing batch never arrived)",
+    )
+    s.add_argument(
+        "--revoke",
+        action="append",
+        metavar="DEVICE_ID=KID@SEQ",
+        help="revoke a device key from batch SEQ on: later batches signed with it are refused "
+        "and filed as alarms; then exit (with --report, report)",
     )
     s.add_argument(
         "--read-token-file",

@@ -31,7 +31,15 @@ from typing import Any
 import msgpack
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cngmrv.signed.keys import ALG, ALLOWED_ALGS, Signer, kid_of, verify_signature
+from cngmrv.signed.keys import (
+    ALG,
+    ALLOWED_ALGS,
+    KeyFileError,
+    Signer,
+    kid_of,
+    public_key_from_pem,
+    verify_signature,
+)
 
 MAGIC = "cngmrv-batch"
 VERSION = 1
@@ -47,6 +55,9 @@ _KID = re.compile(r"[0-9a-f]{64}")
 _SMALL_INT = 1 << 32
 # Event kinds that explain missing batches or readings (see docs/batch-format.md).
 LOSS_EVENTS = frozenset({"STORAGE_FULL", "STORE_REPLACED", "STORE_ROLLED_BACK"})
+# The signed event by which a device hands its chain to a new key (docs/batch-format.md):
+# the batch holding it is the old key's last; the next sequence is the new key's first.
+ROTATION_EVENT = "KEY_ROTATION"
 
 
 class BatchFormatError(ValueError):
@@ -276,6 +287,38 @@ class Batch:
         return list(self.payload()["events"])
 
 
+def rotation_event(new_signer: Signer) -> dict[str, Any]:
+    """The body of the ``KEY_ROTATION`` event announcing ``new_signer``'s key."""
+    return {"new_kid": new_signer.kid, "new_pubkey": new_signer.public_pem()}
+
+
+def rotation_of(b: Batch) -> tuple[str, ec.EllipticCurvePublicKey] | None:
+    """The (kid, public key) a batch hands its device's chain to, or None.
+
+    Only meaningful for a batch that verified: the announcement is as good as
+    the signature over it.  A malformed announcement (a kid that is not the
+    key's, a key that is not P-256, two announcements) raises BatchFormatError.
+    """
+    if not b.header.get("n_events"):
+        return None
+    found = [e for e in b.events() if e.get("kind") == ROTATION_EVENT]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise BatchFormatError(f"batch {b.seq} announces {len(found)} new keys")
+    e = found[0]
+    pem = e.get("new_pubkey")
+    if not isinstance(pem, bytes):
+        raise BatchFormatError("KEY_ROTATION new_pubkey is not a PEM byte string")
+    try:
+        key = public_key_from_pem(pem, "KEY_ROTATION new_pubkey")
+    except KeyFileError as err:
+        raise BatchFormatError(str(err)) from None
+    if e.get("new_kid") != kid_of(key):
+        raise BatchFormatError("KEY_ROTATION new_kid is not the kid of new_pubkey")
+    return kid_of(key), key
+
+
 def _unpack_part(data: bytes, what: str) -> Any:
     try:
         return unpackb(data)
@@ -423,6 +466,8 @@ class DeviceSummary:
     loss_events: list[dict[str, Any]] = field(default_factory=list)
     event_kinds: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
+    # [kid, first seq, last seq] for each run of verified batches one key signed, in order
+    key_ranges: list[list[Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -463,13 +508,65 @@ class AuditReport:
 
 @dataclass(frozen=True)
 class KeyRing:
-    """Public keys a verifier trusts, by kid, each optionally bound to one device id."""
+    """Public keys a verifier trusts, by kid, each optionally bound to one device id.
+
+    ``limits`` bounds a key's use on one device to the sequences ``(first,
+    last)`` (``last`` None: open), as rotations set them (:func:`follow_rotations`).
+    """
 
     keys: Mapping[str, tuple[ec.EllipticCurvePublicKey, str | None]]
+    limits: Mapping[tuple[str, str], tuple[int, int | None]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, items: Iterable[tuple[str | None, ec.EllipticCurvePublicKey]]) -> KeyRing:
         return cls({kid_of(k): (k, dev) for dev, k in items})
+
+    def refusal(self, device_id: str, kid: str, seq: int) -> Problem | None:
+        """Why ``kid`` may not sign batch ``seq`` of ``device_id`` (outside its limits), or None."""
+        lim = self.limits.get((device_id, kid))
+        if lim is None or (lim[0] <= seq and (lim[1] is None or seq <= lim[1])):
+            return None
+        span = f"{lim[0]}..{'' if lim[1] is None else lim[1]}"
+        return Problem(
+            "key_not_valid",
+            f"key {kid[:16]}… signs batches {span} of {device_id!r}, not {seq}: "
+            "a key used outside its rotation range",
+        )
+
+
+def follow_rotations(batches: Iterable[Batch], ring: KeyRing) -> KeyRing:
+    """``ring`` plus the keys the batches hand their chains to, each bound to its device.
+
+    Walks each device's batches in sequence order: a batch that verifies under
+    a key the ring trusts and announces a new key (``KEY_ROTATION``) makes the
+    new key trusted for the device from the next sequence on, and ends the old
+    key's range at that batch.  A rotation in a batch the set lacks is not
+    followed: give the new key (``--pubkey DEVICE=FILE``) to verify past it.
+    """
+    keys = dict(ring.keys)
+    limits = dict(ring.limits)
+    ordered = sorted(batches, key=lambda b: (b.device_id, b.seq))
+    for b in ordered:
+        dev, kid, seq = b.device_id, b.header["kid"], b.seq
+        entry = keys.get(kid)
+        if entry is None or entry[1] not in (None, dev):
+            continue
+        if KeyRing(keys, limits).refusal(dev, kid, seq) is not None:
+            continue
+        if check(b, entry[0]):
+            continue
+        try:
+            announced = rotation_of(b)
+        except BatchFormatError:
+            continue
+        if announced is None:
+            continue
+        new_kid, new_key = announced
+        first = limits.get((dev, kid), (0, None))[0]
+        limits[(dev, kid)] = (first, seq)
+        keys.setdefault(new_kid, (new_key, dev))
+        limits[(dev, new_kid)] = (seq + 1, None)
+    return KeyRing(keys, limits)
 
 
 def _seq_from_name(name: str) -> int | None:
@@ -536,6 +633,14 @@ def audit(
     allowed = list(allowed_algs)
     report = AuditReport()
     by_dev: dict[str, dict[int, list[tuple[str, Batch, bool]]]] = {}
+    named = list(named)
+    parsed = []
+    for _, raw in named:
+        try:
+            parsed.append(parse(raw))
+        except BatchFormatError:
+            pass  # reported below, in order
+    keyring = follow_rotations(parsed, keyring)
 
     def bad(code: str, text: str, dev: str | None, seq: int | None, where: str | None) -> None:
         report.findings.append(Finding("bad", code, text, dev, seq, where))
@@ -581,6 +686,9 @@ def audit(
                     )
                 )
             problems.extend(check(b, key, allowed))
+            outside = keyring.refusal(dev, b.header["kid"], seq)
+            if outside is not None and not problems:
+                problems.append(outside)
         summary = report.devices.setdefault(dev, DeviceSummary(dev))
         for p in problems:
             bad(p.code, p.text, dev, seq, name)
@@ -705,6 +813,11 @@ def _audit_device(
             report.verified.add((dev, seq))
         summary.batches += 1
         summary.kids.add(b.header["kid"])
+        ranges = summary.key_ranges
+        if ranges and ranges[-1][0] == b.header["kid"] and ranges[-1][2] == seq - 1:
+            ranges[-1][2] = seq
+        else:
+            ranges.append([b.header["kid"], seq, seq])
         summary.readings += b.n_readings or 0
         if b.header.get("first_t0") is not None:
             t0, t1 = b.header["first_t0"], b.header["last_t0"]

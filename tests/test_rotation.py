@@ -1,0 +1,176 @@
+"""Key rotation and revocation: through the chain, out of band, and a stolen key refused.
+
+The four cases of issue 15 §3, each through the real recorder and store on
+the bus side, the real ingest (HTTP on 127.0.0.1 where the answer matters)
+and ``cngmrv verify`` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cngmrv.agent.recorder import Recorder, RecorderConfig
+from cngmrv.agent.store import Store
+from cngmrv.agent.upload import post_batch
+from cngmrv.office.ingest import Ingest, IngestServer, register_device, register_key
+from cngmrv.signed import batch, keys
+
+DEV = "bus-9"
+
+
+def _signer(folder: Path) -> keys.FileSigner:
+    keys.generate(folder)
+    return keys.load_signer(folder / keys.KEY_FILE)
+
+
+def _reading(i: int) -> dict[str, Any]:
+    return {"t0": 1000.0 + i, "dur": 1.0, "diesel_l": 0.001 * (i % 7)}
+
+
+@pytest.fixture
+def rotated(tmp_path: Path) -> Iterator[tuple[list[bytes], int, Path, Path]]:
+    """A bus that rotates from key A to key B mid-chain: (batches, rotation seq, A.pub, B.pub)."""
+    old, new = _signer(tmp_path / "a"), _signer(tmp_path / "b")
+    rec = Recorder(tmp_path / "store.sqlite", DEV, old, RecorderConfig(readings_per_batch=5))
+    rec.start()
+    for i in range(12):
+        rec.add([_reading(i)])
+    announced = rec.rotate(new)
+    for i in range(12, 24):
+        rec.add([_reading(i)])
+    rec.stop()
+    rec.close()
+    store = Store(tmp_path / "store.sqlite", DEV)
+    raws = [raw for _, raw in store.batches()]
+    store.close()
+    yield raws, announced.seq, tmp_path / "a" / keys.PUB_FILE, tmp_path / "b" / keys.PUB_FILE
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[IngestServer]:
+    srv = IngestServer(tmp_path / "ingest.sqlite").start()
+    yield srv
+    srv.stop()
+
+
+def _kid(raw: bytes) -> str:
+    return str(batch.parse(raw).header["kid"])
+
+
+def _alarms(srv: IngestServer) -> list[dict[str, Any]]:
+    return Ingest(srv.db).report(DEV)[0]["alarms"]
+
+
+def _export(raws: list[bytes], folder: Path) -> Path:
+    folder.mkdir()
+    for raw in raws:
+        (folder / f"{batch.parse(raw).seq}.batch").write_bytes(raw)
+    return folder
+
+
+def test_a_rotation_mid_chain_is_followed_by_the_ingest_and_verify(
+    rotated: tuple[list[bytes], int, Path, Path], server: IngestServer, tmp_path: Path, cli
+) -> None:
+    raws, at, a_pub, b_pub = rotated
+    kid_a, kid_b = (keys.kid_of(keys.load_public_key(p)) for p in (a_pub, b_pub))
+    assert {_kid(r) for r in raws[: at + 1]} == {kid_a}
+    assert {_kid(r) for r in raws[at + 1 :]} == {kid_b} and len(raws) > at + 2
+    # The ingest knows only key A; it learns B from the chain itself.
+    register_device(server.db, DEV, a_pub.read_bytes())
+    assert [post_batch(server.url, r).status for r in raws] == [201] * len(raws)
+    report = Ingest(server.db).report(DEV)[0]
+    assert report["signed_by"] == [[kid_a, 0, at], [kid_b, at + 1, len(raws) - 1]]
+    assert [(k["kid"], k["valid_from"], k["valid_until"]) for k in report["keys"]] == [
+        (kid_a, 0, at),
+        (kid_b, at + 1, None),
+    ]
+    assert report["alarms"] == []
+    # verify, trusting only key A, follows the chain to B and shows which key signed what.
+    r = cli("verify", str(_export(raws, tmp_path / "out")), "--pubkey", f"{DEV}={a_pub}", "--json")
+    assert r.returncode == 0, r.stdout
+    assert json.loads(r.stdout)["devices"][DEV]["key_ranges"] == [
+        [kid_a, 0, at],
+        [kid_b, at + 1, len(raws) - 1],
+    ]
+
+
+def test_a_revoked_keys_later_batches_are_refused_and_filed_as_alarms(
+    tmp_path: Path, server: IngestServer, cli
+) -> None:
+    signer = _signer(tmp_path / "k")
+    pub = tmp_path / "k" / keys.PUB_FILE
+    register_device(server.db, DEV, pub.read_bytes())
+    raws, prev = [], batch.ZERO_HASH
+    for seq in range(6):
+        raws.append(batch.build(signer, DEV, seq, prev, {"readings": [_reading(seq)]}))
+        prev = batch.sha256(raws[-1])
+    for raw in raws[:5]:
+        assert post_batch(server.url, raw).status == 201
+    db = str(tmp_path / "ingest.sqlite")
+    # The operator revokes the key from batch 3: the stored 3 and 4 become alarms, 5 is refused.
+    r = cli("ingest", "--db", db, "--revoke", f"{DEV}={signer.kid}@3")
+    assert r.returncode == 0, r.stderr
+    assert "2 stored batches" in r.stderr
+    out = post_batch(server.url, raws[5])
+    assert (out.status, out.acknowledged) == (403, False)
+    assert "key_not_valid" in out.detail
+    kinds = [(a["seq"], a["kind"]) for a in _alarms(server)]
+    assert kinds == [(3, "revoked_key"), (4, "revoked_key"), (5, "key_not_valid")]
+    # Batches before the revocation are still fine.
+    assert post_batch(server.url, raws[2]).status == 200
+
+
+def test_a_stolen_old_key_used_after_rotation_is_refused_with_an_alarm(
+    rotated: tuple[list[bytes], int, Path, Path], server: IngestServer, tmp_path: Path, cli
+) -> None:
+    raws, at, a_pub, _ = rotated
+    register_device(server.db, DEV, a_pub.read_bytes())
+    for r in raws:
+        assert post_batch(server.url, r).status == 201
+    # The thief copied key A before the rotation and signs the next batch with it.
+    thief = keys.load_signer(tmp_path / "a" / keys.KEY_FILE)
+    forged = batch.build(
+        thief, DEV, len(raws), batch.sha256(raws[-1]), {"readings": [_reading(99)]}
+    )
+    out = post_batch(server.url, forged)
+    assert out.status == 403 and "key_not_valid" in out.detail
+    alarms = _alarms(server)
+    assert [(a["seq"], a["kind"]) for a in alarms] == [(len(raws), "key_not_valid")]
+    # verify refuses it too, naming why, while the genuine chain still verifies.
+    folder = _export([*raws, forged], tmp_path / "out")
+    r = cli("verify", str(folder), "--pubkey", f"{DEV}={a_pub}", "--json")
+    assert r.returncode == 1
+    bad = [f for f in json.loads(r.stdout)["findings"] if f["severity"] == "bad"]
+    assert [(f["code"], f["seq"]) for f in bad] == [("key_not_valid", len(raws))], bad
+
+
+def test_a_rotation_in_a_batch_that_never_arrives_is_a_gap_then_recovered_out_of_band(
+    rotated: tuple[list[bytes], int, Path, Path], server: IngestServer, tmp_path: Path, cli
+) -> None:
+    raws, at, a_pub, b_pub = rotated
+    register_device(server.db, DEV, a_pub.read_bytes())
+    for r in raws[:at]:
+        assert post_batch(server.url, r).status == 201
+    # Batch `at` (the announcement) is lost; key B's batches are not trusted yet.
+    after = raws[at + 1 :]
+    assert {post_batch(server.url, r).status for r in after} == {403}
+    assert _alarms(server) == []  # an unknown key is a refusal, not a tamper alarm
+    # The operator registers key B out of band (cngmrv ingest --register DEV=B.pub@SEQ),
+    # from the batch after the lost one; the bus's blocked uploads then go through.
+    assert register_key(server.db, DEV, b_pub.read_bytes(), at + 1) == _kid(after[0])
+    outs = [post_batch(server.url, r) for r in after]
+    assert [o.status for o in outs] == [201] * len(after)
+    assert Ingest(server.db).report(DEV)[0]["gaps"] == [[at, at]]
+    # The lost batch turns up later: it fills the gap, and its announcement agrees.
+    assert post_batch(server.url, raws[at]).status == 201
+    report = Ingest(server.db).report(DEV)[0]
+    assert report["gaps"] == [] and report["alarms"] == []
+    # And key A, ended by the registration, can no longer sign past the lost batch.
+    thief = keys.load_signer(tmp_path / "a" / keys.KEY_FILE)
+    forged = batch.build(thief, DEV, len(raws), batch.sha256(raws[-1]), {"readings": []})
+    assert post_batch(server.url, forged).status == 403
