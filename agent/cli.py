@@ -77,6 +77,39 @@ def _keygen_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rotate_key(args: argparse.Namespace) -> int:
+    """Hand the device's chain from the config's key to the new config's, with the agent stopped."""
+    from cngmrv.agent.recorder import Recorder
+    from cngmrv.agent.runtime import recorder_config
+
+    old_cfg, new_cfg = config.load(Path(args.config)), config.load(Path(args.to))
+    if (old_cfg.device_id, old_cfg.store_path) != (new_cfg.device_id, new_cfg.store_path):
+        raise ValueError(f"{args.to} must name the same device.id and store.path as {args.config}")
+    old, new = config.open_signer(old_cfg), config.open_signer(new_cfg)
+    try:
+        # The agent's own start-up and stop: a signed BOOT and STOP around the rotation,
+        # and the store's exclusive lock refuses to run beside a running agent.
+        rec = Recorder(old_cfg.store_path, old_cfg.device_id, old, recorder_config(old_cfg))
+        rec.start()
+        try:
+            sealed = rec.rotate(new)
+            rec.stop()
+        finally:
+            rec.close()
+    finally:
+        old.close()
+        new.close()
+    out = {"device": old_cfg.device_id, "seq": sealed.seq, "old_kid": old.kid, "new_kid": new.kid}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(
+            f"batch {sealed.seq} announces key {new.kid[:16]} (signed by {old.kid[:16]}); "
+            f"now put {args.to} in place of {args.config} and start the agent"
+        )
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     rows = [r for r in archive.read_batches(Path(args.db), args.device) if r[1] >= args.since]
     out = Path(args.out)
@@ -297,6 +330,15 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_keygen)
 
+    s = sub.add_parser(
+        "rotate-key",
+        help="hand the device's chain to a new key (agent stopped): the old key signs the handover",
+    )
+    s.add_argument("--config", required=True, help="the agent's config, naming the current key")
+    s.add_argument("--to", required=True, metavar="FILE", help="the same config with the new key")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_rotate_key)
+
     s = sub.add_parser("export", help="write each batch of a store as <batch_seq>.batch")
     s.add_argument("--db", required=True, help="device store or ingest database (SQLite)")
     s.add_argument("--out", required=True, help="output folder (one subfolder per device)")
@@ -341,7 +383,9 @@ def _first_word(argv: list[str]) -> str | None:
 # The bus's own commands.  When one of them runs, the contributed commands (the
 # office's, the simulator's) are not even registered, so the agent in a bus
 # imports none of their modules.
-_BUILTIN = frozenset({"run", "config", "status", "keygen", "export", "verify", "replay"})
+_BUILTIN = frozenset(
+    {"run", "config", "status", "keygen", "rotate-key", "export", "verify", "replay"}
+)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

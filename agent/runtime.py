@@ -38,6 +38,18 @@ log = logging.getLogger("cngmrv.agent")
 WALL_STAMPED = frozenset({"socketcan", "udp_multicast"})  # kernel receive time = wall clock
 
 
+def recorder_config(config: Config) -> RecorderConfig:
+    """The recorder's settings from the agent's config."""
+    return RecorderConfig(
+        readings_per_batch=config.readings_per_batch,
+        buffer_s=config.store_buffer_s,
+        period_s=config.pipeline.period_s,
+        quota_bytes=config.store_quota_bytes,
+        alarm_fraction=config.store_alarm_fraction,
+        drop_fraction=config.store_drop_fraction,
+    )
+
+
 class Agent:
     """One device's agent, built from a validated :class:`Config`."""
 
@@ -51,18 +63,7 @@ class Agent:
         self.clock.poll()  # the first poll only sets the state and the step baseline
         clock = self.clock.state
         self.recorder = Recorder(
-            config.store_path,
-            config.device_id,
-            self.signer,
-            RecorderConfig(
-                readings_per_batch=config.readings_per_batch,
-                buffer_s=config.store_buffer_s,
-                period_s=config.pipeline.period_s,
-                quota_bytes=config.store_quota_bytes,
-                alarm_fraction=config.store_alarm_fraction,
-                drop_fraction=config.store_drop_fraction,
-            ),
-            clock=clock,
+            config.store_path, config.device_id, self.signer, recorder_config(config), clock=clock
         )
         self.boot = self.recorder.start()
         self.boot_epoch = self.boot.epoch

@@ -174,3 +174,34 @@ def test_a_rotation_in_a_batch_that_never_arrives_is_a_gap_then_recovered_out_of
     thief = keys.load_signer(tmp_path / "a" / keys.KEY_FILE)
     forged = batch.build(thief, DEV, len(raws), batch.sha256(raws[-1]), {"readings": []})
     assert post_batch(server.url, forged).status == 403
+
+
+def test_rotate_key_on_the_command_line_hands_a_stopped_agents_chain_over(
+    tmp_path: Path, cli
+) -> None:
+    _signer(tmp_path / "a")
+    _signer(tmp_path / "b")
+    for name, key in (("old.toml", "a"), ("new.toml", "b")):
+        (tmp_path / name).write_text(
+            f'[device]\nid = "{DEV}"\nkey_file = "{key}/device.key"\n[can]\ninterface = "virtual"\n'
+            'channel = "c"\n[store]\npath = "store.sqlite"\n[batch]\nreadings_per_batch = 5\n'
+        )
+    old = keys.load_signer(tmp_path / "a" / keys.KEY_FILE)
+    rec = Recorder(tmp_path / "store.sqlite", DEV, old, RecorderConfig(readings_per_batch=5))
+    rec.start()
+    rec.add([_reading(i) for i in range(7)])
+    rec.stop()
+    rec.close()
+    r = cli(
+        "rotate-key", "--config", str(tmp_path / "old.toml"), "--to", str(tmp_path / "new.toml")
+    )
+    assert r.returncode == 0, r.stderr
+    assert "announces key" in r.stdout
+    a_pub = tmp_path / "a" / keys.PUB_FILE
+    v = cli(
+        "verify", "--db", str(tmp_path / "store.sqlite"), "--pubkey", f"{DEV}={a_pub}", "--json"
+    )
+    assert v.returncode == 0, v.stdout
+    ranges = json.loads(v.stdout)["devices"][DEV]["key_ranges"]
+    b_kid = keys.kid_of(keys.load_public_key(tmp_path / "b" / keys.PUB_FILE))
+    assert [k for k, _, _ in ranges] == [old.kid, b_kid]  # the STOP after it is B's
