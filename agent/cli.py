@@ -150,12 +150,17 @@ def _keyring(args: argparse.Namespace) -> batch.KeyRing:
     for spec in args.pubkey or []:
         device, sep, path = spec.rpartition("=")
         items.append((device if sep else None, keys.load_public_key(Path(path))))
+    limits: dict[tuple[str, str], tuple[int, int | None]] = {}
     if args.registry:
-        for dev, pem in archive.registered_keys(Path(args.registry)).items():
-            items.append((dev, keys.public_key_from_pem(pem, f"key of {dev}")))
+        # Each key with the sequences the ingest trusted it for (rotations, revocations).
+        for dev, pem, first, last in archive.registered_key_ranges(Path(args.registry)):
+            key = keys.public_key_from_pem(pem, f"key of {dev}")
+            items.append((dev, key))
+            limits[(dev, keys.kid_of(key))] = (first, last)
     if not items:
         raise ValueError("give the device keys: --pubkey FILE, --pubkey DEVICE=FILE or --registry")
-    return batch.KeyRing.of(items)
+    ring = batch.KeyRing.of(items)
+    return batch.KeyRing(ring.keys, limits)
 
 
 def _span(a: int | None, b: int | None) -> str:

@@ -104,3 +104,30 @@ def registered_keys(path: Path) -> dict[str, bytes]:
         raise ArchiveError(f"{path} has no device registry: {e}") from None
     finally:
         db.close()
+
+
+def registered_key_ranges(path: Path) -> list[tuple[str, bytes, int, int | None]]:
+    """Every key an ingest database trusts: (device id, PEM, first seq, last seq or None).
+
+    Keys rotated to or registered from a sequence on are in ``device_keys``;
+    a database from before it existed has only each device's first key.
+    """
+    db = open_readonly(path)
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "devices" not in tables:
+            raise ArchiveError(f"{path} has no device registry")
+        rows: dict[tuple[str, bytes], tuple[int, int | None]] = {
+            (str(d), bytes(k)): (0, None)
+            for d, k in db.execute("SELECT device_id, pubkey_pem FROM devices")
+        }
+        if "device_keys" in tables:
+            for d, k, first, last in db.execute(
+                "SELECT device_id, pubkey_pem, valid_from, valid_until FROM device_keys"
+            ):
+                rows[(str(d), bytes(k))] = (int(first), None if last is None else int(last))
+        return [(d, k, first, last) for (d, k), (first, last) in rows.items()]
+    except sqlite3.Error as e:
+        raise ArchiveError(f"{path} has no device registry: {e}") from None
+    finally:
+        db.close()

@@ -123,6 +123,13 @@ def test_a_revoked_keys_later_batches_are_refused_and_filed_as_alarms(
     assert kinds == [(3, "revoked_key"), (4, "revoked_key"), (5, "key_not_valid")]
     # Batches before the revocation are still fine.
     assert post_batch(server.url, raws[2]).status == 200
+    # verify, trusting the ingest's registry, flags the stored batches past the revocation.
+    v = cli("verify", "--db", db, "--registry", db, "--json")
+    assert v.returncode == 1
+    bad = [
+        (f["code"], f["seq"]) for f in json.loads(v.stdout)["findings"] if f["severity"] == "bad"
+    ]
+    assert bad == [("key_not_valid", 3), ("key_not_valid", 4)], bad
 
 
 def test_a_stolen_old_key_used_after_rotation_is_refused_with_an_alarm(
@@ -170,6 +177,10 @@ def test_a_rotation_in_a_batch_that_never_arrives_is_a_gap_then_recovered_out_of
     assert post_batch(server.url, raws[at]).status == 201
     report = Ingest(server.db).report(DEV)[0]
     assert report["gaps"] == [] and report["alarms"] == []
+    # verify with the ingest's registry follows the out-of-band key too.
+    db = str(tmp_path / "ingest.sqlite")
+    v = cli("verify", "--db", db, "--registry", db, "--json")
+    assert v.returncode == 0, v.stdout
     # And key A, ended by the registration, can no longer sign past the lost batch.
     thief = keys.load_signer(tmp_path / "a" / keys.KEY_FILE)
     forged = batch.build(thief, DEV, len(raws), batch.sha256(raws[-1]), {"readings": []})
