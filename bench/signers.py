@@ -10,10 +10,12 @@ for each signer prints, as one JSON object:
 - ``sign_ms``: latency of one ``sign`` over those batches' exact header bytes
   (p50, p99, max), one call at a time as the agent makes them.
 
-Signers: ``file`` (the key file, ``keys.FileSigner``), ``softhsm`` (a
-``hsm.Pkcs11Signer`` on a SoftHSM2 token made in a temporary folder; null
-with a reason when SoftHSM2 or python-pkcs11 is missing), and ``floor``: the
-bare ``cryptography`` ECDSA sign of the same headers, what no signer can beat.
+Signers: ``file`` (the key file, ``keys.FileSigner``); ``softhsm`` and
+``swtpm`` (a ``hsm.Pkcs11Signer`` on a SoftHSM2 token, and on a software TPM
+2.0 through tpm2-pkcs11, each made in a temporary folder by
+``cngmrv.sim.tokens``; ``skipped`` with the reason when a part is missing);
+and ``floor``: the bare ``cryptography`` ECDSA sign of the same headers, what
+no signer can beat.
 A 60-reading batch is sealed once a minute: ``budget_share`` is the p99
 latency as a share of that minute.
 """
@@ -22,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,9 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from cngmrv.agent.pipeline import Pipeline, PipelineConfig
 from cngmrv.signed import batch, hsm, keys
-from cngmrv.sim import feed
+from cngmrv.sim import feed, tokens
 
-SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 PIN = "246810"
 
 
@@ -87,26 +85,25 @@ def _measure(signer: keys.Signer, chunks: list[list[dict[str, Any]]]) -> dict[st
     }
 
 
-def _softhsm(folder: Path) -> tuple[hsm.Pkcs11Signer | None, str | None]:
-    util = shutil.which("softhsm2-util")
-    if util is None or not SOFTHSM_MODULE.is_file():
-        return None, "SoftHSM2 is not installed (Debian package softhsm2)"
+def _on_token(
+    make: Callable[[Path, str, str], Any], folder: Path, chunks: list[list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """Measure a fresh key on a token ``make`` sets up; ``skipped`` says why it could not."""
     try:
         import pkcs11  # noqa: F401
     except ImportError:
-        return None, "python-pkcs11 is not installed (pip install 'cngmrv[pkcs11]')"
-    (folder / "tokens").mkdir(parents=True)
-    conf = folder / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {folder / 'tokens'}\nobjectstore.backend = file\n")
-    os.environ["SOFTHSM2_CONF"] = str(conf)
-    subprocess.run(
-        [util, "--init-token", "--free", "--label", "bench", "--pin", PIN, "--so-pin", "13579"],
-        check=True,
-        capture_output=True,
-    )
-    ref = hsm.TokenKey(SOFTHSM_MODULE, "bench", "device", PIN)
-    hsm.generate_on_token(ref)
-    return hsm.Pkcs11Signer(ref), None
+        return {"skipped": "python-pkcs11 is not installed (pip install 'cngmrv[pkcs11]')"}
+    try:
+        with make(folder, "bench", PIN) as module:
+            ref = hsm.TokenKey(module, "bench", "device", PIN)
+            hsm.generate_on_token(ref)
+            signer = hsm.Pkcs11Signer(ref)
+            try:
+                return _measure(signer, chunks)
+            finally:
+                signer.close()
+    except tokens.TokenUnavailable as e:
+        return {"skipped": str(e)}
 
 
 def run(n_batches: int, per_batch: int) -> dict[str, Any]:
@@ -130,18 +127,8 @@ def run(n_batches: int, per_batch: int) -> dict[str, Any]:
             "what": "cryptography ECDSA P-256 sign of the same headers, random nonce, no DER work",
             "sign_ms": _latency(lambda h: bare.sign(h, ec.ECDSA(hashes.SHA256())), headers),
         }
-        token, why = _softhsm(folder / "softhsm")
-        if token is None:
-            out["softhsm"] = {"skipped": why}
-        else:
-            try:
-                out["softhsm"] = _measure(token, chunks)
-            finally:
-                token.close()
-    out["swtpm"] = {
-        "skipped": "not measured: tpm2-pkcs11 on a bare swtpm runs out of TPM object contexts "
-        "without a resource manager (tpm2-abrmd); see docs/deploy-pi.md"
-    }
+        out["softhsm"] = _on_token(tokens.softhsm_token, folder / "softhsm", chunks)
+        out["swtpm"] = _on_token(tokens.swtpm_token, folder / "swtpm", chunks)
     return out
 
 

@@ -290,21 +290,29 @@ def generate_on_token(ref: TokenKey) -> bytes:
             {attr.EC_PARAMS: p11.util.ec.encode_named_curve_parameters(P256_OID)},
             local=True,
         )
-        try:
-            params.generate_keypair(
-                store=True,
-                label=ref.key_label,
-                capabilities=p11.MechanismFlag.SIGN | p11.MechanismFlag.VERIFY,
-                private_template={
-                    attr.SENSITIVE: True,
-                    attr.EXTRACTABLE: False,
-                    attr.PRIVATE: True,
-                    attr.SIGN: True,
-                },
-            )
-        except p11.PKCS11Error as e:
+        sign = p11.MechanismFlag.SIGN | p11.MechanismFlag.VERIFY
+        # tpm2-pkcs11 (1.9) makes every EC key able to sign and decrypt, and refuses a
+        # template that says otherwise: asked for a signing-only key first, it gets this.
+        for capabilities in (sign, sign | p11.MechanismFlag.ENCRYPT | p11.MechanismFlag.DECRYPT):
+            try:
+                params.generate_keypair(
+                    store=True,
+                    label=ref.key_label,
+                    capabilities=capabilities,
+                    private_template={
+                        attr.SENSITIVE: True,
+                        attr.EXTRACTABLE: False,
+                        attr.PRIVATE: True,
+                        attr.SIGN: True,
+                    },
+                )
+                break
+            except p11.PKCS11Error as e:
+                failure = e
+        else:
             raise SignerError(
-                f"token {ref.token_label!r} could not generate a P-256 key: {type(e).__name__}"
+                f"token {ref.token_label!r} could not generate a P-256 key: "
+                f"{type(failure).__name__}"
             ) from None
         public = _public_key(session, ref)
         _private_key(session, ref)

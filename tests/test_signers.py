@@ -8,7 +8,6 @@ token made in a temporary folder through ``SOFTHSM2_CONF``, and python-pkcs11
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -29,9 +28,10 @@ from cngmrv.agent.recorder import Recorder, RecorderConfig
 from cngmrv.agent.store import Store
 from cngmrv.office.ingest import Ingest, IngestDB, register_device
 from cngmrv.signed import batch, hsm, keys
+from cngmrv.sim import tokens
 
 N = keys.P256_N
-SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
+SOFTHSM_MODULE = tokens.SOFTHSM_MODULE
 TOKEN = "cngmrv-test"
 USER_PIN = "246810"
 
@@ -149,32 +149,15 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     Made before anything in this process loads the module: SoftHSM2 reads its
     configuration and lists its tokens once, when it is first initialized.
     """
-    util = shutil.which("softhsm2-util")
-    if util is None or not SOFTHSM_MODULE.is_file():
-        pytest.skip("SoftHSM2 is not installed (Debian package softhsm2)")
     try:
         import pkcs11  # noqa: F401
     except ImportError:
         pytest.skip("python-pkcs11 is not installed (pip install 'cngmrv[pkcs11]')")
-    folder = tmp_path_factory.mktemp("softhsm")
-    (folder / "tokens").mkdir()
-    conf = folder / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {folder / 'tokens'}\nobjectstore.backend = file\n"
-        "log.level = ERROR\n"
-    )
-    before = os.environ.get("SOFTHSM2_CONF")
-    os.environ["SOFTHSM2_CONF"] = str(conf)
-    subprocess.run(
-        [util, "--init-token", "--free", "--label", TOKEN, "--pin", USER_PIN, "--so-pin", "13579"],
-        check=True,
-        capture_output=True,
-    )
-    yield conf
-    if before is None:
-        os.environ.pop("SOFTHSM2_CONF", None)
-    else:
-        os.environ["SOFTHSM2_CONF"] = before
+    try:
+        with tokens.softhsm_token(tmp_path_factory.mktemp("softhsm"), TOKEN, USER_PIN) as module:
+            yield module
+    except tokens.TokenUnavailable as e:
+        pytest.skip(str(e))
 
 
 def _token_config(tmp_path: Path, key_label: str, **over: str) -> Path:
@@ -336,3 +319,37 @@ def test_a_key_that_can_leave_the_token_is_refused(softhsm: Path, tmp_path: Path
     r = cli("config", "check", str(_token_config(tmp_path, label)))
     assert r.returncode == 2
     assert f"signer.key_label: key {label!r} can leave the token" in r.stderr, r.stderr
+
+
+# -- a software TPM 2.0 through tpm2-pkcs11 --------------------------------------------------
+
+
+@pytest.fixture
+def swtpm(tmp_path: Path) -> Iterator[Path]:
+    """A tpm2-pkcs11 token on a software TPM (swtpm behind tpm2-abrmd); yields the module."""
+    try:
+        import pkcs11  # noqa: F401
+    except ImportError:
+        pytest.skip("python-pkcs11 is not installed (pip install 'cngmrv[pkcs11]')")
+    try:
+        with tokens.swtpm_token(tmp_path / "tpm", "cngmrv-tpm", USER_PIN) as module:
+            yield module
+    except tokens.TokenUnavailable as e:
+        pytest.skip(str(e))
+
+
+def test_a_software_tpm_token_signs_batches_that_verify(swtpm: Path) -> None:
+    # The same signer on a TPM 2.0 through tpm2-pkcs11, as on a TPM HAT; its key too
+    # never leaves the chip.
+    ref = hsm.TokenKey(swtpm, "cngmrv-tpm", "device", USER_PIN)
+    pub = keys.public_key_from_pem(hsm.generate_on_token(ref))
+    signer = hsm.Pkcs11Signer(ref)
+    try:
+        prev, raws = batch.ZERO_HASH, []
+        for seq in range(12):
+            raws.append(batch.build(signer, "bus-1", seq, prev, {"readings": [{"t0": 1.0}]}))
+            prev = batch.sha256(raws[-1])
+    finally:
+        signer.close()
+    assert batch.verify_set(((f"{i}.batch", r) for i, r in enumerate(raws)), pub).passed
+    assert all(_low_s_strict_der(batch.parse(r).signature) for r in raws)
