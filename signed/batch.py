@@ -562,10 +562,11 @@ def follow_rotations(batches: Iterable[Batch], ring: KeyRing) -> KeyRing:
         if announced is None:
             continue
         new_kid, new_key = announced
-        first = limits.get((dev, kid), (0, None))[0]
-        limits[(dev, kid)] = (first, seq)
+        # Limits the caller gave (an ingest's revocations) stay: a rotation only narrows.
+        first, last = limits.get((dev, kid), (0, None))
+        limits[(dev, kid)] = (first, seq if last is None else min(last, seq))
         keys.setdefault(new_kid, (new_key, dev))
-        limits[(dev, new_kid)] = (seq + 1, None)
+        limits.setdefault((dev, new_kid), (seq + 1, None))
     return KeyRing(keys, limits)
 
 
