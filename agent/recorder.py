@@ -366,6 +366,11 @@ class Recorder:
         except StoreFull as e:
             log.error("event=seal_failed reason=%r", str(e))
             return None
+        except SignerError as e:
+            # A token that stopped answering: the readings stay committed and unsealed,
+            # and the next seal tries again (a PKCS#11 signer reopens its session).
+            log.error("event=seal_failed reason=signer detail=%r", str(e))
+            return None
         if sealed is None:
             return None
         self.sealed.append(sealed.seq)

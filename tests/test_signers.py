@@ -353,3 +353,30 @@ def test_a_software_tpm_token_signs_batches_that_verify(swtpm: Path) -> None:
         signer.close()
     assert batch.verify_set(((f"{i}.batch", r) for i, r in enumerate(raws)), pub).passed
     assert all(_low_s_strict_der(batch.parse(r).signature) for r in raws)
+
+
+def test_a_token_that_loses_its_key_stops_sealing_not_recording(
+    token_key: tuple[Path, str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import pkcs11
+
+    cfg_path, label, _ = token_key
+    signer = config.open_signer(config.load(cfg_path))
+    signer.close()
+    signer.sign(b"a closed session is reopened on the next signature")
+    rec = Recorder(tmp_path / "store.sqlite", "bus-1", signer, RecorderConfig(readings_per_batch=5))
+    rec.start()
+    sealed_before = len(rec.sealed)
+    # The key vanishes from the token under the running agent (a token reset, a wiped chip).
+    lib = pkcs11.lib(str(SOFTHSM_MODULE))
+    with lib.get_token(token_label=TOKEN).open(rw=True) as session:  # shares the agent's login
+        for obj in session.get_objects({pkcs11.Attribute.LABEL: label}):
+            obj.destroy()
+    for i in range(20):
+        rec.add([{"t0": 2000.0 + i, "dur": 1.0, "diesel_l": 0.001}])
+    rec.stop()
+    assert len(rec.sealed) == sealed_before  # nothing sealed without the key ...
+    assert rec.store.unsealed()[0] == 20  # ... and nothing committed was lost
+    assert "event=seal_failed reason=signer" in caplog.text
+    rec.close()
+    signer.close()
