@@ -3,8 +3,8 @@
 Signing sits behind :class:`Signer`: a key file (:class:`FileSigner`, the
 default) or a key that never leaves a PKCS#11 token (``cngmrv.signed.hsm``:
 a TPM 2.0, a secure element, SoftHSM2 in tests), without touching the batch
-code.  Every signer returns the one encoding :func:`canonical_signature`
-makes: strict DER, low-S.  The private key never leaves this module: nothing
+code.  Every signer returns the one encoding :func:`low_s` makes: strict
+DER, low-S.  The private key never leaves this module: nothing
 here logs or formats it.
 
 The file signer uses deterministic ECDSA (RFC 6979): a Raspberry Pi at boot
@@ -30,14 +30,15 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 ALG = "ES256"
+# The order n of P-256's base point: an ECDSA signature (r, s) verifies exactly
+# when (r, n - s) does, so batch format 2 admits only s <= n/2 (low-S).
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 # The algorithms a verifier accepts.  Only one: a header naming any other
 # algorithm is refused before the signature is even looked at, so an attacker
 # cannot pick a weaker one (OCMF leaves its algorithm field unsigned).
 ALLOWED_ALGS = frozenset({ALG})
 KEY_FILE = "device.key"
 PUB_FILE = "device.pub"
-# The order of P-256's base point: s and n - s verify alike, so only s <= n/2 is signed.
-P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
 class SignerError(Exception):
@@ -48,34 +49,33 @@ class KeyFileError(SignerError):
     """A key file is missing, unreadable, of the wrong type or too widely readable."""
 
 
-def canonical_signature(r: int, s: int) -> bytes:
-    """The one encoding every signer emits for the P-256 signature (r, s): DER, low-S.
-
-    ``(r, s)`` and ``(r, n - s)`` both verify, so a relay could re-encode a
-    batch and change its bytes without its key; signing only ``s <= n/2``
-    (and verifiers refusing the other form) leaves one valid signature per
-    (header, nonce).  The DER is cryptography's, which writes the minimal
-    form (no extra leading zeros, short lengths).  Raises ValueError for an
-    r or s outside 1..n-1, which no genuine signer produces.
-    """
-    if not (0 < r < P256_N and 0 < s < P256_N):
-        raise ValueError("r and s must lie in 1..n-1")
-    return encode_dss_signature(r, min(s, P256_N - s))
-
-
-def signature_from_raw(rs: bytes) -> bytes:
-    """A PKCS#11 ``CKM_ECDSA`` result (r || s, 32 bytes each) as :func:`canonical_signature`."""
-    if len(rs) != 64:
-        raise ValueError(f"a P-256 raw signature is 64 bytes, got {len(rs)}")
-    return canonical_signature(int.from_bytes(rs[:32], "big"), int.from_bytes(rs[32:], "big"))
-
-
 def kid_of(public_key: ec.EllipticCurvePublicKey) -> str:
     """Key id: hex SHA-256 of the public key's SubjectPublicKeyInfo DER."""
     der = public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return hashlib.sha256(der).hexdigest()
+
+
+def low_s(signature: bytes) -> bytes:
+    """The DER signature with ``s`` replaced by ``n - s`` when ``s > n/2``, in strict DER.
+
+    Every signer's output goes through this (a secure element signs with
+    whichever ``s`` it finds): batch format 2 accepts only the low form, so a
+    relay cannot make a second valid signature by negating ``s``.
+    """
+    r, s = decode_dss_signature(signature)
+    if s > P256_ORDER // 2:
+        s = P256_ORDER - s
+    return encode_dss_signature(r, s)
+
+
+def signature_from_raw(rs: bytes) -> bytes:
+    """A PKCS#11 ``CKM_ECDSA`` result (r || s, 32 bytes each) as DER, through :func:`low_s`."""
+    if len(rs) != 64:
+        raise ValueError(f"a P-256 raw signature is 64 bytes, got {len(rs)}")
+    r, s = int.from_bytes(rs[:32], "big"), int.from_bytes(rs[32:], "big")
+    return low_s(encode_dss_signature(r, s))
 
 
 class Signer(Protocol):
@@ -85,7 +85,7 @@ class Signer(Protocol):
     def kid(self) -> str: ...
 
     def sign(self, data: bytes) -> bytes:
-        """The DER ECDSA-P256-SHA256 signature of ``data``, low-S (:func:`canonical_signature`).
+        """Return the DER ECDSA-P256-SHA256 signature of ``data``, low-S (:func:`low_s`).
 
         Raises :class:`SignerError` when the key cannot be used (a token gone, a PIN refused).
         """
@@ -122,8 +122,7 @@ class FileSigner:
         return self._kid
 
     def sign(self, data: bytes) -> bytes:
-        der = self._key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
-        return canonical_signature(*decode_dss_signature(der))
+        return low_s(self._key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True)))
 
     def public_pem(self) -> bytes:
         return self._key.public_key().public_bytes(
