@@ -32,6 +32,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "cngmrv_frames_received_total": ("counter", "Frames received, per source"),
     "cngmrv_frames_dropped_total": ("counter", "Frames dropped on a full queue, per source"),
     "cngmrv_decode_errors_total": ("counter", "CAN frames rejected by the decoders"),
+    "cngmrv_engine_address_contests_total": (
+        "counter",
+        "Address claims disputing the engine's address (another NAME, or cannot claim)",
+    ),
     "cngmrv_tp_sessions_aborted_total": ("counter", "J1939 TP sessions aborted or timed out"),
     "cngmrv_kit_crc_errors_total": ("counter", "Kit frames rejected for a bad CRC"),
     "cngmrv_readings_total": ("counter", "Readings committed since start"),
@@ -65,6 +69,7 @@ def collect(agent: Agent) -> dict[str, list[tuple[dict[str, str], float]]]:
     else:
         m["cngmrv_kit_crc_errors_total"].append(({}, 0))
     m["cngmrv_decode_errors_total"].append(({}, s.decode_errors))
+    m["cngmrv_engine_address_contests_total"].append(({}, s.engine_address_contests))
     m["cngmrv_tp_sessions_aborted_total"].append(
         ({}, s.tp.get("aborted", 0) + s.tp.get("timeout", 0))
     )
@@ -225,6 +230,7 @@ def describe(samples: dict[str, float]) -> list[str]:
         ),
         f"errors          decode {g('cngmrv_decode_errors_total'):.0f}, "
         f"TP aborted {g('cngmrv_tp_sessions_aborted_total'):.0f}, "
+        f"engine address contests {g('cngmrv_engine_address_contests_total'):.0f}, "
         f"kit CRC {g('cngmrv_kit_crc_errors_total'):.0f}",
         f"readings        {g('cngmrv_readings_total'):.0f}",
         f"batches         {g('cngmrv_batches_sealed_total'):.0f} sealed, "

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cngmrv.drivers import j1939
-from cngmrv.drivers.address import EngineTracker
+from cngmrv.drivers.address import Contest, EngineTracker
 from cngmrv.drivers.dbc import DbcError, DbcSignals
 from cngmrv.drivers.dm1 import Dm1, Dm1Error, decode_dm1
 from cngmrv.drivers.j1939 import pgn_of
@@ -187,6 +187,7 @@ class PipelineStats:
     rpm_max: float | None = None
     dm1_changes: int = 0
     engine_address_changes: int = 0
+    engine_address_contests: int = 0  # claims disputing the engine's address (see EngineTracker)
     can_outages: int = 0
     extra: dict[str, list[float]] = field(default_factory=dict)  # DBC signal: [n, sum, min, max]
 
@@ -414,6 +415,9 @@ class Pipeline:
             self._reject(f"AddressClaimed: need 8 bytes, got {len(data)}")
             return
         change = self.engine.on_claim(can_id & 0xFF, data)
+        contest = self.engine.last_contest
+        if contest is not None:
+            self._on_contest(t, contest)
         if change is None:
             return
         self.stats.engine_address_changes += 1
@@ -428,6 +432,27 @@ class Pipeline:
             }
         )
         log.warning("event=engine_address_changed old=%s new=%s", change[0], change[1])
+
+    def _on_contest(self, t: float, contest: Contest) -> None:
+        self.stats.engine_address_contests += 1
+        self.events.append(
+            {
+                "t": t,
+                "kind": "ENGINE_ADDRESS_CONTESTED",
+                "contest": contest.kind,
+                "address": contest.address,
+                "claimer": f"{contest.claimer:016x}",
+                "name": None if contest.engine_name is None else f"{contest.engine_name:016x}",
+                "engine_kept": contest.engine_kept,
+            }
+        )
+        log.warning(
+            "event=engine_address_contested contest=%s address=%s claimer=%016x engine_kept=%s",
+            contest.kind,
+            contest.address,
+            contest.claimer,
+            contest.engine_kept,
+        )
 
     def _on_dm1(self, t: float, can_id: int, data: bytes, mono: float) -> None:
         self._dm1_payload(t, can_id & 0xFF, data)

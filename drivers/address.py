@@ -22,10 +22,12 @@ __all__ = [
     "NULL_ADDRESS",
     "AddressClaimer",
     "AddressTable",
+    "Contest",
     "EngineTracker",
     "Name",
     "encode_name",
     "parse_name",
+    "says_engine",
 ]
 
 NULL_ADDRESS = 254  # source of a "cannot claim address" message
@@ -99,6 +101,13 @@ class AddressTable:
     def address_of(self, name: int) -> int | None:
         return self._by_name.get(name)
 
+    def assume(self, address: int, name: int) -> None:
+        """Record ``name`` at ``address`` without a claim (one made before listening began)."""
+        if address in self._by_address or name in self._by_name:
+            return
+        self._by_address[address] = name
+        self._by_name[name] = address
+
     def on_claim(self, source: int, data: bytes) -> bool:
         """Apply an Address Claimed frame from ``source``; False if it is malformed."""
         if len(data) < 8 or source == GLOBAL:
@@ -121,6 +130,28 @@ class AddressTable:
         return True
 
 
+class Contest(NamedTuple):
+    """A claim that disputes the engine's address (J1939-81 contention seen by a listener).
+
+    ``kind`` is ``"claimed"`` (another NAME claimed the engine's address) or
+    ``"cannot_claim"`` (the engine, or another NAME that says "engine #1",
+    reported from the null address that it has no address).  ``engine_kept``
+    says whether the tracker still takes the engine at ``address``.
+    """
+
+    kind: str
+    address: int | None  # the disputed address (the engine's before the claim)
+    claimer: int  # the NAME in the claim
+    engine_name: int | None
+    engine_kept: bool
+
+
+def says_engine(name: int) -> bool:
+    """True if a NAME's own fields say "engine #1" (function 0, function instance 0)."""
+    fields = parse_name(name)
+    return fields.function == 0 and fields.function_instance == 0
+
+
 class EngineTracker:
     """The engine's current source address, following its NAME through address claims.
 
@@ -131,6 +162,18 @@ class EngineTracker:
     address is ``default_address``, so a bus (or a recording) without address
     claims still works.  :attr:`address` is ``None`` while the engine has no
     address, and then no frame counts as the engine's.
+
+    Once the engine's NAME is known (pinned, or adopted from its own claim),
+    it keeps its configured or last-known address until a claim concerns its
+    NAME or that address: a listener that starts mid-trip has not seen the
+    engine's claim, so the engine is taken to hold its address, and other
+    nodes claiming other addresses never unassign it.  A claim on that address
+    by another NAME is resolved as the ECUs resolve it (the lower NAME wins);
+    it, and a "cannot claim" from the engine or from another NAME that says
+    "engine #1", is a :class:`Contest` (:attr:`last_contest` after the call,
+    :attr:`contests` in total).  Unpinned, the tracker cannot tell two NAMEs
+    that both say "engine #1" apart: it keeps the first and reports the
+    second as a contest, so only a pinned NAME is proof against a hijacker.
     """
 
     def __init__(self, default_address: int = 0, engine_name: int | None = None) -> None:
@@ -140,26 +183,49 @@ class EngineTracker:
         self._pinned = engine_name is not None  # by config or by the NAME's own function field
         self.address: int | None = default_address
         self.changes = 0
+        self.contests = 0
+        self.last_contest: Contest | None = None
 
     def on_claim(self, source: int, data: bytes) -> tuple[int | None, int | None] | None:
-        """Apply an Address Claimed frame; returns ``(old, new)`` if the engine's address changed."""
+        """Apply an Address Claimed frame; returns ``(old, new)`` if the engine's address changed.
+
+        :attr:`last_contest` is set when the claim disputes the engine's address,
+        else ``None``.
+        """
+        self.last_contest = None
+        if len(data) < 8 or source == GLOBAL:
+            return None
+        claimer = int.from_bytes(data[:8], "little")
+        name, address = self.name, self.address
+        if name is not None and address is not None and self.table.address_of(name) is None:
+            # Not seen claiming since we started listening: it holds its address.
+            self.table.assume(address, name)
+        contest: str | None = None
+        if source == NULL_ADDRESS:
+            if claimer == name or says_engine(claimer):
+                contest = "cannot_claim"
+        elif source == address and name is not None and claimer != name:
+            contest = "claimed"
         if not self.table.on_claim(source, data):
             return None
         if not self._pinned:
-            claimer = int.from_bytes(data[:8], "little")
-            fields = parse_name(claimer)
-            if fields.function == 0 and fields.function_instance == 0:
+            if says_engine(claimer) and source != NULL_ADDRESS:
                 self.name, self._pinned = claimer, True
             elif self.name is None:
                 self.name = self.table.name_at(self.default_address)
-        if self.name is None:
-            return None
-        new = self.table.address_of(self.name)
-        if new == self.address:
-            return None
-        old, self.address = self.address, new
-        self.changes += 1
-        return old, new
+        change: tuple[int | None, int | None] | None = None
+        if self.name is not None:
+            new = self.table.address_of(self.name)
+            if new != self.address:
+                change = (self.address, new)
+                self.address = new
+                self.changes += 1
+        if contest is not None:
+            self.contests += 1
+            self.last_contest = Contest(
+                contest, address, claimer, self.name, self.address is not None
+            )
+        return change
 
 
 class AddressClaimer:
