@@ -259,6 +259,18 @@ def _store_counts(db_path: Path) -> dict[str, int]:
         db.close()
 
 
+def _replay_source(text: str) -> tuple[str, str | int]:
+    from cngmrv.drivers.address import SIGNALS, parse_source_rule
+
+    signal, sep, rule = text.partition("=")
+    if not sep or signal not in SIGNALS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SIGNAL=RULE, SIGNAL one of {SIGNALS}")
+    try:
+        return signal, parse_source_rule(rule)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _replay(args: argparse.Namespace) -> int:
     from cngmrv.agent import replay
     from cngmrv.agent.pipeline import PipelineConfig
@@ -267,6 +279,7 @@ def _replay(args: argparse.Namespace) -> int:
     pipeline = PipelineConfig(
         engine_source_address=args.engine_sa,
         engine_name=int(args.engine_name, 16) if args.engine_name else None,
+        sources=dict(args.source),
     )
     dbc = DbcSignals(Path(args.dbc)) if args.dbc else None
     progress = sys.stderr if sys.stderr.isatty() and not args.no_progress else None
@@ -359,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file", help="candump .log, .asc, .blf, .trc, .csv, .db or .mf4 (also .gz)")
     s.add_argument("--engine-sa", type=int, default=0, help="engine source address (0)")
     s.add_argument("--engine-name", default="", help="pin the engine to this J1939 NAME (hex)")
+    s.add_argument(
+        "--source",
+        type=_replay_source,
+        action="append",
+        default=[],
+        metavar="SIGNAL=RULE",
+        help="take a signal (fuel_rate, fuel_total, engine_speed, wheel_speed) from an address, "
+        "'engine', 'function:N' or 'auto' (repeatable; docs/can.md)",
+    )
     s.add_argument("--dbc", help="decode extra signals from this DBC")
     s.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
     s.add_argument("--json", action="store_true", help="print one JSON object")

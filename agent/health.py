@@ -36,6 +36,15 @@ METRICS: dict[str, tuple[str, str]] = {
         "counter",
         "Address claims disputing the engine's address (another NAME, or cannot claim)",
     ),
+    "cngmrv_signal_source_address": (
+        "gauge",
+        "Source address each signal is taken from (-1 = none yet, or its ECU has none)",
+    ),
+    "cngmrv_signal_foreign_frames_total": (
+        "counter",
+        "Frames of a signal from other senders than its source, never used",
+    ),
+    "cngmrv_signal_other_senders": ("gauge", "Other addresses seen sending a signal"),
     "cngmrv_tp_sessions_aborted_total": ("counter", "J1939 TP sessions aborted or timed out"),
     "cngmrv_kit_crc_errors_total": ("counter", "Kit frames rejected for a bad CRC"),
     "cngmrv_readings_total": ("counter", "Readings committed since start"),
@@ -70,6 +79,14 @@ def collect(agent: Agent) -> dict[str, list[tuple[dict[str, str], float]]]:
         m["cngmrv_kit_crc_errors_total"].append(({}, 0))
     m["cngmrv_decode_errors_total"].append(({}, s.decode_errors))
     m["cngmrv_engine_address_contests_total"].append(({}, s.engine_address_contests))
+    for signal, src in agent.pipeline.sources.items():
+        address = src.address
+        m["cngmrv_signal_source_address"].append(
+            ({"signal": signal}, -1 if address is None else address)
+        )
+        label = {"signal": signal}
+        m["cngmrv_signal_foreign_frames_total"].append((label, sum(src.others.values())))
+        m["cngmrv_signal_other_senders"].append((label, len(src.others)))
     m["cngmrv_tp_sessions_aborted_total"].append(
         ({}, s.tp.get("aborted", 0) + s.tp.get("timeout", 0))
     )

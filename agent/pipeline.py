@@ -19,8 +19,11 @@ message fed after frames that came later is timed by them.
 Protocol timers (the transport protocol's T1-T4) run on the monotonic time
 each CAN frame carries (``mono``), never on the bus timestamp, which is wall
 time and may step.  The engine is followed by its NAME through address claims
-(:class:`~cngmrv.drivers.address.EngineTracker`): fuel rate, speed and engine
-speed from any other ECU are counted as foreign and never integrated.  Each
+(:class:`~cngmrv.drivers.address.EngineTracker`); each signal (fuel rate, fuel
+counter, engine speed, wheel speed) is taken from one source address by its
+rule (:class:`~cngmrv.drivers.address.SignalSource`: the engine for the
+engine's signals unless configured), and the same signal from any other ECU
+is counted as foreign, reported once per sender, and never integrated.  Each
 change of an ECU's active DM1 trouble codes or lamps is an event; so is an
 outage of the CAN source, which also cuts the CAN channels with an explicit
 gap however short it was.
@@ -54,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cngmrv.drivers import j1939
-from cngmrv.drivers.address import Contest, EngineTracker
+from cngmrv.drivers.address import SIGNALS, Contest, EngineTracker, SignalSource, SourceRule
 from cngmrv.drivers.dbc import DbcError, DbcSignals
 from cngmrv.drivers.dm1 import Dm1, Dm1Error, decode_dm1
 from cngmrv.drivers.j1939 import pgn_of
@@ -144,6 +147,8 @@ class PipelineConfig:
     fuel: FuelFactors = field(default_factory=FuelFactors)
     gas: GasCalibration = field(default_factory=GasCalibration)
     engine_name: int | None = None  # pin the engine to this J1939 NAME (None: see EngineTracker)
+    # Per signal (drivers.address.SIGNALS), where it is taken from; absent: "auto" (SignalSource).
+    sources: Mapping[str, SourceRule] = field(default_factory=dict)
 
 
 class _Column:
@@ -255,6 +260,12 @@ class Pipeline:
         self._tank_watch: tuple[float, float, float] | None = None  # value, gas total, since
         self._tank_stuck = False
         self.engine = EngineTracker(config.engine_source_address, config.engine_name)
+        unknown = set(config.sources) - set(SIGNALS)
+        if unknown:
+            raise ValueError(f"unknown signal(s) {sorted(unknown)} (known: {', '.join(SIGNALS)})")
+        self.sources = {
+            sig: SignalSource(sig, config.sources.get(sig, "auto"), self.engine) for sig in SIGNALS
+        }
         self._tp = TpReassembler()
         self.stats.tp = self._tp.counters
         self._tp_swept = -math.inf
@@ -328,19 +339,38 @@ class Pipeline:
 
         return both
 
-    def _from_engine(self, can_id: int) -> bool:
-        if can_id & 0xFF == self.engine.address:
+    def _from_source(self, t: float, signal: str, can_id: int) -> bool:
+        """True if the frame comes from the signal's source (:class:`SignalSource`)."""
+        src = self.sources[signal]
+        verdict = src.accepts(can_id & 0xFF)
+        if verdict is True:
             return True
-        # Another ECU's fuel rate or speed must never be mixed into the engine's.
+        # Another ECU's fuel rate or speed must never be mixed into the source's.
         self.stats.foreign_source += 1
+        if verdict is not False:
+            self.events.append(
+                {
+                    "t": t,
+                    "kind": "SIGNAL_SECOND_SENDER",
+                    "signal": signal,
+                    "sender": verdict,
+                    "source": src.address,
+                }
+            )
+            log.warning(
+                "event=signal_second_sender signal=%s sender=%d source=%s",
+                signal,
+                verdict,
+                src.address,
+            )
         return False
 
     def _on_lfe(self, t: float, can_id: int, data: bytes, mono: float) -> None:
-        if self._from_engine(can_id):
+        if self._from_source(t, "fuel_rate", can_id):
             self._decode_into("diesel_l", "fuel_rate_lph", t, j1939.PGN_LFE, data)
 
     def _on_ccvs(self, t: float, can_id: int, data: bytes, mono: float) -> None:
-        if self._from_engine(can_id):
+        if self._from_source(t, "wheel_speed", can_id):
             speed = self._decode_into("distance_km", "wheel_speed_kmh", t, j1939.PGN_CCVS, data)
             self._speed = (t, speed)
 
@@ -359,7 +389,7 @@ class Pipeline:
         return sig.value
 
     def _on_eec1(self, t: float, can_id: int, data: bytes, mono: float) -> None:
-        if not self._from_engine(can_id):
+        if not self._from_source(t, "engine_speed", can_id):
             return
         try:
             rpm = j1939.decode_detail(j1939.PGN_EEC1, data)["engine_speed_rpm"]
@@ -383,7 +413,7 @@ class Pipeline:
 
     def _on_lfc(self, t: float, can_id: int, data: bytes, mono: float) -> None:
         """The engine's total-fuel counter: the cross-check of the integrated LFE rate."""
-        if not self._from_engine(can_id):
+        if not self._from_source(t, "fuel_total", can_id):
             return
         try:
             total = j1939.decode(j1939.PGN_LFC, data)["total_fuel_l"]
@@ -827,6 +857,8 @@ class Pipeline:
             "mode_s": dict(ch["mode"].states or {}),
             "idle_s": engine.get("idle", 0.0),
             "engine_on_s": engine.get("idle", 0.0) + engine.get("moving", 0.0),
+            # The source address each signal is taken from at the window's end (None: none).
+            "src": {sig: src.address for sig, src in self.sources.items()},
         }
         gaps = {name: [c.gaps, round(c.longest_gap_s, 3)] for name, c in ch.items() if c.gaps}
         if gaps:

@@ -124,6 +124,15 @@ def _summary(
         "engine_speed_min_rpm": s.rpm_min,
         "engine_speed_max_rpm": s.rpm_max,
         "engine_address": pipeline.engine.address,
+        "sources": {
+            sig: {
+                "source": src.address,
+                "rule": src.settled,
+                "frames": src.accepted,
+                "other_senders": {str(sa): n for sa, n in sorted(src.others.items())},
+            }
+            for sig, src in pipeline.sources.items()
+        },
         "decode_errors": s.decode_errors,
         "reasons": dict(s.reasons),
         "foreign_source": s.foreign_source,
@@ -171,6 +180,13 @@ def print_summary(s: dict[str, Any], out: TextIO = sys.stdout) -> None:
         f"readings {s['readings']}; decode errors {s['decode_errors']}; "
         f"frames from other ECUs {s['foreign_source']}\n"
     )
+    for sig, src in s["sources"].items():
+        if not src["frames"] and not src["other_senders"]:
+            continue
+        where = "no address" if src["source"] is None else f"SA {src['source']}"
+        line = f"{sig:<13} from {where} ({src['rule']}), {src['frames']} frames"
+        others = ", ".join(f"SA {sa} ({n})" for sa, n in src["other_senders"].items())
+        w(line + (f"; also sent by {others}, not used" if others else "") + "\n")
     for reason, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1])[:5]:
         w(f"  {n:8d}  {reason}\n")
     for sa, dm1 in s["dm1"].items():

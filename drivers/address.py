@@ -19,14 +19,20 @@ from typing import NamedTuple
 from cngmrv.drivers.j1939 import GLOBAL, PGN_ADDRESS_CLAIMED, PGN_REQUEST, make_id
 
 __all__ = [
+    "ENGINE_SIGNALS",
     "NULL_ADDRESS",
+    "SIGNALS",
     "AddressClaimer",
     "AddressTable",
     "Contest",
     "EngineTracker",
     "Name",
+    "SignalSource",
+    "SourceRule",
+    "check_source_rule",
     "encode_name",
     "parse_name",
+    "parse_source_rule",
     "says_engine",
 ]
 
@@ -107,6 +113,11 @@ class AddressTable:
             return
         self._by_address[address] = name
         self._by_name[name] = address
+
+    def first_with_function(self, function: int) -> int | None:
+        """The lowest address held by a NAME whose function field is ``function``."""
+        found = [a for a, n in self._by_address.items() if parse_name(n).function == function]
+        return min(found) if found else None
 
     def on_claim(self, source: int, data: bytes) -> bool:
         """Apply an Address Claimed frame from ``source``; False if it is malformed."""
@@ -226,6 +237,116 @@ class EngineTracker:
                 contest, address, claimer, self.name, self.address is not None
             )
         return change
+
+
+# The signals the pipeline decodes, each from one source address (see SignalSource).
+SIGNALS = ("fuel_rate", "fuel_total", "engine_speed", "wheel_speed")
+# Signals that only an engine controller sends; "auto" takes them from the engine.
+ENGINE_SIGNALS = frozenset({"fuel_rate", "fuel_total", "engine_speed"})
+SourceRule = str | int  # "auto", "engine", "function:N" or a source address 0..253
+
+
+def check_source_rule(rule: object) -> str | None:
+    """The reason ``rule`` is not a source rule, or None if it is one."""
+    if isinstance(rule, bool):
+        return "must be 'auto', 'engine', 'function:N' or a source address 0..253"
+    if isinstance(rule, int):
+        return None if 0 <= rule <= 253 else "must be a J1939 source address 0..253"
+    if rule in ("auto", "engine"):
+        return None
+    if isinstance(rule, str) and rule.startswith("function:"):
+        n = rule.removeprefix("function:")
+        if n.isdigit() and int(n) <= 255:
+            return None
+        return "function:N needs a NAME function code 0..255"
+    return "must be 'auto', 'engine', 'function:N' or a source address 0..253"
+
+
+def parse_source_rule(text: str) -> SourceRule:
+    """A rule as typed on a command line ("71" is an address); ``ValueError`` if it is none."""
+    rule: SourceRule = int(text) if text.isdigit() else text
+    reason = check_source_rule(rule)
+    if reason is not None:
+        raise ValueError(f"{text!r}: {reason}")
+    return rule
+
+
+class SignalSource:
+    """The one source address a signal is taken from, and who else sends it.
+
+    The rule (:data:`SourceRule`) is configured per signal:
+
+    * an address (0..253): frames from that address only;
+    * ``"engine"``: the engine's address, following :class:`EngineTracker`;
+    * ``"function:N"``: the address claimed by the NAME whose function field
+      is N (the lowest such address), following it through claims; none until
+      such a NAME has claimed;
+    * ``"auto"`` (the default): ``"engine"`` for the engine's own signals
+      (:data:`ENGINE_SIGNALS`); for the others, the first ECU heard sending
+      the signal, kept for the rest of the run: the engine (followed as
+      ``"engine"``) when that is the engine, else the NAME that claimed the
+      address (followed by NAME), else the address.  On a bus where one ECU
+      sends it, that ECU; where several do, the first heard, and the others
+      are reported.
+
+    Frames of the signal from any other address are counted per address in
+    :attr:`others` and never used; :meth:`accepts` returns them as second
+    senders the first time each is seen.
+    """
+
+    def __init__(self, signal: str, rule: SourceRule, engine: EngineTracker) -> None:
+        reason = check_source_rule(rule)
+        if reason is not None:
+            raise ValueError(f"source of {signal}: {reason} (got {rule!r})")
+        self.signal = signal
+        self.rule = rule
+        self._engine = engine
+        self._mode: SourceRule = "engine" if rule == "auto" and signal in ENGINE_SIGNALS else rule
+        self._name: int | None = None  # followed NAME, once "auto" settled on one
+        self.accepted = 0
+        self.others: dict[int, int] = {}
+
+    @property
+    def address(self) -> int | None:
+        """The address frames are taken from now (None: none yet, or the ECU has none)."""
+        mode = self._mode
+        if mode == "engine":
+            return self._engine.address
+        if isinstance(mode, int):
+            return mode
+        table = self._engine.table
+        if self._name is not None:
+            return table.address_of(self._name)
+        if isinstance(mode, str) and mode.startswith("function:"):
+            return table.first_with_function(int(mode.removeprefix("function:")))
+        return None  # "auto", before the first frame
+
+    @property
+    def settled(self) -> str:
+        """How the current source was chosen, for people."""
+        mode = self._mode
+        if self.rule == "auto" and mode != "auto":
+            how = "engine" if mode == "engine" else "first sender"
+            return f"auto: {how}"
+        return str(mode) if not isinstance(mode, int) else "configured address"
+
+    def accepts(self, source: int) -> bool | int:
+        """True if a frame from ``source`` is this signal's; else False, or ``source``
+        itself (an int) the first time that address is seen sending it."""
+        if self._mode == "auto":
+            if source == self._engine.address:
+                self._mode = "engine"
+            else:
+                self._mode = source
+                name = self._engine.table.name_at(source)
+                if name is not None:
+                    self._mode, self._name = "name", name
+        if source == self.address:
+            self.accepted += 1
+            return True
+        n = self.others.get(source, 0)
+        self.others[source] = n + 1
+        return source if n == 0 else False
 
 
 class AddressClaimer:
