@@ -271,6 +271,27 @@ def _replay_source(text: str) -> tuple[str, str | int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _replay_max_gap(text: str) -> tuple[str, float | str]:
+    import math
+
+    from cngmrv.agent.pipeline import GAP_SIGNALS
+
+    signal, sep, value = text.partition("=")
+    if not sep or signal not in GAP_SIGNALS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected SIGNAL=SECONDS or SIGNAL=auto, SIGNAL one of {tuple(GAP_SIGNALS)}"
+        )
+    if value == "auto":
+        return signal, value
+    try:
+        gap = float(value)
+    except ValueError:
+        gap = math.nan
+    if not gap > 0 or not math.isfinite(gap):
+        raise argparse.ArgumentTypeError(f"{text!r}: the gap must be a number of seconds > 0")
+    return signal, gap
+
+
 def _replay(args: argparse.Namespace) -> int:
     from cngmrv.agent import replay
     from cngmrv.agent.pipeline import PipelineConfig
@@ -280,10 +301,12 @@ def _replay(args: argparse.Namespace) -> int:
         engine_source_address=args.engine_sa,
         engine_name=int(args.engine_name, 16) if args.engine_name else None,
         sources=dict(args.source),
+        max_gap_s={sig: gap for sig, gap in args.max_gap if gap != "auto"},
     )
+    detect = {sig for sig, gap in args.max_gap if gap == "auto"}
     dbc = DbcSignals(Path(args.dbc)) if args.dbc else None
     progress = sys.stderr if sys.stderr.isatty() and not args.no_progress else None
-    summary = replay.replay(Path(args.file), pipeline, dbc, progress)
+    summary = replay.replay(Path(args.file), pipeline, dbc, progress, detect)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -380,6 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIGNAL=RULE",
         help="take a signal (fuel_rate, fuel_total, engine_speed, wheel_speed) from an address, "
         "'engine', 'function:N' or 'auto' (repeatable; docs/can.md)",
+    )
+    s.add_argument(
+        "--max-gap",
+        type=_replay_max_gap,
+        action="append",
+        default=[],
+        metavar="SIGNAL=SECONDS|auto",
+        help="a prescaled log: bridge longer gaps of a signal (fuel_rate, wheel_speed, "
+        "engine_speed), or detect its logger's steady period (repeatable)",
     )
     s.add_argument("--dbc", help="decode extra signals from this DBC")
     s.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")

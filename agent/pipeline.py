@@ -149,6 +149,13 @@ class PipelineConfig:
     engine_name: int | None = None  # pin the engine to this J1939 NAME (None: see EngineTracker)
     # Per signal (drivers.address.SIGNALS), where it is taken from; absent: "auto" (SignalSource).
     sources: Mapping[str, SourceRule] = field(default_factory=dict)
+    # Per integrated signal (GAP_SIGNALS), a longer maximum gap than can_max_gap_s, for
+    # replaying a logger that thins messages out; the live agent keeps the strict rule.
+    max_gap_s: Mapping[str, float] = field(default_factory=dict)
+
+    def gap_of(self, signal: str) -> float:
+        """The longest interval bridged between two samples of ``signal``."""
+        return self.max_gap_s.get(signal, self.can_max_gap_s)
 
 
 class _Column:
@@ -195,10 +202,32 @@ class PipelineStats:
     engine_address_contests: int = 0  # claims disputing the engine's address (see EngineTracker)
     can_outages: int = 0
     extra: dict[str, list[float]] = field(default_factory=dict)  # DBC signal: [n, sum, min, max]
+    # Per signal: intervals between frames from its source, ms -> count (median_period).
+    periods: dict[str, dict[int, int]] = field(default_factory=dict)
 
 
 # The integrator channels fed from the engine's CAN frames (cut on a CAN outage).
 CAN_CHANNELS = ("diesel_l", "distance_km", "engine_rev", "engine")
+# The integrated CAN signals and the channels each one feeds.
+GAP_SIGNALS = {
+    "fuel_rate": ("diesel_l",),
+    "wheel_speed": ("distance_km",),
+    "engine_speed": ("engine_rev", "engine"),
+}
+
+
+def period_quantile(intervals: Mapping[int, int], q: float) -> float | None:
+    """The ``q`` quantile (0..1) of a histogram of intervals in milliseconds, in seconds."""
+    n = sum(intervals.values())
+    if not n:
+        return None
+    seen = 0
+    for ms in sorted(intervals):
+        seen += intervals[ms]
+        if seen >= q * n:
+            return ms / 1000.0
+    return max(intervals) / 1000.0
+
 
 # (bus time, 29-bit CAN id, payload, monotonic time)
 Handler = Callable[[float, int, bytes, float], None]
@@ -266,6 +295,12 @@ class Pipeline:
         self.sources = {
             sig: SignalSource(sig, config.sources.get(sig, "auto"), self.engine) for sig in SIGNALS
         }
+        unknown = set(config.max_gap_s) - set(GAP_SIGNALS)
+        if unknown:
+            raise ValueError(
+                f"no gap rule for {sorted(unknown)} (integrated: {', '.join(GAP_SIGNALS)})"
+            )
+        self._signal_t: dict[str, float] = {}  # latest frame time of each signal from its source
         self._tp = TpReassembler()
         self.stats.tp = self._tp.counters
         self._tp_swept = -math.inf
@@ -344,6 +379,12 @@ class Pipeline:
         src = self.sources[signal]
         verdict = src.accepts(can_id & 0xFF)
         if verdict is True:
+            last = self._signal_t.get(signal)
+            self._signal_t[signal] = t
+            if last is not None and t > last:
+                hist = self.stats.periods.setdefault(signal, {})
+                ms = round((t - last) * 1000.0)
+                hist[ms] = hist.get(ms, 0) + 1
             return True
         # Another ECU's fuel rate or speed must never be mixed into the source's.
         self.stats.foreign_source += 1
@@ -594,7 +635,7 @@ class Pipeline:
         if self._speed is None:
             return None
         ts, kmh = self._speed
-        if kmh is None or abs(t - ts) > self.config.can_max_gap_s:
+        if kmh is None or abs(t - ts) > self.config.gap_of("wheel_speed"):
             return None
         return float(ENGINE_IDLE if kmh <= self.config.idle_max_kmh else ENGINE_MOVING)
 
@@ -939,13 +980,13 @@ def injection_fields(msg: Mapping[str, Any]) -> tuple[float | None, float | None
 
 
 def _channels(config: PipelineConfig) -> list[Any]:
-    can_gap, kit_gap, gas = config.can_max_gap_s, config.kit_max_gap_s, config.gas
+    kit_gap, gas = config.kit_max_gap_s, config.gas
     return [
-        ChannelSpec("diesel_l", can_gap, PER_HOUR),
-        ChannelSpec("distance_km", can_gap, PER_HOUR),
+        ChannelSpec("diesel_l", config.gap_of("fuel_rate"), PER_HOUR),
+        ChannelSpec("distance_km", config.gap_of("wheel_speed"), PER_HOUR),
         # Revolutions: mean rpm of a reading is 60 * integral / covered seconds.
-        ChannelSpec("engine_rev", can_gap, PER_MINUTE),
-        StateSpec("engine", can_gap, ENGINE_STATES),
+        ChannelSpec("engine_rev", config.gap_of("engine_speed"), PER_MINUTE),
+        StateSpec("engine", config.gap_of("engine_speed"), ENGINE_STATES),
         ChannelSpec("gas_kg", kit_gap, PER_HOUR),
         EventSpec("gas_kg_events", kit_gap, gas.injector_k, gas.injector_dead_time_ms),
         # Seconds per kit mode, with the same gap rules as the gas flow they qualify.
