@@ -20,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cngmrv.agent.pipeline import GAP_SIGNALS
+
 if TYPE_CHECKING:
     from cngmrv.agent.runtime import Agent
 
@@ -32,6 +34,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "cngmrv_frames_received_total": ("counter", "Frames received, per source"),
     "cngmrv_frames_dropped_total": ("counter", "Frames dropped on a full queue, per source"),
     "cngmrv_decode_errors_total": ("counter", "CAN frames rejected by the decoders"),
+    "cngmrv_ecu_error_values_total": (
+        "counter",
+        "Signal values the ECU sent as error (0xFE..), apart from decode errors",
+    ),
     "cngmrv_engine_address_contests_total": (
         "counter",
         "Address claims disputing the engine's address (another NAME, or cannot claim)",
@@ -85,6 +91,8 @@ def collect(agent: Agent) -> dict[str, list[tuple[dict[str, str], float]]]:
             ({"signal": signal}, -1 if address is None else address)
         )
         label = {"signal": signal}
+        if signal in GAP_SIGNALS:
+            m["cngmrv_ecu_error_values_total"].append((label, s.ecu_errors.get(signal, 0)))
         m["cngmrv_signal_foreign_frames_total"].append((label, sum(src.others.values())))
         m["cngmrv_signal_other_senders"].append((label, len(src.others)))
     m["cngmrv_tp_sessions_aborted_total"].append(

@@ -202,7 +202,9 @@ class PipelineStats:
     engine_address_contests: int = 0  # claims disputing the engine's address (see EngineTracker)
     can_outages: int = 0
     extra: dict[str, list[float]] = field(default_factory=dict)  # DBC signal: [n, sum, min, max]
-    # Per signal: intervals between frames from its source, ms -> count (median_period).
+    # Per signal: values the ECU sent as "error" (0xFE..), apart from decode_errors.
+    ecu_errors: dict[str, int] = field(default_factory=dict)
+    # Per signal: intervals between frames from its source, ms -> count (period_quantile).
     periods: dict[str, dict[int, int]] = field(default_factory=dict)
 
 
@@ -214,6 +216,9 @@ GAP_SIGNALS = {
     "wheel_speed": ("distance_km",),
     "engine_speed": ("engine_rev", "engine"),
 }
+
+# The signal each of those channels is fed by.
+CHANNEL_SIGNALS = {ch: signal for signal, chs in GAP_SIGNALS.items() for ch in chs}
 
 
 def period_quantile(intervals: Mapping[int, int], q: float) -> float | None:
@@ -619,7 +624,14 @@ class Pipeline:
 
     def _push_signal(self, channel: str, t: float, sig: j1939.Decoded, pgn: int) -> None:
         if sig.value is None:
-            self._reject(f"PGN {pgn} {channel}: {sig.status}")
+            if sig.status == "error":
+                # The ECU's own "error" value (0xFE..): its sensor's fault, not a frame we
+                # could not read; a gap all the same.
+                signal = CHANNEL_SIGNALS[channel]
+                errors = self.stats.ecu_errors
+                errors[signal] = errors.get(signal, 0) + 1
+            else:
+                self._reject(f"PGN {pgn} {channel}: {sig.status}")
         self._add(channel, t, sig.value)
 
     def _engine_state(self, t: float, rpm: float | None) -> float | None:

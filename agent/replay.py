@@ -202,12 +202,15 @@ def _why_low(signal: str, pipeline: Pipeline, median: float | None, gap: float, 
                 f"--source {signal}=ADDRESS takes it from one of them"
             )
         return "no frames of this signal in the log"
+    flagged = pipeline.stats.ecu_errors.get(signal, 0)
     if median is not None and median > gap:
         return (
             f"median period {median:g} s is longer than the max gap {gap:g} s "
             f"(a prescaled log?): --max-gap {signal}=SECONDS, or --max-gap {signal}=auto "
             "to detect the logger's period"
         )
+    if flagged:
+        return f"{flagged} values sent by the ECU as error (0xFE..), a gap each"
     return f"{gaps} gaps longer than {gap:g} s, or the signal is sent in part of the log only"
 
 
@@ -248,6 +251,8 @@ def _summary(
             for sig, src in pipeline.sources.items()
         },
         "decode_errors": s.decode_errors,
+        "ecu_errors": dict(sorted(s.ecu_errors.items())),
+        "skipped": dict(sorted(log.skipped.items())),
         "reasons": dict(s.reasons),
         "foreign_source": s.foreign_source,
         "pgns": {str(pgn): n for pgn, n in sorted(s.pgns.items())},
@@ -294,6 +299,12 @@ def print_summary(s: dict[str, Any], out: TextIO = sys.stdout) -> None:
         f"readings {s['readings']}; decode errors {s['decode_errors']}; "
         f"frames from other ECUs {s['foreign_source']}\n"
     )
+    if s["ecu_errors"]:
+        flagged = ", ".join(f"{sig} {n}" for sig, n in s["ecu_errors"].items())
+        w(f"values the ECU sent as error (0xFE..): {flagged}\n")
+    if s["skipped"]:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in s["skipped"].items())
+        w(f"records not read as J1939 frames: {kinds}\n")
     for sig, src in s["sources"].items():
         if not src["frames"] and not src["other_senders"]:
             continue

@@ -30,6 +30,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -69,6 +70,7 @@ class _LineCounter:
         self.lines = 0
         self.chars = 0
         self.unterminated = False  # the last line read had no line end
+        self.last = ""  # the last line read
 
     def __iter__(self) -> _LineCounter:
         return self
@@ -78,6 +80,7 @@ class _LineCounter:
         self.lines += 1
         self.chars += len(line)
         self.unterminated = not line.endswith("\n")
+        self.last = line
         return line
 
     def readline(self, size: int = -1) -> str:
@@ -113,12 +116,56 @@ class _Complaints(logging.Handler):
             self.first = (self._where(), record.getMessage())
 
 
+# Record types python-can's TRC reader drops (it logs each at INFO), by the kind
+# the replay summary counts them as; other types count as "trc_<type>".
+_TRC_KINDS = {
+    "ER": "error_frame",  # 2.x error frame
+    "Error": "error_frame",  # 1.x
+    "EC": "error_counter",  # error counter change
+    "ST": "status",  # bus status change
+    "Warng": "status",  # 1.x bus warning
+    "EV": "event",  # user event
+}
+_TRC_DROPPED = re.compile(r"TRCReader: Unsupported type '([^']*)'")
+
+
+class _Dropped(logging.Filter):
+    """Counts, by kind, the records python-can's TRC reader drops in this thread.
+
+    A filter on the reader's own logger, so the INFO records it counts go no
+    further (a root handler would otherwise print hundreds of them).
+    """
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self._counts = counts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread or record.levelno != logging.INFO:
+            return True
+        message = record.getMessage()
+        m = _TRC_DROPPED.match(message)
+        if m:
+            kind = _TRC_KINDS.get(m.group(1), f"trc_{m.group(1)}")
+        elif message.startswith("TRCReader: Dropping bus info line"):
+            kind = "bus_info"
+        else:
+            return False  # other INFO chatter of the reader (the file version it assumed)
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        return False
+
+
 class LogFile:
     """One recorded CAN log; iterate :meth:`messages` or :meth:`frames` once.
 
     ``position``/``size`` give progress in bytes (compressed bytes for ``.gz``;
     an MF4 file is read whole before its first frame).  ``ignored`` counts the
-    non-J1939 frames :meth:`frames` skipped.
+    non-J1939 frames :meth:`frames` skipped; ``skipped`` counts those and the
+    records the reader drops, by kind: ``error_frame`` (candump and ASC error
+    frames, TRC ``ER``), ``remote_frame``, ``standard_frame`` (11-bit),
+    ``error_counter`` (TRC ``EC``), ``status`` (TRC ``ST``), ``event`` (TRC
+    ``EV``), ``bus_info`` (TRC 1.0) and ``trc_<type>`` for other TRC types.
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -135,6 +182,7 @@ class LogFile:
         self.size = self.path.stat().st_size  # FileNotFoundError says which file
         self.read = 0
         self.ignored = 0
+        self.skipped: dict[str, int] = {}
         self.first_t: float | None = None
         self.last_t: float | None = None
         self._raw: IO[bytes] | None = None
@@ -175,6 +223,11 @@ class LogFile:
         complaints = _Complaints(self._where)
         watched = logging.getLogger("can.io")
         watched.addHandler(complaints)
+        trc = logging.getLogger("can.io.trc")
+        dropped, trc_level = _Dropped(self.skipped), trc.level
+        trc.addFilter(dropped)
+        if trc.getEffectiveLevel() > logging.INFO:
+            trc.setLevel(logging.INFO)  # the reader says what it drops only at INFO
         reader = None
         try:
             try:
@@ -230,6 +283,8 @@ class LogFile:
                     )
         finally:
             watched.removeHandler(complaints)
+            trc.removeFilter(dropped)
+            trc.setLevel(trc_level)
             if reader is not None:
                 reader.stop()
             elif self._raw is not None:
@@ -238,12 +293,36 @@ class LogFile:
     def frames(self) -> Iterator[Frame]:
         """J1939 frames as ``(t, can_id, data, t)``: the log's timestamp doubles as the
         monotonic time, since a recording has no other clock."""
+        skipped = self.skipped
+        candump = self.format == ".log"
         for msg in self.messages():
+            if candump and self._lines is not None and _candump_error(self._lines.last):
+                msg.is_error_frame = True
             if msg.is_extended_id and not msg.is_remote_frame and not msg.is_error_frame:
                 t = msg.timestamp
                 yield (t, msg.arbitration_id, bytes(msg.data), t)
             else:
                 self.ignored += 1
+                kind = (
+                    "error_frame"
+                    if msg.is_error_frame
+                    else "remote_frame"
+                    if msg.is_remote_frame
+                    else "standard_frame"
+                )
+                skipped[kind] = skipped.get(kind, 0) + 1
+
+
+def _candump_error(line: str) -> bool:
+    """True for a candump line whose id has CAN_ERR_FLAG: an error frame.
+
+    python-can reads only those with the bus-error class bit as error frames;
+    it masks the flag off the others and yields them as data frames of an
+    unrelated 29-bit id (``20000004#...`` as id 0x4).
+    """
+    h = line.find("#")
+    # The id is the 8 hex digits before "#"; CAN_ERR_FLAG is bit 1 of the first.
+    return h >= 9 and line[h - 9] == " " and line[h - 8] in "2367abefABEF"
 
 
 class ReplayBus(can.BusABC):
