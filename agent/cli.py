@@ -306,7 +306,24 @@ def _replay(args: argparse.Namespace) -> int:
     detect = {sig for sig, gap in args.max_gap if gap == "auto"}
     dbc = DbcSignals(Path(args.dbc)) if args.dbc else None
     progress = sys.stderr if sys.stderr.isatty() and not args.no_progress else None
-    summary = replay.replay(Path(args.file), pipeline, dbc, progress, detect)
+    try:
+        summary = replay.replay(Path(args.file), pipeline, dbc, progress, detect)
+    except (ValueError, OSError) as e:
+        if not args.json:
+            raise
+        # --json promises one JSON object on stdout, also when the log cannot be read.
+        message = str(e)
+        print(
+            json.dumps(
+                {
+                    "file": args.file,
+                    "error": {"where": None, "reason": message, "message": message},
+                },
+                indent=2,
+            )
+        )
+        print(f"cngmrv replay: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
