@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cngmrv.agent.pipeline import GAP_SIGNALS
+from cngmrv.drivers.address import SIGNALS
 
 if TYPE_CHECKING:
     from cngmrv.agent.runtime import Agent
@@ -257,6 +258,7 @@ def describe(samples: dict[str, float]) -> list[str]:
         f"TP aborted {g('cngmrv_tp_sessions_aborted_total'):.0f}, "
         f"engine address contests {g('cngmrv_engine_address_contests_total'):.0f}, "
         f"kit CRC {g('cngmrv_kit_crc_errors_total'):.0f}",
+        "sources         " + _sources_line(samples),
         f"readings        {g('cngmrv_readings_total'):.0f}",
         f"batches         {g('cngmrv_batches_sealed_total'):.0f} sealed, "
         f"{g('cngmrv_batches_uploaded_total'):.0f} uploaded, "
@@ -269,3 +271,16 @@ def describe(samples: dict[str, float]) -> list[str]:
         + (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)) if last else "never"),
         f"snapshot age    {g('cngmrv_snapshot_age_seconds'):.1f} s",
     ]
+
+
+def _sources_line(samples: dict[str, float]) -> str:
+    """Each signal's source address, and the frames other senders sent of it."""
+    parts = []
+    for signal in SIGNALS:
+        address = samples.get(f'cngmrv_signal_source_address{{signal="{signal}"}}')
+        if address is None:
+            continue
+        where = "none" if address < 0 else f"SA {address:.0f}"
+        other = samples.get(f'cngmrv_signal_foreign_frames_total{{signal="{signal}"}}', 0.0)
+        parts.append(f"{signal} {where}" + (f" ({other:.0f} from others)" if other else ""))
+    return ", ".join(parts) or "unknown"
