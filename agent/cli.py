@@ -276,6 +276,8 @@ def _replay_max_gap(text: str) -> tuple[str, float | str]:
 
     from cngmrv.agent.pipeline import GAP_SIGNALS
 
+    if text == "auto":
+        return "*", "auto"  # every integrated signal
     signal, sep, value = text.partition("=")
     if not sep or signal not in GAP_SIGNALS:
         raise argparse.ArgumentTypeError(
@@ -294,7 +296,7 @@ def _replay_max_gap(text: str) -> tuple[str, float | str]:
 
 def _replay(args: argparse.Namespace) -> int:
     from cngmrv.agent import replay
-    from cngmrv.agent.pipeline import PipelineConfig
+    from cngmrv.agent.pipeline import GAP_SIGNALS, PipelineConfig
     from cngmrv.drivers.dbc import DbcSignals
 
     pipeline = PipelineConfig(
@@ -304,6 +306,8 @@ def _replay(args: argparse.Namespace) -> int:
         max_gap_s={sig: gap for sig, gap in args.max_gap if gap != "auto"},
     )
     detect = {sig for sig, gap in args.max_gap if gap == "auto"}
+    if "*" in detect:
+        detect = set(GAP_SIGNALS)
     dbc = DbcSignals(Path(args.dbc)) if args.dbc else None
     progress = sys.stderr if sys.stderr.isatty() and not args.no_progress else None
     try:
@@ -426,9 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_replay_max_gap,
         action="append",
         default=[],
-        metavar="SIGNAL=SECONDS|auto",
+        metavar="SIGNAL=SECONDS|SIGNAL=auto|auto",
         help="a prescaled log: bridge longer gaps of a signal (fuel_rate, wheel_speed, "
-        "engine_speed), or detect its logger's steady period (repeatable)",
+        "engine_speed), or detect its logger's steady period; 'auto' alone: of every "
+        "signal (repeatable)",
     )
     s.add_argument("--dbc", help="decode extra signals from this DBC")
     s.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")

@@ -116,8 +116,10 @@ def test_cli_takes_max_gap_options(tmp_path: Path, cli: Callable[..., Any]) -> N
     assert s["coverage"]["fuel_rate"]["max_gap"] == "detected"
     people = cli("replay", str(path)).stdout
     assert "fuel_rate     covered 0.0 s; period 3.2 s; max gap 1 s; low: median period" in people
-    people = cli("replay", str(path), "--max-gap", "fuel_rate=auto").stdout
-    assert "max gap 4.8 s (detected logger period)" in people
+    for option in ("fuel_rate=auto", "auto"):
+        people = cli("replay", str(path), "--max-gap", option).stdout
+        assert "max gap 4.8 s (detected logger period)" in people
+        assert "wheel_speed   covered 186.0 s; period 0.1 s; max gap 1 s\n" in people
     for bad in ("fuel_rate=0", "fuel_rate=x", "fuel_total=5", "5"):
         r = cli("replay", str(path), "--max-gap", bad)
         assert r.returncode == 2 and "--max-gap" in r.stderr, bad
