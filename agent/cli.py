@@ -189,18 +189,75 @@ def _store_counts(db_path: Path) -> dict[str, int]:
         db.close()
 
 
+def _replay_source(text: str) -> tuple[str, str | int]:
+    from cngmrv.drivers.address import SIGNALS, parse_source_rule
+
+    signal, sep, rule = text.partition("=")
+    if not sep or signal not in SIGNALS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SIGNAL=RULE, SIGNAL one of {SIGNALS}")
+    try:
+        return signal, parse_source_rule(rule)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _replay_max_gap(text: str) -> tuple[str, float | str]:
+    import math
+
+    from cngmrv.agent.pipeline import GAP_SIGNALS
+
+    if text == "auto":
+        return "*", "auto"  # every integrated signal
+    signal, sep, value = text.partition("=")
+    if not sep or signal not in GAP_SIGNALS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected SIGNAL=SECONDS or SIGNAL=auto, SIGNAL one of {tuple(GAP_SIGNALS)}"
+        )
+    if value == "auto":
+        return signal, value
+    try:
+        gap = float(value)
+    except ValueError:
+        gap = math.nan
+    if not gap > 0 or not math.isfinite(gap):
+        raise argparse.ArgumentTypeError(f"{text!r}: the gap must be a number of seconds > 0")
+    return signal, gap
+
+
 def _replay(args: argparse.Namespace) -> int:
     from cngmrv.agent import replay
-    from cngmrv.agent.pipeline import PipelineConfig
+    from cngmrv.agent.pipeline import GAP_SIGNALS, PipelineConfig
     from cngmrv.drivers.dbc import DbcSignals
 
     pipeline = PipelineConfig(
         engine_source_address=args.engine_sa,
         engine_name=int(args.engine_name, 16) if args.engine_name else None,
+        sources=dict(args.source),
+        max_gap_s={sig: gap for sig, gap in args.max_gap if gap != "auto"},
     )
+    detect = {sig for sig, gap in args.max_gap if gap == "auto"}
+    if "*" in detect:
+        detect = set(GAP_SIGNALS)
     dbc = DbcSignals(Path(args.dbc)) if args.dbc else None
     progress = sys.stderr if sys.stderr.isatty() and not args.no_progress else None
-    summary = replay.replay(Path(args.file), pipeline, dbc, progress)
+    try:
+        summary = replay.replay(Path(args.file), pipeline, dbc, progress, detect)
+    except (ValueError, OSError) as e:
+        if not args.json:
+            raise
+        # --json promises one JSON object on stdout, also when the log cannot be read.
+        message = str(e)
+        print(
+            json.dumps(
+                {
+                    "file": args.file,
+                    "error": {"where": None, "reason": message, "message": message},
+                },
+                indent=2,
+            )
+        )
+        print(f"cngmrv replay: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -266,6 +323,25 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     s.add_argument("file", help="candump .log, .asc, .blf, .trc, .csv, .db or .mf4 (also .gz)")
     s.add_argument("--engine-sa", type=int, default=0, help="engine source address (0)")
     s.add_argument("--engine-name", default="", help="pin the engine to this J1939 NAME (hex)")
+    s.add_argument(
+        "--source",
+        type=_replay_source,
+        action="append",
+        default=[],
+        metavar="SIGNAL=RULE",
+        help="take a signal (fuel_rate, fuel_total, engine_speed, wheel_speed) from an address, "
+        "'engine', 'function:N' or 'auto' (repeatable; docs/can.md)",
+    )
+    s.add_argument(
+        "--max-gap",
+        type=_replay_max_gap,
+        action="append",
+        default=[],
+        metavar="SIGNAL=SECONDS|SIGNAL=auto|auto",
+        help="a prescaled log: bridge longer gaps of a signal (fuel_rate, wheel_speed, "
+        "engine_speed), or detect its logger's steady period; 'auto' alone: of every "
+        "signal (repeatable)",
+    )
     s.add_argument("--dbc", help="decode extra signals from this DBC")
     s.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
     s.add_argument("--json", action="store_true", help="print one JSON object")

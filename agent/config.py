@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cngmrv.agent.pipeline import FuelFactors, GasCalibration, PipelineConfig
+from cngmrv.drivers.address import SIGNALS, check_source_rule
 from cngmrv.drivers.can_source import (
     DEFAULT_PGNS,
     INTERFACES,
@@ -168,6 +169,8 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
         "engine_running_rpm": (float, 300.0, _positive),
         "engine_name": (str, "", _name),  # the engine's J1939 NAME, hex ("" = find it)
     },
+    # Where each signal comes from: "auto", "engine", "function:N" or an address (docs/can.md).
+    "sources": {signal: (object, "auto", check_source_rule) for signal in SIGNALS},
     # Energy and CO2 factors (IPCC 2006 defaults; a project sets its own, e.g. for B40 diesel).
     "fuel": {
         "diesel_density_kg_per_l": (float, 0.844, _positive),
@@ -374,6 +377,7 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
             fuel=FuelFactors(**_section(v, "fuel")),
             gas=GasCalibration(**_section(v, "gas")),
             engine_name=int(engine_name, 16) if engine_name else None,
+            sources={sig: rule for sig, rule in _section(v, "sources").items() if rule != "auto"},
         ),
         can_source=source,
         can_dbc=dbc,

@@ -61,6 +61,9 @@ def _write(tmp_path: Path, extra: str, key: str = "keys/device.key") -> Path:
         ('[clock]\nsorce = "gps"\n', "clock.sorce: unknown key"),
         ('[clock]\nsource = "gps"\n', "clock.gps_port: required when clock.source = 'gps'"),
         ("[clock]\nmin_year = 1970\n", "clock.min_year: must be a year"),
+        ("[sources]\nwheel_speed = 300\n", "sources.wheel_speed: must be a J1939 source address"),
+        ('[sources]\nfuel_rate = "brakes"\n', "sources.fuel_rate: must be 'auto', 'engine'"),
+        ('[sources]\nspeed = "auto"\n', "sources.speed: unknown key"),
     ],
 )
 def test_config_check_refuses_naming_the_key(
@@ -99,3 +102,12 @@ def test_config_check_accepts_a_good_file(tmp_path: Path, keydir: Path, cli) -> 
     out = json.loads(r.stdout)
     assert out["ok"] and out["device"] == "bus-1"
     assert out["kid"] == keys.load_signer(keydir / keys.KEY_FILE).kid
+
+
+def test_sources_reach_the_pipeline(tmp_path: Path) -> None:
+    data = tomllib.loads(
+        '[device]\nid = "b"\nkey_file = "k"\n[store]\npath = "s"\n'
+        '[sources]\nwheel_speed = 11\nengine_speed = "function:0"\n'
+    )
+    cfg = config.from_mapping(data, tmp_path)
+    assert cfg.pipeline.sources == {"wheel_speed": 11, "engine_speed": "function:0"}
