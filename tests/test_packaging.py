@@ -27,7 +27,15 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     # From a copy: setuptools builds in the source folder, and this checkout may be in use.
     src = out / "src"
     skip = shutil.ignore_patterns(
-        ".git", ".venv*", ".hypothesis", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "*.so"
+        ".git",
+        ".venv*",
+        ".hypothesis",
+        "build",
+        "dist",
+        "*.egg-info",
+        "__pycache__",
+        ".*_cache",
+        "*.so",
     )
     shutil.copytree(ROOT, src, ignore=skip)
     proc = subprocess.run(
