@@ -9,7 +9,10 @@ then against each other over the kit's range, then deliberately perturbed.
 from __future__ import annotations
 
 import ast
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +156,18 @@ def test_the_simulator_imports_the_agents_native_code_only_in_its_harness() -> N
         if name == "cngmrv.native" or name.startswith("cngmrv.native.")
     }
     assert not offenders, sorted(offenders)
+
+
+def test_the_ground_truth_loads_none_of_the_agents_code() -> None:
+    # A fresh interpreter: what the vehicle model (drive cycle, fuel, tank) pulls in.
+    code = (
+        "import sys, json\n"
+        "import cngmrv.sim.vehicle, cngmrv.sim.gas\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('cngmrv.')"
+        " and not m.startswith('cngmrv.sim'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
 
 
 def _run(tmp_path: Path, **kw: Any) -> dict[str, Any]:
