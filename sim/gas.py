@@ -15,10 +15,10 @@ here from its paper and sharing no code with ``cngmrv.native``:
 
 Only the residual part of the Helmholtz energy is needed for the pressure:
 ``Z = 1 + delta * d(alpha_r)/d(delta)``, with ``delta = rho / rho_c`` and
-``tau = T_c / T``.  Span and Wagner give its uncertainty in density against
-the reference equation of Setzmann and Wagner (1991) as about 0.2 % in the
-supercritical gas; over the kit's range (0–250 bar, 253–343 K) it stays within
-0.15 % of that reference in Z (tests/test_sim_gas.py holds reference values).
+``tau = T_c / T``.  Over the kit's range (0–250 bar, 253–343 K) it stays
+within 0.15 % in Z of the reference equation for methane of Setzmann and
+Wagner (1991), as computed by CoolProp 8.0.0 (tests/test_sim_gas.py holds
+reference values).
 
 The gas is pure methane, as the agent's ``[gas]`` defaults assume
 (docs/domain.md section 4).  How far the two laws may differ, and why, is
@@ -67,7 +67,8 @@ RANGE_K = (253.15, 343.15)
 # states, not pure methane.  Against the Setzmann–Wagner reference, in Z, the
 # agent's law is measured at 0 to -1.6 % over the range (the largest near
 # 100 bar at 253 K) and this one within 0.15 %; the agent's mass is 0 to 1.63 %
-# above this one's on a 5 bar x 5 K grid (tests/test_sim_gas.py).
+# above this one's (measured on a 5 bar x 5 K grid; tests/test_sim_gas.py checks
+# a 10 bar x 10 K grid against this tolerance).
 AGENT_LAW_TOLERANCE = 0.02
 
 
