@@ -8,7 +8,7 @@ site-packages.
 Two installs from one distribution: ``pip install cngmrv`` is the bus's
 (what the agent runs on, nothing more); ``pip install 'cngmrv[office]'`` adds
 what the office's ingest server and reports need (docs/deploy-pi.md,
-docs/office.md).  The C integrator is built by
+docs/mrv-methodology.md).  The C integrator is built by
 cffi in API (out-of-line) mode through ``cffi_modules``.
 """
 

@@ -97,7 +97,7 @@ KIT_REBOOT_BACKSTEP_MS = 1000
 class FuelFactors:
     """Energy and CO2 factors, passed to the integrator (never built into it).
 
-    Defaults are IPCC 2006 Vol. 2 (DOMAIN.md section 2). Indonesian diesel is
+    Defaults are IPCC 2006 Vol. 2 (docs/domain.md section 2). Indonesian diesel is
     a biodiesel blend (B40 since 2025), so a project sets its own diesel values.
     """
 
@@ -975,7 +975,7 @@ def _pick(msg: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: msg.get(k) for k in keys}
 
 
-# The kit protocol's injection-event message (issue 4).  Only this constant and
+# The kit protocol's injection-event message (docs/kit-protocol.md, INJECTION).  Only this constant and
 # injection_fields() know its layout; everything after works on plain numbers.
 INJECTION_TYPE = "injection"
 

@@ -51,7 +51,7 @@ from cngmrv.signed.keys import public_key_from_pem
 
 CHANNELS = ("diesel_l", "gas_kg", "distance_km")
 MODES = ("diesel", "dual", "fault")
-LFC_RESOLUTION_L = 0.5  # SPN 250, DOMAIN.md section 3
+LFC_RESOLUTION_L = 0.5  # SPN 250, docs/domain.md section 3
 
 
 class ReportError(ValueError):

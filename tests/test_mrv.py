@@ -1,4 +1,4 @@
-"""The methodology file and the ER formulas, against hand computations from DOMAIN.md defaults."""
+"""The methodology file and the ER formulas, against hand computations from docs/domain.md defaults."""
 
 from __future__ import annotations
 
