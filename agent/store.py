@@ -71,7 +71,7 @@ CREATE TABLE IF NOT EXISTS batches (
     uploaded INTEGER NOT NULL DEFAULT 0,
     first_reading INTEGER NOT NULL,
     n_readings INTEGER NOT NULL,
-    sha256 BLOB NOT NULL,
+    sha256 BLOB NOT NULL,  -- of the whole file; the chain runs over batch ids (signed/batch.py)
     bytes BLOB NOT NULL
 );
 """
@@ -503,14 +503,14 @@ class Store:
             raw = batch.build(
                 signer, self.device_id, state.next_seq, state.prev_hash, payload, header
             )
-            digest = batch.sha256(raw)
             self._db.execute(
                 "INSERT INTO batches(seq, first_reading, n_readings, sha256, bytes) "
                 "VALUES(?, ?, ?, ?, ?)",
-                (state.next_seq, first, len(readings), digest, raw),
+                (state.next_seq, first, len(readings), batch.sha256(raw), raw),
             )
             self._set_meta("next_seq", state.next_seq + 1)
-            self._set_meta("prev_hash", digest)
+            # The next batch links to this one's chain id (its batch id), never to its file.
+            self._set_meta("prev_hash", batch.parse(raw).chain_id)
             self._set_meta("sealed_reading", first + len(readings))
             if events:
                 self._set_meta("sealed_event", events[-1][0] + 1)
@@ -646,16 +646,15 @@ class Store:
         b = batch.parse(raw)
         first = b.first_reading_seq or 0
         n = b.n_readings or 0
-        digest = batch.sha256(raw)
         with self._tx():
             self._db.execute(
                 "INSERT INTO batches(seq, uploaded, first_reading, n_readings, sha256, bytes) "
                 "VALUES(?, ?, ?, ?, ?, ?)",
-                (seq, int(uploaded), first, n, digest, raw),
+                (seq, int(uploaded), first, n, b.file_hash, raw),
             )
             if seq >= int(self._meta("next_seq") or 0):
                 self._set_meta("next_seq", seq + 1)
-                self._set_meta("prev_hash", digest)
+                self._set_meta("prev_hash", b.chain_id)
                 self._set_meta("sealed_reading", first + n)
         self._next_reading = max(self._next_reading, first + n)
 
@@ -716,7 +715,7 @@ def salvage(path: Path, device_id: str, public_key: ec.EllipticCurvePublicKey) -
                 )
             except (sqlite3.Error, TypeError, ValueError):
                 pass
-            prev: bytes | None = None
+            prev: batch.Batch | None = None
             columns = {r[1] for r in db.execute("PRAGMA table_info(batches)")}
             # Layout 1 stores had an upload time instead of a flag.
             flag = "uploaded" if "uploaded" in columns else "uploaded_at IS NOT NULL"
@@ -736,11 +735,11 @@ def salvage(path: Path, device_id: str, public_key: ec.EllipticCurvePublicKey) -
                 if bad:
                     problem = f"batch {seq}: {bad[0]}"
                     break
-                if prev is not None and b.header["prev_hash"] != prev:
+                if prev is not None and not batch.links(prev, b.header["prev_hash"]):
                     problem = f"batch {seq} does not chain to the one before"
                     break
                 out_b.append((seq, raw, bool(uploaded)))
-                prev = batch.sha256(raw)
+                prev = b
             boundary = out_b[-1] if out_b else None
             start = 0
             if boundary is not None:

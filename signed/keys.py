@@ -21,8 +21,15 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
 ALG = "ES256"
+# The order n of P-256's base point: an ECDSA signature (r, s) verifies exactly
+# when (r, n - s) does, so batch format 2 admits only s <= n/2 (low-S).
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 # The algorithms a verifier accepts.  Only one: a header naming any other
 # algorithm is refused before the signature is even looked at, so an attacker
 # cannot pick a weaker one (OCMF leaves its algorithm field unsigned).
@@ -43,6 +50,19 @@ def kid_of(public_key: ec.EllipticCurvePublicKey) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def low_s(signature: bytes) -> bytes:
+    """The DER signature with ``s`` replaced by ``n - s`` when ``s > n/2``, in strict DER.
+
+    Every signer's output goes through this (a secure element signs with
+    whichever ``s`` it finds): batch format 2 accepts only the low form, so a
+    relay cannot make a second valid signature by negating ``s``.
+    """
+    r, s = decode_dss_signature(signature)
+    if s > P256_ORDER // 2:
+        s = P256_ORDER - s
+    return encode_dss_signature(r, s)
+
+
 class Signer(Protocol):
     """What the batch sealer needs from a key: an id and a signature over bytes."""
 
@@ -50,7 +70,7 @@ class Signer(Protocol):
     def kid(self) -> str: ...
 
     def sign(self, data: bytes) -> bytes:
-        """Return the DER ECDSA-P256-SHA256 signature of ``data``."""
+        """Return the DER ECDSA-P256-SHA256 signature of ``data``, low-S (:func:`low_s`)."""
         ...
 
     def public_pem(self) -> bytes: ...
@@ -80,7 +100,7 @@ class FileSigner:
         return self._kid
 
     def sign(self, data: bytes) -> bytes:
-        return self._key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+        return low_s(self._key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True)))
 
     def public_pem(self) -> bytes:
         return self._key.public_key().public_bytes(

@@ -140,7 +140,7 @@ def test_export_and_verify_from_an_ingest_database(tmp_path: Path, keydir: Path,
     for seq in range(3):
         raw = batch.build(signer, "bus-1", seq, prev, {"readings": [{"t0": float(seq)}]})
         assert ingest.accept(raw)[0] == 201
-        prev = batch.sha256(raw)
+        prev = batch.chain_id(raw)
     db.close()
     ingest_db = str(tmp_path / "ingest.sqlite")
     out = tmp_path / "o"

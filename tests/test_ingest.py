@@ -33,7 +33,7 @@ def _batches(signer: keys.FileSigner, n: int, device: str = "bus-7") -> list[byt
     for seq in range(n):
         raw = batch.build(signer, device, seq, prev, {"readings": [{"t0": float(seq)}]})
         out.append(raw)
-        prev = batch.sha256(raw)
+        prev = batch.chain_id(raw)
     return out
 
 
@@ -78,7 +78,8 @@ def test_a_first_batch_above_zero_records_the_missing_head(
     server: IngestServer, signer: keys.FileSigner
 ) -> None:
     b = _batches(signer, 3)
-    assert server.ingest.accept(b[2]) == (201, {"status": "stored", "seq": 2, "gap": [0, 1]})
+    status, answer = server.ingest.accept(b[2])
+    assert (status, answer["status"], answer["seq"], answer["gap"]) == (201, "stored", 2, [0, 1])
 
 
 def test_conflicts_and_chain_breaks_are_refused_and_raise_alarms(
@@ -91,11 +92,11 @@ def test_conflicts_and_chain_breaks_are_refused_and_raise_alarms(
     conflict = post_batch(server.url, other)
     assert (conflict.status, conflict.detail, conflict.retry) == (409, "conflict", False)
     # Sequence 1 signed by the device but not chained to the stored 0.
-    forked = batch.build(signer, "bus-7", 1, batch.sha256(other), {"readings": []})
+    forked = batch.build(signer, "bus-7", 1, batch.chain_id(other), {"readings": []})
     assert server.ingest.accept(forked)[1]["error"] == "chain_broken"
     # The successor side: 2 is held, then a 1 arrives that 2 does not point at.
     assert server.ingest.accept(b2)[0] == 201
-    fake1 = batch.build(signer, "bus-7", 1, batch.sha256(b0), {"readings": [{"t0": 9.0}]})
+    fake1 = batch.build(signer, "bus-7", 1, batch.chain_id(b0), {"readings": [{"t0": 9.0}]})
     status, body = server.ingest.accept(fake1)
     assert (status, body["error"], body["detail"]) == (409, "chain_broken", "batch 2")
     alarms = _report(server)["alarms"]

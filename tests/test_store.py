@@ -259,7 +259,7 @@ def _layout_one(path: Path, signer: keys.FileSigner) -> None:
     db.execute("INSERT INTO meta VALUES ('device_id', ?), ('boot_epoch', 4)", (DEV,))
     prev = batch.ZERO_HASH
     for seq in range(3):
-        raw = batch.build(signer, DEV, seq, prev, {"readings": [_reading(seq)]})
+        raw = batch.build(signer, DEV, seq, prev, {"readings": [_reading(seq)]}, version=1)
         db.execute("INSERT INTO batches VALUES (?, ?, ?, 1, NULL)", (seq, raw, batch.sha256(raw)))
         prev = batch.sha256(raw)
     db.commit()
@@ -315,7 +315,7 @@ def test_a_damaged_store_is_moved_aside_and_the_chain_continues(
         assert seqs[-1] > old_seqs[-1]
         first_new = min(s for s in seqs if s > old_seqs[-1])
         link = next(b for b in after if b.seq == first_new)
-        assert link.header["prev_hash"] == before[-1].file_hash
+        assert link.header["prev_hash"] == before[-1].chain_id
         assert set(seqs) <= set(range(seqs[-1] + 1))
         # The ingest (which holds `before`) plus what the new store holds verify end to end.
         union = {b.seq: b for b in before} | {b.seq: b for b in after}
@@ -357,7 +357,7 @@ def test_a_store_that_goes_bad_while_running_is_replaced_without_a_pause(
     assert boot.clean_stop is False  # the replacement store knew an agent was running
     after = _chain(path)
     assert after[0].seq == sealed_before[-1] + 1
-    assert after[0].header["prev_hash"] == before[-1].file_hash
+    assert after[0].header["prev_hash"] == before[-1].chain_id
     assert "STORE_REPLACED" in [k for _, k, _ in _events(after)]
     report = _audit(before + after, signer)
     assert report.passed, report.findings
@@ -392,7 +392,7 @@ def test_a_store_rolled_back_to_an_old_copy_never_signs_a_sequence_twice(
     after = _chain(path)
     new = [b for b in after if b.seq > signed[-1].seq]
     assert new and new[0].seq == signed[-1].seq + 1
-    assert new[0].header["prev_hash"] == signed[-1].file_hash
+    assert new[0].header["prev_hash"] == signed[-1].chain_id
     # Old and new copies never disagree on a sequence: no conflict anywhere.
     by_seq = {b.seq: b.raw for b in signed}
     assert all(by_seq.get(b.seq, b.raw) == b.raw for b in after)
