@@ -119,6 +119,12 @@ def _verify(args: argparse.Namespace) -> int:
             f"{len(d.gaps) + len(d.explained_gaps):>4} {d.readings:>9} {len(d.boot_epochs):>5} "
             f"{d.unclean_stops:>7} {len(d.clock_events):>5}"
         )
+    for dev, d in sorted(report.devices.items()):
+        if d.legacy_v1:
+            print(
+                f"{dev}: {d.legacy_v1} version-1 batches accepted under the legacy rules "
+                "(docs/batch-format.md)"
+            )
     verdict = "PASSED" if report.passed else "FAILED"
     print(f"{verdict}: {len(report.verified)} batches verified, {len(report.findings)} findings")
     return 0 if report.passed else EXIT_FAILED

@@ -408,6 +408,30 @@ class Batch:
         return list(self.payload()["events"])
 
 
+def claimed_batch_id(raw: bytes) -> bytes | None:
+    """The batch id a file claims (SHA-256 of its header element), even in a non-canonical
+    envelope; None when no header can be read.  Never a proof of anything: only
+    :func:`parse` and :func:`check` say whether the file is a valid batch.
+    """
+    try:
+        outer = msgpack.Unpacker(
+            max_buffer_size=MAX_BATCH_BYTES,
+            max_str_len=64,
+            max_bin_len=MAX_BATCH_BYTES,
+            max_array_len=5,
+            max_map_len=0,
+            max_ext_len=0,
+            raw=False,
+        )
+        outer.feed(raw[:MAX_BATCH_BYTES])
+        parts = next(outer)
+    except Exception:  # any garbage: there is no claim to read
+        return None
+    if isinstance(parts, list) and len(parts) == 5 and isinstance(parts[2], bytes):
+        return sha256(parts[2])
+    return None
+
+
 def chain_id(raw: bytes) -> bytes:
     """The ``prev_hash`` the batch after ``raw`` carries (:attr:`Batch.chain_id`)."""
     return parse(raw).chain_id
@@ -752,9 +776,13 @@ def audit(
     def bad(code: str, text: str, dev: str | None, seq: int | None, where: str | None) -> None:
         report.findings.append(Finding("bad", code, text, dev, seq, where))
 
+    reencoded: list[tuple[str, bytes | None, NonCanonicalError]] = []
     for name, raw in named:
         try:
             b = parse(raw)
+        except NonCanonicalError as e:
+            reencoded.append((name, claimed_batch_id(raw), e))
+            continue
         except BatchFormatError as e:
             bad(e.code, str(e), None, None, name)
             continue
@@ -799,6 +827,20 @@ def audit(
             summary.bad += 1
         by_dev.setdefault(dev, {}).setdefault(seq, []).append((name, b, not problems))
 
+    # A re-encoded copy beside the valid one is a relay's doing, not a second batch.
+    held = {b.batch_id for seqs in by_dev.values() for c in seqs.values() for _, b, ok in c if ok}
+    for name, bid, e in reencoded:
+        if bid is not None and bid in held:
+            report.findings.append(
+                Finding(
+                    "note",
+                    "noncanonical_copy",
+                    f"a re-encoded copy of a batch held in its valid form, ignored ({e})",
+                    where=name,
+                )
+            )
+        else:
+            bad(e.code, str(e), None, None, name)
     for dev, seqs in sorted(by_dev.items()):
         _audit_device(report, report.devices[dev], seqs)
     return report
