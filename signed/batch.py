@@ -829,18 +829,18 @@ def audit(
 
     # A re-encoded copy beside the valid one is a relay's doing, not a second batch.
     held = {b.batch_id for seqs in by_dev.values() for c in seqs.values() for _, b, ok in c if ok}
-    for name, bid, e in reencoded:
+    for name, bid, err in reencoded:
         if bid is not None and bid in held:
             report.findings.append(
                 Finding(
                     "note",
                     "noncanonical_copy",
-                    f"a re-encoded copy of a batch held in its valid form, ignored ({e})",
+                    f"a re-encoded copy of a batch held in its valid form, ignored ({err})",
                     where=name,
                 )
             )
         else:
-            bad(e.code, str(e), None, None, name)
+            bad(err.code, str(err), None, None, name)
     for dev, seqs in sorted(by_dev.items()):
         _audit_device(report, report.devices[dev], seqs)
     return report
