@@ -188,6 +188,8 @@ def _store_counts(db_path: Path) -> dict[str, int]:
             "readings": int(q("SELECT ifnull(sum(n), 0) FROM readings").fetchone()[0]),
             "batches": int(q("SELECT count(*) FROM batches").fetchone()[0]),
             "pending": int(q("SELECT count(*) FROM batches WHERE uploaded = 0").fetchone()[0]),
+            # Refused by the ingest for good, kept (agent/upload.py).
+            "refused": int(q("SELECT count(*) FROM batches WHERE uploaded = 2").fetchone()[0]),
         }
     except sqlite3.DatabaseError as e:
         raise StoreError(f"{db_path}: {e}") from None

@@ -542,6 +542,22 @@ class Store:
             if len(self._acked) >= ACKS_HELD:
                 self.flush_acks()
 
+    def park_refused(self, seq: int) -> None:
+        """Set aside a batch the ingest refused for good: kept, no longer pending.
+
+        ``uploaded`` = 2 marks it (0 pending, 1 acknowledged); the quota's
+        :meth:`drop_unsent` treats it as unsent.
+        """
+        with self._tx():
+            self._db.execute("UPDATE batches SET uploaded = 2 WHERE seq = ?", (seq,))
+
+    def requeue_refused(self) -> int:
+        """Make parked batches pending again (at each start); returns how many."""
+        with self._tx():
+            return int(
+                self._db.execute("UPDATE batches SET uploaded = 0 WHERE uploaded = 2").rowcount
+            )
+
     def flush_acks(self) -> None:
         """Write the upload marks held in memory now."""
         with self._lock:
@@ -571,6 +587,9 @@ class Store:
                     q("SELECT count(*) FROM batches WHERE uploaded = 0").fetchone()[0]
                 )
                 - len(self._acked),
+                "batches_refused": int(
+                    q("SELECT count(*) FROM batches WHERE uploaded = 2").fetchone()[0]
+                ),
             }
 
     def capacity_bytes(self) -> int:
@@ -625,14 +644,14 @@ class Store:
         """Delete the ``n`` oldest unsent batches; the caller must sign a STORAGE_FULL event."""
         with self._tx():
             rows = self._db.execute(
-                "SELECT seq, first_reading, n_readings FROM batches WHERE uploaded = 0 "
+                "SELECT seq, first_reading, n_readings FROM batches WHERE uploaded != 1 "
                 "ORDER BY seq LIMIT ?",
                 (n,),
             ).fetchall()
             if not rows:
                 return None
             self._db.execute(
-                "DELETE FROM batches WHERE uploaded = 0 AND seq BETWEEN ? AND ?",
+                "DELETE FROM batches WHERE uploaded != 1 AND seq BETWEEN ? AND ?",
                 (rows[0][0], rows[-1][0]),
             )
         return Dropped(
@@ -718,7 +737,7 @@ def salvage(path: Path, device_id: str, public_key: ec.EllipticCurvePublicKey) -
             prev: batch.Batch | None = None
             columns = {r[1] for r in db.execute("PRAGMA table_info(batches)")}
             # Layout 1 stores had an upload time instead of a flag.
-            flag = "uploaded" if "uploaded" in columns else "uploaded_at IS NOT NULL"
+            flag = "uploaded = 1" if "uploaded" in columns else "uploaded_at IS NOT NULL"
             for seq, raw, uploaded in db.execute(
                 f"SELECT seq, bytes, {flag} FROM batches ORDER BY seq"
             ):
