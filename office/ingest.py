@@ -220,6 +220,7 @@ class Ingest:
         try:
             b = batch.parse(raw)
         except batch.BatchFormatError as e:
+            log.warning("event=batch_rejected reason=%s detail=%r", e.code, str(e))
             return self._count(400, {"error": e.code, "reason": str(e)})
         with self.db.tx():
             return self._count(*self._accept(b))

@@ -83,7 +83,7 @@ def _cfg(tmp_path: Path, extra: str) -> Path:
     ("extra", "message"),
     [
         ('[can]\nchanel = "can0"\n', "can.chanel: unknown key"),
-        ("[batch]\nreadings_per_batch = 0\n", "batch.readings_per_batch: must be > 0"),
+        ("[batch]\nreadings_per_batch = 0\n", "batch.readings_per_batch: must be 1..1800"),
         ('[batch]\nreadings_per_batch = "60"\n', "batch.readings_per_batch: expected int"),
         ("[pipeline]\nengine_source_address = 255\n", "pipeline.engine_source_address"),
         ('[upload]\nurl = "ftp://x"\n', "upload.url: must be an http(s) URL"),
@@ -94,7 +94,7 @@ def _cfg(tmp_path: Path, extra: str) -> Path:
         ("buffer_s = 600\n", "at most 60 seconds"),
         ("alarm_fraction = 1.5\n", "store.alarm_fraction: must be between"),
         ("drop_fraction = 0.5\n", "store.drop_fraction: must be above"),
-        ("quota_mb = 0.1\n", "store.quota_mb: must be at least 1 MB"),
+        ("quota_mb = 0.1\n", "store.quota_mb: must be 1..1048576 MB"),
         ("[upload]\nbackoff_cap_s = 1\n", "upload.backoff_cap_s: must be at least"),
     ],
 )
