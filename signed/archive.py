@@ -104,3 +104,26 @@ def registered_keys(path: Path) -> dict[str, bytes]:
         raise ArchiveError(f"{path} has no device registry: {e}") from None
     finally:
         db.close()
+
+
+def ingest_alarms(path: Path) -> list[dict[str, object]]:
+    """The tamper alarms an ingest database holds (empty for a device store)."""
+    db = open_readonly(path)
+    try:
+        if kind_of(db, path) != "ingest":
+            return []
+        cols = {r[1] for r in db.execute("PRAGMA table_info(alarms)")}
+        if not cols:
+            return []
+        repeats = "repeats" if "repeats" in cols else "1"
+        rows = db.execute(
+            f"SELECT device_id, seq, kind, detail, {repeats} FROM alarms ORDER BY at"
+        ).fetchall()
+    except sqlite3.Error as e:
+        raise ArchiveError(f"cannot read the alarms of {path}: {e}") from None
+    finally:
+        db.close()
+    return [
+        {"device_id": str(d), "seq": s, "kind": str(k), "detail": str(t), "repeats": int(r)}
+        for d, s, k, t, r in rows
+    ]

@@ -1039,6 +1039,40 @@ def _check_boot(report: AuditReport, summary: DeviceSummary, e: dict[str, Any], 
         summary.unclean_stops += 1
 
 
+def check_tail(report: AuditReport, expected: Mapping[str | None, int]) -> None:
+    """Compare each device's last batch with an outside anchor; missing tails are gaps.
+
+    A chain cannot show that batches after its last one were deleted: nothing
+    signed points forward.  ``expected`` maps a device id (or None: every
+    device audited) to the last sequence known from outside the files, e.g. the
+    ingest's ``last_seq`` or a sequence a device reported in a heartbeat.
+    """
+    for dev, summary in sorted(report.devices.items()):
+        want = expected.get(dev, expected.get(None))
+        if want is None:
+            continue
+        last = -1 if summary.last_seq is None else summary.last_seq
+        if last < want:
+            summary.gaps.append((last + 1, want))
+            report.findings.append(
+                Finding(
+                    "gap",
+                    "tail_missing",
+                    f"batches {last + 1}..{want} missing after the last one held "
+                    f"(expected the chain to reach {want})",
+                    dev,
+                    last + 1,
+                )
+            )
+    for named, want in expected.items():
+        if named is not None and named not in report.devices:
+            report.findings.append(
+                Finding(
+                    "gap", "tail_missing", f"no batches of {named!r}; expected 0..{want}", named
+                )
+            )
+
+
 @dataclass
 class ChainReport:
     """Result of verifying one device's batches with one key (the simple view of :func:`audit`)."""

@@ -150,3 +150,81 @@ def test_export_and_verify_from_an_ingest_database(tmp_path: Path, keydir: Path,
     r = cli("verify", "--db", ingest_db, "--registry", ingest_db)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASSED: 3 batches verified" in r.stdout
+
+
+def _ingest_with_batches(tmp_path: Path, keydir: Path, n: int = 3) -> tuple[str, list[bytes]]:
+    from cngmrv.office.ingest import Ingest, open_db, register_device
+    from cngmrv.signed import batch
+
+    signer = keys.load_signer(keydir / keys.KEY_FILE)
+    db = open_db(tmp_path / "ingest.sqlite")
+    register_device(db, "bus-1", (keydir / keys.PUB_FILE).read_bytes())
+    ingest, prev, out = Ingest(db), batch.ZERO_HASH, []
+    for seq in range(n):
+        raw = batch.build(signer, "bus-1", seq, prev, {"readings": [{"t0": float(seq)}]})
+        assert ingest.accept(raw)[0] == 201
+        prev = batch.chain_id(raw)
+        out.append(raw)
+    # A conflicting batch 1, validly signed: the ingest refuses it and files an alarm.
+    other = batch.build(signer, "bus-1", 1, batch.chain_id(out[0]), {"readings": []})
+    for _ in range(3):
+        assert ingest.accept(other)[0] == 409
+    db.close()
+    return str(tmp_path / "ingest.sqlite"), out
+
+
+def test_export_refuses_a_folder_that_is_not_empty(tmp_path: Path, keydir: Path, cli) -> None:
+    ingest_db, _ = _ingest_with_batches(tmp_path, keydir)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "9.batch").write_bytes(b"stale")  # old code left it there for verify to trip on
+    line = _one_line_error(cli("export", "--db", ingest_db, "--out", str(out)))
+    assert "not an empty folder" in line
+    assert sorted(p.name for p in out.iterdir()) == ["9.batch"]
+    r = cli("export", "--db", ingest_db, "--out", str(tmp_path / "fresh"))
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("evil", ["../escaped", "/tmp/abs", ""])
+def test_export_never_writes_outside_its_folder(
+    tmp_path: Path, keydir: Path, cli, evil: str
+) -> None:
+    import sqlite3
+
+    ingest_db, chain = _ingest_with_batches(tmp_path, keydir)
+    # A database written before registration checked ids (or by hand).
+    db = sqlite3.connect(ingest_db)
+    db.execute(
+        "INSERT INTO batches(device_id, seq, sha256, prev_hash, bytes, received_at) "
+        "VALUES(?, 0, x'00', x'00', ?, 0)",
+        (evil, chain[0]),
+    )
+    db.commit()
+    db.close()
+    out = tmp_path / "nest" / "o"
+    line = _one_line_error(cli("export", "--db", ingest_db, "--out", str(out)))
+    assert "cannot be exported" in line
+    assert not (tmp_path / "nest" / "escaped").exists() and not out.exists()
+
+
+def test_verify_db_reports_the_ingests_tamper_alarms(tmp_path: Path, keydir: Path, cli) -> None:
+    ingest_db, _ = _ingest_with_batches(tmp_path, keydir)
+    r = cli("verify", "--db", ingest_db, "--registry", ingest_db)
+    # Old code: PASSED, although the ingest held a conflict alarm.
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ingest_alarm" in r.stdout and "conflict alarm (3x)" in r.stdout
+
+
+def test_verify_sees_a_cut_off_tail_only_with_an_outside_anchor(
+    tmp_path: Path, keydir: Path, cli
+) -> None:
+    _, chain = _ingest_with_batches(tmp_path, keydir)
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for seq, raw in enumerate(chain[:-1]):  # the last batch was deleted
+        (folder / f"{seq}.batch").write_bytes(raw)
+    pub = str(keydir / keys.PUB_FILE)
+    assert cli("verify", str(folder), "--pubkey", pub).returncode == 0  # cannot see it alone
+    r = cli("verify", str(folder), "--pubkey", pub, "--expect-last", "bus-1=2")
+    assert r.returncode == 1 and "tail_missing" in r.stdout, r.stdout
+    assert cli("verify", str(folder), "--pubkey", pub, "--expect-last", "1").returncode == 0
