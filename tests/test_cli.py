@@ -40,6 +40,32 @@ def test_a_key_readable_by_others_is_refused(keydir: Path) -> None:
         keys.load_signer(keydir / keys.KEY_FILE)
 
 
+def test_keygen_never_writes_through_a_dangling_symlink(tmp_path: Path, cli) -> None:
+    folder = tmp_path / "k"
+    folder.mkdir(mode=0o700)
+    target = tmp_path / "elsewhere" / "stolen.key"
+    target.parent.mkdir()
+    (folder / "device.key").symlink_to(target)  # dangling: the target does not exist
+    r = cli("keygen", "--out", str(folder))
+    # Old code: exists() is False for a dangling link, and the key was written to its target.
+    assert "refusing to replace" in _one_line_error(r)
+    assert not target.exists()
+    r = cli("keygen", "--out", str(folder), "--force")
+    assert r.returncode == 0, r.stderr
+    assert not target.exists() and not (folder / "device.key").is_symlink()
+    assert stat.S_IMODE((folder / "device.key").stat().st_mode) == 0o600
+
+
+@pytest.mark.may_skip("changing a file's owner needs root")
+def test_a_key_owned_by_another_user_is_refused(keydir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's owner needs root")
+    os.chown(keydir / keys.KEY_FILE, 4242, -1)
+    # Old code checked the mode only: a 0600 key of another user loaded.
+    with pytest.raises(keys.KeyFileError, match="owned by uid 4242"):
+        keys.load_signer(keydir / keys.KEY_FILE)
+
+
 def test_missing_key_file_is_one_line(tmp_path: Path, cli) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
