@@ -695,6 +695,46 @@ class Store:
         return len(rows)
 
 
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _open_for_salvage(copy: Path) -> sqlite3.Connection:
+    """Open the scratch copy; if its 100-byte header is damaged, rebuild the header first.
+
+    SQLite refuses the whole file ("not a database") when the first bytes are
+    wrong, even with every data page intact.  Those bytes hold little that
+    cannot be known: the magic string, the page size (tried from 512 to
+    65536, keeping the one whose schema reads), the WAL/rollback versions
+    (from whether a ``-wal`` file is there) and three fixed payload fractions.
+    Only the copy is changed; what reads back is verified batch by batch.
+    """
+    db = sqlite3.connect(copy, isolation_level=None)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.DatabaseError:
+        db.close()
+    raw = bytearray(copy.read_bytes()[:100])
+    if len(raw) < 100:
+        raise sqlite3.DatabaseError("too short to hold a database header")
+    wal = Path(f"{copy}-wal").exists()
+    for size in (PAGE_SIZE, 4096, 512, 2048, 8192, 16384, 32768, 65536):
+        raw[0:16] = _SQLITE_MAGIC
+        raw[16:18] = (1 if size == 65536 else size).to_bytes(2, "big")
+        raw[18:20] = b"\x02\x02" if wal else b"\x01\x01"
+        raw[20:24] = bytes([0, 64, 32, 32])
+        with open(copy, "r+b") as f:
+            f.write(raw)
+        db = sqlite3.connect(copy, isolation_level=None)
+        try:
+            db.execute("SELECT count(*) FROM batches").fetchone()
+            log.warning("event=store_header_rebuilt page_size=%d", size)
+            return db
+        except sqlite3.DatabaseError:
+            db.close()
+    raise sqlite3.DatabaseError("the header could not be rebuilt for any page size")
+
+
 @dataclass(frozen=True)
 class Salvage:
     """What could be read back from a damaged store."""
@@ -726,7 +766,7 @@ def salvage(path: Path, device_id: str, public_key: ec.EllipticCurvePublicKey) -
             src = Path(str(path) + suffix)
             if src.exists():
                 shutil.copyfile(src, scratch / ("db" + suffix))
-        db = sqlite3.connect(scratch / "db", isolation_level=None)
+        db = _open_for_salvage(scratch / "db")
         try:
             try:
                 epoch = int(

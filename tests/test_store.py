@@ -266,7 +266,7 @@ def _layout_one(path: Path, signer: keys.FileSigner) -> None:
     db.close()
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "bad_page", "layout_one"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "bad_page", "layout_one", "header"])
 def test_a_damaged_store_is_moved_aside_and_the_chain_continues(
     tmp_path: Path, signer: keys.FileSigner, damage: str
 ) -> None:
@@ -284,6 +284,9 @@ def test_a_damaged_store_is_moved_aside_and_the_chain_continues(
         before = _chain(path)
         if damage == "garbage":
             path.write_bytes(os.urandom(4096) * 8)
+        elif damage == "header":
+            # Only the first 21 bytes: every data page is intact.
+            path.write_bytes(os.urandom(21) + path.read_bytes()[21:])
         elif damage == "truncated":
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2 + 100])
         else:
@@ -305,6 +308,12 @@ def test_a_damaged_store_is_moved_aside_and_the_chain_continues(
     (replaced,) = [e for _, k, e in events if k == "STORE_REPLACED"]
     assert replaced["moved_to"] == moved.name
     seqs = [b.seq for b in after]
+    if damage == "header":
+        # Old code declared it all lost; the header is rebuilt and every batch is salvaged.
+        assert replaced["salvaged_batches"] == [0, before[-1].seq]
+        assert "lost_batches" not in replaced and replaced.get("salvage_stopped") is None
+        assert seqs == list(range(len(seqs)))
+        assert [b.raw for b in after[: len(before)]] == [b.raw for b in before]
     if damage == "layout_one":
         # Nothing lost: the old store's batches were read back and the chain goes on from them.
         assert seqs == list(range(len(seqs))) and replaced["salvaged_batches"] == [0, 2]
