@@ -156,16 +156,61 @@ def write_head(store_path: Path, state: ChainState) -> None:
     tmp = p.with_name(p.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, state.to_json().encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, p)
+        try:
+            os.write(fd, state.to_json().encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, p)
+    except OSError:
+        # A full disk: leave the old head as it was, and no empty .tmp beside it.
+        tmp.unlink(missing_ok=True)
+        raise
     dfd = os.open(p.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+RESERVE_BYTES = 2 << 20  # disk space set aside for the writes a full disk would refuse
+
+
+def reserve_path(store_path: Path) -> Path:
+    return store_path.with_name(store_path.name + ".reserve")
+
+
+def make_reserve(store_path: Path, size: int = RESERVE_BYTES) -> bool:
+    """Set ``size`` bytes of disk aside beside the store (really written, not sparse).
+
+    When the disk fills up, :func:`release_reserve` frees them for the store's
+    last writes (the readings buffered in memory, the seals, the STOP event).
+    Returns False, leaving nothing behind, when the disk has not that much room.
+    """
+    p = reserve_path(store_path)
+    if p.exists() and p.stat().st_size >= size:
+        return True
+    try:
+        with open(p, "wb") as f:
+            block = bytes(64 * 1024)
+            for _ in range(size // len(block)):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        p.unlink(missing_ok=True)
+        log.warning("event=reserve_not_made reason=%r", str(e))
+        return False
+    return True
+
+
+def release_reserve(store_path: Path) -> bool:
+    """Free the reserve (the disk is full); True if there was one to free."""
+    try:
+        reserve_path(store_path).unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -512,3 +512,47 @@ def test_hitting_the_hard_limit_never_stops_the_recorder(
     assert not [f for f in report.findings if f.severity == "bad"], report.findings
     # What is left is one unbroken run up to the STOP, every hole signed for.
     assert report.devices[DEV].gaps in ([], [(0, report.devices[DEV].explained_gaps[0][0] - 1)])
+
+
+@pytest.mark.may_skip(
+    "mounting a small tmpfs needs root with CAP_SYS_ADMIN, which not every CI has"
+)
+def test_a_full_disk_costs_no_committed_or_buffered_reading(
+    tmp_path: Path, signer: keys.FileSigner
+) -> None:
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)]).returncode:
+        pytest.skip("needs root with CAP_SYS_ADMIN to mount a small tmpfs")
+    try:
+        rec = Recorder(
+            disk / "store.sqlite",
+            DEV,
+            signer,
+            RecorderConfig(readings_per_batch=60, buffer_s=5.0),
+            monotonic=FakeClock(),
+        )
+        rec.start()
+        for k in range(100):
+            rec.add([_reading(k)])
+        # The data partition fills up (logs, a core dump...).
+        with open(disk / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(bytes(64 * 1024))
+                    f.flush()
+            except OSError:
+                pass
+        for k in range(100, 1300):
+            rec.add([_reading(k)])
+        rec.stop()
+        rec.close()
+        # Old code: about a thousand buffered readings lost at exit, an empty head.tmp left.
+        assert not (disk / "store.sqlite.head.tmp").exists()
+        after = _chain(disk / "store.sqlite")
+        assert sum(b.n_readings or 0 for b in after) == 1300
+        assert any(k == "STOP" for _, k, _ in _events(after))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
