@@ -408,28 +408,42 @@ class Batch:
         return list(self.payload()["events"])
 
 
-def claimed_batch_id(raw: bytes) -> bytes | None:
-    """The batch id a file claims (SHA-256 of its header element), even in a non-canonical
-    envelope; None when no header can be read.  Never a proof of anything: only
-    :func:`parse` and :func:`check` say whether the file is a valid batch.
+def claimed(raw: bytes) -> Batch | None:
+    """What a non-canonical file claims to be, read without the canonical checks; else None.
+
+    Never a proof of anything (only :func:`parse` and :func:`check` say whether
+    a file is a valid batch): it lets a verifier name the device and sequence
+    a re-encoded copy stands for, and its batch id.  Bounded like :func:`parse`.
     """
     try:
-        outer = msgpack.Unpacker(
-            max_buffer_size=MAX_BATCH_BYTES,
+        outer = msgpack.unpackb(
+            raw[:MAX_BATCH_BYTES],
+            raw=False,
             max_str_len=64,
             max_bin_len=MAX_BATCH_BYTES,
             max_array_len=5,
             max_map_len=0,
             max_ext_len=0,
-            raw=False,
         )
-        outer.feed(raw[:MAX_BATCH_BYTES])
-        parts = next(outer)
+    except msgpack.ExtraData as e:
+        outer = e.unpacked
     except Exception:  # any garbage: there is no claim to read
         return None
-    if isinstance(parts, list) and len(parts) == 5 and isinstance(parts[2], bytes):
-        return sha256(parts[2])
-    return None
+    if not (isinstance(outer, list) and len(outer) == 5):
+        return None
+    _, version, header_bytes, payload_bytes, signature = outer
+    if not all(isinstance(p, bytes) for p in (header_bytes, payload_bytes, signature)):
+        return None
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        return None
+    try:
+        header = _unpack_part(header_bytes, "header bytes", 256)
+        if not isinstance(header, dict) or not all(type(k) is str for k in header):
+            return None
+        _check_header(header)
+    except BatchFormatError:
+        return None
+    return Batch(raw, header_bytes, payload_bytes, signature, header, int(version))
 
 
 def chain_id(raw: bytes) -> bytes:
@@ -776,12 +790,12 @@ def audit(
     def bad(code: str, text: str, dev: str | None, seq: int | None, where: str | None) -> None:
         report.findings.append(Finding("bad", code, text, dev, seq, where))
 
-    reencoded: list[tuple[str, bytes | None, NonCanonicalError]] = []
+    reencoded: list[tuple[str, Batch | None, NonCanonicalError]] = []
     for name, raw in named:
         try:
             b = parse(raw)
         except NonCanonicalError as e:
-            reencoded.append((name, claimed_batch_id(raw), e))
+            reencoded.append((name, claimed(raw), e))
             continue
         except BatchFormatError as e:
             bad(e.code, str(e), None, None, name)
@@ -829,18 +843,32 @@ def audit(
 
     # A re-encoded copy beside the valid one is a relay's doing, not a second batch.
     held = {b.batch_id for seqs in by_dev.values() for c in seqs.values() for _, b, ok in c if ok}
-    for name, bid, err in reencoded:
-        if bid is not None and bid in held:
+    for name, claim, err in reencoded:
+        if claim is None:
+            bad(err.code, str(err), None, None, name)
+        elif claim.batch_id in held:
             report.findings.append(
                 Finding(
                     "note",
                     "noncanonical_copy",
                     f"a re-encoded copy of a batch held in its valid form, ignored ({err})",
-                    where=name,
+                    claim.device_id,
+                    claim.seq,
+                    name,
                 )
             )
         else:
-            bad(err.code, str(err), None, None, name)
+            # Like any bad batch it occupies its sequence: reported as bad, not as a gap.
+            dev, seq = claim.device_id, claim.seq
+            bad(
+                err.code,
+                f"{err}; the valid encoding of this batch is not in the set",
+                dev,
+                seq,
+                name,
+            )
+            report.devices.setdefault(dev, DeviceSummary(dev)).bad += 1
+            by_dev.setdefault(dev, {}).setdefault(seq, []).append((name, claim, False))
     for dev, seqs in sorted(by_dev.items()):
         _audit_device(report, report.devices[dev], seqs)
     return report
