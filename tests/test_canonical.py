@@ -378,3 +378,42 @@ def test_the_ingest_body_limit_fits_real_batches_and_no_more(
     conn.endheaders()
     assert conn.getresponse().status == 413
     conn.close()
+
+
+def test_a_store_upgraded_in_the_field_continues_its_v1_chain(
+    tmp_path: Path, device: tuple[Path, keys.FileSigner, list[bytes]]
+) -> None:
+    """The old agent sealed version-1 batches; the new one seals version 2 on top of them."""
+    from cngmrv.agent.recorder import Recorder
+    from cngmrv.agent.store import read_head
+
+    folder, signer, _ = device
+    path = tmp_path / "store.sqlite"
+    store = Store(path, DEV)
+    v1 = _v1_chain(signer, 3)
+    for seq, raw in enumerate(v1):
+        store.import_batch(seq, raw, uploaded=False)
+    store.close()
+    rec = Recorder(path, DEV, signer, RecorderConfig(readings_per_batch=2))
+    rec.start()
+    # The head file mirrors the chain id: the last v1 file's hash until a v2 batch exists.
+    head = read_head(path)
+    assert head is not None and head.next_seq >= 4
+    for i in range(4):
+        rec.add([{"t0": 100.0 + i, "dur": 1.0}])
+    rec.stop()
+    rec.close()
+    store = Store(path, DEV)
+    chain = [raw for _, raw in store.batches()]
+    store.close()
+    parsed = [batch.parse(raw) for raw in chain]
+    assert [p.version for p in parsed[:3]] == [1, 1, 1] and {p.version for p in parsed[3:]} == {2}
+    assert parsed[3].header["prev_hash"] == batch.sha256(v1[2])
+    head = read_head(path)
+    assert head is not None and head.prev_hash == parsed[-1].batch_id
+    pub = keys.public_key_from_pem(signer.public_pem())
+    report = batch.audit(
+        [(f"{i}.batch", raw) for i, raw in enumerate(chain)], batch.KeyRing.of([(DEV, pub)])
+    )
+    assert report.passed, report.findings
+    assert report.devices[DEV].legacy_v1 == 3
