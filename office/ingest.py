@@ -144,7 +144,7 @@ class IngestDB:
         for dev, seq, raw in self.all(
             "SELECT device_id, seq, bytes FROM batches WHERE prev_hash IS NULL"
         ):
-            prev = batch.parse(bytes(raw)).header["prev_hash"]
+            prev = stored_batch(bytes(raw)).header["prev_hash"]
             self.execute(
                 "UPDATE batches SET prev_hash=? WHERE device_id=? AND seq=?", (prev, dev, seq)
             )
@@ -177,6 +177,22 @@ class IngestDB:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def stored_batch(raw: bytes) -> batch.Batch:
+    """A batch as this database holds it.
+
+    An ingest from before format 2 may hold a version-1 batch in a re-wrapped
+    envelope (it accepted any msgpack container): it is read as what it claims
+    to be, so its batch id and links still work for duplicates and the chain.
+    """
+    try:
+        return batch.parse(raw)
+    except batch.NonCanonicalError:
+        claim = batch.claimed(raw)
+        if claim is None:
+            raise
+        return claim
 
 
 def open_db(target: str | Path) -> IngestDB:
@@ -260,7 +276,7 @@ class Ingest:
 
     def _held(self, dev: str, seq: int) -> batch.Batch | None:
         row = self.db.one("SELECT bytes FROM batches WHERE device_id=? AND seq=?", (dev, seq))
-        return None if row is None else batch.parse(bytes(row[0]))
+        return None if row is None else stored_batch(bytes(row[0]))
 
     @staticmethod
     def _ack(status: str, b: batch.Batch) -> dict[str, Any]:

@@ -368,10 +368,16 @@ class Batch:
         """
         if not self.legacy:
             return frozenset({self.batch_id})
-        r, s = decode_dss_signature(self.signature)
-        twin = encode_dss_signature(r, P256_ORDER - s)
-        twin_raw = packb([MAGIC, self.version, self.header_bytes, self.payload_bytes, twin])
-        return frozenset({self.file_hash, sha256(twin_raw)})
+        # From the canonical re-packing of the parts, not only the bytes held: an ingest
+        # from before format 2 may hold a re-wrapped copy of the file the device chained to.
+        parts = [MAGIC, self.version, self.header_bytes, self.payload_bytes]
+        ids = {self.file_hash, sha256(packb([*parts, self.signature]))}
+        try:
+            r, s = decode_dss_signature(self.signature)
+        except ValueError:
+            return frozenset(ids)
+        ids.add(sha256(packb([*parts, encode_dss_signature(r, P256_ORDER - s)])))
+        return frozenset(ids)
 
     @property
     def first_reading_seq(self) -> int | None:

@@ -417,3 +417,22 @@ def test_a_store_upgraded_in_the_field_continues_its_v1_chain(
     )
     assert report.passed, report.findings
     assert report.devices[DEV].legacy_v1 == 3
+
+
+def test_a_rewrapped_v1_batch_an_old_ingest_stored_neither_conflicts_nor_breaks_the_chain(
+    ingest: IngestServer, device: tuple[Path, keys.FileSigner, list[bytes]]
+) -> None:
+    signer = device[1]
+    v1 = _v1_chain(signer, 5)
+    for raw in v1[:3]:
+        assert post_batch(ingest.url, raw).status == 201
+    # The ingest before format 2 took any msgpack container: it stored a relay's array16.
+    rewrapped = REENCODINGS["array16"](v1[3])
+    ingest.db.execute(
+        "INSERT INTO batches(device_id, seq, sha256, prev_hash, bytes, received_at) "
+        "VALUES(?, 3, ?, ?, ?, 0)",
+        (DEV, batch.sha256(rewrapped), batch.sha256(v1[2]), rewrapped),
+    )
+    assert post_batch(ingest.url, v1[3]).detail == "duplicate"
+    assert post_batch(ingest.url, v1[4]).status == 201  # links to the canonical v1 file
+    assert _alarms(ingest) == []
