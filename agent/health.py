@@ -58,6 +58,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "cngmrv_batches_sealed_total": ("counter", "Batches sealed since start"),
     "cngmrv_batches_uploaded_total": ("counter", "Batches acknowledged by the ingest since start"),
     "cngmrv_batches_pending": ("gauge", "Sealed batches in the store not yet uploaded"),
+    "cngmrv_batches_refused_total": (
+        "counter",
+        "Batches the ingest refused for good since start (parked in the store, not lost)",
+    ),
     "cngmrv_queue_depth": ("gauge", "Inputs waiting in a source queue"),
     "cngmrv_store_bytes": ("gauge", "Store size on disk (database, WAL and shared memory)"),
     "cngmrv_store_quota_bytes": ("gauge", "Store quota (0 = none configured)"),
@@ -105,6 +109,7 @@ def collect(agent: Agent) -> dict[str, list[tuple[dict[str, str], float]]]:
         ({}, agent.uploader.uploaded if agent.uploader else 0)
     )
     m["cngmrv_batches_pending"].append(({}, agent.store.counts()["batches_pending"]))
+    m["cngmrv_batches_refused_total"].append(({}, agent.uploader.refused if agent.uploader else 0))
     last = agent.uploader.last_upload if agent.uploader else None
     m["cngmrv_last_upload_timestamp_seconds"].append(({}, float(last or 0)))
     m["cngmrv_queue_depth"].append(({"queue": "can"}, agent.can.pending()))

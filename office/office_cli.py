@@ -31,11 +31,12 @@ def _ingest(args: argparse.Namespace) -> int:
         for d in [] if args.json else devices:
             gaps = ", ".join(f"{a}..{b}" for a, b in d["gaps"]) or "none"
             print(
-                f"{d['device_id']}: {d['batches']} batches, last {d['last_seq']}, "
-                f"gaps {gaps}, {len(d['alarms'])} alarms"
+                f"{d['device_id']}: {d['batches']} batches "
+                f"({d['legacy_v1']} version 1, accepted under the legacy rules), "
+                f"last {d['last_seq']}, gaps {gaps}, {len(d['alarms'])} alarms"
             )
             for a in d["alarms"]:
-                print(f"  ALARM {a['kind']} seq {a['seq']}: {a['detail']}")
+                print(f"  ALARM {a['kind']} seq {a['seq']} ({a['repeats']}x): {a['detail']}")
         return 0
     server = IngestServer(args.db, args.host, args.port)
     for item in args.register or []:

@@ -343,12 +343,13 @@ def _check(kind: str, d: DeviceBatches) -> None:
         if b.seq > expected:
             d.missing.append((expected, b.seq - 1))
         # Across a missing batch the chain cannot be checked; the gap is reported instead.
-        want = (
-            batch.ZERO_HASH
-            if b.seq == 0
-            else (prev.file_hash if prev is not None and prev.seq == b.seq - 1 else None)
-        )
-        if want is not None and b.header["prev_hash"] != want:
+        if b.seq == 0:
+            linked = b.header["prev_hash"] == batch.ZERO_HASH
+        elif prev is not None and prev.seq == b.seq - 1:
+            linked = batch.links(prev, b.header["prev_hash"])
+        else:
+            linked = True
+        if not linked:
             problems.append("prev_hash does not match the previous batch: chain broken")
         expected = b.seq + 1
         prev = b
