@@ -498,6 +498,18 @@ def _figures(
         "gas_kg": s.gas_kg,
         "gas_kg_credited": em.gas_kg_credited,
         "gas_credit_factor": em.gas_kg_credited / s.gas_kg if s.gas_kg > 0 else 1.0,
+        "gas_factor_low": low,
+        "gas_factor_high": high,
+        "blend_parts": [
+            {
+                "fame_share_vol": share,
+                "diesel_l": v[0],
+                "gas_kg": v[1],
+                "distance_km": v[2],
+                "distance_credited_km": v[3],
+            }
+            for share, v in sorted(s.parts.items())
+        ],
         "distance_km": s.distance_km,
         "distance_credited_km": s.distance_credited_km,
         "gas_energy_share": em.gas_energy_share,

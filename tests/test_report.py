@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from mrv_helpers import fossil_co2
 
 from cngmrv.agent.store import Store
 from cngmrv.office import mrv, report
 from cngmrv.office.ingest import Ingest, open_db, register_device
 from cngmrv.signed import batch, keys
-from mrv_helpers import fossil_co2, fossil_co2_file
 
 DAY0 = datetime(2025, 3, 1, tzinfo=UTC).timestamp()
 STEP = 60.0  # one synthetic reading per minute keeps three days small

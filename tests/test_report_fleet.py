@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mrv_helpers import fossil_co2, fossil_co2_file
 
 from cngmrv.office import mrv
-from mrv_helpers import fossil_co2, fossil_co2_file
 
 DURATION = 1800.0
 UNPLUG = (900.0, 937.5)  # bus 3, mid-run

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib import image
+from mrv_helpers import fossil_co2
 from test_report import _ingest_fleet, reading, three_days
 
-from cngmrv.office import mrv, report
-from mrv_helpers import fossil_co2
+from cngmrv.office import report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
