@@ -1111,12 +1111,18 @@ def to_html(report: Report) -> str:
         f" to {e(d['period']['last_reading_end'])}). Source: <code>{e(d['source']['db'])}</code>"
         f" ({e(d['source']['kind'])}). Methodology: {e(m['name'])}, version "
         f"<b>{e(m['version'])}</b>, form <b>{e(m['form'])}</b>"
-        f"{', CH4 and N2O included' if m['include_ch4_n2o'] else ', CO2 only'}.</p>",
+        f"{', CH4 and N2O included' if m['include_ch4_n2o'] else ', CO2 only'}, "
+        f"<b>{e(m['parameter_set'])}</b> parameter set, boundary: "
+        f"{e(_boundary_text(m['boundary']))}.</p>",
         f"<p class='big'>ER {_fmt(d['er_kg_co2'] / 1000)} t CO2 ({_fmt(d['er_kg_co2'], 1)} kg) "
         f"&rarr; {_fmt(d['er_t_co2_rounded'], 0)} t for issuance (rounded down)</p>",
         f"<p>RE {_fmt(d['re_kg_co2'])} kg, PE {_fmt(d['pe_kg_co2'])} kg; diesel "
         f"{_fmt(d['diesel_l'])} L, gas {_fmt(d['gas_kg'])} kg, distance "
         f"{_fmt(d['distance_km'])} km, gas energy share {_pct(d['gas_energy_share'])}.</p>",
+        f"<p>The diesel blend: ER {_fmt(d['er_kg_co2'], 1)} kg at the blend in force, "
+        f"{_fmt(d['er_kg_co2_at_b0'], 1)} kg had it been fossil diesel (B0); the blend's "
+        f"effect {_fmt(d['blend_effect_kg_co2'], 1)} kg. Credited gas "
+        f"{_fmt(d['gas_kg_credited'])} kg of {_fmt(d['gas_kg'])} kg metered.</p>",
     ]
     if d["flagged"]:
         out.append(
@@ -1128,8 +1134,8 @@ def to_html(report: Report) -> str:
             f"<p class='ok'>No bus flagged (coverage floor {100 * d['coverage_floor']:g} %).</p>"
         )
     out.append("<h2>Per bus</h2><table><tr>")
-    heads = ("bus", "class", "hours", "diesel L", "gas kg", "km", "gas share", "RE kg",
-             "PE kg", "ER kg", "gas cov.", "diesel cov.", "km cov.", "gas gaps",
+    heads = ("bus", "class", "hours", "diesel L", "gas kg", "km", "gas share", "FAME share",
+             "RE kg", "PE kg", "ER kg", "ER at B0 kg", "gas cov.", "diesel cov.", "km cov.", "gas gaps",
              "dual h", "diesel h", "fault h", "unknown h", "flags")  # fmt: skip
     out += [f"<th class='{'l' if h in ('bus', 'flags') else ''}'>{h}</th>" for h in heads]
     out.append("</tr>")
@@ -1137,8 +1143,9 @@ def to_html(report: Report) -> str:
         c = b["coverage_by_channel"]
         cells = [
             _fmt(b["class"]), _fmt(b["hours"], 2), _fmt(b["diesel_l"]), _fmt(b["gas_kg"]),
-            _fmt(b["distance_km"]), _pct(b["gas_energy_share"]), _fmt(b["re_kg_co2"]),
-            _fmt(b["pe_kg_co2"]), _fmt(b["er_kg_co2"]), _pct(c["gas_kg"]), _pct(c["diesel_l"]),
+            _fmt(b["distance_km"]), _pct(b["gas_energy_share"]), _pct(b["fame_share_vol"]),
+            _fmt(b["re_kg_co2"]), _fmt(b["pe_kg_co2"]), _fmt(b["er_kg_co2"]),
+            _fmt(b["er_kg_co2_at_b0"]), _pct(c["gas_kg"]), _pct(c["diesel_l"]),
             _pct(c["distance_km"]),
             f"{b['gaps']['gas_kg']['count']} (longest {b['gaps']['gas_kg']['longest_s']:,.0f} s)",
             _fmt(b["mode_h"]["dual"], 2), _fmt(b["mode_h"]["diesel"], 2),
@@ -1171,6 +1178,22 @@ def to_html(report: Report) -> str:
                 f"<td>{_fmt(r.get('ratio'))}</td><td class='l{cls}'>{e(status)}</td></tr>"
             )
     out.append("</table>")
+    sens = d["sensitivity"]
+    out.append(
+        "<h2>Sensitivity</h2>"
+        f"<p>Fleet ER {_fmt(sens['er_kg_co2_central'], 1)} kg with the file's values, "
+        f"{_fmt(sens['er_kg_co2_conservative'], 1)} kg with every ranged parameter at the "
+        "end that lowers it and the boundary terms included (the conservative set).</p>"
+        "<table><tr><th class='l'>parameter</th><th>value</th><th>low</th><th>high</th>"
+        "<th>ER at low, kg</th><th>ER at high, kg</th><th>swing, kg</th></tr>"
+    )
+    for r in sens["parameters"]:
+        out.append(
+            f"<tr><td class='l'>{e(r['parameter'])} ({e(r['unit'])})</td><td>{r['value']:g}</td>"
+            f"<td>{r['low']:g}</td><td>{r['high']:g}</td><td>{_fmt(r['er_kg_co2_at_low'], 1)}</td>"
+            f"<td>{_fmt(r['er_kg_co2_at_high'], 1)}</td><td>{_fmt(r['swing_kg_co2'], 1)}</td></tr>"
+        )
+    out.append("</table>")
     out.append("<h2>Traceability: signed batches behind each figure</h2><table><tr>")
     out.append("<th class='l'>bus</th><th>batch_seq</th><th>batches</th>")
     out.append("<th class='l'>first / last batch SHA-256, SHA-256 of the set</th>")
@@ -1196,10 +1219,31 @@ def to_html(report: Report) -> str:
             f"<tr><td class='l'>{e(k)}</td><td>{p['value']:g}</td><td class='l'>{e(p['unit'])}"
             f"</td><td class='l'>{e(p['source'])}</td></tr>"
         )
+    out.append("</table><h2>Diesel blend schedule</h2><table><tr><th class='l'>blend</th>")
+    out.append("<th class='l'>from</th><th class='l'>to</th><th>FAME share</th>")
+    out.append("<th class='l'>source</th></tr>")
+    for bl in m["blend"]:
+        out.append(
+            f"<tr><td class='l'>{e(bl['name'])}</td><td class='l'>{e(bl['from'])}</td>"
+            f"<td class='l'>{e(bl['to'] or 'open')}</td><td>{_pct(bl['fame_share_vol'])}</td>"
+            f"<td class='l'>{e(bl['source'])}</td></tr>"
+        )
     out.append("</table><p>Files: ")
     out.append(", ".join(f"{e(f['name'])} <code>{f['sha256']}</code>" for f in m["files"]))
     out.append(f"</p><p>Generated {e(d['generated_at'])} by cngmrv report.</p></body></html>")
     return "".join(out)
+
+
+def _boundary_text(b: Mapping[str, bool]) -> str:
+    parts = [
+        name
+        for key, name in (
+            ("include_compression", "station compression electricity"),
+            ("include_upstream_leakage", "upstream methane"),
+        )
+        if b[key]
+    ]
+    return "vehicle tailpipe" + "".join(f" + {p}" for p in parts)
 
 
 def render(report: Report, fmt: str) -> str:
@@ -1215,4 +1259,4 @@ def render(report: Report, fmt: str) -> str:
                 "the HTML report needs the office install: pip install 'cngmrv[office]'"
             ) from None
         return to_html(report)
-    raise ReportError(f"unknown format {fmt!r} (csv, json, html)")
+    raise ReportError(f"unknown format {fmt!r} (csv, json, html; xlsx through workbook.write)")
