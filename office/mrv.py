@@ -470,7 +470,7 @@ def sensitivity(m: Methodology, fleet: Sequence[tuple[str, Monitored]]) -> list[
     """Fleet ER with each ranged parameter at its low and high end, the others as in ``m``;
     sorted by the larger swing first."""
     central = fleet_er(m, fleet)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for n in m.ranged():
         p = m.parameters[n]
         assert p.low is not None and p.high is not None

@@ -225,7 +225,7 @@ def _calculation(ws: Any, d: Mapping[str, Any], p: Mapping[str, str]) -> str:
     def fleet(name: str) -> str:
         return "=" + "+".join(f"{c[name]}{t}" for t in totals) if totals else "=0"
 
-    row = [None] * len(CALC_HEAD)
+    row: list[str | None] = [None] * len(CALC_HEAD)
     row[0], row[1] = "*", "fleet"
     for name in ("diesel L", "gas kg metered", "gas kg credited", "RE kg", "PE kg", "ER kg"):
         row[CALC_HEAD.index(name)] = fleet(name)
