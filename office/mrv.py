@@ -466,16 +466,30 @@ def conservative(m: Methodology, fleet: Sequence[tuple[str, Monitored]]) -> Meth
     return base.with_values(chosen, parameter_set="conservative")
 
 
+# Ranged parameters that act only through a boundary term, and the switch of that term.
+BOUNDARY_OF = {
+    "compression_kwh_per_kg": "include_compression",
+    "grid_ef": "include_compression",
+    "upstream_ch4_gas": "include_upstream_leakage",
+}
+
+
 def sensitivity(m: Methodology, fleet: Sequence[tuple[str, Monitored]]) -> list[dict[str, Any]]:
-    """Fleet ER with each ranged parameter at its low and high end, the others as in ``m``;
-    sorted by the larger swing first."""
+    """Fleet ER with each ranged parameter at its low and high end, the others as in ``m``,
+    and with each boundary term switched on; sorted by the larger swing first.
+
+    A parameter of a boundary term that ``m`` leaves out is swung with its term
+    included (``with_term``), so its weight shows; the term's own row is its switch.
+    """
     central = fleet_er(m, fleet)
     rows: list[dict[str, Any]] = []
     for n in m.ranged():
         p = m.parameters[n]
         assert p.low is not None and p.high is not None
-        er_lo = fleet_er(m.with_values({n: p.low}), fleet)
-        er_hi = fleet_er(m.with_values({n: p.high}), fleet)
+        switch = BOUNDARY_OF.get(n)
+        mm = m if switch is None or getattr(m, switch) else m.with_values({}, **{switch: True})
+        er_lo = fleet_er(mm.with_values({n: p.low}), fleet)
+        er_hi = fleet_er(mm.with_values({n: p.high}), fleet)
         rows.append(
             {
                 "parameter": n,
@@ -487,6 +501,23 @@ def sensitivity(m: Methodology, fleet: Sequence[tuple[str, Monitored]]) -> list[
                 "er_kg_co2_at_high": er_hi,
                 "er_kg_co2": central,
                 "swing_kg_co2": abs(er_hi - er_lo),
+                "with_term": mm is not m,
+            }
+        )
+    for switch in sorted(set(BOUNDARY_OF.values())):
+        on, off = (fleet_er(m.with_values({}, **{switch: v}), fleet) for v in (True, False))
+        rows.append(
+            {
+                "parameter": switch,
+                "unit": "off/on",
+                "value": float(getattr(m, switch)),
+                "low": 0.0,
+                "high": 1.0,
+                "er_kg_co2_at_low": off,
+                "er_kg_co2_at_high": on,
+                "er_kg_co2": central,
+                "swing_kg_co2": abs(on - off),
+                "with_term": False,
             }
         )
     rows.sort(key=lambda r: -r["swing_kg_co2"])

@@ -233,6 +233,11 @@ def test_conservative_set_and_sensitivity(tmp_path: Path) -> None:
     # ef_co2_gas: 4,800 MJ x (58,300 - 54,300) / 1e6 = 19.2 kg swing
     gas = next(r for r in rows if r["parameter"] == "ef_co2_gas")
     assert gas["swing_kg_co2"] == pytest.approx(19.2)
+    by = {r["parameter"]: r for r in rows}
+    # Boundary terms, off in this file, show their weight: switched on, 100 kg x 0.3 kWh x
+    # 0.87 = 26.1 kg; grid_ef swung with its term on, 100 x 0.3 x (1.0 - 0.7) = 9.0 kg.
+    assert by["include_compression"]["swing_kg_co2"] == pytest.approx(26.1)
+    assert by["grid_ef"]["swing_kg_co2"] == pytest.approx(9.0) and by["grid_ef"]["with_term"]
 
 
 @pytest.mark.parametrize(
