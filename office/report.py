@@ -623,6 +623,7 @@ def build(
     unclassed = methodology.buses_without_reference(d.device_id for d in devices)
     if unclassed:
         raise ReportError(
+            f"methodology {methodology.files[0].name if methodology.files else '(given)'}: "
             f"form {methodology.form} needs a class ([buses.class]) or a [bus_reference] for "
             f"every bus; none for {len(unclassed)}: {', '.join(unclassed)}"
         )
