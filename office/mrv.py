@@ -94,6 +94,7 @@ _SECTIONS: dict[str, set[str]] = {
     "bus_reference": set(),  # any device id
     "engine_slip": set(),  # any engine type
     "monitored": set(),  # any monitored quantity
+    "monitored_bus": set(),  # any device id: its own equipment, accuracy, calibration
     "ex_ante": {"per_bus_day", "source"},
     "buses": {"class", "engine", "default_class"},
 }  # fmt: skip
@@ -165,6 +166,7 @@ class Methodology:
     bus_class: dict[str, str]
     bus_engine: dict[str, str]
     monitored_info: dict[str, dict[str, str]]
+    monitored_bus: dict[str, dict[str, dict[str, str]]]  # device -> quantity -> overrides
     ex_ante: dict[str, float]
     ex_ante_source: str
     rounding_step_t: float
@@ -253,8 +255,7 @@ class Methodology:
 
     def fame_share_at(self, t: float) -> float:
         """The FAME share by volume in force at epoch ``t``; MethodologyError outside the schedule."""
-        starts = [b.start for b in self.blend]
-        i = bisect.bisect_right(starts, t) - 1
+        i = bisect.bisect_right(self.blend, t, key=lambda b: b.start) - 1
         if i < 0 or t >= self.blend[i].end:
             when = dt.datetime.fromtimestamp(t, dt.UTC).isoformat()
             raise MethodologyError(f"no diesel blend in the [[blend]] schedule for {when}")
@@ -806,14 +807,27 @@ def _validated(data: Mapping[str, Any], files: tuple[SourceFile, ...]) -> Method
             raise fail(
                 f"buses.engine: engine type {kind!r} of {device} has no [engine_slip.{kind}]"
             )
-    info: dict[str, dict[str, str]] = {}
-    for name, v in data.get("monitored", {}).items():
-        if not isinstance(v, Mapping):
-            raise fail(f"monitored.{name}: must be a table")
-        for k in v:
-            if k not in _MONITORED_KEYS:
-                raise fail(f"monitored.{name}.{k}: unknown key")
-        info[str(name)] = {k: str(x) for k, x in v.items()}
+
+    def described(where: str, table: Any) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        if not isinstance(table, Mapping):
+            raise fail(f"{where}: must be a table")
+        for name, v in table.items():
+            if not isinstance(v, Mapping):
+                raise fail(f"{where}.{name}: must be a table")
+            for k in v:
+                if k not in _MONITORED_KEYS:
+                    raise fail(
+                        f"{where}.{name}.{k}: unknown key (known: {', '.join(sorted(_MONITORED_KEYS))})"
+                    )
+            out[str(name)] = {k: str(x) for k, x in v.items()}
+        return out
+
+    info = described("monitored", data.get("monitored", {}))
+    per_bus = {
+        str(dev): described(f"monitored_bus.{dev}", v)
+        for dev, v in data.get("monitored_bus", {}).items()
+    }
     ex = data.get("ex_ante", {})
     ex_ante: dict[str, float] = {}
     if ex:
@@ -849,6 +863,7 @@ def _validated(data: Mapping[str, Any], files: tuple[SourceFile, ...]) -> Method
         bus_class={str(k): str(v) for k, v in classes.items()},
         bus_engine={str(k): str(v) for k, v in engines.items()},
         monitored_info=info,
+        monitored_bus=per_bus,
         ex_ante=ex_ante,
         ex_ante_source=str(ex.get("source", "")),
         rounding_step_t=step,

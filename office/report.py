@@ -674,7 +674,8 @@ def build(
         fleet["diesel_mj"] += em.diesel_mj
         fleet["gas_mj"] += em.gas_mj
         fleet["gas_kg_credited"] += em.gas_kg_credited
-        flags = []
+        flags: list[str] = []
+        notes: list[str] = []
         if not b.total.readings:
             flags.append("no readings in the period")
         else:
@@ -692,6 +693,11 @@ def build(
                 )
             for text in res.get("mismatches", []):
                 flags.append(f"{name}: {text}")
+        if fig["gas_credit_factor"] > 1.0:
+            notes.append(
+                f"gas credited at {100 * fig['gas_credit_factor']:.2f} % of the metered: a kg of "
+                "gas raises emissions here, so gaps are filled at the metered rate"
+            )
         if fig["gas_credit_factor"] < 1.0:
             flags.append(
                 f"credited gas lowered to {100 * fig['gas_credit_factor']:.2f} % of the metered gas"
@@ -703,7 +709,6 @@ def build(
                 "batch sequences missing: "
                 + ", ".join(f"{lo_}" if lo_ == hi_ else f"{lo_}..{hi_}" for lo_, hi_ in d.missing)
             )
-        notes = []
         if b.total.unsynced_s > 0:
             notes.append(
                 f"{b.total.unsynced_s / 3600:.2f} h of readings were timed by a clock not "
@@ -821,6 +826,7 @@ def methodology_data(m: Methodology) -> dict[str, Any]:
         "engine_slip": {k: param(k, p, p.value) for k, p in m.engine_slip.items()},
         "bus_engine": dict(m.bus_engine),
         "monitored": m.monitored_info,
+        "monitored_bus": m.monitored_bus,
         "ex_ante": {"per_bus_day": m.ex_ante, "source": m.ex_ante_source},
         "rounding": {"step_t_co2": m.rounding_step_t, "direction": "down"},
     }

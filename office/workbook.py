@@ -131,8 +131,9 @@ def _parameters(ws: Any, d: Mapping[str, Any]) -> dict[str, str]:
             p = m["engine_slip"][engine]
             row(f"ef_ch4_gas {dev}", p["value"], unit=p["unit"], option=p["option"],
                 source=p["source"], description=f"measured methane slip, engine {engine}")  # fmt: skip
+        own = m.get("monitored_bus", {}).get(dev, {})
         for q in ("gas_kg", "diesel_l", "distance_km"):
-            meta = info.get(q, {})
+            meta = {**info.get(q, {}), **own.get(q, {})}
             row(
                 f"{q} {dev}", bus[q], unit=meta.get("unit", q.rsplit("_", 1)[-1]),
                 option=meta.get("option", "C"), source=meta.get("source", "signed readings"),

@@ -286,6 +286,7 @@ WB_PROJECT = (
     'source = "test baseline"\n'
     '[buses.class]\n"bus-1" = "large"\n"bus-2" = "medium"\n[buses.engine]\n"bus-2" = "wp10"\n'
     '[ex_ante.per_bus_day]\ngas_kg = 100.0\ner_kg_co2 = 50.0\n[ex_ante]\nsource = "PDD test"\n'
+    '[monitored_bus.bus-1.gas_kg]\nequipment = "kit SN 0042"\nlast_calibration = "2025-06-01"\n'
 )
 
 
@@ -349,6 +350,9 @@ def test_the_workbook_recomputes_the_report(tmp_path: Path, conservative: bool) 
     gas1 = rows["gas_kg bus-1"]
     assert gas1[head.index("monitoring option")].value == "C"
     assert gas1[head.index("batch set sha256")].value == d["buses"][0]["batches"]["set_sha256"]
+    assert gas1[head.index("equipment id")].value == "kit SN 0042"
+    assert gas1[head.index("last calibration")].value == "2025-06-01"
+    assert rows["gas_kg bus-2"][head.index("equipment id")].value == "not configured"
     ex = wb["Ex-ante vs ex-post"]
     # bus-1 spans midnight: 2 + 1 + 1 bus-days; ex-ante 100 kg gas and 50 kg ER a bus-day.
     assert ex["A3"].value == "gas_kg" and ex["C2"].value == 4
