@@ -74,6 +74,13 @@ def read(path: Path) -> RefillSet:
 
 def parse(text: str, label: str) -> RefillSet:
     """Every row checked; the first bad row ends the parse with file, row and reason."""
+    try:
+        return _parse(text, label)
+    except csv.Error as e:
+        raise RefillError(f"refills {label}: not readable as CSV: {e}") from None
+
+
+def _parse(text: str, label: str) -> RefillSet:
     rows = csv.reader(text.splitlines())
     header = next(rows, None)
     if header is None:

@@ -3,6 +3,7 @@ sfc-ref, on real signed stores and a real ingest database, against hand computat
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Callable
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from mrv_helpers import fossil_co2, fossil_co2_file
 from test_report import STEP, _ingest_fleet, make_store, reading
 
@@ -438,3 +441,35 @@ def test_refill_csv_via_cli(
     )
     assert r.returncode == 2
     assert f"refills {bad}, row 2: kg must be a positive number" in r.stderr
+
+
+# -- fuzz ------------------------------------------------------------------------------------
+
+_FIELD = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["2025-03-01T10:00", "2025-03-01T10:00+07:00", "bus-A", "5", "-1", "nan",
+                     "inf", "1e309", "", " ", '"', "I1", "\x00", "a\rb"]),
+)  # fmt: skip
+
+
+@given(
+    header=st.one_of(st.just(list(refills.COLUMNS)), st.lists(_FIELD, max_size=6)),
+    rows=st.lists(st.lists(_FIELD, max_size=6), max_size=6),
+    junk=st.text(max_size=40),
+)
+def test_refill_parser_fuzz(header: list[str], rows: list[list[str]], junk: str) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    for text in (buf.getvalue(), buf.getvalue() + junk, junk):
+        try:
+            out = refills.parse(text, "fuzz.csv")
+        except refills.RefillError as e:
+            assert str(e).startswith("refills fuzz.csv")
+            continue
+        for r in out.refills:
+            assert r.kg > 0 and math.isfinite(r.kg) and r.invoice_id and r.device_id
