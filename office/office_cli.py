@@ -86,8 +86,13 @@ def _report(args: argparse.Namespace) -> int:
             Path(args.out).write_text(text, encoding="utf-8")
         d = rep.data
         print(
-            f"wrote {args.out}: ER {d['er_kg_co2'] / 1000:.3f} t CO2 "
-            f"({d['er_t_co2_rounded']:g} t rounded down), {len(d['buses'])} buses, "
+            f"wrote {args.out}: ER {d['er_kg_co2'] / 1000:.3f} t CO2 ("
+            + (
+                f"{d['er_t_co2_rounded']:g} t rounded down"
+                if d["er_kg_co2"] > 0
+                else "nothing to issue"
+            )
+            + f"), {len(d['buses'])} buses, "
             f"flagged: {', '.join(d['flagged']) or 'none'}",
             file=sys.stderr,
         )

@@ -473,3 +473,45 @@ def test_refill_parser_fuzz(header: list[str], rows: list[list[str]], junk: str)
             continue
         for r in out.refills:
             assert r.kg > 0 and math.isfinite(r.kg) and r.invoice_id and r.device_id
+
+
+def test_libreoffice_recomputes_the_workbook_as_the_report(tmp_path: Path) -> None:
+    """A real spreadsheet program, not only our evaluator: LibreOffice loads the workbook
+    (no cached values in it), recalculates and saves; its values match the JSON."""
+    import shutil
+    import subprocess
+
+    soffice = shutil.which("soffice")
+    if soffice is None:
+        pytest.skip("LibreOffice (soffice) not installed: apt-get install libreoffice-calc-nogui")
+    openpyxl = pytest.importorskip("openpyxl")
+    from cngmrv.office import workbook
+
+    db = _fleet_for_workbook(tmp_path)
+    proj = tmp_path / "wb.toml"
+    proj.write_text(WB_PROJECT)
+    rep = report.build(db, mrv.load(proj), conservative_set=True)
+    src = tmp_path / "in" / "report.xlsx"
+    src.parent.mkdir()
+    workbook.write(rep, src)
+    out = tmp_path / "out"
+    subprocess.run(
+        [soffice, f"-env:UserInstallation=file://{tmp_path / 'lo-profile'}", "--headless",
+         "--calc", "--convert-to", "xlsx", "--outdir", str(out), str(src)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    ws = openpyxl.load_workbook(out / "report.xlsx", data_only=True)["Calculation"]
+    head = [c.value for c in ws[1]]
+    by = {b["device_id"]: b for b in rep.data["buses"]} | {"*": rep.data}
+    seen = 0
+    for row in ws.iter_rows(min_row=2):
+        if row[1].value in ("total", "fleet"):
+            want = by[row[0].value]
+            for col, key in (
+                ("RE kg", "re_kg_co2"),
+                ("PE kg", "pe_kg_co2"),
+                ("ER kg", "er_kg_co2"),
+            ):
+                assert _close(row[head.index(col)].value, want[key]), (row[0].value, col)
+            seen += 1
+    assert seen == 4
