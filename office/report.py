@@ -719,7 +719,8 @@ def build(
         check_low, check_high = _check_factors(checks)
         for day, s in sorted(b.days.items()):
             a_low, a_high = _anchor_factors(day_anchor.get(day), s.gas_kg)
-            dfig, _ = _figures(m, s, d.device_id, min(check_low, a_low), max(check_high, a_high))
+            day_high = max(check_high, a_high, _fill_factor(s))
+            dfig, _ = _figures(m, s, d.device_id, min(check_low, a_low), day_high)
             days.append({"date": day, **dfig, "batches": _trace(d.device_id, s.seqs, held)})
         trace = _trace(d.device_id, b.total.seqs, held)
         trace.update(
