@@ -190,13 +190,30 @@ class Match:
     mismatches: list[str]
 
 
+MERGE_S = 300.0  # rises this close together are one refill (a fill spans several readings)
+
+
+def refills_seen(rises: Iterable[tuple[float, float]], min_kg: float) -> list[tuple[float, float]]:
+    """The agent's tank rises as refills: rises less than ``MERGE_S`` apart merged (at the
+    first one's time), and merged rises under ``min_kg`` left out as sensor noise."""
+    out: list[list[float]] = []
+    for t, kg in sorted(rises):
+        if out and t - out[-1][2] < MERGE_S:
+            out[-1][1] += kg
+            out[-1][2] = t
+        else:
+            out.append([t, kg, t])
+    return [(t, kg) for t, kg, _ in out if kg >= min_kg]
+
+
 def match(
     invoices: Sequence[Refill],
     seen: Iterable[tuple[float, float]],
     window_s: float,
     tolerance: float,
 ) -> Match:
-    """Each invoice to the agent's refill nearest in time within ``window_s``.
+    """Each invoice to the agent's refill (see :func:`refills_seen`) nearest in time
+    within ``window_s``.
 
     Named as mismatches: an invoice with no refill seen near it, a refill seen
     with no invoice, and a refill whose invoiced kg differ from the tank's rise

@@ -547,9 +547,8 @@ def _dispenser(
 ) -> tuple[dict[str, Any], dict[str, float | None]]:
     """The dispenser-record check of one bus, and its anchored gas per day (None: no tank)."""
     invoices = records.of(b.device_id)
-    matched = refill_records.match(
-        invoices, b.stock.seen_refills, m.refill_match_window_s, m.cross_check_tolerance
-    )
+    seen = refill_records.refills_seen(b.stock.seen_refills, m.refill_threshold_kg)
+    matched = refill_records.match(invoices, seen, m.refill_match_window_s, m.cross_check_tolerance)
     anchor = refill_records.anchored_gas_kg(
         b.stock, invoices, matched.counted_at, b.total.first_t0, b.total.last_t1
     )
@@ -569,7 +568,7 @@ def _dispenser(
         "unit": "kg",
         "file": records.path,
         "invoices": len(invoices),
-        "refills_seen": len(b.stock.seen_refills),
+        "refills_seen": len(seen),
         "mismatches": matched.mismatches + doubles,
     }
     if anchor is None:

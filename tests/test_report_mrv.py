@@ -163,6 +163,11 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat()
 
 
+def test_tank_rises_merge_into_refills_and_noise_is_left_out() -> None:
+    rises = [(100.0, 30.0), (160.0, 28.5), (1000.0, 0.03), (5000.0, 40.0)]
+    assert refills.refills_seen(rises, 2.0) == [(100.0, 58.5), (5000.0, 40.0)]
+
+
 def test_dispenser_records_that_match(tmp_path: Path, signer: keys.FileSigner) -> None:
     path = _store(tmp_path, signer, _tank_readings())
     rec = _refills(tmp_path, f"{_iso(DAY + 60 * STEP + 40)},bus-A,SPBG 1,50.0,INV-1\n")
