@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -104,7 +105,7 @@ def from_records(
             d_km, d_l = float(row["distance_km"]), float(row["diesel_l"])
         except (TypeError, ValueError):
             raise ReportError(f"records {path}, row {line}: not a date and two numbers") from None
-        if not (d_km >= 0 and d_l >= 0):
+        if not (math.isfinite(d_km) and math.isfinite(d_l) and d_km >= 0 and d_l >= 0):
             raise ReportError(f"records {path}, row {line}: negative or non-finite figure")
         day = day if day.tzinfo else day.replace(tzinfo=UTC)
         if not start <= day < end:

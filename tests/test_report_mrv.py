@@ -520,3 +520,23 @@ def test_libreoffice_recomputes_the_workbook_as_the_report(tmp_path: Path) -> No
                 assert _close(row[head.index(col)].value, want[key]), (row[0].value, col)
             seen += 1
     assert seen == 4
+
+
+def test_sfc_ref_from_imported_records(tmp_path: Path, cli: Callable[..., Any]) -> None:
+    rec = tmp_path / "records.csv"
+    # June 2024 (B35): 2 days in the period, 1 outside; 90 L / 300 km = 0.30 L/km
+    rec.write_text(
+        "date,distance_km,diesel_l\n2024-06-01,100,30\n2024-06-02,200,60\n2024-07-01,50,40\n"
+    )
+    proj = tmp_path / "project.toml"
+    proj.write_text('[methodology]\nbase = "jcm-id-dual-fuel-bus"\n')
+    r = cli("sfc-ref", "--records", str(rec), "--bus", "bus-9", "--from", "2024-06-01",
+            "--to", "2024-06-30", "--methodology", str(proj))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    ref = mrv.load(proj).sfc_ref("bus-9")
+    assert ref.value == pytest.approx(0.30) and ref.fame_share_vol == 0.35
+    assert "2 days of bus-9" in ref.source and "records.csv" in ref.source
+    rec.write_text("date,distance_km,diesel_l\n2024-06-01,100,thirty\n")
+    r = cli("sfc-ref", "--records", str(rec), "--bus", "bus-9", "--from", "2024-06-01",
+            "--to", "2024-06-30", "--methodology", str(proj))  # fmt: skip
+    assert r.returncode == 2 and f"records {rec}, row 2: not a date and two numbers" in r.stderr
