@@ -150,6 +150,17 @@ def test_a_period_spanning_a_blend_change(tmp_path: Path) -> None:
     assert e.er_kg == pytest.approx(-38.5222983, rel=1e-8)
     # At B0 the same gas gives 100 x 0.864 = 86.4 kg: the blend costs 124.92 kg.
     assert mrv.emissions(m, q.at_blend(0.0), "bus").er_kg == pytest.approx(86.4, rel=1e-12)
+    # Form B over the same two parts, 50 km each at 0.40 L/km (20 L of each blend):
+    # RE = 20 x 1.74800418 + 20 x 1.61354232 = 67.230930 kg
+    # PE = 10 x 1.74800418 + 10 x 1.61354232 + 4,800 MJ x 0.0561 = 302.895465 kg
+    b = _project(tmp_path, CO2 + 'form = "B"\n' + CLASSES, "b.toml")
+    qb = mrv.Monitored(
+        (mrv.Part(0.35, 10.0, 50.0, 50.0, 50.0), mrv.Part(0.40, 10.0, 50.0, 50.0, 50.0))
+    )
+    e = mrv.emissions(b, qb, "bus")
+    assert e.re_kg == pytest.approx(67.23093, rel=1e-9)
+    assert e.pe_kg == pytest.approx(302.895465, rel=1e-9)
+    assert e.er_kg == pytest.approx(-235.664535, rel=1e-9)
 
 
 def test_ch4_and_n2o_terms_by_hand(tmp_path: Path) -> None:
