@@ -44,6 +44,10 @@ setup(
         "office": [
             # The HTML report's plots (Agg backend, no display needed).
             "matplotlib>=3.8",
+            # The monitoring-report workbook (cngmrv report --format xlsx).
+            "openpyxl>=3.1",
+            # cngmrv sfc-ref writes into a project's methodology file, keeping its comments.
+            "tomlkit>=0.12",
         ],
         "test": [
             "cngmrv[office]",
