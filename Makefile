@@ -55,6 +55,6 @@ soak: setup
 
 # The integrator core under AddressSanitizer + UndefinedBehaviorSanitizer:
 # its tests against a sanitized build in a temporary folder, then a standalone
-# C driver with leak detection (native/sanitize.py).
+# C driver with leak detection (tests/sanitize_native.py).
 sanitize: setup
-	$(BIN)/python native/sanitize.py
+	$(BIN)/python tests/sanitize_native.py

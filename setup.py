@@ -8,8 +8,8 @@ site-packages.
 Two installs from one distribution: ``pip install cngmrv`` is the bus's
 (what the agent runs on, nothing more); ``pip install 'cngmrv[office]'`` adds
 what the office's ingest server and reports need (docs/deploy-pi.md,
-docs/office.md); ``pip install 'cngmrv[pkcs11]'`` adds the signer for a key
-held in a TPM or secure element (docs/deploy-pi.md).  The C integrator is built by
+docs/mrv-methodology.md); ``pip install 'cngmrv[pkcs11]'`` adds the signer for a
+key held in a TPM or secure element (docs/deploy-pi.md).  The C integrator is built by
 cffi in API (out-of-line) mode through ``cffi_modules``.
 """
 
@@ -45,6 +45,10 @@ setup(
         "office": [
             # The HTML report's plots (Agg backend, no display needed).
             "matplotlib>=3.8",
+            # The monitoring-report workbook (cngmrv report --format xlsx).
+            "openpyxl>=3.1",
+            # cngmrv sfc-ref writes into a project's methodology file, keeping its comments.
+            "tomlkit>=0.12",
         ],
         # A bus whose key lives in a TPM or secure element (signed/hsm.py).  An extra,
         # not install_requires: a compiled module (Cython, about 8 MB installed)

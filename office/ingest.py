@@ -6,17 +6,29 @@
   device are missing before it (accepted; the gap is recorded and reported
   until the missing batches arrive), ``out_of_order: true`` when it filled
   such a gap late.
-- 200 ``duplicate``: the same bytes were already stored (uploads are
-  idempotent, and a replay is stored once).
-- 400 ``malformed`` or ``truncated``: not a batch envelope (the reason says why).
+- 200 ``duplicate``: a batch with the same batch id (SHA-256 of the signed
+  header) is already stored (uploads are idempotent, and a replay is stored
+  once, whatever signature bytes it carries).
+- Both acknowledgements name ``device_id``, ``seq`` and ``batch_id`` (hex):
+  the uploader checks them, so a captive portal's 200 page is no ack.
+- 400 ``malformed``, ``truncated``, or ``noncanonical``: not a batch envelope
+  in its one valid encoding (the reason says why; a re-encoded copy of a
+  genuine batch lands here, is not stored and raises no alarm).
 - 403 ``unknown_device``, or ``kid_mismatch`` (signed by another key than the
   device's registered one: e.g. a batch spliced in from another device).
 - 422 ``rejected``: algorithm outside the allow-list, bad signature, payload
   hash or payload; ``reasons`` lists them, ``codes`` their stable codes.
-- 409 ``conflict``: the same (device, sequence) with other bytes; or
-  ``chain_broken``: ``prev_hash`` does not match the stored neighbour.  Both
+- 409 ``conflict``: the same (device, sequence) with another batch id; or
+  ``chain_broken``: ``prev_hash`` does not link to the stored neighbour.  Both
   are tamper alarms: logged at error level and kept in ``alarms`` with the
-  offending bytes for the auditor (they carry a valid device signature).
+  offending bytes for the auditor (they carry a valid device signature).  Each
+  distinct (device, seq, kind, batch id) is kept once; reposts only count up
+  its ``repeats``, so a flood of reposts costs no storage.
+
+Version-1 batches (stored data from before format 2) are accepted under the
+legacy rules of :mod:`cngmrv.signed.batch`; :meth:`Ingest.report` counts them.
+Untrusted fields (device ids, reasons) are logged through ``%r``, so a
+newline in a device id cannot forge a log line.
 
 Devices are registered out of band (:func:`register_device`, or ``cngmrv
 ingest --register``), never over HTTP: a public key that anyone can upload
@@ -70,7 +82,8 @@ from cngmrv.signed.keys import ALLOWED_ALGS, kid_of, public_key_from_pem
 
 log = logging.getLogger("cngmrv.ingest")
 
-MAX_BODY = 16 * 1024 * 1024
+# The largest body read: one batch (signed/batch.py, docs/batch-format.md).
+MAX_BODY = batch.MAX_BATCH_BYTES
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -92,7 +105,7 @@ CREATE TABLE IF NOT EXISTS device_keys (
 );
 CREATE TABLE IF NOT EXISTS alarms (
     device_id TEXT NOT NULL, seq BIGINT, kind TEXT NOT NULL, detail TEXT NOT NULL,
-    bytes {blob}, at {real} NOT NULL
+    bytes {blob}, at {real} NOT NULL, batch_id {blob}, repeats BIGINT NOT NULL DEFAULT 1
 )
 """
 
@@ -149,10 +162,15 @@ class IngestDB:
         cols = {r[1] for r in self.execute("PRAGMA table_info(batches)")}
         if "prev_hash" not in cols:
             self.execute("ALTER TABLE batches ADD COLUMN prev_hash BLOB")
+        # Databases from before alarms were kept once per batch id with a repeat count.
+        alarm_cols = {r[1] for r in self.execute("PRAGMA table_info(alarms)")}
+        if "repeats" not in alarm_cols:
+            self.execute("ALTER TABLE alarms ADD COLUMN batch_id BLOB")
+            self.execute("ALTER TABLE alarms ADD COLUMN repeats BIGINT NOT NULL DEFAULT 1")
         for dev, seq, raw in self.all(
             "SELECT device_id, seq, bytes FROM batches WHERE prev_hash IS NULL"
         ):
-            prev = batch.parse(bytes(raw)).header["prev_hash"]
+            prev = stored_batch(bytes(raw)).header["prev_hash"]
             self.execute(
                 "UPDATE batches SET prev_hash=? WHERE device_id=? AND seq=?", (prev, dev, seq)
             )
@@ -187,6 +205,22 @@ class IngestDB:
             self._conn.close()
 
 
+def stored_batch(raw: bytes) -> batch.Batch:
+    """A batch as this database holds it.
+
+    An ingest from before format 2 may hold a version-1 batch in a re-wrapped
+    envelope (it accepted any msgpack container): it is read as what it claims
+    to be, so its batch id and links still work for duplicates and the chain.
+    """
+    try:
+        return batch.parse(raw)
+    except batch.NonCanonicalError:
+        claim = batch.claimed(raw)
+        if claim is None:
+            raise
+        return claim
+
+
 def open_db(target: str | Path) -> IngestDB:
     return IngestDB(target)
 
@@ -197,7 +231,10 @@ def register_device(db: IngestDB, device_id: str, pubkey_pem: bytes) -> str:
     Re-registering the same key is a no-op; a different key for a known device
     is refused, since it would orphan the device's existing chain.
     """
-    kid = kid_of(public_key_from_pem(pubkey_pem, f"public key of {device_id}"))
+    problem = batch.device_id_problem(device_id)
+    if problem:
+        raise ValueError(problem)
+    kid = kid_of(public_key_from_pem(pubkey_pem, f"public key of {device_id!r}"))
     with db.tx():
         row = db.one("SELECT kid FROM devices WHERE device_id=?", (device_id,))
         if row is not None and row[0] != kid:
@@ -292,22 +329,31 @@ def revoke_key(db: IngestDB, device_id: str, kid: str, from_seq: int) -> int:
             "SELECT seq, bytes FROM batches WHERE device_id=? AND seq>=? ORDER BY seq",
             (device_id, from_seq),
         ):
-            if batch.parse(bytes(raw)).header["kid"] == kid:
-                hit += 1
-                db.execute(
-                    "INSERT INTO alarms(device_id, seq, kind, detail, bytes, at) "
-                    "VALUES(?, ?, ?, ?, ?, ?)",
-                    (
-                        device_id,
-                        seq,
-                        "revoked_key",
-                        "stored before its key was revoked",
-                        None,
-                        time.time(),
-                    ),
-                )
+            b = stored_batch(bytes(raw))
+            if b.header["kid"] != kid:
+                continue
+            hit += 1
+            # Once per stored batch, like every alarm: revoking again adds none.
+            if db.one(
+                "SELECT 1 FROM alarms WHERE device_id=? AND seq=? AND kind=? AND batch_id=?",
+                (device_id, seq, "revoked_key", b.batch_id),
+            ):
+                continue
+            db.execute(
+                "INSERT INTO alarms(device_id, seq, kind, detail, bytes, at, batch_id, repeats) "
+                "VALUES(?, ?, ?, ?, ?, ?, ?, 1)",
+                (
+                    device_id,
+                    seq,
+                    "revoked_key",
+                    "stored before its key was revoked",
+                    None,
+                    time.time(),
+                    b.batch_id,
+                ),
+            )
     log.warning(
-        "event=key_revoked device=%s kid=%s from_seq=%d stored_after=%d",
+        "event=key_revoked device=%r kid=%s from_seq=%d stored_after=%d",
         device_id,
         kid[:16],
         from_seq,
@@ -346,8 +392,8 @@ class Ingest:
         try:
             b = batch.parse(raw)
         except batch.BatchFormatError as e:
-            code = "truncated" if str(e).startswith("truncated") else "malformed"
-            return self._count(400, {"error": code, "reason": str(e)})
+            log.warning("event=batch_rejected reason=%s detail=%r", e.code, str(e))
+            return self._count(400, {"error": e.code, "reason": str(e)})
         with self.db.tx():
             return self._count(*self._accept(b))
 
@@ -362,12 +408,41 @@ class Ingest:
             self._keys[pem] = public_key_from_pem(pem)
         return self._keys[pem]
 
-    def _alarm(self, dev: str, seq: int, kind: str, detail: str, raw: bytes | None) -> None:
-        log.error("event=tamper_alarm kind=%s device=%s seq=%d detail=%r", kind, dev, seq, detail)
-        self.db.execute(
-            "INSERT INTO alarms(device_id, seq, kind, detail, bytes, at) VALUES(?, ?, ?, ?, ?, ?)",
-            (dev, seq, kind, detail, raw, time.time()),
+    def _alarm(self, b: batch.Batch, kind: str, detail: str) -> None:
+        """File a tamper alarm once per (device, seq, kind, batch id); a repeat only counts."""
+        dev, seq, bid = b.device_id, b.seq, b.batch_id
+        held = self.db.one(
+            "SELECT repeats FROM alarms WHERE device_id=? AND seq=? AND kind=? AND batch_id=?",
+            (dev, seq, kind, bid),
         )
+        if held is not None:
+            log.info("event=tamper_alarm_repeat kind=%s device=%r seq=%d", kind, dev, seq)
+            self.db.execute(
+                "UPDATE alarms SET repeats = repeats + 1 "
+                "WHERE device_id=? AND seq=? AND kind=? AND batch_id=?",
+                (dev, seq, kind, bid),
+            )
+            return
+        log.error("event=tamper_alarm kind=%s device=%r seq=%d detail=%r", kind, dev, seq, detail)
+        self.db.execute(
+            "INSERT INTO alarms(device_id, seq, kind, detail, bytes, at, batch_id, repeats) "
+            "VALUES(?, ?, ?, ?, ?, ?, ?, 1)",
+            (dev, seq, kind, detail, b.raw, time.time(), bid),
+        )
+
+    def _held(self, dev: str, seq: int) -> batch.Batch | None:
+        row = self.db.one("SELECT bytes FROM batches WHERE device_id=? AND seq=?", (dev, seq))
+        return None if row is None else stored_batch(bytes(row[0]))
+
+    @staticmethod
+    def _ack(status: str, b: batch.Batch) -> dict[str, Any]:
+        # Names what was stored, so the uploader can tell this ingest's answer from any 2xx.
+        return {
+            "status": status,
+            "device_id": b.device_id,
+            "seq": b.seq,
+            "batch_id": b.batch_id.hex(),
+        }
 
     def _accept(self, b: batch.Batch) -> tuple[int, dict[str, Any]]:
         dev, seq = b.device_id, b.seq
@@ -375,12 +450,12 @@ class Ingest:
             "SELECT kid, pubkey_pem FROM devices WHERE device_id=?" + self.db.for_update, (dev,)
         )
         if row is None:
-            log.warning("event=batch_rejected reason=unknown_device device=%s", dev)
+            log.warning("event=batch_rejected reason=unknown_device device=%r", dev)
             return 403, {"error": "unknown_device", "device_id": dev}
         alg = b.header["alg"]
         if alg not in self.allowed_algs:
             reason = f"alg {alg!r} is not allowed (allowed: {sorted(self.allowed_algs)})"
-            log.warning("event=batch_rejected reason=alg_not_allowed device=%s seq=%d", dev, seq)
+            log.warning("event=batch_rejected reason=alg_not_allowed device=%r seq=%d", dev, seq)
             return 422, {
                 "error": "rejected",
                 "codes": ["alg_not_allowed"],
@@ -394,7 +469,7 @@ class Ingest:
             (dev, b.header["kid"]),
         )
         if key is None:
-            log.warning("event=batch_rejected reason=kid_mismatch device=%s seq=%d", dev, seq)
+            log.warning("event=batch_rejected reason=kid_mismatch device=%r seq=%d", dev, seq)
             return 403, {
                 "error": "kid_mismatch",
                 "reason": f"signed with key {b.header['kid'][:16]}…, not one of device {dev!r}'s",
@@ -403,7 +478,7 @@ class Ingest:
         problems = batch.check(b, self._key(bytes(key[0])), self.allowed_algs)
         if problems:
             log.warning(
-                "event=batch_rejected reason=%s device=%s seq=%d",
+                "event=batch_rejected reason=%s device=%r seq=%d",
                 ",".join(p.code for p in problems),
                 dev,
                 seq,
@@ -419,18 +494,18 @@ class Ingest:
             # A valid signature by a key that should no longer (or not yet) sign: a stolen
             # old key after a rotation or a revocation.
             span = f"{first}..{'' if last is None else last}"
-            self._alarm(dev, seq, "key_not_valid", f"key valid for {span} only", b.raw)
+            self._alarm(b, "key_not_valid", f"key valid for {span} only")
             return 403, {
                 "error": "key_not_valid",
                 "reason": f"key {b.header['kid'][:16]}… signs batches {span} only",
                 "seq": seq,
             }
-        held = self.db.one("SELECT sha256 FROM batches WHERE device_id=? AND seq=?", (dev, seq))
+        held = self._held(dev, seq)
         if held is not None:
-            if bytes(held[0]) == b.file_hash:
-                log.info("event=batch_duplicate device=%s seq=%d", dev, seq)
-                return 200, {"status": "duplicate", "seq": seq}
-            self._alarm(dev, seq, "conflict", "same sequence, other content", b.raw)
+            if held.batch_id == b.batch_id:
+                log.info("event=batch_duplicate device=%r seq=%d", dev, seq)
+                return 200, self._ack("duplicate", b)
+            self._alarm(b, "conflict", "same sequence, another batch id")
             return 409, {"error": "conflict", "seq": seq}
         if seq == 0 and b.header["prev_hash"] != batch.ZERO_HASH:
             return 422, {
@@ -439,19 +514,15 @@ class Ingest:
                 "reasons": ["the first batch must carry 32 zero bytes as prev_hash"],
                 "seq": seq,
             }
-        before = self.db.one(
-            "SELECT sha256 FROM batches WHERE device_id=? AND seq=?", (dev, seq - 1)
-        )
-        if before is not None and bytes(before[0]) != b.header["prev_hash"]:
-            self._alarm(
-                dev, seq, "chain_broken", f"prev_hash does not match batch {seq - 1}", b.raw
-            )
+        before = self._held(dev, seq - 1)
+        if before is not None and not batch.links(before, b.header["prev_hash"]):
+            self._alarm(b, "chain_broken", f"prev_hash does not match batch {seq - 1}")
             return 409, {"error": "chain_broken", "seq": seq, "detail": f"batch {seq - 1}"}
         after = self.db.one(
             "SELECT prev_hash FROM batches WHERE device_id=? AND seq=?", (dev, seq + 1)
         )
-        if after is not None and bytes(after[0]) != b.file_hash:
-            self._alarm(dev, seq, "chain_broken", f"batch {seq + 1} does not chain to it", b.raw)
+        if after is not None and not batch.links(b, bytes(after[0])):
+            self._alarm(b, "chain_broken", f"batch {seq + 1} does not chain to it")
             return 409, {"error": "chain_broken", "seq": seq, "detail": f"batch {seq + 1}"}
         last_row = self.db.one("SELECT max(seq) FROM batches WHERE device_id=?", (dev,))
         last_seq = None if last_row is None or last_row[0] is None else int(last_row[0])
@@ -462,18 +533,20 @@ class Ingest:
             (dev, seq, b.file_hash, b.header["prev_hash"], b.raw, now),
         )
         self._follow_rotation(b)
-        answer: dict[str, Any] = {"status": "stored", "seq": seq}
+        answer = self._ack("stored", b)
+        if b.legacy:
+            self._count(201, {"status": "legacy_v1"})
         expected = 0 if last_seq is None else last_seq + 1
         if seq > expected:
             self.db.execute(
                 "INSERT INTO gaps(device_id, first_seq, last_seq, found_at) VALUES(?, ?, ?, ?)",
                 (dev, expected, seq - 1, now),
             )
-            log.warning("event=batch_gap device=%s missing=%d..%d", dev, expected, seq - 1)
+            log.warning("event=batch_gap device=%r missing=%d..%d", dev, expected, seq - 1)
             answer["gap"] = [expected, seq - 1]
         elif seq < expected:
             self._fill_gap(dev, seq, now)
-            log.warning("event=batch_out_of_order device=%s seq=%d", dev, seq)
+            log.warning("event=batch_out_of_order device=%r seq=%d", dev, seq)
             answer["out_of_order"] = True
         return 201, answer
 
@@ -483,7 +556,7 @@ class Ingest:
             announced = batch.rotation_of(b)
         except batch.BatchFormatError as e:
             log.error(
-                "event=rotation_ignored device=%s seq=%d reason=%r", b.device_id, b.seq, str(e)
+                "event=rotation_ignored device=%r seq=%d reason=%r", b.device_id, b.seq, str(e)
             )
             return
         if announced is None:
@@ -493,7 +566,7 @@ class Ingest:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         _add_key(self.db, b.device_id, kid, pem, b.seq + 1, f"rotation in batch {b.seq}")
-        log.warning("event=key_rotated device=%s seq=%d new_kid=%s", b.device_id, b.seq, kid[:16])
+        log.warning("event=key_rotated device=%r seq=%d new_kid=%s", b.device_id, b.seq, kid[:16])
 
     def _fill_gap(self, dev: str, seq: int, now: float) -> None:
         row = self.db.one(
@@ -536,7 +609,14 @@ class Ingest:
                 "SELECT first_seq, last_seq FROM gaps WHERE device_id=? ORDER BY first_seq", (dev,)
             )
             alarms = self.db.all(
-                "SELECT seq, kind, detail, at FROM alarms WHERE device_id=? ORDER BY at", (dev,)
+                "SELECT seq, kind, detail, at, batch_id, repeats FROM alarms "
+                "WHERE device_id=? ORDER BY at",
+                (dev,),
+            )
+            # The version byte sits at a fixed offset of every canonical envelope.
+            legacy = self.db.one(
+                "SELECT count(*) FROM batches WHERE device_id=? AND substr(bytes, ?, 1) = ?",
+                (dev, batch.VERSION_OFFSET + 1, bytes([batch.LEGACY_VERSION])),
             )
             key_rows = self.db.all(
                 "SELECT kid, valid_from, valid_until, via FROM device_keys WHERE device_id=? "
@@ -545,7 +625,7 @@ class Ingest:
             )
             signed_by: list[list[Any]] = []
             for seq, raw in stored_batches(self.db, dev):
-                k = batch.parse(raw).header["kid"]
+                k = stored_batch(raw).header["kid"]
                 if signed_by and signed_by[-1][0] == k and signed_by[-1][2] == seq - 1:
                     signed_by[-1][2] = seq
                 else:
@@ -557,8 +637,17 @@ class Ingest:
                     "batches": int(n),
                     "last_seq": None if last is None else int(last),
                     "gaps": [[int(a), int(b)] for a, b in gaps],
+                    "legacy_v1": int(legacy[0]),
                     "alarms": [
-                        {"seq": s, "kind": k, "detail": d, "at": a} for s, k, d, a in alarms
+                        {
+                            "seq": s,
+                            "kind": k,
+                            "detail": d,
+                            "at": a,
+                            "batch_id": None if i is None else bytes(i).hex(),
+                            "repeats": int(r),
+                        }
+                        for s, k, d, a, i, r in alarms
                     ],
                     "keys": [
                         {

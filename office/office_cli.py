@@ -54,13 +54,14 @@ def _ingest(args: argparse.Namespace) -> int:
         for d in [] if args.json else devices:
             gaps = ", ".join(f"{a}..{b}" for a, b in d["gaps"]) or "none"
             print(
-                f"{d['device_id']}: {d['batches']} batches, last {d['last_seq']}, "
-                f"gaps {gaps}, {len(d['alarms'])} alarms"
+                f"{d['device_id']}: {d['batches']} batches "
+                f"({d['legacy_v1']} version 1, accepted under the legacy rules), "
+                f"last {d['last_seq']}, gaps {gaps}, {len(d['alarms'])} alarms"
             )
             for kid, first, last in d["signed_by"]:
                 print(f"  key {kid[:16]} signed batches {first}..{last}")
             for a in d["alarms"]:
-                print(f"  ALARM {a['kind']} seq {a['seq']}: {a['detail']}")
+                print(f"  ALARM {a['kind']} seq {a['seq']} ({a['repeats']}x): {a['detail']}")
         return 0
     token = _read_token(Path(args.read_token_file)) if args.read_token_file else None
     server = IngestServer(args.db, args.host, args.port, read_token=token)
@@ -105,25 +106,70 @@ def _read_token(path: Path) -> str:
 
 def _report(args: argparse.Namespace) -> int:
     # Imported here: the report (and matplotlib for HTML) loads only when asked for.
-    from cngmrv.office import mrv, report
+    from cngmrv.office import mrv, refills, report
 
     methodology = mrv.load(Path(args.methodology) if args.methodology else None)
     fmt = "json" if args.json else args.format
     start = report.parse_when(args.date_from) if args.date_from else None
     end = report.parse_when(args.date_to, end=True) if args.date_to else None
-    rep = report.build(Path(args.db), methodology, start, end, args.bus, args.coverage_floor)
-    text = report.render(rep, fmt)
+    records = refills.read(Path(args.refills)) if args.refills else None
+    rep = report.build(
+        Path(args.db),
+        methodology,
+        start,
+        end,
+        args.bus,
+        args.coverage_floor,
+        refills=records,
+        conservative_set=args.conservative,
+    )
+    if fmt == "xlsx":
+        from cngmrv.office import workbook
+
+        if not args.out:
+            raise report.ReportError("--format xlsx writes a file: give --out FILE.xlsx")
+        workbook.write(rep, Path(args.out))
+        text = ""
+    else:
+        text = report.render(rep, fmt)
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        if fmt != "xlsx":
+            Path(args.out).write_text(text, encoding="utf-8")
         d = rep.data
         print(
-            f"wrote {args.out}: ER {d['er_kg_co2'] / 1000:.3f} t CO2 "
-            f"({d['er_t_co2_rounded']:g} t rounded down), {len(d['buses'])} buses, "
+            f"wrote {args.out}: ER {d['er_kg_co2'] / 1000:.3f} t CO2 ("
+            + (
+                f"{d['er_t_co2_rounded']:g} t rounded down"
+                if d["er_kg_co2"] > 0
+                else "nothing to issue"
+            )
+            + f"), {len(d['buses'])} buses, "
             f"flagged: {', '.join(d['flagged']) or 'none'}",
             file=sys.stderr,
         )
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def _sfc_ref(args: argparse.Namespace) -> int:
+    from cngmrv.office import baseline, mrv, report
+
+    m = mrv.load(Path(args.methodology))
+    start = report.parse_when(args.date_from)
+    end = report.parse_when(args.date_to, end=True)
+    if (args.db is None) == (args.records is None):
+        raise report.ReportError("sfc-ref takes one of --db or --records")
+    if args.db:
+        ref = baseline.from_archive(Path(args.db), args.bus, start, end, args.min_km, m)
+    else:
+        ref = baseline.from_records(Path(args.records), args.bus, start, end, args.min_km, m)
+    baseline.write(Path(args.methodology), args.bus, ref)
+    print(
+        f"{args.methodology}: [bus_reference.{args.bus}] = {ref.l_per_km:.5f} L/km "
+        f"({ref.distance_km:.1f} km, {ref.diesel_l:.1f} L)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -165,7 +211,7 @@ def register_report(sub: Any) -> None:
     s.add_argument("--db", required=True, help="ingest database (fleet) or device store (one bus)")
     s.add_argument("--from", dest="date_from", metavar="DATE", help="YYYY-MM-DD or ISO time, UTC")
     s.add_argument("--to", dest="date_to", metavar="DATE", help="a date is inclusive (whole day)")
-    s.add_argument("--format", choices=("csv", "json", "html"), default="csv")
+    s.add_argument("--format", choices=("csv", "json", "html", "xlsx"), default="csv")
     s.add_argument("--json", action="store_true", help="same as --format json")
     s.add_argument("--out", metavar="FILE", help="write here instead of standard output")
     s.add_argument("--methodology", metavar="FILE", help="project methodology TOML")
@@ -176,4 +222,33 @@ def register_report(sub: Any) -> None:
         metavar="X",
         help="flag a bus with coverage under X, 0..1 (default: the methodology's)",
     )
+    s.add_argument(
+        "--refills",
+        metavar="CSV",
+        help="dispenser records: time, device_id, station, kg, invoice_id (docs/mrv-methodology.md)",
+    )
+    s.add_argument(
+        "--conservative",
+        action="store_true",
+        help="every ranged parameter at the end that lowers ER, boundary terms included",
+    )
     s.set_defaults(func=_report)
+    d = sub.add_parser(
+        "sfc-ref",
+        help="derive a bus's form B reference consumption from its diesel-only data "
+        "and write it into a project methodology file",
+    )
+    d.add_argument("--db", help="ingest database or device store holding the baseline period")
+    d.add_argument(
+        "--records", metavar="CSV", help="imported records instead: date, distance_km, diesel_l"
+    )
+    d.add_argument("--bus", required=True, metavar="ID", help="the bus (device id)")
+    d.add_argument("--from", dest="date_from", metavar="DATE", required=True)
+    d.add_argument("--to", dest="date_to", metavar="DATE", required=True)
+    d.add_argument(
+        "--methodology", required=True, metavar="FILE", help="project methodology TOML to update"
+    )
+    d.add_argument(
+        "--min-km", type=float, default=100.0, help="refuse a baseline shorter than this (km)"
+    )
+    d.set_defaults(func=_sfc_ref)

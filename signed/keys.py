@@ -142,7 +142,8 @@ def generate(out_dir: Path, overwrite: bool = False) -> tuple[Path, Path]:
     # A fresh key folder is private too: other users should not even see the key's name.
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key_path, pub_path = out_dir / KEY_FILE, out_dir / PUB_FILE
-    if key_path.exists() and not overwrite:
+    # lexists: a dangling symlink "does not exist", yet opening it would create its target.
+    if os.path.lexists(key_path) and not overwrite:
         raise KeyFileError(f"{key_path} already exists; refusing to replace a device key")
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(
@@ -150,23 +151,39 @@ def generate(out_dir: Path, overwrite: bool = False) -> tuple[Path, Path]:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    # Create with 0600 from the start so the key is never briefly world-readable.
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    os.chmod(key_path, 0o600)
-    pub_path.write_bytes(FileSigner(key).public_pem())
+    _write_new(key_path, pem, 0o600)  # 0600 from the start: never briefly world-readable
+    _write_new(pub_path, FileSigner(key).public_pem(), 0o644)
     return key_path, pub_path
 
 
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write a fresh file at ``path`` itself: whatever was there (a symlink too) is replaced,
+    and no symlink is ever followed to write somewhere else."""
+    if os.path.lexists(path):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
 def load_signer(key_path: Path) -> FileSigner:
-    """Load the device key, refusing one that group or others can read."""
+    """Load the device key, refusing one that group or others can read, or another user owns.
+
+    Another owner could replace the key (or read it back) whatever its mode.
+    """
     try:
-        mode = key_path.stat().st_mode
+        st = key_path.stat()
     except FileNotFoundError:
         raise KeyFileError(f"key file not found: {key_path}") from None
     except OSError as e:
         raise KeyFileError(f"cannot read key file {key_path}: {e.strerror}") from None
+    mode = st.st_mode
+    if st.st_uid != os.geteuid():
+        raise KeyFileError(
+            f"key file {key_path} is owned by uid {st.st_uid}, not by this user "
+            f"(uid {os.geteuid()}); run: chown {os.geteuid()} {key_path}"
+        )
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
             f"key file {key_path} is accessible by group/others (mode {stat.S_IMODE(mode):04o}); "

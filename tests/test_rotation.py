@@ -108,7 +108,7 @@ def test_a_revoked_keys_later_batches_are_refused_and_filed_as_alarms(
     raws, prev = [], batch.ZERO_HASH
     for seq in range(6):
         raws.append(batch.build(signer, DEV, seq, prev, {"readings": [_reading(seq)]}))
-        prev = batch.sha256(raws[-1])
+        prev = batch.chain_id(raws[-1])
     for raw in raws[:5]:
         assert post_batch(server.url, raw).status == 201
     db = str(tmp_path / "ingest.sqlite")
@@ -123,13 +123,20 @@ def test_a_revoked_keys_later_batches_are_refused_and_filed_as_alarms(
     assert kinds == [(3, "revoked_key"), (4, "revoked_key"), (5, "key_not_valid")]
     # Batches before the revocation are still fine.
     assert post_batch(server.url, raws[2]).status == 200
-    # verify, trusting the ingest's registry, flags the stored batches past the revocation.
+    # verify, trusting the ingest's registry, flags the stored batches past the revocation,
+    # and shows the ingest's alarms (the refused batch 5 is only there).
     v = cli("verify", "--db", db, "--registry", db, "--json")
     assert v.returncode == 1
     bad = [
         (f["code"], f["seq"]) for f in json.loads(v.stdout)["findings"] if f["severity"] == "bad"
     ]
-    assert bad == [("key_not_valid", 3), ("key_not_valid", 4)], bad
+    assert bad == [
+        ("key_not_valid", 3),
+        ("key_not_valid", 4),
+        ("ingest_alarm", 3),
+        ("ingest_alarm", 4),
+        ("ingest_alarm", 5),
+    ], bad
 
 
 def test_a_stolen_old_key_used_after_rotation_is_refused_with_an_alarm(
@@ -142,7 +149,7 @@ def test_a_stolen_old_key_used_after_rotation_is_refused_with_an_alarm(
     # The thief copied key A before the rotation and signs the next batch with it.
     thief = keys.load_signer(tmp_path / "a" / keys.KEY_FILE)
     forged = batch.build(
-        thief, DEV, len(raws), batch.sha256(raws[-1]), {"readings": [_reading(99)]}
+        thief, DEV, len(raws), batch.chain_id(raws[-1]), {"readings": [_reading(99)]}
     )
     out = post_batch(server.url, forged)
     assert out.status == 403 and "key_not_valid" in out.detail
@@ -183,7 +190,7 @@ def test_a_rotation_in_a_batch_that_never_arrives_is_a_gap_then_recovered_out_of
     assert v.returncode == 0, v.stdout
     # And key A, ended by the registration, can no longer sign past the lost batch.
     thief = keys.load_signer(tmp_path / "a" / keys.KEY_FILE)
-    forged = batch.build(thief, DEV, len(raws), batch.sha256(raws[-1]), {"readings": []})
+    forged = batch.build(thief, DEV, len(raws), batch.chain_id(raws[-1]), {"readings": []})
     assert post_batch(server.url, forged).status == 403
 
 

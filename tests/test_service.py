@@ -239,7 +239,13 @@ def test_status_of_a_stopped_agent_reads_the_store(tmp_path: Path, keydir: Path,
     Store(tmp_path / "store.sqlite", "bus-svc").close()
     r = cli("status", "--json", "--config", str(cfg))
     assert r.returncode == 1
-    assert json.loads(r.stdout) == {"running": False, "readings": 0, "batches": 0, "pending": 0}
+    assert json.loads(r.stdout) == {
+        "running": False,
+        "readings": 0,
+        "batches": 0,
+        "pending": 0,
+        "refused": 0,
+    }
 
 
 def test_notify_reaches_a_socket_in_the_abstract_namespace() -> None:

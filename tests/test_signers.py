@@ -342,7 +342,7 @@ def test_a_software_tpm_token_signs_batches_that_verify(swtpm: Path) -> None:
         prev, raws = batch.ZERO_HASH, []
         for seq in range(12):
             raws.append(batch.build(signer, "bus-1", seq, prev, {"readings": [{"t0": 1.0}]}))
-            prev = batch.sha256(raws[-1])
+            prev = batch.chain_id(raws[-1])
     finally:
         signer.close()
     assert batch.verify_set(((f"{i}.batch", r) for i, r in enumerate(raws)), pub).passed
