@@ -44,6 +44,10 @@ setup(
         "office": [
             # The HTML report's plots (Agg backend, no display needed).
             "matplotlib>=3.8",
+            # The ingest's production server (ASGI, worker processes) and its
+            # metrics, summed over the workers (docs/office.md).
+            "uvicorn>=0.30",
+            "prometheus-client>=0.20",
         ],
         "test": [
             "cngmrv[office]",
