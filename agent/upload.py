@@ -9,11 +9,14 @@ first unacknowledged batch.
 
 Transient failures (no connection, a dropped response, 5xx, 429) back off with
 full jitter: the n-th consecutive failure waits a uniform random time in
-``[0, min(cap, base * 2**n)]``, base 2 s, cap 15 min.  A refusal that retrying
-cannot fix (a conflict, a bad signature, an unknown device) is reported in
-:attr:`Uploader.blocked` and retried on the same schedule, never skipped:
-the operator may register the device, and skipping would only hide the
-problem.
+``[0, min(cap, base * 2**n)]``, base 2 s, cap 15 min.  An answer with
+``Retry-After`` (in seconds; the ingest sends it with a 503 when its database
+does not answer) is honoured: the wait is never shorter than it (up to the
+cap), and the jitter comes on top so a fleet told the same time does not
+return at once.  A refusal that retrying cannot fix (a conflict, a bad
+signature, an unknown device) is reported in :attr:`Uploader.blocked` and
+retried on the same schedule, never skipped: the operator may register the
+device, and skipping would only hide the problem.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Outcome:
     retry: bool  # a transient failure: try again later
     status: int
     detail: str
+    retry_after: float | None = None  # seconds the server asked us to wait, if it did
 
 
 def post_batch(url: str, raw: bytes, timeout: float = 10.0) -> Outcome:
@@ -61,7 +65,7 @@ def post_batch(url: str, raw: bytes, timeout: float = 10.0) -> Outcome:
         detail = _detail(e.read())
         # 5xx and 429 are the server's trouble; 4xx is ours and retrying won't help.
         retry = e.code >= 500 or e.code == 429
-        return Outcome(False, retry, e.code, detail)
+        return Outcome(False, retry, e.code, detail, _retry_after(e.headers.get("Retry-After")))
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         # A dropped connection, a garbled status line (HTTPException) or a response
         # http.client refuses (ValueError): all transient, as far as we can tell.
@@ -74,6 +78,15 @@ def _detail(body: bytes) -> str:
         return str(obj.get("status") or obj.get("error") or obj)
     except (ValueError, AttributeError):
         return body[:200].decode("utf-8", "replace")
+
+
+def _retry_after(value: str | None) -> float | None:
+    # Only the delay-seconds form: an HTTP date would need the server's clock to agree with ours.
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
 
 
 def backoff_delay(
@@ -140,8 +153,11 @@ class Uploader:
         """Wait until nothing is pending (or the head batch is refused for good)."""
         return self._idle.wait(timeout)
 
-    def _backoff(self, attempt: int) -> bool:
+    def _backoff(self, attempt: int, at_least: float | None = None) -> bool:
         delay = backoff_delay(attempt, self._rng, self.base_s, self.cap_s)
+        if at_least is not None:
+            # A captive portal's Retry-After must not park the bus for days: the cap holds.
+            delay = min(self.cap_s, at_least + delay)
         self.delays.append(delay)
         del self.delays[:-1000]
         return self._wait(delay)
@@ -202,7 +218,7 @@ class Uploader:
                 if not out.retry:
                     self.blocked = f"batch {seq} refused ({out.status}): {out.detail}"
                     self._idle.set()
-                if self._backoff(attempt):
+                if self._backoff(attempt, out.retry_after):
                     return
                 attempt += 1
                 break

@@ -49,6 +49,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 # Real batches are 0.4-8 KB (60 one-second readings, plus events); 64 KiB leaves
 # eight times the largest and still refuses anything that could cost memory.
 MAX_BODY = 64 * 1024
+# Request line and headers.  h11 enforces it on a header block still arriving;
+# the app on one that came in a single read (h11 parses those whole).
+MAX_HEADER_BYTES = 8 * 1024
 DB_DEADLINE_S = 5.0  # a request's whole wait for the database, queue included
 RETRY_AFTER_S = 10  # what a 503 asks the client to wait, at least
 POOL_SIZE = 4  # database connections (and threads) per worker process
@@ -312,7 +315,11 @@ class IngestApp:
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
-        if path == "/v1/batches":
+        if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            await self._reply(
+                send, 431, {"error": "headers_too_large", "max": MAX_HEADER_BYTES}, close=True
+            )
+        elif path == "/v1/batches":
             if method == "POST":
                 await self._post_batch(scope, receive, send)
             else:

@@ -14,8 +14,9 @@ Limits the server enforces before the app sees a request (docs/office.md):
   one byte every 20 s is cut off at the deadline;
 - at most :data:`MAX_CONNECTIONS` open connections per worker; one more is
   answered 503 with ``Retry-After`` and closed;
-- request line and headers at most :data:`MAX_HEADER_BYTES` (h11's
-  incomplete-event limit), answered 400 past it;
+- request line and headers at most
+  :data:`~cngmrv.office.ingest_app.MAX_HEADER_BYTES`: h11 answers 400 when a
+  header block still arriving passes it, the app 431 when it came whole;
 - the body limit (the app's :data:`~cngmrv.office.ingest_app.MAX_BODY`) is
   checked on ``Content-Length`` before any byte of the body is read.
 """
@@ -45,6 +46,7 @@ from cngmrv.office.ingest_app import (
     ENV_DB_DEADLINE,
     ENV_POOL,
     ENV_RETRY_AFTER,
+    MAX_HEADER_BYTES,
     POOL_SIZE,
     RETRY_AFTER_S,
     IngestApp,
@@ -55,7 +57,6 @@ log = logging.getLogger("cngmrv.ingest")
 
 REQUEST_DEADLINE_S = 30.0
 MAX_CONNECTIONS = 1000  # per worker process
-MAX_HEADER_BYTES = 8 * 1024
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 
 ENV_REQUEST_DEADLINE = "CNGMRV_INGEST_REQUEST_DEADLINE_S"
