@@ -291,7 +291,9 @@ def test_metrics_are_summed_over_worker_processes(
         assert srv.metric("cngmrv_ingest_open_gaps") == 1
         assert srv.metric("cngmrv_ingest_missing_batches") == 2
         assert srv.metric("cngmrv_ingest_alarms") == 0
-        assert srv.metric("cngmrv_ingest_db_seconds_count") == 34  # every post but none refused unread
+        assert (
+            srv.metric("cngmrv_ingest_db_seconds_count") == 34
+        )  # every post but none refused unread
         assert srv.metric("cngmrv_ingest_db_up") == 1
     finally:
         srv.stop()
