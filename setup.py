@@ -48,6 +48,8 @@ setup(
             # metrics, summed over the workers (docs/office.md).
             "uvicorn>=0.30",
             "prometheus-client>=0.20",
+            # The fleet database on PostgreSQL.
+            "psycopg[binary]>=3.1",
         ],
         "test": [
             "cngmrv[office]",
