@@ -123,7 +123,7 @@ def _chain(signer: keys.FileSigner, device: str, n: int) -> list[bytes]:
     for seq in range(n):
         raw = batch.build(signer, device, seq, prev, {"readings": [{"t0": float(seq)}]})
         out.append(raw)
-        prev = batch.sha256(raw)
+        prev = batch.chain_id(raw)
     return out
 
 
