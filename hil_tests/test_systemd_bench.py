@@ -14,6 +14,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -247,3 +248,108 @@ def test_agent_sends_no_frame_with_the_default_config(
     agent_tx = (tx1 - tx0) - (fed1 - fed0)
     report_figures("listen_only", {"agent_tx_frames": agent_tx})
     assert agent_tx == 0, f"the agent sent {agent_tx} frames in listen-only"
+
+
+def _metrics() -> dict[str, float]:
+    """The agent's Prometheus text (health.port 9108 in the shipped config), as name{labels}: value."""
+    with urllib.request.urlopen("http://127.0.0.1:9108/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+class DropsUnreported(AssertionError):
+    """The kernel dropped frames the agent never counted."""
+
+
+@pytest.mark.xfail(
+    raises=DropsUnreported,
+    strict=True,
+    reason="defect found by the virtual bench: the agent cannot see the kernel's receive-queue "
+    "drops (python-can's socketcan receive keeps no SO_RXQ_OVFL count), so frames lost "
+    "while it stalls go unreported",
+)
+def test_receive_queue_overflow_is_counted(agent: InstalledAgent, can_bench: CanBench) -> None:
+    """The agent stalled (SIGSTOP) while a generator fills the bus: the kernel's drops are counted."""
+    offered = 3000
+    # Debian's default socket buffer for the agent's socket (the bench may have raised it).
+    rmem = Path("/proc/sys/net/core/rmem_default")
+    saved = rmem.read_text()
+    rmem.write_text("212992\n")
+    try:
+        agent.systemctl("start")
+    finally:
+        rmem.write_text(saved)
+    before = _metrics()
+    pid = agent.main_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # LFE (PGN 65266) from address 0: a frame the agent's kernel filters let through.
+        subprocess.run(
+            ["cangen", can_bench.name, "-e", "-I", "18FEF200", "-L", "8", "-D", "i", "-g", "1"]
+            + ["-n", str(offered)],
+            check=True,
+        )
+        time.sleep(2.0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(10.0)  # drained, and a metrics snapshot taken since
+    after = _metrics()
+    key_rx = 'cngmrv_frames_received_total{source="can"}'
+    key_drop = 'cngmrv_frames_dropped_total{source="can"}'
+    received = int(after[key_rx] - before[key_rx])
+    reported = int(after[key_drop] - before[key_drop])
+    report_figures("overflow", {"overflow": {"offered": offered, "received": received}})
+    assert received < offered, f"no overflow: all {offered} frames read; offer more to test this"
+    if reported != offered - received:
+        raise DropsUnreported(
+            f"{offered} frames offered while the agent was stopped, {received} read: the kernel "
+            f"dropped {offered - received}, the agent reported {reported}"
+        )
+
+
+def test_with_requests_on_it_sends_exactly_the_planned_requests(
+    agent: InstalledAgent, can_bench: CanBench, engine_feed: EngineFeed
+) -> None:
+    """``can.requests``: an address claim, then Request (PGN 59904) for HOURS and LFC every 10 s."""
+    assert engine_feed.flowing.wait(5.0)
+    agent.configure(
+        {
+            ("can", "listen_only"): "false",
+            ("can", "requests"): "true",
+            ("can", "name"): '"A00C81045A20021B"',
+            ("batch", "readings_per_batch"): "10",
+        }
+    )
+    dump = subprocess.Popen(
+        ["candump", "-L", f"{can_bench.name},18EA00F9:03FF00FF,18EE00F9:03FF00FF"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        agent.systemctl("start")
+        t0 = time.monotonic()
+        time.sleep(35.0)
+        agent.systemctl("stop")
+        window = time.monotonic() - t0
+    finally:
+        dump.terminate()
+    out, _ = dump.communicate(timeout=10)
+    frames = [line.split()[2] for line in out.splitlines() if "#" in line]
+    ids = [int(f.split("#")[0], 16) for f in frames]
+    from_agent = [(i, f) for i, f in zip(ids, frames, strict=True) if i & 0xFF == 249]
+    claims = [f for i, f in from_agent if (i >> 8) & 0xFF00 == 0xEE00]
+    requests = [f for i, f in from_agent if (i >> 8) & 0xFF00 == 0xEA00]
+    asked = [int.from_bytes(bytes.fromhex(f.split("#")[1])[:3], "little") for f in requests]
+    periods = window / 10.0
+    report_figures("requests", {"requests_sent": len(requests), "claims_sent": len(claims)})
+    assert claims, f"no address claim from 249: {frames[:10]}"
+    assert set(asked) == {65253, 65257}, asked
+    for pgn in (65253, 65257):
+        n = asked.count(pgn)
+        assert int(periods) - 1 <= n <= int(periods) + 1, (pgn, n, window)
+    assert len(from_agent) == len(claims) + len(requests), from_agent

@@ -73,9 +73,14 @@ class Image:
         return self.root.parent
 
 
+# Raise when :func:`build` changes what it makes: the recipe's hash includes it.
+BUILD_VERSION = 1
+
+
 def recipe_hash(arch: str) -> str:
-    h = hashlib.sha256(f"{arch}\0{SUITE}\0".encode())
-    h.update(Path(__file__).read_bytes())
+    """The cache key: the suite, the packages, the build's version and vmbench/image/'s files."""
+    recipe = [BUILD_VERSION, arch, SUITE, IMAGE_SIZE, sorted(PACKAGES[arch])]
+    h = hashlib.sha256(repr(recipe).encode())
     for f in sorted(RECIPE_DIR.rglob("*")):
         if f.is_file():
             h.update(str(f.relative_to(RECIPE_DIR)).encode() + b"\0" + f.read_bytes())
@@ -87,14 +92,14 @@ def cache_root() -> Path:
     return Path(base) / "cngmrv" / "vm"
 
 
-def host_mirror(suite: str = SUITE) -> str:
+def host_mirror(suite: str = SUITE, etc_apt: Path = Path("/etc/apt")) -> str:
     """The Debian mirror the host's apt uses for ``suite`` (its ``main`` component).
 
     Reads one-line (``deb URI SUITE main``) and deb822 (``URIs:``/``Suites:``)
     sources; the first that carries ``suite`` and ``main`` wins.
     """
-    files = [Path("/etc/apt/sources.list")]
-    d = Path("/etc/apt/sources.list.d")
+    files = [etc_apt / "sources.list"]
+    d = etc_apt / "sources.list.d"
     if d.is_dir():
         files += sorted(p for p in d.iterdir() if p.suffix in (".list", ".sources"))
     for f in files:

@@ -18,6 +18,11 @@ printf '[Service]\nTimeoutStartSec=300\n' > /etc/systemd/system/cngmrv.service.d
 sudo_cngmrv() { setpriv --reuid=cngmrv --regid=cngmrv --init-groups "$@"; }
 sudo_cngmrv /opt/cngmrv/venv/bin/cngmrv keygen --out /var/lib/cngmrv/keys
 sudo_cngmrv /opt/cngmrv/venv/bin/cngmrv config check /etc/cngmrv/agent.toml
+# docs/performance.md's socket buffer setting: under emulation the agent's stalls (a
+# batch signed and committed) last tens of times longer than on a Pi, and Debian's
+# 208 KiB holds about two seconds of the recording's filtered frames.
+echo 'net.core.rmem_default = 1048576' > /etc/sysctl.d/80-cngmrv-vm-bench.conf
+sysctl -q -p /etc/sysctl.d/80-cngmrv-vm-bench.conf
 systemctl daemon-reload
 
 # The bench's own tools beside the agent's venv, not in it: the bus's install stays as shipped.
