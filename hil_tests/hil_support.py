@@ -243,6 +243,37 @@ class InstalledAgent:
         return out
 
 
+def frames_through_the_filters(log: Path) -> int:
+    """Frames of a CAN log that the agent's kernel acceptance filters (``can.filters``) pass."""
+    import can
+
+    from cngmrv.drivers.can_source import DEFAULT_PGNS, j1939_filters
+
+    filters = j1939_filters(DEFAULT_PGNS)
+    n = 0
+    with can.LogReader(str(log)) as reader:
+        for msg in reader:
+            if msg.is_extended_id and any(
+                (msg.arbitration_id ^ f["can_id"]) & f["can_mask"] == 0 for f in filters
+            ):
+                n += 1
+    return n
+
+
+def metrics(port: int = 9108) -> dict[str, float]:
+    """The running agent's Prometheus text (``health.port``), as ``name{labels}`` -> value."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
 def systemd_bench() -> InstalledAgent:
     """The installed agent, or a skip saying what the systemd tests need."""
     import pytest  # here: the module also runs on a bare python3 (``__main__``)

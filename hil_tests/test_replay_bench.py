@@ -25,7 +25,13 @@ import time
 from pathlib import Path
 
 import pytest
-from hil_support import CanBench, InstalledAgent, report_figures, systemd_bench
+from hil_support import (
+    CanBench,
+    InstalledAgent,
+    frames_through_the_filters,
+    report_figures,
+    systemd_bench,
+)
 
 
 def test_recording_at_real_time_matches_the_offline_replay(can_bench: CanBench) -> None:
@@ -45,7 +51,7 @@ def test_recording_at_real_time_matches_the_offline_replay(can_bench: CanBench) 
         check=True,
     )
     replay = json.loads(offline.stdout)
-    played = _frames_through_the_filters(Path(recording))
+    played = frames_through_the_filters(Path(recording))
     mark = agent.cursor()
     agent.systemctl("start")
     t0 = time.monotonic()
@@ -87,20 +93,3 @@ def test_recording_at_real_time_matches_the_offline_replay(can_bench: CanBench) 
     assert (
         abs(agent_rpm - replay["engine_speed_mean_rpm"]) <= 0.01 * replay["engine_speed_mean_rpm"]
     ), figures
-
-
-def _frames_through_the_filters(recording: Path) -> int:
-    """Frames of the recording the agent's kernel acceptance filters (``can.filters``) pass."""
-    import can
-
-    from cngmrv.drivers.can_source import DEFAULT_PGNS, j1939_filters
-
-    filters = j1939_filters(DEFAULT_PGNS)
-    n = 0
-    with can.LogReader(str(recording)) as log:
-        for msg in log:
-            if msg.is_extended_id and any(
-                (msg.arbitration_id ^ f["can_id"]) & f["can_mask"] == 0 for f in filters
-            ):
-                n += 1
-    return n

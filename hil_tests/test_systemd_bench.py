@@ -14,12 +14,18 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hil_support import CanBench, EngineFeed, InstalledAgent, report_figures, systemd_bench
+from hil_support import (
+    CanBench,
+    EngineFeed,
+    InstalledAgent,
+    metrics,
+    report_figures,
+    systemd_bench,
+)
 
 KV_LINE = re.compile(r"^ts=\S+ level=\w+ logger=[\w.]+ event=\w+( \w+=\S.*)?$")
 
@@ -250,18 +256,6 @@ def test_agent_sends_no_frame_with_the_default_config(
     assert agent_tx == 0, f"the agent sent {agent_tx} frames in listen-only"
 
 
-def _metrics() -> dict[str, float]:
-    """The agent's Prometheus text (health.port 9108 in the shipped config), as name{labels}: value."""
-    with urllib.request.urlopen("http://127.0.0.1:9108/metrics", timeout=30) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
-
-
 class DropsUnreported(AssertionError):
     """The kernel dropped frames the agent never counted."""
 
@@ -284,7 +278,7 @@ def test_receive_queue_overflow_is_counted(agent: InstalledAgent, can_bench: Can
         agent.systemctl("start")
     finally:
         rmem.write_text(saved)
-    before = _metrics()
+    before = metrics()
     pid = agent.main_pid()
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -298,7 +292,7 @@ def test_receive_queue_overflow_is_counted(agent: InstalledAgent, can_bench: Can
     finally:
         os.kill(pid, signal.SIGCONT)
     time.sleep(10.0)  # drained, and a metrics snapshot taken since
-    after = _metrics()
+    after = metrics()
     key_rx = 'cngmrv_frames_received_total{source="can"}'
     key_drop = 'cngmrv_frames_dropped_total{source="can"}'
     received = int(after[key_rx] - before[key_rx])

@@ -29,6 +29,7 @@ STAGE_LIMITS_S = {
     "boot-ok": 60.0,
     "install": 600.0,
     "suite": 1200.0,
+    "full-load": 300.0,
     "power-loss-arm": 180.0,
     "power-loss-check": 300.0,
 }

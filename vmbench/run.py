@@ -37,6 +37,8 @@ GUEST_PLATFORMS = {
     + ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64"],
 }
 POWER_LOSS_MARK = "VMBENCH power-loss-ready"
+# Seconds of the full 500 kbit/s mix played into vcan0 for bench/vm_full_load.py.
+FULL_LOAD_S = 20.0
 
 # The contract's keys (issue 13), each null until a guest test reports it.
 RESULT_KEYS = (
@@ -213,6 +215,12 @@ def prepare_share(share: Path, arch: str, log: TextIO) -> None:
         raise VmBenchError(
             "install", f"could not convert the recording {recording_path()}: {e}"
         ) from e
+    (src / "bench").mkdir()
+    shutil.copy2(ROOT / "bench" / "vm_full_load.py", src / "bench" / "vm_full_load.py")
+    try:
+        busload_to_candump(src / "busload.log", FULL_LOAD_S)
+    except Exception as e:
+        raise VmBenchError("install", f"could not make the full-load log: {e}") from e
     build_wheelhouse(share / "wheelhouse", arch, log)
     # For a quick look at a few guest tests (e.g. "-k systemd"); a full run sets nothing.
     if os.environ.get("CNGMRV_VM_PYTEST_ARGS"):
@@ -233,6 +241,41 @@ def recording_to_candump(mf4: Path, out: Path) -> int:
             n += 1
     if n == 0:
         raise ValueError("no frames in the recording")
+    return n
+
+
+def busload_to_candump(
+    out: Path, seconds: float, bitrate: int = 500_000, load_pct: float = 100.0
+) -> int:
+    """``seconds`` of sim/busload.py's full J1939 mix (engine and other ECUs) as a candump log.
+
+    The frames carry the wire's end-of-frame times, so canplayer spaces them as
+    the bus would; returns the frame count.
+    """
+    import can
+
+    from cngmrv.sim.busload import BackgroundTraffic, Wire
+    from cngmrv.sim.ecu import TICK_S, EngineEcu
+    from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
+
+    t0 = 1_700_000_000.0
+    n = 0
+    with can.Logger(str(out), channel="vcan0") as writer:
+
+        def send(t: float, can_id: int, data: bytes) -> None:
+            nonlocal n
+            writer.on_message_received(
+                can.Message(timestamp=t, arbitration_id=can_id, is_extended_id=True, data=data)
+            )
+            n += 1
+
+        wire = Wire(bitrate, t0, send, BackgroundTraffic(t0, 1), load_pct)
+        vehicle = Bus(BusParams(), DriveCycle.brt(seconds + 60.0, 1))
+        ecu = EngineEcu(None, vehicle, t0)  # type: ignore[arg-type]  # frames_due needs no bus
+        for i in range(int(seconds / TICK_S)):
+            for t, can_id, data in ecu.frames_due(i, vehicle.step(i * TICK_S)):
+                wire.submit(t, can_id, data)
+            wire.run_until(t0 + (i + 1) * TICK_S)
     return n
 
 

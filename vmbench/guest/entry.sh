@@ -34,6 +34,12 @@ sh "$B/guest/suite.sh" > "$R/suite.log" 2>&1
 rc=$?
 tail -30 "$R/suite.log"
 
+stage full-load
+# A measurement, not a test: its figures go into the JSON, its failure only leaves them null.
+/opt/bench/venv/bin/python "$B/src/bench/vm_full_load.py" --log "$B/src/busload.log" \
+    > "$R/figure-full_load.json" 2> "$R/full_load.log" || echo "VMBENCH full-load failed (see full_load.log)"
+cat "$R/figure-full_load.json"
+
 if [ "$phase" = "suite+power-loss" ]; then
     stage power-loss-arm
     # Leaves the agent acquiring and prints the marker the host kills qemu on.
