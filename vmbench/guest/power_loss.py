@@ -22,7 +22,7 @@ from pathlib import Path
 BENCH = Path("/mnt/bench")
 sys.path.insert(0, str(BENCH / "src" / "hil_tests"))
 
-from hil_support import InstalledAgent  # noqa: E402
+from hil_support import InstalledAgent, metrics  # noqa: E402
 
 STATE = BENCH / "results" / "power_loss_state.json"
 OUT = BENCH / "results" / "power_loss.json"
@@ -31,7 +31,7 @@ PERIOD_S = 1.0
 
 
 def committed() -> int:
-    """Readings committed in the store, read as the agent's user (the agent may be writing)."""
+    """Readings in the store: read with sqlite3 as the agent's user, the agent stopped."""
     db = str(InstalledAgent.STATE / "store.sqlite")
     q = "SELECT COALESCE(MAX(first_seq + n), 0) FROM readings"
     r = subprocess.run(
@@ -60,7 +60,9 @@ def arm() -> None:
     feed()
     agent.systemctl("start")
     time.sleep(45.0)
-    n = committed()
+    # The store is locked by the running agent (locking_mode=EXCLUSIVE): its own count
+    # of committed readings, from a fresh store, is the metric.
+    n = int(metrics()["cngmrv_readings_total"])
     STATE.write_text(json.dumps({"committed_before": n, "cut_at": time.time()}))
     print(f"committed readings before the cut: {n}", flush=True)
 
