@@ -49,6 +49,12 @@ setup(
             "openpyxl>=3.1",
             # cngmrv sfc-ref writes into a project's methodology file, keeping its comments.
             "tomlkit>=0.12",
+            # The ingest's production server (ASGI, worker processes) and its
+            # metrics, summed over the workers (docs/office.md).
+            "uvicorn>=0.30",
+            "prometheus-client>=0.20",
+            # The fleet database on PostgreSQL.
+            "psycopg[binary]>=3.1",
         ],
         # A bus whose key lives in a TPM or secure element (signed/hsm.py).  An extra,
         # not install_requires: a compiled module (Cython, about 8 MB installed)

@@ -18,7 +18,11 @@ What the agent does on each answer (docs/deploy-pi.md, "Uploads"):
   redirect, a 2xx that is no acknowledgement, and any refusal that is not the
   ingest's own JSON (a proxy's 4xx page): back off with full jitter (the n-th
   consecutive failure waits a uniform random time in ``[0, min(cap, base *
-  2**n)]``, base 2 s, cap 15 min) and retry the same batch.
+  2**n)]``, base 2 s, cap 15 min) and retry the same batch.  An answer with
+  ``Retry-After`` (in seconds; the ingest sends it with a 503 when its
+  database does not answer) is honoured: the wait is never shorter than it (up
+  to the cap), and the jitter comes on top so a fleet told the same time does
+  not return at once.
 - the device is refused (403 ``unknown_device``, ``kid_mismatch``): every
   batch would be; retried in order on the same schedule, never skipped, and
   reported in :attr:`Uploader.blocked` (the operator registers the device).
@@ -73,6 +77,7 @@ class Outcome:
     status: int
     detail: str
     refused: bool = False  # the ingest refused this batch for good: park it, go on
+    retry_after: float | None = None  # seconds the server asked us to wait, if it did
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -107,7 +112,13 @@ def post_batch(url: str, raw: bytes, timeout: float = 10.0) -> Outcome:
         if code in DEVICE_REFUSALS and e.code == 403:
             return Outcome(False, False, e.code, code)
         # 5xx, 408, 429, 3xx and anything not in the ingest's words: transient.
-        return Outcome(False, True, e.code, code or _detail(body))
+        return Outcome(
+            False,
+            True,
+            e.code,
+            code or _detail(body),
+            retry_after=_retry_after(e.headers.get("Retry-After")),
+        )
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         # A dropped connection, a garbled status line (HTTPException) or a response
         # http.client refuses (ValueError): all transient, as far as we can tell.
@@ -146,6 +157,15 @@ def _detail(body: bytes) -> str:
     if obj is not None:
         return str(obj.get("status") or obj.get("error") or obj)
     return body[:200].decode("utf-8", "replace")
+
+
+def _retry_after(value: str | None) -> float | None:
+    # Only the delay-seconds form: an HTTP date would need the server's clock to agree with ours.
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
 
 
 def backoff_delay(
@@ -213,8 +233,11 @@ class Uploader:
         """Wait until nothing is pending (or the head batch is refused for good)."""
         return self._idle.wait(timeout)
 
-    def _backoff(self, attempt: int) -> bool:
+    def _backoff(self, attempt: int, at_least: float | None = None) -> bool:
         delay = backoff_delay(attempt, self._rng, self.base_s, self.cap_s)
+        if at_least is not None:
+            # A captive portal's Retry-After must not park the bus for days: the cap holds.
+            delay = min(self.cap_s, at_least + delay)
         self.delays.append(delay)
         del self.delays[:-1000]
         return self._wait(delay)
@@ -284,7 +307,7 @@ class Uploader:
                 if not out.retry:
                     self.blocked = f"batch {seq} refused ({out.status}): {out.detail}"
                     self._idle.set()
-                if self._backoff(attempt):
+                if self._backoff(attempt, out.retry_after):
                     return
                 attempt += 1
                 break

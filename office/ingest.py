@@ -1,4 +1,8 @@
-"""The reference ingest server: verifies batches and stores each one once.
+"""The ingest: verifies batches and stores each one once.
+
+This module holds the request logic (:class:`Ingest`) and the storage
+(:class:`IngestDB`); HTTP is :mod:`cngmrv.office.ingest_app` (the ASGI app)
+and :mod:`cngmrv.office.ingest_serve` (uvicorn, and the in-process server).
 
 ``POST /v1/batches`` takes one batch's exact bytes.  The answer (JSON):
 
@@ -62,17 +66,14 @@ it exactly once, on one server or several.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 from cryptography.hazmat.primitives import serialization
 
@@ -362,6 +363,21 @@ def revoke_key(db: IngestDB, device_id: str, kid: str, from_seq: int) -> int:
     return hit
 
 
+def read_auth(read_token: str | None) -> bytes | None:
+    """The ``Authorization`` value that carries ``read_token`` (None: reading is off)."""
+    return f"Bearer {read_token}".encode() if read_token else None
+
+
+def may_read(expected: bytes | None, authorization: str | None) -> bool:
+    """True when an ``Authorization`` header value is ``expected`` (:func:`read_auth`).
+
+    Always False when no read token is configured: reading is then off.
+    """
+    if expected is None or not authorization:
+        return False
+    return hmac.compare_digest(expected, authorization.strip().encode())
+
+
 class Ingest:
     """Verification and storage, separate from HTTP so tests can call it directly."""
 
@@ -373,19 +389,14 @@ class Ingest:
     ) -> None:
         self.db = db
         self.allowed_algs = frozenset(allowed_algs)
-        self._read_auth = f"Bearer {read_token}".encode() if read_token else None
+        self._read_auth = read_auth(read_token)
         self.counts: dict[str, int] = {}
         self._counts_lock = threading.Lock()
         self._keys: dict[bytes, Any] = {}
 
     def may_read(self, authorization: str | None) -> bool:
-        """True when an ``Authorization`` header value carries the operator's read token.
-
-        Always False when no read token is configured: reading is then off.
-        """
-        if self._read_auth is None or not authorization:
-            return False
-        return hmac.compare_digest(self._read_auth, authorization.strip().encode())
+        """True when an ``Authorization`` header value carries the operator's read token."""
+        return may_read(self._read_auth, authorization)
 
     def accept(self, raw: bytes) -> tuple[int, dict[str, Any]]:
         """Check and store one batch; returns the HTTP status and the JSON answer."""
@@ -664,134 +675,13 @@ class Ingest:
         return out
 
 
-class _Server(ThreadingHTTPServer):
-    # socketserver's default backlog of 5 refuses a burst of simultaneous uploads.
-    request_queue_size = 128
-    daemon_threads = True
+def __getattr__(name: str) -> Any:
+    # The in-process server moved to ingest_serve (it needs uvicorn); old imports keep working.
+    if name == "IngestServer":
+        from cngmrv.office.ingest_serve import IngestServer
 
-
-def _handler(ingest: Ingest) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "cngmrv-ingest/1"
-        timeout = 30  # seconds a client may stall mid-request before it is dropped
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("http " + format, *args)
-
-        def send_error(
-            self, code: int, message: str | None = None, explain: str | None = None
-        ) -> None:
-            # An unknown method is the client's mistake: 405, not "501 not implemented".
-            super().send_error(405 if code == 501 else code, message, explain)
-
-        def _reply(self, status: int, obj: dict[str, Any]) -> None:
-            body = json.dumps(obj).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            except OSError:
-                pass  # the client went away; the outcome is already stored
-
-        def do_GET(self) -> None:
-            operator = ingest.may_read(self.headers.get("Authorization"))
-            if self.path == "/v1/health":
-                self._reply(
-                    200, {"status": "ok", **({"counts": ingest.counts} if operator else {})}
-                )
-            elif self.path.startswith("/v1/devices/") and not operator:
-                self._reply(401, {"error": "unauthorized", "reason": "needs the read token"})
-            elif self.path.startswith("/v1/devices/"):
-                found = ingest.report(unquote(self.path.removeprefix("/v1/devices/")))
-                if found:
-                    self._reply(200, found[0])
-                else:
-                    self._reply(404, {"error": "not_found"})
-            else:
-                self._reply(404, {"error": "not_found"})
-
-        def _not_allowed(self) -> None:
-            self._reply(405, {"error": "method_not_allowed"})
-
-        do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
-
-        def do_POST(self) -> None:
-            if self.path != "/v1/batches":
-                self._reply(404, {"error": "not_found"})
-                return
-            if self.headers.get("Transfer-Encoding"):
-                self._reply(411, {"error": "length_required", "reason": "send Content-Length"})
-                return
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                self._reply(411, {"error": "length_required"})
-                return
-            if length <= 0 or length > MAX_BODY:
-                self._reply(413, {"error": "bad_length", "max": MAX_BODY})
-                return
-            try:
-                raw = self.rfile.read(length)
-            except OSError:
-                return  # timed out or reset mid-body: nobody is left to answer
-            if len(raw) < length:
-                self._reply(
-                    400,
-                    {
-                        "error": "truncated",
-                        "reason": f"body ended after {len(raw)} of {length} bytes",
-                    },
-                )
-                return
-            try:
-                status, obj = ingest.accept(raw)
-            except Exception:
-                log.exception("event=ingest_internal_error")
-                status, obj = 500, {"error": "internal"}
-            self._reply(status, obj)
-
-    return Handler
-
-
-class IngestServer:
-    """The HTTP server in a background thread; ``url`` is where to POST batches."""
-
-    def __init__(
-        self,
-        db_target: str | Path,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        allowed_algs: Iterable[str] = ALLOWED_ALGS,
-        read_token: str | None = None,
-    ) -> None:
-        self.db = open_db(db_target)
-        self.ingest = Ingest(self.db, allowed_algs, read_token)
-        try:
-            self._httpd = _Server((host, port), _handler(self.ingest))
-        except OSError:
-            self.db.close()
-            raise
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}/v1/batches"
-
-    def start(self) -> IngestServer:
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        # A short poll so stop() returns promptly.
-        self._httpd.serve_forever(poll_interval=0.05)
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self.db.close()
+        return IngestServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def stored_batches(db: IngestDB, device_id: str) -> list[tuple[int, bytes]]:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,6 @@ from typing import Any
 def _ingest(args: argparse.Namespace) -> int:
     from cngmrv.office.ingest import (
         Ingest,
-        IngestServer,
         open_db,
         register_device,
         register_key,
@@ -63,25 +60,48 @@ def _ingest(args: argparse.Namespace) -> int:
             for a in d["alarms"]:
                 print(f"  ALARM {a['kind']} seq {a['seq']} ({a['repeats']}x): {a['detail']}")
         return 0
+    # Read first: a token file others can read stops the ingest before it listens.
     token = _read_token(Path(args.read_token_file)) if args.read_token_file else None
-    server = IngestServer(args.db, args.host, args.port, read_token=token)
-    for item in args.register or []:
-        device_id, sep, pub = item.partition("=")
-        if not sep:
-            raise ValueError(f"--register takes DEVICE_ID=PUBKEY_FILE[@SEQ], got {item!r}")
-        path, at, seq = pub.rpartition("@")
-        if at and seq.isdigit():
-            kid = register_key(server.db, device_id, Path(path).read_bytes(), int(seq))
-            print(f"registered {device_id} kid {kid} from batch {seq}", file=sys.stderr)
-            continue
-        kid = register_device(server.db, device_id, Path(pub).read_bytes())
-        print(f"registered {device_id} kid {kid}", file=sys.stderr)
-    print(f"ingest listening on {server.url}", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.stop).start())
+    db = open_db(args.db)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.stop()
+        for item in args.register or []:
+            device_id, sep, pub = item.partition("=")
+            if not sep:
+                raise ValueError(f"--register takes DEVICE_ID=PUBKEY_FILE[@SEQ], got {item!r}")
+            path, at, seq = pub.rpartition("@")
+            if at and seq.isdigit():
+                kid = register_key(db, device_id, Path(path).read_bytes(), int(seq))
+                print(f"registered {device_id} kid {kid} from batch {seq}", file=sys.stderr)
+                continue
+            kid = register_device(db, device_id, Path(pub).read_bytes())
+            print(f"registered {device_id} kid {kid}", file=sys.stderr)
+    finally:
+        db.close()
+    from cngmrv.office.ingest_serve import serve
+
+    print(
+        f"ingest listening on http://{args.host}:{args.port}/v1/batches "
+        f"({args.workers} worker processes)",
+        file=sys.stderr,
+        flush=True,
+    )
+    # Only the limits given on the command line: the rest keep serve()'s defaults.
+    limits = {
+        "request_deadline_s": args.request_deadline,
+        "max_connections": args.max_connections,
+        "db_deadline_s": args.db_deadline,
+        "retry_after_s": args.retry_after,
+        "pool_size": args.pool,
+    }
+    serve(
+        args.db,
+        args.host,
+        args.port,
+        args.workers,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+        read_token=token,
+        **{k: v for k, v in limits.items() if v is not None},
+    )
     return 0
 
 
@@ -175,12 +195,43 @@ def _sfc_ref(args: argparse.Namespace) -> int:
 
 def register_ingest(sub: Any) -> None:
     """Add ``cngmrv ingest`` (entry point group ``cngmrv.commands``)."""
-    s = sub.add_parser("ingest", help="run the reference ingest server")
+    s = sub.add_parser("ingest", help="run the ingest server (uvicorn, worker processes)")
     s.add_argument(
         "--db", required=True, help="ingest database: SQLite file, or a postgresql:// URL"
     )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    s.add_argument("--pool", type=int, help="database connections per worker (default 4)")
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="open connections per worker, more are answered 503 (default 1000)",
+    )
+    s.add_argument(
+        "--request-deadline",
+        type=float,
+        metavar="S",
+        help="seconds a client has to send a whole request (default 30)",
+    )
+    s.add_argument(
+        "--db-deadline",
+        type=float,
+        metavar="S",
+        help="seconds a request may wait for the database before a 503 (default 5)",
+    )
+    s.add_argument(
+        "--retry-after",
+        type=int,
+        metavar="S",
+        help="the Retry-After of a 503, in seconds (default 10)",
+    )
+    s.add_argument(
+        "--forwarded-allow-ips",
+        metavar="IPS",
+        help="trust X-Forwarded-* from these proxy addresses (e.g. 127.0.0.1)",
+    )
     s.add_argument(
         "--register",
         action="append",

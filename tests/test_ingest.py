@@ -145,7 +145,9 @@ def _raw_request(url: str, data: bytes, half_close: bool = True) -> tuple[int, b
     host, port = urlsplit(url).netloc.split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(data)
-        if half_close:
+        # The server answers a request whose work is asynchronous only while the
+        # client still listens: such cases ask the server to close instead.
+        if half_close and b"Connection: close" not in data:
             s.shutdown(socket.SHUT_WR)
         chunks = []
         while chunk := s.recv(65536):
@@ -158,31 +160,44 @@ def _raw_request(url: str, data: bytes, half_close: bool = True) -> tuple[int, b
     return (int(found.group(1)) if found else 0), resp
 
 
+# HTTP/1.1 requires Host; the server stack (uvicorn, h11) refuses malformed framing
+# with a plain 400 before the app sees it.
 @pytest.mark.parametrize(
     ("request_bytes", "status", "error"),
     [
         (b"POST /v1/batches HTTP/1.1\r\nHost: x\r\n\r\n", 411, b"length_required"),
-        (b"POST /v1/batches HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 413, b"bad_length"),
-        (b"POST /v1/batches HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n", 413, b"bad_length"),
-        (b"POST /v1/batches HTTP/1.1\r\nContent-Length: ten\r\n\r\n", 411, b"length_required"),
+        (b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400, b"Invalid"),
         (
-            b"POST /v1/batches HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n",
+            413,
+            b"bad_length",
+        ),
+        (b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n", 400, b"Invalid"),
+        (
+            b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n",
             411,
             b"length_required",
         ),
-        (b"POST /v1/batches HTTP/1.1\r\nContent-Length: 100\r\n\r\nshort", 400, b"truncated"),
-        (b"POST /elsewhere HTTP/1.1\r\nContent-Length: 1\r\n\r\nx", 404, b"not_found"),
-        (b"DELETE /v1/batches HTTP/1.1\r\n\r\n", 405, b"method_not_allowed"),
-        (b"BREW /v1/batches HTTP/1.1\r\n\r\n", 405, b""),
-        (b"GET /v1/health HTTP/1.1\r\n\r\n", 200, b"ok"),
+        # The body ends early: the connection closes unanswered and nothing is stored.
+        (b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nshort", 0, b""),
+        (b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx", 404, b"not_found"),
+        (b"DELETE /v1/batches HTTP/1.1\r\nHost: x\r\n\r\n", 405, b"method_not_allowed"),
+        (b"BREW /v1/batches HTTP/1.1\r\nHost: x\r\n\r\n", 405, b"method_not_allowed"),
+        (b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 200, b"ok"),
+        (b"GET /v1/health HTTP/1.1\r\n\r\n", 400, b"Invalid"),
         (
-            b"GET /v1/devices/nobody HTTP/1.1\r\nAuthorization: Bearer "
-            + READ_TOKEN.encode()
-            + b"\r\n\r\n",
+            b"GET /v1/devices/nobody HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: "
+            b"Bearer " + READ_TOKEN.encode() + b"\r\n\r\n",
             404,
             b"not_found",
         ),
-        (b"\x00\xff garbage HTTP/1.1\r\n\r\n", 405, b""),
+        (
+            b"GET /v1/devices/nobody HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            401,
+            b"unauthorized",
+        ),
+        (b"\x00\xff garbage HTTP/1.1\r\n\r\n", 400, b"Invalid"),
         (b"GET /v1/health HTTP/one\r\n\r\n", 400, b""),
     ],
 )

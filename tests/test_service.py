@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -291,6 +292,23 @@ def test_json_log_lines_carry_the_message_fields() -> None:
     assert kv.startswith("ts=") and kv.endswith(
         "level=warning logger=cngmrv.x event=can_up outage_s=1.500"
     )
+
+
+def test_a_library_sentence_stays_one_key_value_pair() -> None:
+    """python-can logs "Created a socket": under systemd that line reached journald bare."""
+    rec = logging.LogRecord(
+        "can.interfaces.socketcan.socketcan",
+        logging.INFO,
+        __file__,
+        1,
+        "Created a socket",
+        (),
+        None,
+    )
+    kv = service.KeyValueFormatter().format(rec)
+    assert kv.endswith('logger=can.interfaces.socketcan.socketcan msg="Created a socket"')
+    pairs = re.findall(r"(\w+)=(\"[^\"]*\"|\S+)", kv)
+    assert " ".join(f"{k}={v}" for k, v in pairs) == kv
 
 
 def test_systemd_unit_runs_the_agent_as_a_watched_notify_service() -> None:
