@@ -1,8 +1,9 @@
 """Key rotation and revocation: through the chain, out of band, and a stolen key refused.
 
-The four cases docs/security.md lists under key rotation and revocation, each through the real recorder and store on
-the bus side, the real ingest (HTTP on 127.0.0.1 where the answer matters)
-and ``cngmrv verify`` as a subprocess.
+The four cases docs/security.md lists under key rotation and revocation,
+each through the real recorder and store on the bus side, the real ingest
+(HTTP on 127.0.0.1 where the answer matters) and ``cngmrv verify`` as a
+subprocess.
 """
 
 from __future__ import annotations
