@@ -299,7 +299,7 @@ WB_PROJECT = (
 
 
 def _evaluate(path: Path) -> tuple[Any, Any]:
-    openpyxl = pytest.importorskip("openpyxl")
+    import openpyxl  # the office extra installs it: a missing one is a failure, not a skip
     from xlsx_eval import Evaluator
 
     wb = openpyxl.load_workbook(path)
@@ -489,7 +489,8 @@ def test_libreoffice_recomputes_the_workbook_as_the_report(tmp_path: Path) -> No
     soffice = shutil.which("soffice")
     if soffice is None:
         pytest.skip("LibreOffice (soffice) not installed: apt-get install libreoffice-calc-nogui")
-    openpyxl = pytest.importorskip("openpyxl")
+    import openpyxl  # the office extra installs it: a missing one is a failure, not a skip
+
     from cngmrv.office import workbook
 
     db = _fleet_for_workbook(tmp_path)
