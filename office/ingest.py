@@ -22,147 +22,39 @@ Devices are registered out of band (:func:`register_device`, or ``cngmrv
 ingest --register``), never over HTTP: a public key that anyone can upload
 would let anyone forge a device.
 
-Storage is plain SQL over a DB-API connection (:class:`IngestDB`): SQLite by
-default, PostgreSQL when given a ``postgresql://`` URL and the ``psycopg``
-package, for a fleet.  Each batch is checked and stored in one transaction
-that first locks the device's row, so concurrent posts of the same batch store
-it exactly once, on one server or several.
+Storage is the fleet database (:mod:`cngmrv.office.fleetdb`): SQLite by
+default, PostgreSQL when given a ``postgresql://`` URL, for a fleet.  Each
+batch is checked and stored, with its per-batch sums for the report
+(:mod:`cngmrv.office.monitored`), in one transaction that first locks the
+device's row, so concurrent posts of the same batch store it exactly once, on
+one server or several.  When the database cannot take it (down, busy, or
+migrated by a newer cngmrv under this server), the answer is 503
+``unavailable`` with ``Retry-After``: the uploader keeps the batch and retries.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from cngmrv.office import monitored
+from cngmrv.office.fleetdb import IngestDB, IngestError, SchemaMismatch, open_db
 from cngmrv.signed import batch
-from cngmrv.signed.archive import ArchiveError
 from cngmrv.signed.keys import ALLOWED_ALGS, kid_of, public_key_from_pem
 
 log = logging.getLogger("cngmrv.ingest")
 
 MAX_BODY = 16 * 1024 * 1024
+RETRY_AFTER_S = 5  # seconds an uploader waits before retrying after a 503
 
-_TABLES = """
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY, kid TEXT NOT NULL, pubkey_pem {blob} NOT NULL
-);
-CREATE TABLE IF NOT EXISTS batches (
-    device_id TEXT NOT NULL, seq BIGINT NOT NULL, sha256 {blob} NOT NULL,
-    prev_hash {blob}, bytes {blob} NOT NULL, received_at {real} NOT NULL,
-    PRIMARY KEY (device_id, seq)
-);
-CREATE TABLE IF NOT EXISTS gaps (
-    device_id TEXT NOT NULL, first_seq BIGINT NOT NULL, last_seq BIGINT NOT NULL,
-    found_at {real} NOT NULL, PRIMARY KEY (device_id, first_seq)
-);
-CREATE TABLE IF NOT EXISTS alarms (
-    device_id TEXT NOT NULL, seq BIGINT, kind TEXT NOT NULL, detail TEXT NOT NULL,
-    bytes {blob}, at {real} NOT NULL
-)
-"""
-
-
-class IngestError(ArchiveError):
-    """The ingest database cannot be opened or used."""
-
-
-class IngestDB:
-    """The ingest's storage: a DB-API connection and plain SQL written with ``?`` markers.
-
-    Thread-safe: one connection, one lock.  ``target`` is a file path, a
-    ``sqlite:///path`` URL, or a ``postgresql://`` URL (needs ``psycopg``).
-    """
-
-    def __init__(self, target: str | Path) -> None:
-        text = str(target)
-        self._lock = threading.RLock()
-        self.dialect = "sqlite"
-        self._conn: Any
-        if text.startswith(("postgresql://", "postgres://")):
-            try:
-                import psycopg  # type: ignore[import-not-found]
-            except ImportError:
-                raise IngestError(
-                    "a PostgreSQL URL needs the psycopg package: pip install 'psycopg[binary]'"
-                ) from None
-            self.dialect = "postgresql"
-            self._conn = psycopg.connect(text, autocommit=True)
-        else:
-            path = Path(text.removeprefix("sqlite:///") if text.startswith("sqlite:") else text)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._conn = sqlite3.connect(
-                    path, isolation_level=None, check_same_thread=False, timeout=30
-                )
-                self._conn.execute("PRAGMA journal_mode=WAL")
-                self._conn.execute("PRAGMA synchronous=FULL")
-            except (sqlite3.Error, OSError) as e:
-                raise IngestError(f"cannot open ingest database {path}: {e}") from None
-        pg = self.dialect == "postgresql"
-        blob, real = ("BYTEA", "DOUBLE PRECISION") if pg else ("BLOB", "REAL")
-        # Serialises the checks of one device's batches across servers sharing the database.
-        self.for_update = " FOR UPDATE" if pg else ""
-        with self.tx():
-            for stmt in _TABLES.format(blob=blob, real=real).split(";"):
-                self.execute(stmt)
-            self._migrate()
-
-    def _migrate(self) -> None:
-        # Databases from before prev_hash was kept: add it and fill it in.
-        if self.dialect != "sqlite":
-            return
-        cols = {r[1] for r in self.execute("PRAGMA table_info(batches)")}
-        if "prev_hash" not in cols:
-            self.execute("ALTER TABLE batches ADD COLUMN prev_hash BLOB")
-        for dev, seq, raw in self.all(
-            "SELECT device_id, seq, bytes FROM batches WHERE prev_hash IS NULL"
-        ):
-            prev = batch.parse(bytes(raw)).header["prev_hash"]
-            self.execute(
-                "UPDATE batches SET prev_hash=? WHERE device_id=? AND seq=?", (prev, dev, seq)
-            )
-
-    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        if self.dialect == "postgresql":
-            sql = sql.replace("?", "%s")
-        with self._lock:
-            return self._conn.execute(sql, tuple(params))
-
-    def one(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        with self._lock:
-            return self.execute(sql, params).fetchone()
-
-    def all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        with self._lock:
-            return list(self.execute(sql, params).fetchall())
-
-    @contextmanager
-    def tx(self) -> Iterator[None]:
-        with self._lock:
-            self.execute("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
-            try:
-                yield
-            except BaseException:
-                self.execute("ROLLBACK")
-                raise
-            self.execute("COMMIT")
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-
-def open_db(target: str | Path) -> IngestDB:
-    return IngestDB(target)
+__all__ = ["Ingest", "IngestDB", "IngestError", "IngestServer", "open_db", "register_device"]
 
 
 def register_device(db: IngestDB, device_id: str, pubkey_pem: bytes) -> str:
@@ -297,6 +189,7 @@ class Ingest:
             "VALUES(?, ?, ?, ?, ?, ?)",
             (dev, seq, b.file_hash, b.header["prev_hash"], b.raw, now),
         )
+        monitored.store(self.db, b)
         answer: dict[str, Any] = {"status": "stored", "seq": seq}
         expected = 0 if last is None else last + 1
         if seq > expected:
@@ -385,10 +278,14 @@ def _handler(ingest: Ingest) -> type[BaseHTTPRequestHandler]:
             # An unknown method is the client's mistake: 405, not "501 not implemented".
             super().send_error(405 if code == 501 else code, message, explain)
 
-        def _reply(self, status: int, obj: dict[str, Any]) -> None:
+        def _reply(
+            self, status: int, obj: dict[str, Any], headers: dict[str, str] | None = None
+        ) -> None:
             body = json.dumps(obj).encode()
             try:
                 self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -441,12 +338,18 @@ def _handler(ingest: Ingest) -> type[BaseHTTPRequestHandler]:
                     },
                 )
                 return
+            headers: dict[str, str] = {}
             try:
                 status, obj = ingest.accept(raw)
-            except Exception:
-                log.exception("event=ingest_internal_error")
-                status, obj = 500, {"error": "internal"}
-            self._reply(status, obj)
+            except Exception as e:
+                if isinstance(e, SchemaMismatch) or ingest.db.is_unavailable(e):
+                    log.error("event=ingest_unavailable error=%r", str(e).splitlines()[0])
+                    status, obj = 503, {"error": "unavailable", "reason": str(e).splitlines()[0]}
+                    headers["Retry-After"] = str(RETRY_AFTER_S)
+                else:
+                    log.exception("event=ingest_internal_error")
+                    status, obj = 500, {"error": "internal"}
+            self._reply(status, obj, headers)
 
     return Handler
 
@@ -460,8 +363,9 @@ class IngestServer:
         host: str = "127.0.0.1",
         port: int = 0,
         allowed_algs: Iterable[str] = ALLOWED_ALGS,
+        migrate: bool = False,
     ) -> None:
-        self.db = open_db(db_target)
+        self.db = open_db(db_target, migrate=migrate)
         self.ingest = Ingest(self.db, allowed_algs)
         try:
             self._httpd = _Server((host, port), _handler(self.ingest))

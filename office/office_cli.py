@@ -18,8 +18,18 @@ from typing import Any
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    from cngmrv.office.fleetdb import SCHEMA_VERSION, IngestDB, migrate_db, redact
     from cngmrv.office.ingest import Ingest, IngestServer, open_db, register_device
 
+    if args.migrate:
+        db = IngestDB(args.db, check_version=False)
+        try:
+            before, after = migrate_db(db)
+        finally:
+            db.close()
+        what = "already at" if before == after else f"migrated from schema version {before} to"
+        print(f"ingest database {redact(args.db)}: {what} schema version {SCHEMA_VERSION}")
+        return 0
     if args.report:
         db = open_db(args.db)
         try:
@@ -61,7 +71,9 @@ def _report(args: argparse.Namespace) -> int:
     fmt = "json" if args.json else args.format
     start = report.parse_when(args.date_from) if args.date_from else None
     end = report.parse_when(args.date_to, end=True) if args.date_to else None
-    rep = report.build(Path(args.db), methodology, start, end, args.bus, args.coverage_floor)
+    rep = report.build(
+        args.db, methodology, start, end, args.bus, args.coverage_floor, args.recompute
+    )
     text = report.render(rep, fmt)
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
@@ -89,6 +101,11 @@ def register_ingest(sub: Any) -> None:
         "--register", action="append", metavar="DEVICE_ID=PUBKEY", help="register a device key"
     )
     s.add_argument("--report", action="store_true", help="print gaps and alarms per device, exit")
+    s.add_argument(
+        "--migrate",
+        action="store_true",
+        help="bring the database's schema to this version's, then exit (docs/office.md)",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_ingest)
 
@@ -96,7 +113,16 @@ def register_ingest(sub: Any) -> None:
 def register_report(sub: Any) -> None:
     """Add ``cngmrv report`` (entry point group ``cngmrv.commands``)."""
     s = sub.add_parser("report", help="emission reductions per bus and period (csv/json/html)")
-    s.add_argument("--db", required=True, help="ingest database (fleet) or device store (one bus)")
+    s.add_argument(
+        "--db",
+        required=True,
+        help="ingest database (fleet: SQLite file or postgresql:// URL) or device store (one bus)",
+    )
+    s.add_argument(
+        "--recompute",
+        action="store_true",
+        help="re-derive every figure from the signed batch bytes, not the ingest's sums",
+    )
     s.add_argument("--from", dest="date_from", metavar="DATE", help="YYYY-MM-DD or ISO time, UTC")
     s.add_argument("--to", dest="date_to", metavar="DATE", help="a date is inclusive (whole day)")
     s.add_argument("--format", choices=("csv", "json", "html"), default="csv")

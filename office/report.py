@@ -258,6 +258,7 @@ class DeviceBatches:
     excluded: dict[str, list[str]] = field(default_factory=dict)
     missing: list[tuple[int, int]] = field(default_factory=list)
     signatures: str = ""
+    held: dict[int, str] = field(default_factory=dict)  # verified batch_seq -> file sha256 hex
 
 
 def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBatches]]:
@@ -381,40 +382,16 @@ class Report:
     hourly: dict[str, dict[int, list[float]]]
 
 
-def _accumulate(d: DeviceBatches, lo: float, hi: float, refill_kg: float) -> BusData:
-    bus = BusData(d.device_id)
-    for b in d.ok:
-        h = b.header
-        # The signed header's time range lets whole batches outside the period be skipped.
-        if isinstance(h.get("last_t0"), int | float) and h["last_t0"] < lo:
-            continue
-        if isinstance(h.get("first_t0"), int | float) and h["first_t0"] >= hi:
-            continue
-        readings = b.payload().get("readings") or []
-        sha = b.file_hash.hex()
-        for r in readings:
-            t0 = float(r["t0"])
-            if not lo <= t0 < hi:
-                continue
-            dur = float(r["dur"])
-            cov = r.get("cov") or {}
-            share = (
-                min(float(cov.get("gas_kg", 0.0)), float(cov.get("diesel_l", 0.0))) / dur
-                if dur > 0
-                else 0.0
-            )
-            credited = float(r["distance_km"]) * min(1.0, max(0.0, share))
-            bus.total.add(r, credited, b.seq, sha)
-            day = datetime.fromtimestamp(t0, UTC).date().isoformat()
-            bus.days.setdefault(day, Sums()).add(r, credited, b.seq, sha)
-            hour = bus.hours.setdefault(int(t0 // 3600) * 3600, [0.0, 0.0, 0.0])
-            hour[0] += dur
-            hour[1] += float(cov.get("gas_kg", 0.0))
-            hour[2] += float(cov.get("diesel_l", 0.0))
-            bus.checks.add(r, refill_kg)
-            if isinstance(r.get("epoch"), int):
-                bus.epochs.add(r["epoch"])
-    return bus
+def credited_km(r: Mapping[str, Any]) -> float:
+    """The distance of one reading credited under form B: driven while both fuels were measured."""
+    dur = float(r["dur"])
+    cov = r.get("cov") or {}
+    share = (
+        min(float(cov.get("gas_kg", 0.0)), float(cov.get("diesel_l", 0.0))) / dur
+        if dur > 0
+        else 0.0
+    )
+    return float(r["distance_km"]) * min(1.0, max(0.0, share))
 
 
 def _trace(device_id: str, seqs: Mapping[int, str], held: Mapping[int, str]) -> dict[str, Any]:
@@ -465,27 +442,37 @@ def _figures(m: Methodology, s: Sums, device_id: str) -> tuple[dict[str, Any], E
 
 
 def build(
-    db_path: Path,
+    db_path: str | Path,
     methodology: Methodology,
     start: datetime | None = None,
     end: datetime | None = None,
     bus: str | None = None,
     coverage_floor: float | None = None,
+    recompute: bool = False,
 ) -> Report:
-    """Read, check, aggregate and compute; ReportError when the period holds no readings."""
+    """Read, check, aggregate and compute; ReportError when the period holds no readings.
+
+    ``db_path`` is a device store, or an ingest database: a SQLite file or a
+    ``postgresql://`` URL.  The monitored totals come from
+    :func:`cngmrv.office.monitored.gather`: from the ingest's per-batch sums,
+    or with ``recompute`` re-derived from the signed bytes (the same figures).
+    """
+    from cngmrv.office import monitored  # imports this module: bound at call time
+    from cngmrv.office.fleetdb import redact
+
     if start is not None and end is not None and end <= start:
         raise ReportError(f"empty period: --to {_iso(end.timestamp())} is not after --from")
     floor = methodology.coverage_floor if coverage_floor is None else coverage_floor
     if not 0.0 <= floor <= 1.0:
         raise ReportError(f"coverage floor must be between 0 and 1, got {floor}")
-    kind, devices = read_source(db_path, bus)
     lo = start.timestamp() if start else -math.inf
     hi = end.timestamp() if end else math.inf
     m = methodology
-    buses = [_accumulate(d, lo, hi, m.refill_threshold_kg) for d in devices]
+    got = monitored.gather(db_path, lo, hi, m.refill_threshold_kg, bus, recompute)
+    kind, devices, buses = got.kind, got.devices, got.buses
     period = _period_text(start, end)
     if not any(b.total.readings for b in buses):
-        who = f"bus {bus!r}" if bus else str(db_path)
+        who = f"bus {bus!r}" if bus else redact(db_path)
         raise ReportError(f"no readings {period} in {who}")
     total = Sums()
     for b in buses:
@@ -524,7 +511,7 @@ def build(
                 f"{b.total.unsynced_s / 3600:.2f} h of readings were timed by a clock not "
                 "marked synchronised; their day may be off"
             )
-        held = {x.seq: x.file_hash.hex() for x in d.ok}
+        held = d.held
         days = []
         for day, s in sorted(b.days.items()):
             dfig, _ = _figures(m, s, d.device_id)
@@ -554,7 +541,7 @@ def build(
     data: dict[str, Any] = {
         "report": "cngmrv emission reductions",
         "generated_at": _iso(datetime.now(UTC).timestamp()),
-        "source": {"db": str(db_path), "kind": kind},
+        "source": {"db": redact(db_path), "kind": kind, "totals": got.how},
         "period": {
             "from": _iso(start.timestamp()) if start else None,
             "to": _iso(end.timestamp()) if end else None,
