@@ -17,6 +17,7 @@ into a database that a newer cngmrv has migrated under it (docs/office.md).
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -25,7 +26,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from cngmrv.signed.archive import ArchiveError, open_readonly
 
@@ -53,13 +53,8 @@ def is_url(target: str | Path) -> bool:
 def redact(target: str | Path) -> str:
     """The target as it may be printed: a URL's password is replaced by ``***``."""
     text = str(target)
-    if not is_url(text):
-        return text
-    parts = urlsplit(text)
-    if parts.password is None:
-        return text
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    # A regular expression, not a URL parser: a malformed URL must still print safely.
+    return re.sub(r"^(postgres(?:ql)?://[^:/@]*:)[^@]*@", r"\1***@", text) if is_url(text) else text
 
 
 def _psycopg() -> Any:
