@@ -8,12 +8,11 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pg_cluster
 import pytest
 from hypothesis import settings
 
 from cngmrv.signed import keys
-
-import pg_cluster
 
 # No per-example deadline: the suite shares two cores with real-time runs, where
 # a stall is the machine's and not the code's; speed is measured in bench/.
