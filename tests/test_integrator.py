@@ -55,6 +55,7 @@ SANITIZED = os.environ.get("CNGMRV_EXPECT_SANITIZED") == "1"
 EXAMPLES = int(os.environ.get("CNGMRV_EXAMPLES", "400"))
 
 
+@pytest.mark.may_skip("it checks the sanitizer run itself, which make sanitize starts")
 @pytest.mark.skipif(not SANITIZED, reason="only in the sanitizer run (make sanitize)")
 def test_the_sanitized_build_is_the_one_under_test() -> None:
     # Guards the sanitizer run itself: without this, a PYTHONPATH mistake
