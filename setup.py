@@ -44,7 +44,7 @@ setup(
         "office": [
             # The HTML report's plots (Agg backend, no display needed).
             "matplotlib>=3.8",
-            # The fleet database on PostgreSQL (docs/office.md): psycopg 3 and its pool.
+            # The fleet database on PostgreSQL (docs/fleet-database.md): psycopg 3 and its pool.
             "psycopg[binary]>=3.1",
             "psycopg-pool>=3.2",
         ],

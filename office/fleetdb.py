@@ -11,7 +11,7 @@ transaction each, serialised across servers by a lock.  At start
 (:class:`IngestDB`), an empty database gets the whole schema; any other
 version than :data:`SCHEMA_VERSION` is refused with a one-line answer, and
 every write transaction checks the version again, so a server never writes
-into a database that a newer cngmrv has migrated under it (docs/office.md).
+into a database that a newer cngmrv has migrated under it (docs/fleet-database.md).
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def register_ingest(sub: Any) -> None:
     s.add_argument(
         "--migrate",
         action="store_true",
-        help="bring the database's schema to this version's, then exit (docs/office.md)",
+        help="bring the database's schema to this version's, then exit (docs/fleet-database.md)",
     )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_ingest)
