@@ -310,12 +310,9 @@ class IngestDB:
         _mismatch(self.version(), self.target)
 
     def _check_in_tx(self) -> None:
-        if "schema_version" in self.tables():
-            row = self.one("SELECT max(version) FROM schema_version")
-            held = 0 if row is None or row[0] is None else int(row[0])
-        else:
-            held = 0
-        _mismatch(held, self.target)
+        # One indexed read per transaction; the table exists in every versioned database.
+        row = self.one("SELECT max(version) FROM schema_version")
+        _mismatch(0 if row is None or row[0] is None else int(row[0]), self.target)
 
     def is_unavailable(self, e: BaseException) -> bool:
         """Whether ``e`` means the database is down or unreachable (retry later), not a bug."""
