@@ -366,7 +366,8 @@ def gather(
         finally:
             conn.close()
         if kind == "store":
-            return _recomputed(*rp.read_source(path, bus), lo, hi, refill_kg)
+            _, devices = rp.read_source(path, bus)
+            return _recomputed("store", devices, lo, hi, refill_kg)
     db = ReadOnlyDB(source)
     try:
         _refuse_newer(db)
