@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 MPY_WASM := @micropython/micropython-webassembly-pyscript
 MPY_WASM_VERSION := 1.27.0
 
-.PHONY: setup sim test lint bench bench-load soak sanitize
+.PHONY: setup sim test lint bench bench-load soak sanitize vm-bench
 
 setup:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,14 @@ soak: setup
 
 # The integrator core under AddressSanitizer + UndefinedBehaviorSanitizer:
 # its tests against a sanitized build in a temporary folder, then a standalone
-# C driver with leak detection (native/sanitize.py).
+# C driver with leak detection (tests/sanitize_native.py).
 sanitize: setup
-	$(BIN)/python native/sanitize.py
+	$(BIN)/python tests/sanitize_native.py
+
+# The virtual bench (docs/hil-runbook.md): a Debian guest under qemu (TCG) with a
+# kernel vcan0 and systemd, the project installed as docs/deploy-pi.md says, and
+# hil_tests run in it.  Needs root and the Debian packages qemu-system-x86,
+# qemu-utils, mmdebstrap and e2fsprogs; the image is cached in ~/.cache/cngmrv/vm.
+# Prints one JSON object; fails when a stage or a guest test does.
+vm-bench: setup
+	$(BIN)/python bench/vm_bench.py --json

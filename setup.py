@@ -8,7 +8,7 @@ site-packages.
 Two installs from one distribution: ``pip install cngmrv`` is the bus's
 (what the agent runs on, nothing more); ``pip install 'cngmrv[office]'`` adds
 what the office's ingest server and reports need (docs/deploy-pi.md,
-docs/office.md).  The C integrator is built by
+docs/mrv-methodology.md).  The C integrator is built by
 cffi in API (out-of-line) mode through ``cffi_modules``.
 """
 
@@ -44,6 +44,14 @@ setup(
         "office": [
             # The HTML report's plots (Agg backend, no display needed).
             "matplotlib>=3.8",
+            # The monitoring-report workbook (cngmrv report --format xlsx).
+            "openpyxl>=3.1",
+            # cngmrv sfc-ref writes into a project's methodology file, keeping its comments.
+            "tomlkit>=0.12",
+            # The ingest's production server (ASGI, worker processes) and its
+            # metrics, summed over the workers (docs/office.md).
+            "uvicorn>=0.30",
+            "prometheus-client>=0.20",
             # The fleet database on PostgreSQL (docs/fleet-database.md): psycopg 3 and its pool.
             "psycopg[binary]>=3.1",
             "psycopg-pool>=3.2",

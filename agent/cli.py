@@ -44,12 +44,21 @@ def _export(args: argparse.Namespace) -> int:
     rows = [r for r in archive.read_batches(Path(args.db), args.device) if r[1] >= args.since]
     out = Path(args.out)
     devices = sorted({d for d, _, _ in rows})
+    for dev in devices:
+        # Ids become folder names: one that is not a valid id could name any path.
+        problem = batch.device_id_problem(dev)
+        if problem:
+            raise ValueError(f"{args.db} holds a device id that cannot be exported: {problem}")
+    # A stale <n>.batch left in the folder would be verified with the rest.
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} is not an empty folder; export writes into a new or empty one")
     out.mkdir(parents=True, exist_ok=True)
     for dev, seq, raw in rows:
         # One folder per device when there are several, so file names stay <seq>.batch.
         folder = out / dev if len(devices) > 1 else out
         folder.mkdir(exist_ok=True)
-        (folder / f"{seq}.batch").write_bytes(raw)
+        with open(folder / f"{int(seq)}.batch", "xb") as f:
+            f.write(raw)
     if args.json:
         print(json.dumps({"exported": len(rows), "devices": devices, "out": str(out)}))
     else:
@@ -88,6 +97,16 @@ def _keyring(args: argparse.Namespace) -> batch.KeyRing:
     return batch.KeyRing.of(items)
 
 
+def _expected_last(specs: list[str]) -> dict[str | None, int]:
+    out: dict[str | None, int] = {}
+    for spec in specs:
+        device, sep, seq = spec.rpartition("=")
+        if not seq.isdigit():
+            raise ValueError(f"--expect-last takes [DEVICE=]SEQ, got {spec!r}")
+        out[device if sep else None] = int(seq)
+    return out
+
+
 def _span(a: int | None, b: int | None) -> str:
     return "-" if a is None else f"{a}..{b}"
 
@@ -102,6 +121,20 @@ def _verify(args: argparse.Namespace) -> int:
     if not named:
         raise FileNotFoundError("nothing to verify: give batch files, a folder or --db")
     report = batch.audit(named, ring)
+    if args.db:
+        # The ingest refused these batches, so they are not in its table: only its alarms say so.
+        for a in archive.ingest_alarms(Path(args.db)):
+            report.findings.append(
+                batch.Finding(
+                    "bad",
+                    "ingest_alarm",
+                    f"the ingest filed a {a['kind']} alarm ({a['repeats']}x): {a['detail']}",
+                    str(a["device_id"]),
+                    a["seq"] if isinstance(a["seq"], int) else None,
+                )
+            )
+    if args.expect_last:
+        batch.check_tail(report, _expected_last(args.expect_last))
     if args.json:
         print(json.dumps(report.as_dict(), default=str))
         return 0 if report.passed else EXIT_FAILED
@@ -119,6 +152,12 @@ def _verify(args: argparse.Namespace) -> int:
             f"{len(d.gaps) + len(d.explained_gaps):>4} {d.readings:>9} {len(d.boot_epochs):>5} "
             f"{d.unclean_stops:>7} {len(d.clock_events):>5}"
         )
+    for dev, d in sorted(report.devices.items()):
+        if d.legacy_v1:
+            print(
+                f"{dev}: {d.legacy_v1} version-1 batches accepted under the legacy rules "
+                "(docs/batch-format.md)"
+            )
     verdict = "PASSED" if report.passed else "FAILED"
     print(f"{verdict}: {len(report.verified)} batches verified, {len(report.findings)} findings")
     return 0 if report.passed else EXIT_FAILED
@@ -182,6 +221,8 @@ def _store_counts(db_path: Path) -> dict[str, int]:
             "readings": int(q("SELECT ifnull(sum(n), 0) FROM readings").fetchone()[0]),
             "batches": int(q("SELECT count(*) FROM batches").fetchone()[0]),
             "pending": int(q("SELECT count(*) FROM batches WHERE uploaded = 0").fetchone()[0]),
+            # Refused by the ingest for good, kept (agent/upload.py).
+            "refused": int(q("SELECT count(*) FROM batches WHERE uploaded = 2").fetchone()[0]),
         }
     except sqlite3.DatabaseError as e:
         raise StoreError(f"{db_path}: {e}") from None
@@ -189,18 +230,75 @@ def _store_counts(db_path: Path) -> dict[str, int]:
         db.close()
 
 
+def _replay_source(text: str) -> tuple[str, str | int]:
+    from cngmrv.drivers.address import SIGNALS, parse_source_rule
+
+    signal, sep, rule = text.partition("=")
+    if not sep or signal not in SIGNALS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SIGNAL=RULE, SIGNAL one of {SIGNALS}")
+    try:
+        return signal, parse_source_rule(rule)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _replay_max_gap(text: str) -> tuple[str, float | str]:
+    import math
+
+    from cngmrv.agent.pipeline import GAP_SIGNALS
+
+    if text == "auto":
+        return "*", "auto"  # every integrated signal
+    signal, sep, value = text.partition("=")
+    if not sep or signal not in GAP_SIGNALS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected SIGNAL=SECONDS or SIGNAL=auto, SIGNAL one of {tuple(GAP_SIGNALS)}"
+        )
+    if value == "auto":
+        return signal, value
+    try:
+        gap = float(value)
+    except ValueError:
+        gap = math.nan
+    if not gap > 0 or not math.isfinite(gap):
+        raise argparse.ArgumentTypeError(f"{text!r}: the gap must be a number of seconds > 0")
+    return signal, gap
+
+
 def _replay(args: argparse.Namespace) -> int:
     from cngmrv.agent import replay
-    from cngmrv.agent.pipeline import PipelineConfig
+    from cngmrv.agent.pipeline import GAP_SIGNALS, PipelineConfig
     from cngmrv.drivers.dbc import DbcSignals
 
     pipeline = PipelineConfig(
         engine_source_address=args.engine_sa,
         engine_name=int(args.engine_name, 16) if args.engine_name else None,
+        sources=dict(args.source),
+        max_gap_s={sig: gap for sig, gap in args.max_gap if gap != "auto"},
     )
+    detect = {sig for sig, gap in args.max_gap if gap == "auto"}
+    if "*" in detect:
+        detect = set(GAP_SIGNALS)
     dbc = DbcSignals(Path(args.dbc)) if args.dbc else None
     progress = sys.stderr if sys.stderr.isatty() and not args.no_progress else None
-    summary = replay.replay(Path(args.file), pipeline, dbc, progress)
+    try:
+        summary = replay.replay(Path(args.file), pipeline, dbc, progress, detect)
+    except (ValueError, OSError) as e:
+        if not args.json:
+            raise
+        # --json promises one JSON object on stdout, also when the log cannot be read.
+        message = str(e)
+        print(
+            json.dumps(
+                {
+                    "file": args.file,
+                    "error": {"where": None, "reason": message, "message": message},
+                },
+                indent=2,
+            )
+        )
+        print(f"cngmrv replay: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -241,7 +339,9 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="write each batch of a store as <batch_seq>.batch")
     s.add_argument("--db", required=True, help="device store or ingest database (SQLite)")
-    s.add_argument("--out", required=True, help="output folder (one subfolder per device)")
+    s.add_argument(
+        "--out", required=True, help="a new or empty output folder (one subfolder per device)"
+    )
     s.add_argument("--device", help="only this device (ingest databases hold many)")
     s.add_argument("--since", type=int, default=0, metavar="SEQ", help="from this batch_seq on")
     s.add_argument("--json", action="store_true")
@@ -259,6 +359,13 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
         help="a trusted public key, optionally bound to one device (repeatable)",
     )
     s.add_argument("--registry", help="trust the device keys registered in an ingest database")
+    s.add_argument(
+        "--expect-last",
+        action="append",
+        metavar="[DEVICE=]SEQ",
+        help="the last batch_seq known from outside the files (e.g. the ingest's last_seq): "
+        "a chain cut off before it fails (repeatable)",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_verify)
 
@@ -266,6 +373,25 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     s.add_argument("file", help="candump .log, .asc, .blf, .trc, .csv, .db or .mf4 (also .gz)")
     s.add_argument("--engine-sa", type=int, default=0, help="engine source address (0)")
     s.add_argument("--engine-name", default="", help="pin the engine to this J1939 NAME (hex)")
+    s.add_argument(
+        "--source",
+        type=_replay_source,
+        action="append",
+        default=[],
+        metavar="SIGNAL=RULE",
+        help="take a signal (fuel_rate, fuel_total, engine_speed, wheel_speed) from an address, "
+        "'engine', 'function:N' or 'auto' (repeatable; docs/can.md)",
+    )
+    s.add_argument(
+        "--max-gap",
+        type=_replay_max_gap,
+        action="append",
+        default=[],
+        metavar="SIGNAL=SECONDS|SIGNAL=auto|auto",
+        help="a prescaled log: bridge longer gaps of a signal (fuel_rate, wheel_speed, "
+        "engine_speed), or detect its logger's steady period; 'auto' alone: of every "
+        "signal (repeatable)",
+    )
     s.add_argument("--dbc", help="decode extra signals from this DBC")
     s.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
     s.add_argument("--json", action="store_true", help="print one JSON object")

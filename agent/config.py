@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cngmrv.agent.pipeline import FuelFactors, GasCalibration, PipelineConfig
+from cngmrv.drivers.address import SIGNALS, check_source_rule
 from cngmrv.drivers.can_source import (
     DEFAULT_PGNS,
     INTERFACES,
@@ -26,6 +27,7 @@ from cngmrv.drivers.can_source import (
 from cngmrv.drivers.dbc import DbcError, DbcSignals
 from cngmrv.drivers.kit_can import DEFAULT_DBC as DEFAULT_KIT_DBC
 from cngmrv.drivers.kit_can import KitCanDecoder
+from cngmrv.signed.batch import device_id_problem
 from cngmrv.signed.keys import KeyFileError, load_signer
 
 
@@ -50,6 +52,10 @@ def _address(v: Any) -> str | None:
 
 def _url(v: Any) -> str | None:
     return None if v == "" or v.startswith(("http://", "https://")) else "must be an http(s) URL"
+
+
+MAX_QUOTA_MB = 1 << 20  # 1 TiB
+MAX_READINGS_PER_BATCH = 1800
 
 
 def _transport(v: Any) -> str | None:
@@ -89,7 +95,19 @@ def _buffer(v: Any) -> str | None:
 
 
 def _quota(v: Any) -> str | None:
-    return None if v >= 1 else "must be at least 1 MB"
+    # An upper bound too: 1e308 MB would overflow the byte count (an OverflowError, not a
+    # one-line error), and no SD card holds more than a few TB.
+    return None if 1 <= v <= MAX_QUOTA_MB else f"must be 1..{MAX_QUOTA_MB} MB"
+
+
+def _device_id(v: Any) -> str | None:
+    # The one rule for device ids (signed/batch.py): a batch with another id is refused.
+    return device_id_problem(v)
+
+
+def _readings_per_batch(v: Any) -> str | None:
+    # About 40 bytes a reading: 1800 readings stay far inside the batch size limit.
+    return None if 1 <= v <= MAX_READINGS_PER_BATCH else f"must be 1..{MAX_READINGS_PER_BATCH}"
 
 
 def _one_of(*allowed: str) -> Check:
@@ -110,7 +128,7 @@ def _year(v: Any) -> str | None:
 # section -> key -> (type, default, check); a default of None means required.
 SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
     "device": {
-        "id": (str, None, _nonempty),
+        "id": (str, None, _device_id),
         "key_file": (Path, None, None),
     },
     "can": {
@@ -149,7 +167,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
         "alarm_fraction": (float, 0.8, _fraction),
         "drop_fraction": (float, 0.95, _fraction),
     },
-    "batch": {"readings_per_batch": (int, 60, _positive)},
+    "batch": {"readings_per_batch": (int, 60, _readings_per_batch)},
     "upload": {
         "url": (str, "", _url),
         "timeout_s": (float, 10.0, _positive),
@@ -168,6 +186,8 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
         "engine_running_rpm": (float, 300.0, _positive),
         "engine_name": (str, "", _name),  # the engine's J1939 NAME, hex ("" = find it)
     },
+    # Where each signal comes from: "auto", "engine", "function:N" or an address (docs/can.md).
+    "sources": {signal: (object, "auto", check_source_rule) for signal in SIGNALS},
     # Energy and CO2 factors (IPCC 2006 defaults; a project sets its own, e.g. for B40 diesel).
     "fuel": {
         "diesel_density_kg_per_l": (float, 0.844, _positive),
@@ -374,6 +394,7 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
             fuel=FuelFactors(**_section(v, "fuel")),
             gas=GasCalibration(**_section(v, "gas")),
             engine_name=int(engine_name, 16) if engine_name else None,
+            sources={sig: rule for sig, rule in _section(v, "sources").items() if rule != "auto"},
         ),
         can_source=source,
         can_dbc=dbc,

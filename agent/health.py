@@ -20,6 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cngmrv.agent.pipeline import GAP_SIGNALS
+from cngmrv.drivers.address import SIGNALS
+
 if TYPE_CHECKING:
     from cngmrv.agent.runtime import Agent
 
@@ -32,12 +35,33 @@ METRICS: dict[str, tuple[str, str]] = {
     "cngmrv_frames_received_total": ("counter", "Frames received, per source"),
     "cngmrv_frames_dropped_total": ("counter", "Frames dropped on a full queue, per source"),
     "cngmrv_decode_errors_total": ("counter", "CAN frames rejected by the decoders"),
+    "cngmrv_ecu_error_values_total": (
+        "counter",
+        "Signal values the ECU sent as error (0xFE..), apart from decode errors",
+    ),
+    "cngmrv_engine_address_contests_total": (
+        "counter",
+        "Address claims disputing the engine's address (another NAME, or cannot claim)",
+    ),
+    "cngmrv_signal_source_address": (
+        "gauge",
+        "Source address each signal is taken from (-1 = none yet, or its ECU has none)",
+    ),
+    "cngmrv_signal_foreign_frames_total": (
+        "counter",
+        "Frames of a signal from other senders than its source, never used",
+    ),
+    "cngmrv_signal_other_senders": ("gauge", "Other addresses seen sending a signal"),
     "cngmrv_tp_sessions_aborted_total": ("counter", "J1939 TP sessions aborted or timed out"),
     "cngmrv_kit_crc_errors_total": ("counter", "Kit frames rejected for a bad CRC"),
     "cngmrv_readings_total": ("counter", "Readings committed since start"),
     "cngmrv_batches_sealed_total": ("counter", "Batches sealed since start"),
     "cngmrv_batches_uploaded_total": ("counter", "Batches acknowledged by the ingest since start"),
     "cngmrv_batches_pending": ("gauge", "Sealed batches in the store not yet uploaded"),
+    "cngmrv_batches_refused_total": (
+        "counter",
+        "Batches the ingest refused for good since start (parked in the store, not lost)",
+    ),
     "cngmrv_queue_depth": ("gauge", "Inputs waiting in a source queue"),
     "cngmrv_store_bytes": ("gauge", "Store size on disk (database, WAL and shared memory)"),
     "cngmrv_store_quota_bytes": ("gauge", "Store quota (0 = none configured)"),
@@ -65,6 +89,17 @@ def collect(agent: Agent) -> dict[str, list[tuple[dict[str, str], float]]]:
     else:
         m["cngmrv_kit_crc_errors_total"].append(({}, 0))
     m["cngmrv_decode_errors_total"].append(({}, s.decode_errors))
+    m["cngmrv_engine_address_contests_total"].append(({}, s.engine_address_contests))
+    for signal, src in agent.pipeline.sources.items():
+        address = src.address
+        m["cngmrv_signal_source_address"].append(
+            ({"signal": signal}, -1 if address is None else address)
+        )
+        label = {"signal": signal}
+        if signal in GAP_SIGNALS:
+            m["cngmrv_ecu_error_values_total"].append((label, s.ecu_errors.get(signal, 0)))
+        m["cngmrv_signal_foreign_frames_total"].append((label, sum(src.others.values())))
+        m["cngmrv_signal_other_senders"].append((label, len(src.others)))
     m["cngmrv_tp_sessions_aborted_total"].append(
         ({}, s.tp.get("aborted", 0) + s.tp.get("timeout", 0))
     )
@@ -74,6 +109,7 @@ def collect(agent: Agent) -> dict[str, list[tuple[dict[str, str], float]]]:
         ({}, agent.uploader.uploaded if agent.uploader else 0)
     )
     m["cngmrv_batches_pending"].append(({}, agent.store.counts()["batches_pending"]))
+    m["cngmrv_batches_refused_total"].append(({}, agent.uploader.refused if agent.uploader else 0))
     last = agent.uploader.last_upload if agent.uploader else None
     m["cngmrv_last_upload_timestamp_seconds"].append(({}, float(last or 0)))
     m["cngmrv_queue_depth"].append(({"queue": "can"}, agent.can.pending()))
@@ -225,7 +261,9 @@ def describe(samples: dict[str, float]) -> list[str]:
         ),
         f"errors          decode {g('cngmrv_decode_errors_total'):.0f}, "
         f"TP aborted {g('cngmrv_tp_sessions_aborted_total'):.0f}, "
+        f"engine address contests {g('cngmrv_engine_address_contests_total'):.0f}, "
         f"kit CRC {g('cngmrv_kit_crc_errors_total'):.0f}",
+        "sources         " + _sources_line(samples),
         f"readings        {g('cngmrv_readings_total'):.0f}",
         f"batches         {g('cngmrv_batches_sealed_total'):.0f} sealed, "
         f"{g('cngmrv_batches_uploaded_total'):.0f} uploaded, "
@@ -238,3 +276,16 @@ def describe(samples: dict[str, float]) -> list[str]:
         + (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)) if last else "never"),
         f"snapshot age    {g('cngmrv_snapshot_age_seconds'):.1f} s",
     ]
+
+
+def _sources_line(samples: dict[str, float]) -> str:
+    """Each signal's source address, and the frames other senders sent of it."""
+    parts = []
+    for signal in SIGNALS:
+        address = samples.get(f'cngmrv_signal_source_address{{signal="{signal}"}}')
+        if address is None:
+            continue
+        where = "none" if address < 0 else f"SA {address:.0f}"
+        other = samples.get(f'cngmrv_signal_foreign_frames_total{{signal="{signal}"}}', 0.0)
+        parts.append(f"{signal} {where}" + (f" ({other:.0f} from others)" if other else ""))
+    return ", ".join(parts) or "unknown"

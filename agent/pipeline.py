@@ -19,8 +19,11 @@ message fed after frames that came later is timed by them.
 Protocol timers (the transport protocol's T1-T4) run on the monotonic time
 each CAN frame carries (``mono``), never on the bus timestamp, which is wall
 time and may step.  The engine is followed by its NAME through address claims
-(:class:`~cngmrv.drivers.address.EngineTracker`): fuel rate, speed and engine
-speed from any other ECU are counted as foreign and never integrated.  Each
+(:class:`~cngmrv.drivers.address.EngineTracker`); each signal (fuel rate, fuel
+counter, engine speed, wheel speed) is taken from one source address by its
+rule (:class:`~cngmrv.drivers.address.SignalSource`: the engine for the
+engine's signals unless configured), and the same signal from any other ECU
+is counted as foreign, reported once per sender, and never integrated.  Each
 change of an ECU's active DM1 trouble codes or lamps is an event; so is an
 outage of the CAN source, which also cuts the CAN channels with an explicit
 gap however short it was.
@@ -54,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cngmrv.drivers import j1939
-from cngmrv.drivers.address import EngineTracker
+from cngmrv.drivers.address import SIGNALS, Contest, EngineTracker, SignalSource, SourceRule
 from cngmrv.drivers.dbc import DbcError, DbcSignals
 from cngmrv.drivers.dm1 import Dm1, Dm1Error, decode_dm1
 from cngmrv.drivers.j1939 import pgn_of
@@ -94,7 +97,7 @@ KIT_REBOOT_BACKSTEP_MS = 1000
 class FuelFactors:
     """Energy and CO2 factors, passed to the integrator (never built into it).
 
-    Defaults are IPCC 2006 Vol. 2 (DOMAIN.md section 2). Indonesian diesel is
+    Defaults are IPCC 2006 Vol. 2 (docs/domain.md section 2). Indonesian diesel is
     a biodiesel blend (B40 since 2025), so a project sets its own diesel values.
     """
 
@@ -144,6 +147,15 @@ class PipelineConfig:
     fuel: FuelFactors = field(default_factory=FuelFactors)
     gas: GasCalibration = field(default_factory=GasCalibration)
     engine_name: int | None = None  # pin the engine to this J1939 NAME (None: see EngineTracker)
+    # Per signal (drivers.address.SIGNALS), where it is taken from; absent: "auto" (SignalSource).
+    sources: Mapping[str, SourceRule] = field(default_factory=dict)
+    # Per integrated signal (GAP_SIGNALS), a longer maximum gap than can_max_gap_s, for
+    # replaying a logger that thins messages out; the live agent keeps the strict rule.
+    max_gap_s: Mapping[str, float] = field(default_factory=dict)
+
+    def gap_of(self, signal: str) -> float:
+        """The longest interval bridged between two samples of ``signal``."""
+        return self.max_gap_s.get(signal, self.can_max_gap_s)
 
 
 class _Column:
@@ -187,12 +199,40 @@ class PipelineStats:
     rpm_max: float | None = None
     dm1_changes: int = 0
     engine_address_changes: int = 0
+    engine_address_contests: int = 0  # claims disputing the engine's address (see EngineTracker)
     can_outages: int = 0
     extra: dict[str, list[float]] = field(default_factory=dict)  # DBC signal: [n, sum, min, max]
+    # Per signal: values the ECU sent as "error" (0xFE..), apart from decode_errors.
+    ecu_errors: dict[str, int] = field(default_factory=dict)
+    # Per signal: intervals between frames from its source, ms -> count (period_quantile).
+    periods: dict[str, dict[int, int]] = field(default_factory=dict)
 
 
 # The integrator channels fed from the engine's CAN frames (cut on a CAN outage).
 CAN_CHANNELS = ("diesel_l", "distance_km", "engine_rev", "engine")
+# The integrated CAN signals and the channels each one feeds.
+GAP_SIGNALS = {
+    "fuel_rate": ("diesel_l",),
+    "wheel_speed": ("distance_km",),
+    "engine_speed": ("engine_rev", "engine"),
+}
+
+# The signal each of those channels is fed by.
+CHANNEL_SIGNALS = {ch: signal for signal, chs in GAP_SIGNALS.items() for ch in chs}
+
+
+def period_quantile(intervals: Mapping[int, int], q: float) -> float | None:
+    """The ``q`` quantile (0..1) of a histogram of intervals in milliseconds, in seconds."""
+    n = sum(intervals.values())
+    if not n:
+        return None
+    seen = 0
+    for ms in sorted(intervals):
+        seen += intervals[ms]
+        if seen >= q * n:
+            return ms / 1000.0
+    return max(intervals) / 1000.0
+
 
 # (bus time, 29-bit CAN id, payload, monotonic time)
 Handler = Callable[[float, int, bytes, float], None]
@@ -254,6 +294,18 @@ class Pipeline:
         self._tank_watch: tuple[float, float, float] | None = None  # value, gas total, since
         self._tank_stuck = False
         self.engine = EngineTracker(config.engine_source_address, config.engine_name)
+        unknown = set(config.sources) - set(SIGNALS)
+        if unknown:
+            raise ValueError(f"unknown signal(s) {sorted(unknown)} (known: {', '.join(SIGNALS)})")
+        self.sources = {
+            sig: SignalSource(sig, config.sources.get(sig, "auto"), self.engine) for sig in SIGNALS
+        }
+        unknown = set(config.max_gap_s) - set(GAP_SIGNALS)
+        if unknown:
+            raise ValueError(
+                f"no gap rule for {sorted(unknown)} (integrated: {', '.join(GAP_SIGNALS)})"
+            )
+        self._signal_t: dict[str, float] = {}  # latest frame time of each signal from its source
         self._tp = TpReassembler()
         self.stats.tp = self._tp.counters
         self._tp_swept = -math.inf
@@ -327,19 +379,44 @@ class Pipeline:
 
         return both
 
-    def _from_engine(self, can_id: int) -> bool:
-        if can_id & 0xFF == self.engine.address:
+    def _from_source(self, t: float, signal: str, can_id: int) -> bool:
+        """True if the frame comes from the signal's source (:class:`SignalSource`)."""
+        src = self.sources[signal]
+        verdict = src.accepts(can_id & 0xFF)
+        if verdict is True:
+            last = self._signal_t.get(signal)
+            self._signal_t[signal] = t
+            if last is not None and t > last:
+                hist = self.stats.periods.setdefault(signal, {})
+                ms = round((t - last) * 1000.0)
+                hist[ms] = hist.get(ms, 0) + 1
             return True
-        # Another ECU's fuel rate or speed must never be mixed into the engine's.
+        # Another ECU's fuel rate or speed must never be mixed into the source's.
         self.stats.foreign_source += 1
+        if verdict is not False:
+            self.events.append(
+                {
+                    "t": t,
+                    "kind": "SIGNAL_SECOND_SENDER",
+                    "signal": signal,
+                    "sender": verdict,
+                    "source": src.address,
+                }
+            )
+            log.warning(
+                "event=signal_second_sender signal=%s sender=%d source=%s",
+                signal,
+                verdict,
+                src.address,
+            )
         return False
 
     def _on_lfe(self, t: float, can_id: int, data: bytes, mono: float) -> None:
-        if self._from_engine(can_id):
+        if self._from_source(t, "fuel_rate", can_id):
             self._decode_into("diesel_l", "fuel_rate_lph", t, j1939.PGN_LFE, data)
 
     def _on_ccvs(self, t: float, can_id: int, data: bytes, mono: float) -> None:
-        if self._from_engine(can_id):
+        if self._from_source(t, "wheel_speed", can_id):
             speed = self._decode_into("distance_km", "wheel_speed_kmh", t, j1939.PGN_CCVS, data)
             self._speed = (t, speed)
 
@@ -358,7 +435,7 @@ class Pipeline:
         return sig.value
 
     def _on_eec1(self, t: float, can_id: int, data: bytes, mono: float) -> None:
-        if not self._from_engine(can_id):
+        if not self._from_source(t, "engine_speed", can_id):
             return
         try:
             rpm = j1939.decode_detail(j1939.PGN_EEC1, data)["engine_speed_rpm"]
@@ -382,7 +459,7 @@ class Pipeline:
 
     def _on_lfc(self, t: float, can_id: int, data: bytes, mono: float) -> None:
         """The engine's total-fuel counter: the cross-check of the integrated LFE rate."""
-        if not self._from_engine(can_id):
+        if not self._from_source(t, "fuel_total", can_id):
             return
         try:
             total = j1939.decode(j1939.PGN_LFC, data)["total_fuel_l"]
@@ -414,6 +491,9 @@ class Pipeline:
             self._reject(f"AddressClaimed: need 8 bytes, got {len(data)}")
             return
         change = self.engine.on_claim(can_id & 0xFF, data)
+        contest = self.engine.last_contest
+        if contest is not None:
+            self._on_contest(t, contest)
         if change is None:
             return
         self.stats.engine_address_changes += 1
@@ -428,6 +508,27 @@ class Pipeline:
             }
         )
         log.warning("event=engine_address_changed old=%s new=%s", change[0], change[1])
+
+    def _on_contest(self, t: float, contest: Contest) -> None:
+        self.stats.engine_address_contests += 1
+        self.events.append(
+            {
+                "t": t,
+                "kind": "ENGINE_ADDRESS_CONTESTED",
+                "contest": contest.kind,
+                "address": contest.address,
+                "claimer": f"{contest.claimer:016x}",
+                "name": None if contest.engine_name is None else f"{contest.engine_name:016x}",
+                "engine_kept": contest.engine_kept,
+            }
+        )
+        log.warning(
+            "event=engine_address_contested contest=%s address=%s claimer=%016x engine_kept=%s",
+            contest.kind,
+            contest.address,
+            contest.claimer,
+            contest.engine_kept,
+        )
 
     def _on_dm1(self, t: float, can_id: int, data: bytes, mono: float) -> None:
         self._dm1_payload(t, can_id & 0xFF, data)
@@ -523,7 +624,14 @@ class Pipeline:
 
     def _push_signal(self, channel: str, t: float, sig: j1939.Decoded, pgn: int) -> None:
         if sig.value is None:
-            self._reject(f"PGN {pgn} {channel}: {sig.status}")
+            if sig.status == "error":
+                # The ECU's own "error" value (0xFE..): its sensor's fault, not a frame we
+                # could not read; a gap all the same.
+                signal = CHANNEL_SIGNALS[channel]
+                errors = self.stats.ecu_errors
+                errors[signal] = errors.get(signal, 0) + 1
+            else:
+                self._reject(f"PGN {pgn} {channel}: {sig.status}")
         self._add(channel, t, sig.value)
 
     def _engine_state(self, t: float, rpm: float | None) -> float | None:
@@ -539,7 +647,7 @@ class Pipeline:
         if self._speed is None:
             return None
         ts, kmh = self._speed
-        if kmh is None or abs(t - ts) > self.config.can_max_gap_s:
+        if kmh is None or abs(t - ts) > self.config.gap_of("wheel_speed"):
             return None
         return float(ENGINE_IDLE if kmh <= self.config.idle_max_kmh else ENGINE_MOVING)
 
@@ -802,6 +910,8 @@ class Pipeline:
             "mode_s": dict(ch["mode"].states or {}),
             "idle_s": engine.get("idle", 0.0),
             "engine_on_s": engine.get("idle", 0.0) + engine.get("moving", 0.0),
+            # The source address each signal is taken from at the window's end (None: none).
+            "src": {sig: src.address for sig, src in self.sources.items()},
         }
         gaps = {name: [c.gaps, round(c.longest_gap_s, 3)] for name, c in ch.items() if c.gaps}
         if gaps:
@@ -865,7 +975,7 @@ def _pick(msg: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: msg.get(k) for k in keys}
 
 
-# The kit protocol's injection-event message (issue 4).  Only this constant and
+# The kit protocol's injection-event message (docs/kit-protocol.md, INJECTION).  Only this constant and
 # injection_fields() know its layout; everything after works on plain numbers.
 INJECTION_TYPE = "injection"
 
@@ -882,13 +992,13 @@ def injection_fields(msg: Mapping[str, Any]) -> tuple[float | None, float | None
 
 
 def _channels(config: PipelineConfig) -> list[Any]:
-    can_gap, kit_gap, gas = config.can_max_gap_s, config.kit_max_gap_s, config.gas
+    kit_gap, gas = config.kit_max_gap_s, config.gas
     return [
-        ChannelSpec("diesel_l", can_gap, PER_HOUR),
-        ChannelSpec("distance_km", can_gap, PER_HOUR),
+        ChannelSpec("diesel_l", config.gap_of("fuel_rate"), PER_HOUR),
+        ChannelSpec("distance_km", config.gap_of("wheel_speed"), PER_HOUR),
         # Revolutions: mean rpm of a reading is 60 * integral / covered seconds.
-        ChannelSpec("engine_rev", can_gap, PER_MINUTE),
-        StateSpec("engine", can_gap, ENGINE_STATES),
+        ChannelSpec("engine_rev", config.gap_of("engine_speed"), PER_MINUTE),
+        StateSpec("engine", config.gap_of("engine_speed"), ENGINE_STATES),
         ChannelSpec("gas_kg", kit_gap, PER_HOUR),
         EventSpec("gas_kg_events", kit_gap, gas.injector_k, gas.injector_dead_time_ms),
         # Seconds per kit mode, with the same gap rules as the gas flow they qualify.

@@ -47,7 +47,9 @@ from cngmrv.agent.store import (
     Store,
     StoreCorrupt,
     StoreFull,
+    make_reserve,
     read_head,
+    release_reserve,
     salvage,
     write_head,
 )
@@ -185,6 +187,7 @@ class Recorder:
             }
             return [(now, k, {**b, "epoch": epoch}) for k, b in events] + [(now, "BOOT", boot)]
 
+        make_reserve(self.path)
         at_least = max(head.boot_epoch if head else 0, salvaged_epoch)
         epoch, clean = self._store.begin_boot(at_least, boot_events)
         clean = clean and status != "replaced"
@@ -334,10 +337,21 @@ class Recorder:
             self._unreported_drops += excess
 
     def _guarded(self, action: Callable[[], Any]) -> Any:
-        """Run a store action; on a full store prune and retry; on corruption replace the store."""
+        """Run a store action; on a full store prune and retry; on corruption replace the store.
+
+        A full *disk* first frees the reserve set aside at start, so the
+        readings and seals go on for a while (and a stop still seals its last
+        readings) before the quota policy has to drop anything.
+        """
         try:
             return action()
-        except StoreFull:
+        except StoreFull as e:
+            if release_reserve(self.path):
+                log.error("event=disk_full action=reserve_released reason=%r", str(e))
+                try:
+                    return action()
+                except StoreFull:
+                    pass
             self._check_quota(force=True)
             return action()
         except StoreCorrupt as e:

@@ -14,15 +14,22 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
+from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from cngmrv.agent.pipeline import Pipeline, PipelineConfig
+from cngmrv.agent.pipeline import GAP_SIGNALS, Pipeline, PipelineConfig, period_quantile
 from cngmrv.drivers import j1939
 from cngmrv.drivers.dbc import DbcSignals
 from cngmrv.drivers.replay import LogError, LogFile
 
 ADVANCE_EVERY = 4096  # frames between pops of finished readings (bounds memory on long logs)
+# A detected logger period P bridges gaps up to this times P: a frame's jitter
+# is covered, one missing frame (a gap of 2 P) is not.
+DETECT_FACTOR = 1.5
+MIN_INTERVALS = 10  # fewer intervals than this are no steady period
+LOW_COVERAGE = 0.9  # a signal covering less of the log than this says why
 
 
 class Progress:
@@ -57,16 +64,63 @@ def replay(
     config: PipelineConfig | None = None,
     dbc: DbcSignals | None = None,
     progress: TextIO | None = None,
+    detect: Collection[str] = (),
 ) -> dict[str, Any]:
     """Replay ``path`` and return the summary ``cngmrv replay --json`` prints.
+
+    ``detect`` names integrated signals (:data:`~cngmrv.agent.pipeline.GAP_SIGNALS`)
+    whose logger period is to be detected: when such a signal's frames come at
+    a steady period longer than its maximum gap (a prescaled log), the log is
+    replayed again with that signal's maximum gap at :data:`DETECT_FACTOR`
+    times its median period, and ``summary["coverage"]`` says so.
 
     Raises ``ValueError`` (unknown format) or ``OSError`` (cannot open) before
     anything is read; damage found while reading ends up in ``summary["error"]``.
     """
+    config = config or PipelineConfig()
+    unknown = set(detect) - set(GAP_SIGNALS)
+    if unknown:
+        raise ValueError(
+            f"no gap rule for {sorted(unknown)} (integrated: {', '.join(GAP_SIGNALS)})"
+        )
+    summary = _run(path, config, dbc, progress, {})
+    detected: dict[str, float] = {}
+    for signal in detect:
+        hist = summary["_periods"].get(signal, {})
+        median = period_quantile(hist, 0.5)
+        if median is None or median <= config.gap_of(signal):
+            continue
+        if _steady(hist, median):
+            detected[signal] = round(DETECT_FACTOR * median, 3)
+    if detected:
+        gaps = {**config.max_gap_s, **detected}
+        summary = _run(path, replace(config, max_gap_s=gaps), dbc, progress, detected)
+    del summary["_periods"]
+    return summary
+
+
+def _steady(hist: dict[int, int], median: float) -> bool:
+    """Enough intervals, nine in ten of them within the detected gap: a logger's period,
+    not a signal that comes and goes."""
+    high = period_quantile(hist, 0.9)
+    return (
+        sum(hist.values()) >= MIN_INTERVALS and high is not None and high <= DETECT_FACTOR * median
+    )
+
+
+def _run(
+    path: Path,
+    config: PipelineConfig,
+    dbc: DbcSignals | None,
+    progress: TextIO | None,
+    detected: dict[str, float],
+) -> dict[str, Any]:
     log = LogFile(path)
-    pipeline = Pipeline(config or PipelineConfig(), clock="unknown", dbc=dbc)
+    pipeline = Pipeline(config, clock="unknown", dbc=dbc)
     bar = Progress(log, progress) if progress is not None else None
     totals = {"diesel_l": 0.0, "distance_km": 0.0, "diesel_covered_s": 0.0}
+    covered = dict.fromkeys(GAP_SIGNALS, 0.0)
+    gaps = dict.fromkeys(GAP_SIGNALS, 0)
     readings = 0
 
     def collect(rs: list[dict[str, Any]]) -> None:
@@ -76,6 +130,9 @@ def replay(
             totals["diesel_l"] += r["diesel_l"]
             totals["distance_km"] += r["distance_km"]
             totals["diesel_covered_s"] += r["cov"]["diesel_l"]
+            for signal, channels in GAP_SIGNALS.items():
+                covered[signal] += r["cov"][channels[0]]
+                gaps[signal] += r.get("gaps", {}).get(channels[0], (0,))[0]
 
     on_can = pipeline.on_can
     error: LogError | None = None
@@ -94,7 +151,67 @@ def replay(
     collect(pipeline.finish())
     if bar is not None:
         bar.close(log.read)
-    return _summary(log, pipeline, totals, readings, error)
+    out = _summary(log, pipeline, totals, readings, error)
+    out["coverage"] = _coverage(out, pipeline, covered, gaps, detected)
+    out["_periods"] = pipeline.stats.periods
+    return out
+
+
+def _coverage(
+    summary: dict[str, Any],
+    pipeline: Pipeline,
+    covered: dict[str, float],
+    gaps: dict[str, int],
+    detected: dict[str, float],
+) -> dict[str, dict[str, Any]]:
+    """Per integrated signal: covered seconds, median period, the gap rule, and why
+    coverage is low when it is."""
+    config = pipeline.config
+    out: dict[str, dict[str, Any]] = {}
+    for signal in GAP_SIGNALS:
+        median = period_quantile(pipeline.stats.periods.get(signal, {}), 0.5)
+        gap = config.gap_of(signal)
+        how = (
+            "detected"
+            if signal in detected
+            else "option"
+            if signal in config.max_gap_s
+            else "default"
+        )
+        entry: dict[str, Any] = {
+            "covered_s": covered[signal],
+            "median_period_s": median,
+            "max_gap_s": gap,
+            "max_gap": how,
+            "gaps": gaps[signal],
+            "low": None,
+        }
+        if covered[signal] < LOW_COVERAGE * summary["duration_s"]:
+            entry["low"] = _why_low(signal, pipeline, median, gap, gaps[signal])
+        out[signal] = entry
+    return out
+
+
+def _why_low(signal: str, pipeline: Pipeline, median: float | None, gap: float, gaps: int) -> str:
+    src = pipeline.sources[signal]
+    if not src.accepted:
+        if src.others:
+            senders = ", ".join(str(sa) for sa in sorted(src.others))
+            return (
+                f"sent only by SA {senders}, not by its source; "
+                f"--source {signal}=ADDRESS takes it from one of them"
+            )
+        return "no frames of this signal in the log"
+    flagged = pipeline.stats.ecu_errors.get(signal, 0)
+    if median is not None and median > gap:
+        return (
+            f"median period {median:g} s is longer than the max gap {gap:g} s "
+            f"(a prescaled log?): --max-gap {signal}=SECONDS, or --max-gap {signal}=auto "
+            "to detect the logger's period"
+        )
+    if flagged:
+        return f"{flagged} values sent by the ECU as error (0xFE..), a gap each"
+    return f"{gaps} gaps longer than {gap:g} s, or the signal is sent in part of the log only"
 
 
 def _summary(
@@ -124,7 +241,18 @@ def _summary(
         "engine_speed_min_rpm": s.rpm_min,
         "engine_speed_max_rpm": s.rpm_max,
         "engine_address": pipeline.engine.address,
+        "sources": {
+            sig: {
+                "source": src.address,
+                "rule": src.settled,
+                "frames": src.accepted,
+                "other_senders": {str(sa): n for sa, n in sorted(src.others.items())},
+            }
+            for sig, src in pipeline.sources.items()
+        },
         "decode_errors": s.decode_errors,
+        "ecu_errors": dict(sorted(s.ecu_errors.items())),
+        "skipped": dict(sorted(log.skipped.items())),
         "reasons": dict(s.reasons),
         "foreign_source": s.foreign_source,
         "pgns": {str(pgn): n for pgn, n in sorted(s.pgns.items())},
@@ -171,6 +299,19 @@ def print_summary(s: dict[str, Any], out: TextIO = sys.stdout) -> None:
         f"readings {s['readings']}; decode errors {s['decode_errors']}; "
         f"frames from other ECUs {s['foreign_source']}\n"
     )
+    if s["ecu_errors"]:
+        flagged = ", ".join(f"{sig} {n}" for sig, n in s["ecu_errors"].items())
+        w(f"values the ECU sent as error (0xFE..): {flagged}\n")
+    if s["skipped"]:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in s["skipped"].items())
+        w(f"records not read as J1939 frames: {kinds}\n")
+    for sig, src in s["sources"].items():
+        if not src["frames"] and not src["other_senders"]:
+            continue
+        where = "no address" if src["source"] is None else f"SA {src['source']}"
+        line = f"{sig:<13} from {where} ({src['rule']}), {src['frames']} frames"
+        others = ", ".join(f"SA {sa} ({n})" for sa, n in src["other_senders"].items())
+        w(line + (f"; also sent by {others}, not used" if others else "") + "\n")
     for reason, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1])[:5]:
         w(f"  {n:8d}  {reason}\n")
     for sa, dm1 in s["dm1"].items():
@@ -179,6 +320,13 @@ def print_summary(s: dict[str, Any], out: TextIO = sys.stdout) -> None:
         w(f"DM1 from SA {sa}: {lamps}; active: {codes}\n")
     top = sorted(s["pgns"].items(), key=lambda kv: -kv[1])[:8]
     w("PGNs: " + ", ".join(f"{_pgn_label(int(p))} {n}" for p, n in top) + "\n")
+    for sig, c in s["coverage"].items():
+        period = (
+            "no period" if c["median_period_s"] is None else f"period {c['median_period_s']:g} s"
+        )
+        line = f"{sig:<13} covered {c['covered_s']:.1f} s; {period}; max gap {c['max_gap_s']:g} s"
+        line += " (detected logger period)" if c["max_gap"] == "detected" else ""
+        w(line + (f"; low: {c['low']}" if c["low"] else "") + "\n")
     if s["error"]:
         w(f"stopped early: {s['error']['message']}\n")
         w("(the totals above cover everything read before that point)\n")

@@ -37,6 +37,8 @@ from cngmrv.agent.config import Config, ConfigError
 log = logging.getLogger("cngmrv.service")
 
 _PAIR = re.compile(r"(\w+)=('[^']*'|\"[^\"]*\"|\S+)")
+# A whole message of such pairs; anything else is a library's own sentence.
+_PAIRS = re.compile(r"\w+=(?:'[^']*'|\"[^\"]*\"|\S+)(?: +\w+=(?:'[^']*'|\"[^\"]*\"|\S+))*")
 
 
 def notify(state: str, env: Mapping[str, str] | None = None) -> bool:
@@ -106,9 +108,14 @@ class KeyValueFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        msg = record.getMessage()
+        if not _PAIRS.fullmatch(msg):
+            # python-can and other libraries log plain sentences ("Created a socket"):
+            # quoted as one value, so every journal line still parses as key=value.
+            msg = "msg=" + json.dumps(msg)
         line = (
             f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
-            f"logger={record.name} {record.getMessage()}"
+            f"logger={record.name} {msg}"
         )
         if record.exc_info:
             line += " exc=" + json.dumps(self.formatException(record.exc_info))

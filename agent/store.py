@@ -71,7 +71,7 @@ CREATE TABLE IF NOT EXISTS batches (
     uploaded INTEGER NOT NULL DEFAULT 0,
     first_reading INTEGER NOT NULL,
     n_readings INTEGER NOT NULL,
-    sha256 BLOB NOT NULL,
+    sha256 BLOB NOT NULL,  -- of the whole file; the chain runs over batch ids (signed/batch.py)
     bytes BLOB NOT NULL
 );
 """
@@ -156,16 +156,61 @@ def write_head(store_path: Path, state: ChainState) -> None:
     tmp = p.with_name(p.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, state.to_json().encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, p)
+        try:
+            os.write(fd, state.to_json().encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, p)
+    except OSError:
+        # A full disk: leave the old head as it was, and no empty .tmp beside it.
+        tmp.unlink(missing_ok=True)
+        raise
     dfd = os.open(p.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+RESERVE_BYTES = 2 << 20  # disk space set aside for the writes a full disk would refuse
+
+
+def reserve_path(store_path: Path) -> Path:
+    return store_path.with_name(store_path.name + ".reserve")
+
+
+def make_reserve(store_path: Path, size: int = RESERVE_BYTES) -> bool:
+    """Set ``size`` bytes of disk aside beside the store (really written, not sparse).
+
+    When the disk fills up, :func:`release_reserve` frees them for the store's
+    last writes (the readings buffered in memory, the seals, the STOP event).
+    Returns False, leaving nothing behind, when the disk has not that much room.
+    """
+    p = reserve_path(store_path)
+    if p.exists() and p.stat().st_size >= size:
+        return True
+    try:
+        with open(p, "wb") as f:
+            block = bytes(64 * 1024)
+            for _ in range(size // len(block)):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        p.unlink(missing_ok=True)
+        log.warning("event=reserve_not_made reason=%r", str(e))
+        return False
+    return True
+
+
+def release_reserve(store_path: Path) -> bool:
+    """Free the reserve (the disk is full); True if there was one to free."""
+    try:
+        reserve_path(store_path).unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -503,14 +548,14 @@ class Store:
             raw = batch.build(
                 signer, self.device_id, state.next_seq, state.prev_hash, payload, header
             )
-            digest = batch.sha256(raw)
             self._db.execute(
                 "INSERT INTO batches(seq, first_reading, n_readings, sha256, bytes) "
                 "VALUES(?, ?, ?, ?, ?)",
-                (state.next_seq, first, len(readings), digest, raw),
+                (state.next_seq, first, len(readings), batch.sha256(raw), raw),
             )
             self._set_meta("next_seq", state.next_seq + 1)
-            self._set_meta("prev_hash", digest)
+            # The next batch links to this one's chain id (its batch id), never to its file.
+            self._set_meta("prev_hash", batch.parse(raw).chain_id)
             self._set_meta("sealed_reading", first + len(readings))
             if events:
                 self._set_meta("sealed_event", events[-1][0] + 1)
@@ -542,6 +587,22 @@ class Store:
             if len(self._acked) >= ACKS_HELD:
                 self.flush_acks()
 
+    def park_refused(self, seq: int) -> None:
+        """Set aside a batch the ingest refused for good: kept, no longer pending.
+
+        ``uploaded`` = 2 marks it (0 pending, 1 acknowledged); the quota's
+        :meth:`drop_unsent` treats it as unsent.
+        """
+        with self._tx():
+            self._db.execute("UPDATE batches SET uploaded = 2 WHERE seq = ?", (seq,))
+
+    def requeue_refused(self) -> int:
+        """Make parked batches pending again (at each start); returns how many."""
+        with self._tx():
+            return int(
+                self._db.execute("UPDATE batches SET uploaded = 0 WHERE uploaded = 2").rowcount
+            )
+
     def flush_acks(self) -> None:
         """Write the upload marks held in memory now."""
         with self._lock:
@@ -571,6 +632,9 @@ class Store:
                     q("SELECT count(*) FROM batches WHERE uploaded = 0").fetchone()[0]
                 )
                 - len(self._acked),
+                "batches_refused": int(
+                    q("SELECT count(*) FROM batches WHERE uploaded = 2").fetchone()[0]
+                ),
             }
 
     def capacity_bytes(self) -> int:
@@ -625,14 +689,14 @@ class Store:
         """Delete the ``n`` oldest unsent batches; the caller must sign a STORAGE_FULL event."""
         with self._tx():
             rows = self._db.execute(
-                "SELECT seq, first_reading, n_readings FROM batches WHERE uploaded = 0 "
+                "SELECT seq, first_reading, n_readings FROM batches WHERE uploaded != 1 "
                 "ORDER BY seq LIMIT ?",
                 (n,),
             ).fetchall()
             if not rows:
                 return None
             self._db.execute(
-                "DELETE FROM batches WHERE uploaded = 0 AND seq BETWEEN ? AND ?",
+                "DELETE FROM batches WHERE uploaded != 1 AND seq BETWEEN ? AND ?",
                 (rows[0][0], rows[-1][0]),
             )
         return Dropped(
@@ -646,16 +710,15 @@ class Store:
         b = batch.parse(raw)
         first = b.first_reading_seq or 0
         n = b.n_readings or 0
-        digest = batch.sha256(raw)
         with self._tx():
             self._db.execute(
                 "INSERT INTO batches(seq, uploaded, first_reading, n_readings, sha256, bytes) "
                 "VALUES(?, ?, ?, ?, ?, ?)",
-                (seq, int(uploaded), first, n, digest, raw),
+                (seq, int(uploaded), first, n, b.file_hash, raw),
             )
             if seq >= int(self._meta("next_seq") or 0):
                 self._set_meta("next_seq", seq + 1)
-                self._set_meta("prev_hash", digest)
+                self._set_meta("prev_hash", b.chain_id)
                 self._set_meta("sealed_reading", first + n)
         self._next_reading = max(self._next_reading, first + n)
 
@@ -675,6 +738,46 @@ class Store:
                 )
             self._next_reading = max(self._next_reading, rows[-1][0] + 1)
         return len(rows)
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _open_for_salvage(copy: Path) -> sqlite3.Connection:
+    """Open the scratch copy; if its 100-byte header is damaged, rebuild the header first.
+
+    SQLite refuses the whole file ("not a database") when the first bytes are
+    wrong, even with every data page intact.  Those bytes hold little that
+    cannot be known: the magic string, the page size (tried from 512 to
+    65536, keeping the one whose schema reads), the WAL/rollback versions
+    (from whether a ``-wal`` file is there) and three fixed payload fractions.
+    Only the copy is changed; what reads back is verified batch by batch.
+    """
+    db = sqlite3.connect(copy, isolation_level=None)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.DatabaseError:
+        db.close()
+    raw = bytearray(copy.read_bytes()[:100])
+    if len(raw) < 100:
+        raise sqlite3.DatabaseError("too short to hold a database header")
+    wal = Path(f"{copy}-wal").exists()
+    for size in (PAGE_SIZE, 4096, 512, 2048, 8192, 16384, 32768, 65536):
+        raw[0:16] = _SQLITE_MAGIC
+        raw[16:18] = (1 if size == 65536 else size).to_bytes(2, "big")
+        raw[18:20] = b"\x02\x02" if wal else b"\x01\x01"
+        raw[20:24] = bytes([0, 64, 32, 32])
+        with open(copy, "r+b") as f:
+            f.write(raw)
+        db = sqlite3.connect(copy, isolation_level=None)
+        try:
+            db.execute("SELECT count(*) FROM batches").fetchone()
+            log.warning("event=store_header_rebuilt page_size=%d", size)
+            return db
+        except sqlite3.DatabaseError:
+            db.close()
+    raise sqlite3.DatabaseError("the header could not be rebuilt for any page size")
 
 
 @dataclass(frozen=True)
@@ -708,7 +811,7 @@ def salvage(path: Path, device_id: str, public_key: ec.EllipticCurvePublicKey) -
             src = Path(str(path) + suffix)
             if src.exists():
                 shutil.copyfile(src, scratch / ("db" + suffix))
-        db = sqlite3.connect(scratch / "db", isolation_level=None)
+        db = _open_for_salvage(scratch / "db")
         try:
             try:
                 epoch = int(
@@ -716,10 +819,10 @@ def salvage(path: Path, device_id: str, public_key: ec.EllipticCurvePublicKey) -
                 )
             except (sqlite3.Error, TypeError, ValueError):
                 pass
-            prev: bytes | None = None
+            prev: batch.Batch | None = None
             columns = {r[1] for r in db.execute("PRAGMA table_info(batches)")}
             # Layout 1 stores had an upload time instead of a flag.
-            flag = "uploaded" if "uploaded" in columns else "uploaded_at IS NOT NULL"
+            flag = "uploaded = 1" if "uploaded" in columns else "uploaded_at IS NOT NULL"
             for seq, raw, uploaded in db.execute(
                 f"SELECT seq, bytes, {flag} FROM batches ORDER BY seq"
             ):
@@ -736,11 +839,11 @@ def salvage(path: Path, device_id: str, public_key: ec.EllipticCurvePublicKey) -
                 if bad:
                     problem = f"batch {seq}: {bad[0]}"
                     break
-                if prev is not None and b.header["prev_hash"] != prev:
+                if prev is not None and not batch.links(prev, b.header["prev_hash"]):
                     problem = f"batch {seq} does not chain to the one before"
                     break
                 out_b.append((seq, raw, bool(uploaded)))
-                prev = batch.sha256(raw)
+                prev = b
             boundary = out_b[-1] if out_b else None
             start = 0
             if boundary is not None:

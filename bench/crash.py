@@ -16,7 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cngmrv.sim import crash
+# The crash harness is a test program, kept with the tests rather than installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import crash_harness as crash  # noqa: E402
 
 
 def main() -> int:

@@ -22,12 +22,12 @@ from cngmrv.sim.fleet import run_fleet
 from cngmrv.sim.harness import SimOptions
 
 
-def truth_er(m: mrv.Methodology, bus: dict, minus_unplugged: bool = False) -> float:
+def truth_er(m: mrv.Methodology, bus: dict, fame: float, minus_unplugged: bool = False) -> float:
     t = bus["truth"]
     gas = t["gas_kg"] - (
         sum(u["truth_gas_kg"] for u in bus["kit_unplugged"]) if minus_unplugged else 0.0
     )
-    q = mrv.Monitored(t["diesel_l"], gas, t["distance_km"], t["distance_km"])
+    q = mrv.Monitored.single(t["diesel_l"], gas, t["distance_km"], t["distance_km"], fame)
     return mrv.emissions(m, q, bus["device_id"]).er_kg
 
 
@@ -56,7 +56,9 @@ def main() -> None:
     html_path.write_text(report.to_html(rep), encoding="utf-8")
     d = rep.data
     truth = {b["device_id"]: b for b in fleet["buses"]}
-    fleet_truth = sum(truth_er(m, b) for b in fleet["buses"])
+    # The blend the report found in force (the simulator runs on today's date).
+    fame = {b["device_id"]: b["fame_share_vol"] or 0.0 for b in d["buses"]}
+    fleet_truth = sum(truth_er(m, b, fame[b["device_id"]]) for b in fleet["buses"])
     out = {
         "buses": args.buses,
         "sim_days": args.days,
@@ -72,10 +74,12 @@ def main() -> None:
         "per_bus": {
             b["device_id"]: {
                 "er_kg_co2": b["er_kg_co2"],
-                "er_truth_kg_co2": truth_er(m, truth[b["device_id"]]),
-                "er_error": b["er_kg_co2"] / truth_er(m, truth[b["device_id"]]) - 1.0,
+                "er_truth_kg_co2": truth_er(m, truth[b["device_id"]], fame[b["device_id"]]),
+                "er_error": b["er_kg_co2"]
+                / truth_er(m, truth[b["device_id"]], fame[b["device_id"]])
+                - 1.0,
                 "er_error_vs_truth_less_unplugged_gas": b["er_kg_co2"]
-                / truth_er(m, truth[b["device_id"]], minus_unplugged=True)
+                / truth_er(m, truth[b["device_id"]], fame[b["device_id"]], minus_unplugged=True)
                 - 1.0,
                 "coverage_gas": b["coverage_by_channel"]["gas_kg"],
                 "flags": b["flags"],

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import agent_env  # noqa: E402  (bench/ is not a package)
 
-# The acceptance bounds of issue 9: the agent's CPU, % of one core, at 100 % load.
+# The acceptance bounds (docs/performance.md, figures): the agent's CPU, % of one core, at 100 % load.
 CPU_LIMIT_PCT = {250_000: 15.0, 500_000: 25.0}
 RSS_LIMIT_MB = 80.0
 TOTALS_TOLERANCE = 0.001  # relative, against the unloaded run

@@ -19,13 +19,21 @@ from typing import NamedTuple
 from cngmrv.drivers.j1939 import GLOBAL, PGN_ADDRESS_CLAIMED, PGN_REQUEST, make_id
 
 __all__ = [
+    "ENGINE_SIGNALS",
     "NULL_ADDRESS",
+    "SIGNALS",
     "AddressClaimer",
     "AddressTable",
+    "Contest",
     "EngineTracker",
     "Name",
+    "SignalSource",
+    "SourceRule",
+    "check_source_rule",
     "encode_name",
     "parse_name",
+    "parse_source_rule",
+    "says_engine",
 ]
 
 NULL_ADDRESS = 254  # source of a "cannot claim address" message
@@ -99,6 +107,18 @@ class AddressTable:
     def address_of(self, name: int) -> int | None:
         return self._by_name.get(name)
 
+    def assume(self, address: int, name: int) -> None:
+        """Record ``name`` at ``address`` without a claim (one made before listening began)."""
+        if address in self._by_address or name in self._by_name:
+            return
+        self._by_address[address] = name
+        self._by_name[name] = address
+
+    def first_with_function(self, function: int) -> int | None:
+        """The lowest address held by a NAME whose function field is ``function``."""
+        found = [a for a, n in self._by_address.items() if parse_name(n).function == function]
+        return min(found) if found else None
+
     def on_claim(self, source: int, data: bytes) -> bool:
         """Apply an Address Claimed frame from ``source``; False if it is malformed."""
         if len(data) < 8 or source == GLOBAL:
@@ -121,6 +141,28 @@ class AddressTable:
         return True
 
 
+class Contest(NamedTuple):
+    """A claim that disputes the engine's address (J1939-81 contention seen by a listener).
+
+    ``kind`` is ``"claimed"`` (another NAME claimed the engine's address) or
+    ``"cannot_claim"`` (the engine, or another NAME that says "engine #1",
+    reported from the null address that it has no address).  ``engine_kept``
+    says whether the tracker still takes the engine at ``address``.
+    """
+
+    kind: str
+    address: int | None  # the disputed address (the engine's before the claim)
+    claimer: int  # the NAME in the claim
+    engine_name: int | None
+    engine_kept: bool
+
+
+def says_engine(name: int) -> bool:
+    """True if a NAME's own fields say "engine #1" (function 0, function instance 0)."""
+    fields = parse_name(name)
+    return fields.function == 0 and fields.function_instance == 0
+
+
 class EngineTracker:
     """The engine's current source address, following its NAME through address claims.
 
@@ -131,6 +173,18 @@ class EngineTracker:
     address is ``default_address``, so a bus (or a recording) without address
     claims still works.  :attr:`address` is ``None`` while the engine has no
     address, and then no frame counts as the engine's.
+
+    Once the engine's NAME is known (pinned, or adopted from its own claim),
+    it keeps its configured or last-known address until a claim concerns its
+    NAME or that address: a listener that starts mid-trip has not seen the
+    engine's claim, so the engine is taken to hold its address, and other
+    nodes claiming other addresses never unassign it.  A claim on that address
+    by another NAME is resolved as the ECUs resolve it (the lower NAME wins);
+    it, and a "cannot claim" from the engine or from another NAME that says
+    "engine #1", is a :class:`Contest` (:attr:`last_contest` after the call,
+    :attr:`contests` in total).  Unpinned, the tracker cannot tell two NAMEs
+    that both say "engine #1" apart: it keeps the first and reports the
+    second as a contest, so only a pinned NAME is proof against a hijacker.
     """
 
     def __init__(self, default_address: int = 0, engine_name: int | None = None) -> None:
@@ -140,26 +194,159 @@ class EngineTracker:
         self._pinned = engine_name is not None  # by config or by the NAME's own function field
         self.address: int | None = default_address
         self.changes = 0
+        self.contests = 0
+        self.last_contest: Contest | None = None
 
     def on_claim(self, source: int, data: bytes) -> tuple[int | None, int | None] | None:
-        """Apply an Address Claimed frame; returns ``(old, new)`` if the engine's address changed."""
+        """Apply an Address Claimed frame; returns ``(old, new)`` if the engine's address changed.
+
+        :attr:`last_contest` is set when the claim disputes the engine's address,
+        else ``None``.
+        """
+        self.last_contest = None
+        if len(data) < 8 or source == GLOBAL:
+            return None
+        claimer = int.from_bytes(data[:8], "little")
+        name, address = self.name, self.address
+        if name is not None and address is not None and self.table.address_of(name) is None:
+            # Not seen claiming since we started listening: it holds its address.
+            self.table.assume(address, name)
+        contest: str | None = None
+        if source == NULL_ADDRESS:
+            if claimer == name or says_engine(claimer):
+                contest = "cannot_claim"
+        elif source == address and name is not None and claimer != name:
+            contest = "claimed"
         if not self.table.on_claim(source, data):
             return None
         if not self._pinned:
-            claimer = int.from_bytes(data[:8], "little")
-            fields = parse_name(claimer)
-            if fields.function == 0 and fields.function_instance == 0:
+            if says_engine(claimer) and source != NULL_ADDRESS:
                 self.name, self._pinned = claimer, True
             elif self.name is None:
                 self.name = self.table.name_at(self.default_address)
-        if self.name is None:
+        change: tuple[int | None, int | None] | None = None
+        if self.name is not None:
+            new = self.table.address_of(self.name)
+            if new != self.address:
+                change = (self.address, new)
+                self.address = new
+                self.changes += 1
+        if contest is not None:
+            self.contests += 1
+            self.last_contest = Contest(
+                contest, address, claimer, self.name, self.address is not None
+            )
+        return change
+
+
+# The signals the pipeline decodes, each from one source address (see SignalSource).
+SIGNALS = ("fuel_rate", "fuel_total", "engine_speed", "wheel_speed")
+# Signals that only an engine controller sends; "auto" takes them from the engine.
+ENGINE_SIGNALS = frozenset({"fuel_rate", "fuel_total", "engine_speed"})
+SourceRule = str | int  # "auto", "engine", "function:N" or a source address 0..253
+
+
+def check_source_rule(rule: object) -> str | None:
+    """The reason ``rule`` is not a source rule, or None if it is one."""
+    if isinstance(rule, bool):
+        return "must be 'auto', 'engine', 'function:N' or a source address 0..253"
+    if isinstance(rule, int):
+        return None if 0 <= rule <= 253 else "must be a J1939 source address 0..253"
+    if rule in ("auto", "engine"):
+        return None
+    if isinstance(rule, str) and rule.startswith("function:"):
+        n = rule.removeprefix("function:")
+        if n.isdigit() and int(n) <= 255:
             return None
-        new = self.table.address_of(self.name)
-        if new == self.address:
-            return None
-        old, self.address = self.address, new
-        self.changes += 1
-        return old, new
+        return "function:N needs a NAME function code 0..255"
+    return "must be 'auto', 'engine', 'function:N' or a source address 0..253"
+
+
+def parse_source_rule(text: str) -> SourceRule:
+    """A rule as typed on a command line ("71" is an address); ``ValueError`` if it is none."""
+    rule: SourceRule = int(text) if text.isdigit() else text
+    reason = check_source_rule(rule)
+    if reason is not None:
+        raise ValueError(f"{text!r}: {reason}")
+    return rule
+
+
+class SignalSource:
+    """The one source address a signal is taken from, and who else sends it.
+
+    The rule (:data:`SourceRule`) is configured per signal:
+
+    * an address (0..253): frames from that address only;
+    * ``"engine"``: the engine's address, following :class:`EngineTracker`;
+    * ``"function:N"``: the address claimed by the NAME whose function field
+      is N (the lowest such address), following it through claims; none until
+      such a NAME has claimed;
+    * ``"auto"`` (the default): ``"engine"`` for the engine's own signals
+      (:data:`ENGINE_SIGNALS`); for the others, the first ECU heard sending
+      the signal, kept for the rest of the run: the engine (followed as
+      ``"engine"``) when that is the engine, else the NAME that claimed the
+      address (followed by NAME), else the address.  On a bus where one ECU
+      sends it, that ECU; where several do, the first heard, and the others
+      are reported.
+
+    Frames of the signal from any other address are counted per address in
+    :attr:`others` and never used; :meth:`accepts` returns them as second
+    senders the first time each is seen.
+    """
+
+    def __init__(self, signal: str, rule: SourceRule, engine: EngineTracker) -> None:
+        reason = check_source_rule(rule)
+        if reason is not None:
+            raise ValueError(f"source of {signal}: {reason} (got {rule!r})")
+        self.signal = signal
+        self.rule = rule
+        self._engine = engine
+        self._mode: SourceRule = "engine" if rule == "auto" and signal in ENGINE_SIGNALS else rule
+        self._name: int | None = None  # followed NAME, once "auto" settled on one
+        self.accepted = 0
+        self.others: dict[int, int] = {}
+
+    @property
+    def address(self) -> int | None:
+        """The address frames are taken from now (None: none yet, or the ECU has none)."""
+        mode = self._mode
+        if mode == "engine":
+            return self._engine.address
+        if isinstance(mode, int):
+            return mode
+        table = self._engine.table
+        if self._name is not None:
+            return table.address_of(self._name)
+        if isinstance(mode, str) and mode.startswith("function:"):
+            return table.first_with_function(int(mode.removeprefix("function:")))
+        return None  # "auto", before the first frame
+
+    @property
+    def settled(self) -> str:
+        """How the current source was chosen, for people."""
+        mode = self._mode
+        if self.rule == "auto" and mode != "auto":
+            how = "engine" if mode == "engine" else "first sender"
+            return f"auto: {how}"
+        return str(mode) if not isinstance(mode, int) else "configured address"
+
+    def accepts(self, source: int) -> bool | int:
+        """True if a frame from ``source`` is this signal's; else False, or ``source``
+        itself (an int) the first time that address is seen sending it."""
+        if self._mode == "auto":
+            if source == self._engine.address:
+                self._mode = "engine"
+            else:
+                self._mode = source
+                name = self._engine.table.name_at(source)
+                if name is not None:
+                    self._mode, self._name = "name", name
+        if source == self.address:
+            self.accepted += 1
+            return True
+        n = self.others.get(source, 0)
+        self.others[source] = n + 1
+        return source if n == 0 else False
 
 
 class AddressClaimer:

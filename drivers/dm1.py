@@ -3,7 +3,7 @@
 Pure decoding of a DM1 payload, whether it came in one frame (one DTC) or
 reassembled by the transport protocol (several DTCs).  Standard library only.
 
-Layout (J1939-73 5.7.1, DOMAIN.md section 3):
+Layout (J1939-73 5.7.1, docs/domain.md section 3):
 
 * byte 1: lamp status, two bits each, from the top: malfunction indicator
   (MIL), red stop, amber warning, engine protect; ``00`` off, ``01`` on,

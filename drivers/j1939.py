@@ -11,7 +11,7 @@ Scope and limits:
 * Signals are whole little-endian fields of 1, 2 or 4 bytes (see :data:`SIGNALS`).
   Bit-packed states and DM1 are not decoded here yet; ``decode(PGN_DM1, ...)``
   returns ``{}`` like any PGN without a table entry.
-* Raw values are range-checked before scaling (DOMAIN.md section 3): the top byte
+* Raw values are range-checked before scaling (docs/domain.md section 3): the top byte
   of a field decides its status -- up to 0xFA valid, 0xFE error, 0xFF not
   available, 0xFB..0xFD reserved and reported as out of range. Only valid raw
   values become numbers; everything else is ``None``, because an error or

@@ -3,8 +3,11 @@
 Auditors re-run years of recordings, so a damaged file must never pass as a
 shorter clean one.  :class:`LogFile` wraps python-can's readers (candump
 ``.log``, ``.asc``, ``.blf``, ``.trc``, ``.csv``, ``.db``, ``.mf4`` with
-``asammdf``, and any of them gzipped as ``.gz``) and turns what they do with a
-damaged file into a :class:`LogError` that says where:
+``asammdf``, and any of them gzipped as ``.gz``), adds candump's console
+output with timestamps, recognises ``.log``, ``.csv`` and unknown extensions by
+their content (with one line on what to do for a layout it cannot read), and
+turns what the readers do with a damaged file into a :class:`LogError` that
+says where:
 
 * an exception from the reader (a cut-off line, a bad MF4 block);
 * a warning the reader logs and then skips over (TRC, ASC and BLF readers skip
@@ -30,9 +33,11 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -69,6 +74,7 @@ class _LineCounter:
         self.lines = 0
         self.chars = 0
         self.unterminated = False  # the last line read had no line end
+        self.last = ""  # the last line read
 
     def __iter__(self) -> _LineCounter:
         return self
@@ -78,6 +84,7 @@ class _LineCounter:
         self.lines += 1
         self.chars += len(line)
         self.unterminated = not line.endswith("\n")
+        self.last = line
         return line
 
     def readline(self, size: int = -1) -> str:
@@ -113,12 +120,56 @@ class _Complaints(logging.Handler):
             self.first = (self._where(), record.getMessage())
 
 
+# Record types python-can's TRC reader drops (it logs each at INFO), by the kind
+# the replay summary counts them as; other types count as "trc_<type>".
+_TRC_KINDS = {
+    "ER": "error_frame",  # 2.x error frame
+    "Error": "error_frame",  # 1.x
+    "EC": "error_counter",  # error counter change
+    "ST": "status",  # bus status change
+    "Warng": "status",  # 1.x bus warning
+    "EV": "event",  # user event
+}
+_TRC_DROPPED = re.compile(r"TRCReader: Unsupported type '([^']*)'")
+
+
+class _Dropped(logging.Filter):
+    """Counts, by kind, the records python-can's TRC reader drops in this thread.
+
+    A filter on the reader's own logger, so the INFO records it counts go no
+    further (a root handler would otherwise print hundreds of them).
+    """
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self._counts = counts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread or record.levelno != logging.INFO:
+            return True
+        message = record.getMessage()
+        m = _TRC_DROPPED.match(message)
+        if m:
+            kind = _TRC_KINDS.get(m.group(1), f"trc_{m.group(1)}")
+        elif message.startswith("TRCReader: Dropping bus info line"):
+            kind = "bus_info"
+        else:
+            return False  # other INFO chatter of the reader (the file version it assumed)
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        return False
+
+
 class LogFile:
     """One recorded CAN log; iterate :meth:`messages` or :meth:`frames` once.
 
     ``position``/``size`` give progress in bytes (compressed bytes for ``.gz``;
     an MF4 file is read whole before its first frame).  ``ignored`` counts the
-    non-J1939 frames :meth:`frames` skipped.
+    non-J1939 frames :meth:`frames` skipped; ``skipped`` counts those and the
+    records the reader drops, by kind: ``error_frame`` (candump and ASC error
+    frames, TRC ``ER``), ``remote_frame``, ``standard_frame`` (11-bit),
+    ``error_counter`` (TRC ``EC``), ``status`` (TRC ``ST``), ``event`` (TRC
+    ``EV``), ``bus_info`` (TRC 1.0) and ``trc_<type>`` for other TRC types.
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -126,19 +177,42 @@ class LogFile:
         suffixes = [s.lower() for s in self.path.suffixes]
         self.compressed = bool(suffixes) and suffixes[-1] == ".gz"
         fmt = suffixes[-2] if self.compressed and len(suffixes) >= 2 else (suffixes or [""])[-1]
-        if fmt not in _TEXT | _BINARY | _PATH_ONLY:
-            known = ", ".join(sorted(_TEXT | _BINARY | _PATH_ONLY))
-            raise ValueError(f"{self.path}: unknown log format {fmt or '(none)'} (known: {known})")
+        known = _TEXT | _BINARY | _PATH_ONLY
+        if fmt in _SNIFFED or fmt not in known:
+            # The name alone is not enough: candump's console output is saved as .log
+            # as often as its log format, and other tools' CSV exports as .csv.
+            looks, advice = _sniff(self._head(), self.compressed)
+            if advice is not None:
+                raise ValueError(f"{self.path}: {advice}")
+            if looks is not None and (fmt not in known or looks == CONSOLE):
+                fmt = looks
+        if fmt not in known | {CONSOLE}:
+            names = ", ".join(sorted(known))
+            raise ValueError(
+                f"{self.path}: unknown log format {fmt or '(none)'}, and the content looks "
+                f"like none of them (known: {names}, and candump's console output)"
+            )
         if fmt in _PATH_ONLY and self.compressed:
             raise ValueError(f"{self.path}: a compressed {fmt} log cannot be read")
         self.format = fmt
         self.size = self.path.stat().st_size  # FileNotFoundError says which file
         self.read = 0
         self.ignored = 0
+        self.skipped: dict[str, int] = {}
         self.first_t: float | None = None
         self.last_t: float | None = None
         self._raw: IO[bytes] | None = None
         self._lines: _LineCounter | None = None
+
+    def _head(self) -> bytes:
+        """The first bytes of the file's content (decompressed), or b"" if unreadable here."""
+        with open(self.path, "rb") as raw:  # FileNotFoundError says which file
+            if not self.compressed:
+                return raw.read(_SNIFF_BYTES)
+            try:
+                return gzip.GzipFile(fileobj=raw, mode="rb").read(_SNIFF_BYTES)
+            except (OSError, EOFError):
+                return b""  # damaged: the reader says where
 
     @property
     def position(self) -> int:
@@ -153,13 +227,15 @@ class LogFile:
         return f"byte {self.position}"
 
     def _open(self) -> Any:
-        reader: Any = can.io.player.MESSAGE_READERS[self.format]
+        reader: Any = (
+            _ConsoleReader if self.format == CONSOLE else can.io.player.MESSAGE_READERS[self.format]
+        )
         if self.format in _PATH_ONLY:
             return reader(file=str(self.path))
         raw: IO[bytes] = open(self.path, "rb")  # noqa: SIM115 - closed by the reader's stop()
         self._raw = raw
         stream = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb")) if self.compressed else raw
-        if self.format in _TEXT:
+        if self.format in _TEXT or self.format == CONSOLE:
             text = io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline=None)
             self._lines = _LineCounter(text)
             return reader(file=self._lines)
@@ -175,6 +251,11 @@ class LogFile:
         complaints = _Complaints(self._where)
         watched = logging.getLogger("can.io")
         watched.addHandler(complaints)
+        trc = logging.getLogger("can.io.trc")
+        dropped, trc_level = _Dropped(self.skipped), trc.level
+        trc.addFilter(dropped)
+        if trc.getEffectiveLevel() > logging.INFO:
+            trc.setLevel(logging.INFO)  # the reader says what it drops only at INFO
         reader = None
         try:
             try:
@@ -230,6 +311,8 @@ class LogFile:
                     )
         finally:
             watched.removeHandler(complaints)
+            trc.removeFilter(dropped)
+            trc.setLevel(trc_level)
             if reader is not None:
                 reader.stop()
             elif self._raw is not None:
@@ -238,12 +321,171 @@ class LogFile:
     def frames(self) -> Iterator[Frame]:
         """J1939 frames as ``(t, can_id, data, t)``: the log's timestamp doubles as the
         monotonic time, since a recording has no other clock."""
+        skipped = self.skipped
+        candump = self.format == ".log"
         for msg in self.messages():
+            if candump and self._lines is not None and _candump_error(self._lines.last):
+                msg.is_error_frame = True
             if msg.is_extended_id and not msg.is_remote_frame and not msg.is_error_frame:
                 t = msg.timestamp
                 yield (t, msg.arbitration_id, bytes(msg.data), t)
             else:
                 self.ignored += 1
+                kind = (
+                    "error_frame"
+                    if msg.is_error_frame
+                    else "remote_frame"
+                    if msg.is_remote_frame
+                    else "standard_frame"
+                )
+                skipped[kind] = skipped.get(kind, 0) + 1
+
+
+_SNIFFED = {".log", ".csv"}  # extensions other tools use for other layouts
+_SNIFF_BYTES = 8192
+CONSOLE = "candump-console"  # LogFile.format of candump's console output
+_PYTHON_CAN_CSV = "timestamp,arbitration_id,extended,remote,error,dlc,data"
+_CANDUMP_LOG = re.compile(r"^\(\d+\.\d+\)\s+\S+\s+[0-9A-Fa-f]+#")
+# candump's console output: [(time)] iface [RX|TX flags] id [len] data..., e.g.
+# "  can0  18FEF100   [8]  00 11 22 33 44 55 66 77" or with -ta "(1600000000.000000)  can0 ...".
+_CONSOLE_LINE = re.compile(
+    r"^\s*(?:\((?P<time>[^)]*)\)\s+)?(?P<iface>[\w.-]+)\s+(?:[RT]X\s+\S+\s+\S+\s+)?"
+    r"(?P<id>[0-9A-Fa-f]{3}|[0-9A-Fa-f]{8})\s+\[(?P<len>\d{1,2})\]\s*(?P<rest>.*?)\s*$"
+)
+_CONSOLE_DATE = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def _sniff(head: bytes, compressed: bool) -> tuple[str | None, str | None]:
+    """(the format the content looks like, None) or (None, one line on why it cannot be read
+    and what to do); (None, None) when it looks like nothing known."""
+    if head.startswith(b"MDF     "):
+        return ".mf4", None
+    if head.startswith(b"LOGG"):
+        return ".blf", None
+    if head.startswith(b"SQLite format 3\x00"):
+        return (
+            (None, "a SQLite database (.db) cannot be read compressed")
+            if compressed
+            else (
+                ".db",
+                None,
+            )
+        )
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head[1:200:2].count(0) > 50:
+        return None, (
+            "UTF-16 text, as Windows tools write their exports (a Vector CANalyzer/CANoe "
+            "CSV, a PCAN-View export): export the log as ASC, BLF or TRC, or save it as UTF-8"
+        )
+    text = head.decode("utf-8", errors="replace")
+    lines = [x for x in text.splitlines()[:50] if x.strip()]
+    if not lines:
+        return None, None
+    first = lines[0].strip()
+    if first.lower().replace(" ", "") == _PYTHON_CAN_CSV:
+        return ".csv", None
+    if first.startswith(";$FILEVERSION") or re.match(r"^\s*\d+\)\s", first):
+        return ".trc", None
+    if first.startswith(("date ", "base hex", "base dec")):
+        return ".asc", None
+    if any(_CANDUMP_LOG.match(x) for x in lines):
+        return ".log", None
+    console = [m for m in map(_CONSOLE_LINE.match, lines) if m]
+    if console:
+        if console[0].group("time") is None:
+            return None, (
+                "candump console output without timestamps (plain `candump can0`): it has no "
+                "time to integrate over; record with `candump -l can0` (a .log file) or "
+                "`candump -ta can0`"
+            )
+        return CONSOLE, None
+    if first.count(";") >= 2 or first.count(",") >= 2:
+        return None, (
+            "a CSV that is not python-can's layout (" + _PYTHON_CAN_CSV + "), such as a "
+            "Vector or PCAN export: export the log as ASC, BLF or TRC"
+        )
+    return None, None
+
+
+class _ConsoleReader:
+    """candump's console output with timestamps (``candump -ta``, ``-tz`` or ``-tA``).
+
+    Error frames (an id with CAN_ERR_FLAG, ``-e``) come out as error frames, and
+    the indented lines ``-e`` adds to explain them are skipped.  ``-tA`` dates
+    are taken as UTC.  A timestamp that goes back is an error: it is how a
+    ``-td`` (delta) log shows, and deltas read as times would be wrong.
+    """
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+
+    def __iter__(self) -> Iterator[can.Message]:
+        last: float | None = None
+        for line in self.file:
+            if not line.strip() or line.startswith("\t"):
+                continue
+            m = _CONSOLE_LINE.match(line)
+            if m is None:
+                raise ValueError(f"not a candump console line: {line.strip()[:60]!r}")
+            stamp = m.group("time")
+            if stamp is None:
+                raise ValueError("a candump console line without a timestamp")
+            if "-" in stamp:
+                when = datetime.strptime(stamp, _CONSOLE_DATE).replace(tzinfo=UTC)
+                t = when.timestamp()
+            else:
+                t = float(stamp)
+            if last is not None and t < last:
+                raise ValueError(
+                    f"timestamp {stamp} goes back: a `candump -td` (delta) log? "
+                    "record with -ta or -tz"
+                )
+            last = t
+            yield _console_message(t, m)
+
+    def stop(self) -> None:
+        self.file.close()
+
+
+def _console_message(t: float, m: re.Match[str]) -> can.Message:
+    ident, length, rest = m.group("id"), int(m.group("len")), m.group("rest")
+    can_id = int(ident, 16)
+    if len(ident) == 8 and can_id & 0x20000000:  # CAN_ERR_FLAG
+        return can.Message(timestamp=t, is_error_frame=True, channel=m.group("iface"))
+    extended = len(ident) == 8
+    if rest.startswith("remote request"):
+        return can.Message(
+            timestamp=t,
+            arbitration_id=can_id,
+            is_extended_id=extended,
+            is_remote_frame=True,
+            dlc=length,
+            channel=m.group("iface"),
+        )
+    tokens = rest.split()[:length]
+    if len(tokens) < length or any(len(b) != 2 for b in tokens):
+        raise ValueError(f"[{length}] but the data is {rest!r}")
+    data = bytes(int(b, 16) for b in tokens)
+    return can.Message(
+        timestamp=t,
+        arbitration_id=can_id,
+        is_extended_id=extended,
+        dlc=length,
+        data=data,
+        is_fd=length > 8,
+        channel=m.group("iface"),
+    )
+
+
+def _candump_error(line: str) -> bool:
+    """True for a candump line whose id has CAN_ERR_FLAG: an error frame.
+
+    python-can reads only those with the bus-error class bit as error frames;
+    it masks the flag off the others and yields them as data frames of an
+    unrelated 29-bit id (``20000004#...`` as id 0x4).
+    """
+    h = line.find("#")
+    # The id is the 8 hex digits before "#"; CAN_ERR_FLAG is bit 1 of the first.
+    return h >= 9 and line[h - 9] == " " and line[h - 8] in "2367abefABEF"
 
 
 class ReplayBus(can.BusABC):

@@ -3,7 +3,8 @@
 CNGMRV_HIL_CAN      a SocketCAN interface with a live J1939 engine or a CAN
                     generator on it (e.g. can0).  Unset, a kernel ``vcan0`` is
                     used when one exists, with the simulated engine feeding it.
-CNGMRV_HIL_KIT      the kit's serial port (e.g. /dev/ttyUSB0 or /dev/cngmrv-kit)
+CNGMRV_HIL_KIT      the kit's serial port (e.g. /dev/ttyUSB0 or /dev/cngmrv-kit), or
+                    "sim": the simulated kit firmware on a pseudo-terminal
 CNGMRV_HIL_REPLUG   set to 1 to run the unplug/replug tests: they ask a person
                     to pull and reconnect the adapter (run pytest with -s)
 
@@ -17,6 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hil_support import CanBench, EngineFeed
@@ -64,7 +66,7 @@ def engine_feed(can_bench: CanBench) -> Iterator[EngineFeed]:
     from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
 
     stop = threading.Event()
-    bus = can.Bus(interface="socketcan", channel=can_bench.name)
+    bus = _ReopeningBus(can_bench.name)
 
     def run() -> None:
         vehicle = Bus(BusParams(), DriveCycle.brt(3600.0, 1))
@@ -73,7 +75,12 @@ def engine_feed(can_bench: CanBench) -> Iterator[EngineFeed]:
         i = 0
         while not stop.is_set():
             with feed.lock:
-                ecu.tick(i, vehicle.step(i * TICK_S))
+                try:
+                    ecu.tick(i, vehicle.step(i * TICK_S))
+                except (can.CanError, OSError):
+                    # The interface is down or gone (the tests do that on purpose): the
+                    # engine goes on talking, and its frames reach the bus once it is back.
+                    pass
                 feed.sent = ecu.frames_sent
             feed.flowing.set()
             i += 1
@@ -91,14 +98,88 @@ def engine_feed(can_bench: CanBench) -> Iterator[EngineFeed]:
         bus.shutdown()
 
 
+class _ReopeningBus:
+    """The simulated engine's socket: opened again after its interface was deleted and recreated.
+
+    A socket stays bound to the interface index it was opened on, so after
+    ``ip link delete`` it can never send again; a new one is opened on the next send.
+    """
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.bus: Any = None
+
+    def send(self, msg: Any) -> None:
+        import can
+
+        if self.bus is None:
+            self.bus = can.Bus(interface="socketcan", channel=self.channel)
+        try:
+            self.bus.send(msg)
+        except (can.CanError, OSError):
+            self.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        if self.bus is not None:
+            self.bus.shutdown()
+            self.bus = None
+
+
 @pytest.fixture
-def hil_kit() -> str:
+def hil_kit() -> Iterator[str]:
     port = os.environ.get("CNGMRV_HIL_KIT")
     if not port:
-        pytest.skip("no kit on the bench: set CNGMRV_HIL_KIT=/dev/ttyUSB0 to run kit tests")
+        pytest.skip(
+            "no kit on the bench: set CNGMRV_HIL_KIT=/dev/ttyUSB0 to run kit tests "
+            "(or CNGMRV_HIL_KIT=sim for the simulated kit on a pseudo-terminal)"
+        )
+    if port == "sim":
+        yield from _simulated_kit()
+        return
     if not os.path.exists(port):
         pytest.skip(f"CNGMRV_HIL_KIT={port} but no such port (is the adapter plugged in?)")
-    return port
+    yield port
+
+
+def _simulated_kit() -> Iterator[str]:
+    """The simulated kit firmware in real time behind a pty: the port's path.
+
+    It is the same firmware ``cngmrv sim`` runs, answering the agent's HELLO,
+    so the kit tests exercise the serial reader on a real tty (the virtual
+    bench runs them this way; a pty is what the guest's kernel offers).
+    """
+    import tty
+
+    from cngmrv.sim.ecu import TICK_S
+    from cngmrv.sim.kit import KitFirmware
+    from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
+
+    master, slave = os.openpty()
+    tty.setraw(slave)  # the kit's bytes must pass the line discipline unchanged
+    stop = threading.Event()
+
+    def run() -> None:
+        vehicle = Bus(BusParams(), DriveCycle.brt(3600.0, 1))
+        firmware = KitFirmware(master)
+        t0 = time.monotonic()
+        i = 0
+        while not stop.is_set():
+            firmware.tick(i, vehicle.step(i * TICK_S))
+            i += 1
+            ahead = i * TICK_S - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    thread = threading.Thread(target=run, name="pty-kit", daemon=True)
+    thread.start()
+    try:
+        yield os.ttyname(slave)
+    finally:
+        stop.set()
+        thread.join(5.0)
+        os.close(master)
+        os.close(slave)
 
 
 @pytest.fixture

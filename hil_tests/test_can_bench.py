@@ -126,6 +126,34 @@ def test_vcan_down_and_up_is_survived(can_bench: CanBench, engine_feed: EngineFe
         source.stop()
 
 
+def test_vcan_deleted_and_recreated_is_survived(
+    can_bench: CanBench, engine_feed: EngineFeed
+) -> None:
+    """The interface vanishing and coming back (a USB adapter replugged, on a vcan)."""
+    if not can_bench.virtual:
+        pytest.skip("on hardware the replug test (CNGMRV_HIL_REPLUG=1) does this by hand")
+    if os.geteuid() != 0:
+        pytest.skip("deleting and recreating vcan0 needs root (CAP_NET_ADMIN)")
+    assert engine_feed.flowing.wait(5.0)
+    source = make_source(_settings(can_bench.name))
+    source.start()
+    name = can_bench.name
+    try:
+        _frames_within(source, 5.0)
+        subprocess.run(["ip", "link", "delete", name], check=True)
+        _event_within(source, "CAN_DOWN", 10.0)
+        subprocess.run(["ip", "link", "add", "dev", name, "type", "vcan"], check=True)
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+        _event_within(source, "CAN_UP", 15.0)
+        _frames_within(source, 15.0)
+        assert source.error is None
+    finally:
+        if not os.path.exists(f"/sys/class/net/{name}"):
+            subprocess.run(["ip", "link", "add", "dev", name, "type", "vcan"], check=False)
+        subprocess.run(["ip", "link", "set", name, "up"], check=False)
+        source.stop()
+
+
 def _settings(name: str):  # type: ignore[no-untyped-def]
     from cngmrv.drivers.can_source import SourceSettings
 

@@ -33,7 +33,7 @@ def _rel(path: str) -> str:
 
 
 # CNGMRV_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer
-# (native/sanitize.py builds such a variant aside and runs the tests against it).
+# (tests/sanitize_native.py builds such a variant aside and runs the tests against it).
 SANITIZE_FLAGS = [
     "-fsanitize=address,undefined",
     "-fno-sanitize-recover=all",

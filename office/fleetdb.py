@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cngmrv.signed import batch
 from cngmrv.signed.archive import ArchiveError, open_readonly
 
 log = logging.getLogger("cngmrv.fleetdb")
 
 #: The schema this code reads and writes.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # An arbitrary constant key for pg_advisory_xact_lock: one migration at a time per database.
 _MIGRATION_LOCK = 0x636E676D7276
@@ -44,6 +45,17 @@ class IngestError(ArchiveError):
 
 class SchemaMismatch(IngestError):
     """The database's schema is not the one this cngmrv writes: migrate, or upgrade cngmrv."""
+
+    def __init__(self, message: str, held: int) -> None:
+        super().__init__(message)
+        self.held = held
+
+    @property
+    def public(self) -> str:
+        """What a client may be told: the remedy, without naming the database."""
+        if self.held > SCHEMA_VERSION:
+            return f"the database is at schema version {self.held}, written by a newer cngmrv"
+        return f"the database is at schema version {self.held}: it awaits a migration"
 
 
 def is_url(target: str | Path) -> bool:
@@ -80,6 +92,22 @@ def _sqlite_path(text: str) -> Path:
 # -- migrations ------------------------------------------------------------------
 
 
+def stored_batch(raw: bytes) -> batch.Batch:
+    """A batch as this database holds it.
+
+    An ingest from before format 2 may hold a version-1 batch in a re-wrapped
+    envelope (it accepted any msgpack container): it is read as what it claims
+    to be, so its batch id and links still work for duplicates and the chain.
+    """
+    try:
+        return batch.parse(raw)
+    except batch.NonCanonicalError:
+        claim = batch.claimed(raw)
+        if claim is None:
+            raise
+        return claim
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -99,19 +127,18 @@ def _m1_base(db: IngestDB) -> None:
         f"last_seq BIGINT NOT NULL, found_at {real} NOT NULL, PRIMARY KEY (device_id, first_seq))",
         "CREATE TABLE IF NOT EXISTS alarms (device_id TEXT NOT NULL, seq BIGINT, "
         f"kind TEXT NOT NULL, detail TEXT NOT NULL, bytes {blob}, at {real} NOT NULL)",
+        # batch_id and repeats come with version 3 (_m3_alarm_repeats), also on a new database.
     ):
         db.execute(stmt)
     if db.dialect == "sqlite":
         # Databases from before prev_hash was kept: add it and fill it in.
-        from cngmrv.signed import batch
-
         cols = {r[1] for r in db.all("PRAGMA table_info(batches)")}
         if "prev_hash" not in cols:
             db.execute("ALTER TABLE batches ADD COLUMN prev_hash BLOB")
         for dev, seq, raw in db.all(
             "SELECT device_id, seq, bytes FROM batches WHERE prev_hash IS NULL"
         ):
-            prev = batch.parse(bytes(raw)).header["prev_hash"]
+            prev = stored_batch(bytes(raw)).header["prev_hash"]
             db.execute(
                 "UPDATE batches SET prev_hash=? WHERE device_id=? AND seq=?", (prev, dev, seq)
             )
@@ -124,10 +151,30 @@ def _m2_batch_runs(db: IngestDB) -> None:
     monitored.backfill(db)
 
 
+def _m3_alarm_repeats(db: IngestDB) -> None:
+    blob, _ = db.types
+    # A database an ingest from before versioning wrote (SQLite) may hold them already.
+    if db.dialect == "sqlite":
+        have = {r[1] for r in db.all("PRAGMA table_info(alarms)")}
+    else:
+        have = {
+            r[0]
+            for r in db.all(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = 'alarms'"
+            )
+        }
+    if "batch_id" not in have:
+        db.execute(f"ALTER TABLE alarms ADD COLUMN batch_id {blob}")
+    if "repeats" not in have:
+        db.execute("ALTER TABLE alarms ADD COLUMN repeats BIGINT NOT NULL DEFAULT 1")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "devices, batches, gaps and alarms", _m1_base),
     Migration(2, "per-batch sums for the report (batch_runs), filled from the stored batches",
               _m2_batch_runs),
+    Migration(3, "tamper alarms kept once per batch id, with a repeat count", _m3_alarm_repeats),
 )  # fmt: skip
 assert [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
 
@@ -347,13 +394,15 @@ def _mismatch(held: int, target: str) -> None:
     if held > SCHEMA_VERSION:
         raise SchemaMismatch(
             f"ingest database {where} is at schema version {held}, written by a newer cngmrv; "
-            f"this one knows versions up to {SCHEMA_VERSION}: upgrade cngmrv (nothing was changed)"
+            f"this one knows versions up to {SCHEMA_VERSION}: upgrade cngmrv (nothing was changed)",
+            held,
         )
     if held < SCHEMA_VERSION:
         raise SchemaMismatch(
             f"ingest database {where} is at schema version {held}, this cngmrv writes "
             f"{SCHEMA_VERSION}: stop the older ingest servers, then run "
-            f"`cngmrv ingest --db {where} --migrate`"
+            f"`cngmrv ingest --db {where} --migrate`",
+            held,
         )
 
 
@@ -408,8 +457,8 @@ def migrate_db(db: IngestDB) -> tuple[int, int]:
     return held, SCHEMA_VERSION
 
 
-def open_db(target: str | Path, migrate: bool = False) -> IngestDB:
-    return IngestDB(target, migrate=migrate)
+def open_db(target: str | Path, migrate: bool = False, pool_size: int = 4) -> IngestDB:
+    return IngestDB(target, migrate=migrate, pool_size=pool_size)
 
 
 # -- reading only -------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""The reference ingest server: verifies batches and stores each one once.
+"""The ingest: verifies batches and stores each one once.
+
+This module holds the request logic (:class:`Ingest`) and the storage
+(:class:`IngestDB`); HTTP is :mod:`cngmrv.office.ingest_app` (the ASGI app)
+and :mod:`cngmrv.office.ingest_serve` (uvicorn, and the in-process server).
 
 ``POST /v1/batches`` takes one batch's exact bytes.  The answer (JSON):
 
@@ -6,17 +10,29 @@
   device are missing before it (accepted; the gap is recorded and reported
   until the missing batches arrive), ``out_of_order: true`` when it filled
   such a gap late.
-- 200 ``duplicate``: the same bytes were already stored (uploads are
-  idempotent, and a replay is stored once).
-- 400 ``malformed`` or ``truncated``: not a batch envelope (the reason says why).
+- 200 ``duplicate``: a batch with the same batch id (SHA-256 of the signed
+  header) is already stored (uploads are idempotent, and a replay is stored
+  once, whatever signature bytes it carries).
+- Both acknowledgements name ``device_id``, ``seq`` and ``batch_id`` (hex):
+  the uploader checks them, so a captive portal's 200 page is no ack.
+- 400 ``malformed``, ``truncated``, or ``noncanonical``: not a batch envelope
+  in its one valid encoding (the reason says why; a re-encoded copy of a
+  genuine batch lands here, is not stored and raises no alarm).
 - 403 ``unknown_device``, or ``kid_mismatch`` (signed by another key than the
   device's registered one: e.g. a batch spliced in from another device).
 - 422 ``rejected``: algorithm outside the allow-list, bad signature, payload
   hash or payload; ``reasons`` lists them, ``codes`` their stable codes.
-- 409 ``conflict``: the same (device, sequence) with other bytes; or
-  ``chain_broken``: ``prev_hash`` does not match the stored neighbour.  Both
+- 409 ``conflict``: the same (device, sequence) with another batch id; or
+  ``chain_broken``: ``prev_hash`` does not link to the stored neighbour.  Both
   are tamper alarms: logged at error level and kept in ``alarms`` with the
-  offending bytes for the auditor (they carry a valid device signature).
+  offending bytes for the auditor (they carry a valid device signature).  Each
+  distinct (device, seq, kind, batch id) is kept once; reposts only count up
+  its ``repeats``, so a flood of reposts costs no storage.
+
+Version-1 batches (stored data from before format 2) are accepted under the
+legacy rules of :mod:`cngmrv.signed.batch`; :meth:`Ingest.report` counts them.
+Untrusted fields (device ids, reasons) are logged through ``%r``, so a
+newline in a device id cannot forge a log line.
 
 Devices are registered out of band (:func:`register_device`, or ``cngmrv
 ingest --register``), never over HTTP: a public key that anyone can upload
@@ -34,27 +50,32 @@ migrated by a newer cngmrv under this server), the answer is 503
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 from cngmrv.office import monitored
-from cngmrv.office.fleetdb import IngestDB, IngestError, SchemaMismatch, open_db
+from cngmrv.office.fleetdb import IngestDB, IngestError, open_db, stored_batch
 from cngmrv.signed import batch
 from cngmrv.signed.keys import ALLOWED_ALGS, kid_of, public_key_from_pem
 
 log = logging.getLogger("cngmrv.ingest")
 
-MAX_BODY = 16 * 1024 * 1024
-RETRY_AFTER_S = 5  # seconds an uploader waits before retrying after a 503
+# The largest body read: one batch (signed/batch.py, docs/batch-format.md).
+MAX_BODY = batch.MAX_BATCH_BYTES
 
-__all__ = ["Ingest", "IngestDB", "IngestError", "IngestServer", "open_db", "register_device"]
+__all__ = [
+    "Ingest",
+    "IngestDB",
+    "IngestError",
+    "IngestServer",
+    "open_db",
+    "register_device",
+    "stored_batch",
+]
 
 
 def register_device(db: IngestDB, device_id: str, pubkey_pem: bytes) -> str:
@@ -63,7 +84,10 @@ def register_device(db: IngestDB, device_id: str, pubkey_pem: bytes) -> str:
     Re-registering the same key is a no-op; a different key for a known device
     is refused, since it would orphan the device's existing chain.
     """
-    kid = kid_of(public_key_from_pem(pubkey_pem, f"public key of {device_id}"))
+    problem = batch.device_id_problem(device_id)
+    if problem:
+        raise ValueError(problem)
+    kid = kid_of(public_key_from_pem(pubkey_pem, f"public key of {device_id!r}"))
     with db.tx():
         row = db.one("SELECT kid FROM devices WHERE device_id=?", (device_id,))
         if row is not None and row[0] != kid:
@@ -91,8 +115,8 @@ class Ingest:
         try:
             b = batch.parse(raw)
         except batch.BatchFormatError as e:
-            code = "truncated" if str(e).startswith("truncated") else "malformed"
-            return self._count(400, {"error": code, "reason": str(e)})
+            log.warning("event=batch_rejected reason=%s detail=%r", e.code, str(e))
+            return self._count(400, {"error": e.code, "reason": str(e)})
         with self.db.tx():
             return self._count(*self._accept(b))
 
@@ -107,12 +131,41 @@ class Ingest:
             self._keys[pem] = public_key_from_pem(pem)
         return self._keys[pem]
 
-    def _alarm(self, dev: str, seq: int, kind: str, detail: str, raw: bytes | None) -> None:
-        log.error("event=tamper_alarm kind=%s device=%s seq=%d detail=%r", kind, dev, seq, detail)
-        self.db.execute(
-            "INSERT INTO alarms(device_id, seq, kind, detail, bytes, at) VALUES(?, ?, ?, ?, ?, ?)",
-            (dev, seq, kind, detail, raw, time.time()),
+    def _alarm(self, b: batch.Batch, kind: str, detail: str) -> None:
+        """File a tamper alarm once per (device, seq, kind, batch id); a repeat only counts."""
+        dev, seq, bid = b.device_id, b.seq, b.batch_id
+        held = self.db.one(
+            "SELECT repeats FROM alarms WHERE device_id=? AND seq=? AND kind=? AND batch_id=?",
+            (dev, seq, kind, bid),
         )
+        if held is not None:
+            log.info("event=tamper_alarm_repeat kind=%s device=%r seq=%d", kind, dev, seq)
+            self.db.execute(
+                "UPDATE alarms SET repeats = repeats + 1 "
+                "WHERE device_id=? AND seq=? AND kind=? AND batch_id=?",
+                (dev, seq, kind, bid),
+            )
+            return
+        log.error("event=tamper_alarm kind=%s device=%r seq=%d detail=%r", kind, dev, seq, detail)
+        self.db.execute(
+            "INSERT INTO alarms(device_id, seq, kind, detail, bytes, at, batch_id, repeats) "
+            "VALUES(?, ?, ?, ?, ?, ?, ?, 1)",
+            (dev, seq, kind, detail, b.raw, time.time(), bid),
+        )
+
+    def _held(self, dev: str, seq: int) -> batch.Batch | None:
+        row = self.db.one("SELECT bytes FROM batches WHERE device_id=? AND seq=?", (dev, seq))
+        return None if row is None else stored_batch(bytes(row[0]))
+
+    @staticmethod
+    def _ack(status: str, b: batch.Batch) -> dict[str, Any]:
+        # Names what was stored, so the uploader can tell this ingest's answer from any 2xx.
+        return {
+            "status": status,
+            "device_id": b.device_id,
+            "seq": b.seq,
+            "batch_id": b.batch_id.hex(),
+        }
 
     def _accept(self, b: batch.Batch) -> tuple[int, dict[str, Any]]:
         dev, seq = b.device_id, b.seq
@@ -120,12 +173,12 @@ class Ingest:
             "SELECT kid, pubkey_pem FROM devices WHERE device_id=?" + self.db.for_update, (dev,)
         )
         if row is None:
-            log.warning("event=batch_rejected reason=unknown_device device=%s", dev)
+            log.warning("event=batch_rejected reason=unknown_device device=%r", dev)
             return 403, {"error": "unknown_device", "device_id": dev}
         alg = b.header["alg"]
         if alg not in self.allowed_algs:
             reason = f"alg {alg!r} is not allowed (allowed: {sorted(self.allowed_algs)})"
-            log.warning("event=batch_rejected reason=alg_not_allowed device=%s seq=%d", dev, seq)
+            log.warning("event=batch_rejected reason=alg_not_allowed device=%r seq=%d", dev, seq)
             return 422, {
                 "error": "rejected",
                 "codes": ["alg_not_allowed"],
@@ -133,7 +186,7 @@ class Ingest:
                 "seq": seq,
             }
         if b.header["kid"] != row[0]:
-            log.warning("event=batch_rejected reason=kid_mismatch device=%s seq=%d", dev, seq)
+            log.warning("event=batch_rejected reason=kid_mismatch device=%r seq=%d", dev, seq)
             return 403, {
                 "error": "kid_mismatch",
                 "reason": f"signed with key {b.header['kid'][:16]}…, not device {dev!r}'s",
@@ -142,7 +195,7 @@ class Ingest:
         problems = batch.check(b, self._key(bytes(row[1])), self.allowed_algs)
         if problems:
             log.warning(
-                "event=batch_rejected reason=%s device=%s seq=%d",
+                "event=batch_rejected reason=%s device=%r seq=%d",
                 ",".join(p.code for p in problems),
                 dev,
                 seq,
@@ -153,12 +206,12 @@ class Ingest:
                 "reasons": [p.text for p in problems],
                 "seq": seq,
             }
-        held = self.db.one("SELECT sha256 FROM batches WHERE device_id=? AND seq=?", (dev, seq))
+        held = self._held(dev, seq)
         if held is not None:
-            if bytes(held[0]) == b.file_hash:
-                log.info("event=batch_duplicate device=%s seq=%d", dev, seq)
-                return 200, {"status": "duplicate", "seq": seq}
-            self._alarm(dev, seq, "conflict", "same sequence, other content", b.raw)
+            if held.batch_id == b.batch_id:
+                log.info("event=batch_duplicate device=%r seq=%d", dev, seq)
+                return 200, self._ack("duplicate", b)
+            self._alarm(b, "conflict", "same sequence, another batch id")
             return 409, {"error": "conflict", "seq": seq}
         if seq == 0 and b.header["prev_hash"] != batch.ZERO_HASH:
             return 422, {
@@ -167,19 +220,15 @@ class Ingest:
                 "reasons": ["the first batch must carry 32 zero bytes as prev_hash"],
                 "seq": seq,
             }
-        before = self.db.one(
-            "SELECT sha256 FROM batches WHERE device_id=? AND seq=?", (dev, seq - 1)
-        )
-        if before is not None and bytes(before[0]) != b.header["prev_hash"]:
-            self._alarm(
-                dev, seq, "chain_broken", f"prev_hash does not match batch {seq - 1}", b.raw
-            )
+        before = self._held(dev, seq - 1)
+        if before is not None and not batch.links(before, b.header["prev_hash"]):
+            self._alarm(b, "chain_broken", f"prev_hash does not match batch {seq - 1}")
             return 409, {"error": "chain_broken", "seq": seq, "detail": f"batch {seq - 1}"}
         after = self.db.one(
             "SELECT prev_hash FROM batches WHERE device_id=? AND seq=?", (dev, seq + 1)
         )
-        if after is not None and bytes(after[0]) != b.file_hash:
-            self._alarm(dev, seq, "chain_broken", f"batch {seq + 1} does not chain to it", b.raw)
+        if after is not None and not batch.links(b, bytes(after[0])):
+            self._alarm(b, "chain_broken", f"batch {seq + 1} does not chain to it")
             return 409, {"error": "chain_broken", "seq": seq, "detail": f"batch {seq + 1}"}
         last_row = self.db.one("SELECT max(seq) FROM batches WHERE device_id=?", (dev,))
         last = None if last_row is None or last_row[0] is None else int(last_row[0])
@@ -190,18 +239,20 @@ class Ingest:
             (dev, seq, b.file_hash, b.header["prev_hash"], b.raw, now),
         )
         monitored.store(self.db, b)
-        answer: dict[str, Any] = {"status": "stored", "seq": seq}
+        answer = self._ack("stored", b)
+        if b.legacy:
+            self._count(201, {"status": "legacy_v1"})
         expected = 0 if last is None else last + 1
         if seq > expected:
             self.db.execute(
                 "INSERT INTO gaps(device_id, first_seq, last_seq, found_at) VALUES(?, ?, ?, ?)",
                 (dev, expected, seq - 1, now),
             )
-            log.warning("event=batch_gap device=%s missing=%d..%d", dev, expected, seq - 1)
+            log.warning("event=batch_gap device=%r missing=%d..%d", dev, expected, seq - 1)
             answer["gap"] = [expected, seq - 1]
         elif seq < expected:
             self._fill_gap(dev, seq, now)
-            log.warning("event=batch_out_of_order device=%s seq=%d", dev, seq)
+            log.warning("event=batch_out_of_order device=%r seq=%d", dev, seq)
             answer["out_of_order"] = True
         return 201, answer
 
@@ -241,7 +292,14 @@ class Ingest:
                 "SELECT first_seq, last_seq FROM gaps WHERE device_id=? ORDER BY first_seq", (dev,)
             )
             alarms = self.db.all(
-                "SELECT seq, kind, detail, at FROM alarms WHERE device_id=? ORDER BY at", (dev,)
+                "SELECT seq, kind, detail, at, batch_id, repeats FROM alarms "
+                "WHERE device_id=? ORDER BY at",
+                (dev,),
+            )
+            # The version byte sits at a fixed offset of every canonical envelope.
+            legacy = self.db.one(
+                "SELECT count(*) FROM batches WHERE device_id=? AND substr(bytes, ?, 1) = ?",
+                (dev, batch.VERSION_OFFSET + 1, bytes([batch.LEGACY_VERSION])),
             )
             out.append(
                 {
@@ -250,147 +308,30 @@ class Ingest:
                     "batches": int(n),
                     "last_seq": None if last is None else int(last),
                     "gaps": [[int(a), int(b)] for a, b in gaps],
+                    "legacy_v1": int(legacy[0]),
                     "alarms": [
-                        {"seq": s, "kind": k, "detail": d, "at": a} for s, k, d, a in alarms
+                        {
+                            "seq": s,
+                            "kind": k,
+                            "detail": d,
+                            "at": a,
+                            "batch_id": None if i is None else bytes(i).hex(),
+                            "repeats": int(r),
+                        }
+                        for s, k, d, a, i, r in alarms
                     ],
                 }
             )
         return out
 
 
-class _Server(ThreadingHTTPServer):
-    # socketserver's default backlog of 5 refuses a burst of simultaneous uploads.
-    request_queue_size = 128
-    daemon_threads = True
+def __getattr__(name: str) -> Any:
+    # The in-process server moved to ingest_serve (it needs uvicorn); old imports keep working.
+    if name == "IngestServer":
+        from cngmrv.office.ingest_serve import IngestServer
 
-
-def _handler(ingest: Ingest) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "cngmrv-ingest/1"
-        timeout = 30  # seconds a client may stall mid-request before it is dropped
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("http " + format, *args)
-
-        def send_error(
-            self, code: int, message: str | None = None, explain: str | None = None
-        ) -> None:
-            # An unknown method is the client's mistake: 405, not "501 not implemented".
-            super().send_error(405 if code == 501 else code, message, explain)
-
-        def _reply(
-            self, status: int, obj: dict[str, Any], headers: dict[str, str] | None = None
-        ) -> None:
-            body = json.dumps(obj).encode()
-            try:
-                self.send_response(status)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            except OSError:
-                pass  # the client went away; the outcome is already stored
-
-        def do_GET(self) -> None:
-            if self.path == "/v1/health":
-                self._reply(200, {"status": "ok", "counts": ingest.counts})
-            elif self.path.startswith("/v1/devices/"):
-                found = ingest.report(unquote(self.path.removeprefix("/v1/devices/")))
-                if found:
-                    self._reply(200, found[0])
-                else:
-                    self._reply(404, {"error": "not_found"})
-            else:
-                self._reply(404, {"error": "not_found"})
-
-        def _not_allowed(self) -> None:
-            self._reply(405, {"error": "method_not_allowed"})
-
-        do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed
-
-        def do_POST(self) -> None:
-            if self.path != "/v1/batches":
-                self._reply(404, {"error": "not_found"})
-                return
-            if self.headers.get("Transfer-Encoding"):
-                self._reply(411, {"error": "length_required", "reason": "send Content-Length"})
-                return
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                self._reply(411, {"error": "length_required"})
-                return
-            if length <= 0 or length > MAX_BODY:
-                self._reply(413, {"error": "bad_length", "max": MAX_BODY})
-                return
-            try:
-                raw = self.rfile.read(length)
-            except OSError:
-                return  # timed out or reset mid-body: nobody is left to answer
-            if len(raw) < length:
-                self._reply(
-                    400,
-                    {
-                        "error": "truncated",
-                        "reason": f"body ended after {len(raw)} of {length} bytes",
-                    },
-                )
-                return
-            headers: dict[str, str] = {}
-            try:
-                status, obj = ingest.accept(raw)
-            except Exception as e:
-                if isinstance(e, SchemaMismatch) or ingest.db.is_unavailable(e):
-                    log.error("event=ingest_unavailable error=%r", str(e).splitlines()[0])
-                    status, obj = 503, {"error": "unavailable", "reason": str(e).splitlines()[0]}
-                    headers["Retry-After"] = str(RETRY_AFTER_S)
-                else:
-                    log.exception("event=ingest_internal_error")
-                    status, obj = 500, {"error": "internal"}
-            self._reply(status, obj, headers)
-
-    return Handler
-
-
-class IngestServer:
-    """The HTTP server in a background thread; ``url`` is where to POST batches."""
-
-    def __init__(
-        self,
-        db_target: str | Path,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        allowed_algs: Iterable[str] = ALLOWED_ALGS,
-        migrate: bool = False,
-    ) -> None:
-        self.db = open_db(db_target, migrate=migrate)
-        self.ingest = Ingest(self.db, allowed_algs)
-        try:
-            self._httpd = _Server((host, port), _handler(self.ingest))
-        except OSError:
-            self.db.close()
-            raise
-        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}/v1/batches"
-
-    def start(self) -> IngestServer:
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        # A short poll so stop() returns promptly.
-        self._httpd.serve_forever(poll_interval=0.05)
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self.db.close()
+        return IngestServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def stored_batches(db: IngestDB, device_id: str) -> list[tuple[int, bytes]]:

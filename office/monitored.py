@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cngmrv.office import refills as refill_records
 from cngmrv.office import report as rp
-from cngmrv.office.fleetdb import IngestError, ReadOnlyDB, is_url, redact
+from cngmrv.office.fleetdb import IngestError, ReadOnlyDB, is_url, redact, stored_batch
 from cngmrv.signed import batch
 
 if TYPE_CHECKING:
@@ -49,6 +50,9 @@ log = logging.getLogger("cngmrv.monitored")
 
 #: Bump when what a run row holds, or how it is computed from readings, changes:
 #: rows of another version are then re-derived from the batch bytes by the report.
+# The diesel blend in force at an epoch time: its FAME share by volume.
+FameAt = Callable[[float], float]
+
 SUMS_VERSION = 1
 
 #: The refill threshold the ingest classifies tank steps with.  Any value works:
@@ -105,8 +109,8 @@ class Run:
     tank_dmin_refill: float | None = None
     epochs: set[int] = field(default_factory=set)
 
-    def add(self, r: dict[str, Any], refill_kg: float) -> None:
-        self.sums.add(r, rp.credited_km(r), self.seq, self.sha)
+    def add(self, r: dict[str, Any], refill_kg: float, fame: float = 0.0) -> None:
+        self.sums.add(r, rp.credited_km(r), self.seq, self.sha, fame)
         c = self.checks
         if c.lfc_first is None and rp._opt_number(r.get("lfc_total_l")) is not None:
             self.lfc_first_diesel = float(r["diesel_l"])
@@ -144,6 +148,7 @@ def runs_of(
     lo: float = -math.inf,
     hi: float = math.inf,
     refill_kg: float = INGEST_REFILL_KG,
+    fame_at: FameAt | None = None,
 ) -> list[Run]:
     """The runs of ``b``'s readings, each summing only its readings with ``lo <= t0 < hi``.
 
@@ -151,6 +156,8 @@ def runs_of(
     run's identity (``part``) does not depend on the period.  Runs with no
     reading in the period are left out.  Raises on a payload the report could
     not read either (BatchFormatError, KeyError, TypeError, ValueError).
+    ``fame_at`` gives each reading's diesel blend (FAME share by volume); the
+    ingest stores runs without it (share 0), relabelled by :func:`gather`.
     """
     sha = b.file_hash.hex()
     runs: list[Run] = []
@@ -165,7 +172,7 @@ def runs_of(
         if cur is None:
             cur = Run(b.device_id, b.seq, part, h, sha)
             runs.append(cur)
-        cur.add(r, refill_kg)
+        cur.add(r, refill_kg, 0.0 if fame_at is None else fame_at(t0))
     return runs
 
 
@@ -226,6 +233,9 @@ def _run(row: dict[str, Any], sha: str) -> Run:
         s.mode_s[m] = row[f"mode_{m}"]
     s.unsynced_s, s.first_t0, s.last_t1 = row["unsynced_s"], row["first_t0"], row["last_t1"]
     s.seqs[run.seq] = sha
+    if s.readings:
+        # Stored at share 0: the same additions as the totals, so equal to them bit for bit.
+        s.parts[0.0] = [s.diesel_l, s.gas_kg, s.distance_km, s.distance_credited_km]
     c.lfc_first, c.lfc_last, c.lfc_diesel_l = (
         row["lfc_first"],
         row["lfc_last"],
@@ -279,7 +289,7 @@ def backfill(db: IngestDB) -> int:
     )
     for dev, seq in todo:
         row = db.one("SELECT bytes FROM batches WHERE device_id=? AND seq=?", (dev, seq))
-        store(db, batch.parse(bytes(row[0])))
+        store(db, stored_batch(bytes(row[0])))
     return len(todo)
 
 
@@ -348,6 +358,9 @@ def gather(
     refill_kg: float,
     bus: str | None = None,
     recompute: bool = False,
+    fame_at: FameAt | None = None,
+    fame_breaks: Sequence[float] = (),
+    stock: bool = False,
 ) -> Totals:
     """The monitored totals of readings with ``lo <= t0 < hi``, per bus, day and hour.
 
@@ -355,6 +368,12 @@ def gather(
     ``postgresql://`` URL), opened read-only.  An ingest database at schema 2
     or later answers from its per-batch sums unless ``recompute``; a device
     store, or an older ingest database, is always recomputed from its bytes.
+
+    ``fame_at`` splits the sums by the diesel blend of each reading; a stored
+    run is relabelled with its blend when no change of blend (``fame_breaks``,
+    the schedule's period bounds) falls inside it, and decoded otherwise.
+    ``stock`` (the tank stock per bus and day, for dispenser records) follows
+    every reading in order, which no stored sum holds: it is always recomputed.
     """
     if not is_url(source):
         path = Path(source)
@@ -367,17 +386,17 @@ def gather(
             conn.close()
         if kind == "store":
             _, devices = rp.read_source(path, bus)
-            return _recomputed("store", devices, lo, hi, refill_kg)
+            return _recomputed("store", devices, lo, hi, refill_kg, fame_at, stock)
     db = ReadOnlyDB(source)
     try:
         _refuse_newer(db)
         known, keys = _known(db, bus)
-        if recompute or "batch_runs" not in db.tables() or db.version() < 2:
+        if recompute or stock or "batch_runs" not in db.tables() or db.version() < 2:
             devices = [_device_batches(db, dev, keys.get(dev)) for dev in known]
             for d in devices:
                 rp._check("ingest", d)
-            return _recomputed("ingest", devices, lo, hi, refill_kg)
-        return _kept(db, known, keys, lo, hi, refill_kg)
+            return _recomputed("ingest", devices, lo, hi, refill_kg, fame_at, stock)
+        return _kept(db, known, keys, lo, hi, refill_kg, fame_at, fame_breaks)
     finally:
         db.close()
 
@@ -417,17 +436,45 @@ def _device_batches(db: ReadOnlyDB, dev: str, key: bytes | None) -> rp.DeviceBat
 
 
 def _recomputed(
-    kind: str, devices: list[rp.DeviceBatches], lo: float, hi: float, refill_kg: float
+    kind: str,
+    devices: list[rp.DeviceBatches],
+    lo: float,
+    hi: float,
+    refill_kg: float,
+    fame_at: FameAt | None = None,
+    stock: bool = False,
 ) -> Totals:
     buses = []
     for d in devices:
         bus = rp.BusData(d.device_id)
         for b in d.ok:
-            for run in runs_of(b, lo, hi, refill_kg):
+            for run in runs_of(b, lo, hi, refill_kg, fame_at):
                 combine(bus, run, refill_kg)
+            if stock:
+                _add_stock(bus, b, lo, hi)
         d.held = {b.seq: b.file_hash.hex() for b in d.ok}
         buses.append(bus)
     return Totals(kind, RECOMPUTED, devices, buses)
+
+
+def _add_stock(bus: rp.BusData, b: batch.Batch, lo: float, hi: float) -> None:
+    for r in b.payload().get("readings") or []:
+        t0 = float(r["t0"])
+        if lo <= t0 < hi:
+            day = datetime.fromtimestamp(t0, UTC).date().isoformat()
+            bus.stock.add(r)
+            bus.day_stock.setdefault(day, refill_records.Stock()).add(r)
+
+
+def _relabel(run: Run, fame_at: FameAt, breaks: Sequence[float]) -> bool:
+    """Give a stored run (share 0) its blend; False when the blend may change inside it."""
+    s = run.sums
+    if not s.readings:
+        return True
+    if any(s.first_t0 < k < s.last_t1 for k in breaks):
+        return False
+    s.parts = {fame_at(s.first_t0): s.parts[0.0]}
+    return True
 
 
 def _bound(hi: float, big: int) -> int:
@@ -447,6 +494,8 @@ def _kept(
     lo: float,
     hi: float,
     refill_kg: float,
+    fame_at: FameAt | None = None,
+    fame_breaks: Sequence[float] = (),
 ) -> Totals:
     big = 2**62
     one = len(known) == 1
@@ -473,6 +522,8 @@ def _kept(
         run = _run(row, bytes(values[-1]).hex())
         if run.hour < lo or run.hour + 3600 > hi or not run.valid_for(refill_kg):
             redo.add((dev, seq))
+        elif fame_at is not None and not _relabel(run, fame_at, fame_breaks):
+            redo.add((dev, seq))
         runs[dev].setdefault(seq, []).append(run)
     # Batches stored without sums (by a cngmrv from before them): decoded here.
     for dev, seq in db.all(
@@ -484,7 +535,7 @@ def _kept(
             redo.add((str(dev), int(seq)))
     for dev, seq in sorted(redo):
         (raw,) = db.all("SELECT bytes FROM batches WHERE device_id=? AND seq=?", (dev, seq))[0]
-        runs[dev][seq] = runs_of(batch.parse(bytes(raw)), lo, hi, refill_kg)
+        runs[dev][seq] = runs_of(stored_batch(bytes(raw)), lo, hi, refill_kg, fame_at)
     if redo:
         log.info("event=report_drill_down batches=%d", len(redo))
     devices, buses = [], []

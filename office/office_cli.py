@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 
 def _ingest(args: argparse.Namespace) -> int:
     from cngmrv.office.fleetdb import SCHEMA_VERSION, IngestDB, migrate_db, redact
-    from cngmrv.office.ingest import Ingest, IngestServer, open_db, register_device
+    from cngmrv.office.ingest import Ingest, open_db, register_device
 
     if args.migrate:
         db = IngestDB(args.db, check_version=False)
@@ -41,46 +39,91 @@ def _ingest(args: argparse.Namespace) -> int:
         for d in [] if args.json else devices:
             gaps = ", ".join(f"{a}..{b}" for a, b in d["gaps"]) or "none"
             print(
-                f"{d['device_id']}: {d['batches']} batches, last {d['last_seq']}, "
-                f"gaps {gaps}, {len(d['alarms'])} alarms"
+                f"{d['device_id']}: {d['batches']} batches "
+                f"({d['legacy_v1']} version 1, accepted under the legacy rules), "
+                f"last {d['last_seq']}, gaps {gaps}, {len(d['alarms'])} alarms"
             )
             for a in d["alarms"]:
-                print(f"  ALARM {a['kind']} seq {a['seq']}: {a['detail']}")
+                print(f"  ALARM {a['kind']} seq {a['seq']} ({a['repeats']}x): {a['detail']}")
         return 0
-    server = IngestServer(args.db, args.host, args.port)
-    for item in args.register or []:
-        device_id, sep, pub = item.partition("=")
-        if not sep:
-            raise ValueError(f"--register takes DEVICE_ID=PUBKEY_FILE, got {item!r}")
-        kid = register_device(server.db, device_id, Path(pub).read_bytes())
-        print(f"registered {device_id} kid {kid}", file=sys.stderr)
-    print(f"ingest listening on {server.url}", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.stop).start())
+    db = open_db(args.db)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.stop()
+        for item in args.register or []:
+            device_id, sep, pub = item.partition("=")
+            if not sep:
+                raise ValueError(f"--register takes DEVICE_ID=PUBKEY_FILE, got {item!r}")
+            kid = register_device(db, device_id, Path(pub).read_bytes())
+            print(f"registered {device_id} kid {kid}", file=sys.stderr)
+    finally:
+        db.close()
+    from cngmrv.office.ingest_serve import serve
+
+    print(
+        f"ingest listening on http://{args.host}:{args.port}/v1/batches "
+        f"({args.workers} worker processes)",
+        file=sys.stderr,
+        flush=True,
+    )
+    # Only the limits given on the command line: the rest keep serve()'s defaults.
+    limits = {
+        "request_deadline_s": args.request_deadline,
+        "max_connections": args.max_connections,
+        "db_deadline_s": args.db_deadline,
+        "retry_after_s": args.retry_after,
+        "pool_size": args.pool,
+    }
+    serve(
+        args.db,
+        args.host,
+        args.port,
+        args.workers,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+        **{k: v for k, v in limits.items() if v is not None},
+    )
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     # Imported here: the report (and matplotlib for HTML) loads only when asked for.
-    from cngmrv.office import mrv, report
+    from cngmrv.office import mrv, refills, report
 
     methodology = mrv.load(Path(args.methodology) if args.methodology else None)
     fmt = "json" if args.json else args.format
     start = report.parse_when(args.date_from) if args.date_from else None
     end = report.parse_when(args.date_to, end=True) if args.date_to else None
+    records = refills.read(Path(args.refills)) if args.refills else None
     rep = report.build(
-        args.db, methodology, start, end, args.bus, args.coverage_floor, args.recompute
+        args.db,
+        methodology,
+        start,
+        end,
+        args.bus,
+        args.coverage_floor,
+        args.recompute,
+        refills=records,
+        conservative_set=args.conservative,
     )
-    text = report.render(rep, fmt)
+    if fmt == "xlsx":
+        from cngmrv.office import workbook
+
+        if not args.out:
+            raise report.ReportError("--format xlsx writes a file: give --out FILE.xlsx")
+        workbook.write(rep, Path(args.out))
+        text = ""
+    else:
+        text = report.render(rep, fmt)
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        if fmt != "xlsx":
+            Path(args.out).write_text(text, encoding="utf-8")
         d = rep.data
         print(
-            f"wrote {args.out}: ER {d['er_kg_co2'] / 1000:.3f} t CO2 "
-            f"({d['er_t_co2_rounded']:g} t rounded down), {len(d['buses'])} buses, "
+            f"wrote {args.out}: ER {d['er_kg_co2'] / 1000:.3f} t CO2 ("
+            + (
+                f"{d['er_t_co2_rounded']:g} t rounded down"
+                if d["er_kg_co2"] > 0
+                else "nothing to issue"
+            )
+            + f"), {len(d['buses'])} buses, "
             f"flagged: {', '.join(d['flagged']) or 'none'}",
             file=sys.stderr,
         )
@@ -89,14 +132,66 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sfc_ref(args: argparse.Namespace) -> int:
+    from cngmrv.office import baseline, mrv, report
+
+    m = mrv.load(Path(args.methodology))
+    start = report.parse_when(args.date_from)
+    end = report.parse_when(args.date_to, end=True)
+    if (args.db is None) == (args.records is None):
+        raise report.ReportError("sfc-ref takes one of --db or --records")
+    if args.db:
+        ref = baseline.from_archive(Path(args.db), args.bus, start, end, args.min_km, m)
+    else:
+        ref = baseline.from_records(Path(args.records), args.bus, start, end, args.min_km, m)
+    baseline.write(Path(args.methodology), args.bus, ref)
+    print(
+        f"{args.methodology}: [bus_reference.{args.bus}] = {ref.l_per_km:.5f} L/km "
+        f"({ref.distance_km:.1f} km, {ref.diesel_l:.1f} L)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def register_ingest(sub: Any) -> None:
     """Add ``cngmrv ingest`` (entry point group ``cngmrv.commands``)."""
-    s = sub.add_parser("ingest", help="run the reference ingest server")
+    s = sub.add_parser("ingest", help="run the ingest server (uvicorn, worker processes)")
     s.add_argument(
         "--db", required=True, help="ingest database: SQLite file, or a postgresql:// URL"
     )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    s.add_argument("--pool", type=int, help="database connections per worker (default 4)")
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="open connections per worker, more are answered 503 (default 1000)",
+    )
+    s.add_argument(
+        "--request-deadline",
+        type=float,
+        metavar="S",
+        help="seconds a client has to send a whole request (default 30)",
+    )
+    s.add_argument(
+        "--db-deadline",
+        type=float,
+        metavar="S",
+        help="seconds a request may wait for the database before a 503 (default 5)",
+    )
+    s.add_argument(
+        "--retry-after",
+        type=int,
+        metavar="S",
+        help="the Retry-After of a 503, in seconds (default 10)",
+    )
+    s.add_argument(
+        "--forwarded-allow-ips",
+        metavar="IPS",
+        help="trust X-Forwarded-* from these proxy addresses (e.g. 127.0.0.1)",
+    )
     s.add_argument(
         "--register", action="append", metavar="DEVICE_ID=PUBKEY", help="register a device key"
     )
@@ -125,7 +220,7 @@ def register_report(sub: Any) -> None:
     )
     s.add_argument("--from", dest="date_from", metavar="DATE", help="YYYY-MM-DD or ISO time, UTC")
     s.add_argument("--to", dest="date_to", metavar="DATE", help="a date is inclusive (whole day)")
-    s.add_argument("--format", choices=("csv", "json", "html"), default="csv")
+    s.add_argument("--format", choices=("csv", "json", "html", "xlsx"), default="csv")
     s.add_argument("--json", action="store_true", help="same as --format json")
     s.add_argument("--out", metavar="FILE", help="write here instead of standard output")
     s.add_argument("--methodology", metavar="FILE", help="project methodology TOML")
@@ -136,4 +231,33 @@ def register_report(sub: Any) -> None:
         metavar="X",
         help="flag a bus with coverage under X, 0..1 (default: the methodology's)",
     )
+    s.add_argument(
+        "--refills",
+        metavar="CSV",
+        help="dispenser records: time, device_id, station, kg, invoice_id (docs/mrv-methodology.md)",
+    )
+    s.add_argument(
+        "--conservative",
+        action="store_true",
+        help="every ranged parameter at the end that lowers ER, boundary terms included",
+    )
     s.set_defaults(func=_report)
+    d = sub.add_parser(
+        "sfc-ref",
+        help="derive a bus's form B reference consumption from its diesel-only data "
+        "and write it into a project methodology file",
+    )
+    d.add_argument("--db", help="ingest database or device store holding the baseline period")
+    d.add_argument(
+        "--records", metavar="CSV", help="imported records instead: date, distance_km, diesel_l"
+    )
+    d.add_argument("--bus", required=True, metavar="ID", help="the bus (device id)")
+    d.add_argument("--from", dest="date_from", metavar="DATE", required=True)
+    d.add_argument("--to", dest="date_to", metavar="DATE", required=True)
+    d.add_argument(
+        "--methodology", required=True, metavar="FILE", help="project methodology TOML to update"
+    )
+    d.add_argument(
+        "--min-km", type=float, default=100.0, help="refuse a baseline shorter than this (km)"
+    )
+    d.set_defaults(func=_sfc_ref)

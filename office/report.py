@@ -38,20 +38,30 @@ import io
 import json
 import math
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cngmrv.office.mrv import Emissions, Methodology, Monitored, emissions
+from cngmrv.office import refills as refill_records
+from cngmrv.office.mrv import (
+    Emissions,
+    Methodology,
+    MethodologyError,
+    Monitored,
+    Part,
+    conservative,
+    emissions,
+    sensitivity,
+)
 from cngmrv.signed import batch
 from cngmrv.signed.archive import ArchiveError, open_readonly
 from cngmrv.signed.keys import public_key_from_pem
 
 CHANNELS = ("diesel_l", "gas_kg", "distance_km")
 MODES = ("diesel", "dual", "fault")
-LFC_RESOLUTION_L = 0.5  # SPN 250, DOMAIN.md section 3
+LFC_RESOLUTION_L = 0.5  # SPN 250, docs/domain.md section 3
 
 
 class ReportError(ValueError):
@@ -103,8 +113,17 @@ class Sums:
     first_t0: float = math.inf
     last_t1: float = -math.inf
     seqs: dict[int, str] = field(default_factory=dict)  # batch_seq -> file sha256 hex
+    # FAME share in force -> [diesel L, gas kg, distance km, credited km] of its readings
+    parts: dict[float, list[float]] = field(default_factory=dict)
 
-    def add(self, r: Mapping[str, Any], credited_km: float, seq: int, sha: str) -> None:
+    def add(
+        self, r: Mapping[str, Any], credited_km: float, seq: int, sha: str, fame: float = 0.0
+    ) -> None:
+        part = self.parts.setdefault(fame, [0.0, 0.0, 0.0, 0.0])
+        part[0] += float(r["diesel_l"])
+        part[1] += float(r["gas_kg"])
+        part[2] += float(r["distance_km"])
+        part[3] += credited_km
         self.readings += 1
         self.dur_s += float(r["dur"])
         self.diesel_l += float(r["diesel_l"])
@@ -130,8 +149,9 @@ class Sums:
     def coverage(self) -> dict[str, float]:
         return {ch: (self.cov[ch] / self.dur_s if self.dur_s > 0 else 0.0) for ch in CHANNELS}
 
-    def monitored(self) -> Monitored:
-        return Monitored(self.diesel_l, self.gas_kg, self.distance_km, self.distance_credited_km)
+    def monitored(self, low: float = 1.0, high: float = 1.0) -> Monitored:
+        parts = tuple(Part(share, *v) for share, v in sorted(self.parts.items()))
+        return Monitored(parts, low, high)
 
 
 @dataclass
@@ -344,12 +364,13 @@ def _check(kind: str, d: DeviceBatches) -> None:
         if b.seq > expected:
             d.missing.append((expected, b.seq - 1))
         # Across a missing batch the chain cannot be checked; the gap is reported instead.
-        want = (
-            batch.ZERO_HASH
-            if b.seq == 0
-            else (prev.file_hash if prev is not None and prev.seq == b.seq - 1 else None)
-        )
-        if want is not None and b.header["prev_hash"] != want:
+        if b.seq == 0:
+            linked = b.header["prev_hash"] == batch.ZERO_HASH
+        elif prev is not None and prev.seq == b.seq - 1:
+            linked = batch.links(prev, b.header["prev_hash"])
+        else:
+            linked = True
+        if not linked:
             problems.append("prev_hash does not match the previous batch: chain broken")
         expected = b.seq + 1
         prev = b
@@ -372,6 +393,8 @@ class BusData:
     hours: dict[int, list[float]] = field(default_factory=dict)
     checks: CrossCheck = field(default_factory=CrossCheck)
     epochs: set[int] = field(default_factory=set)
+    stock: refill_records.Stock = field(default_factory=refill_records.Stock)
+    day_stock: dict[str, refill_records.Stock] = field(default_factory=dict)
 
 
 @dataclass
@@ -416,8 +439,12 @@ def _trace(device_id: str, seqs: Mapping[int, str], held: Mapping[int, str]) -> 
     }
 
 
-def _figures(m: Methodology, s: Sums, device_id: str) -> tuple[dict[str, Any], Emissions]:
-    em = emissions(m, s.monitored(), device_id)
+def _figures(
+    m: Methodology, s: Sums, device_id: str, low: float = 1.0, high: float = 1.0
+) -> tuple[dict[str, Any], Emissions]:
+    q = s.monitored(low, high)
+    em = emissions(m, q, device_id)
+    b0 = emissions(m, q.at_blend(0.0), device_id)
     cov = s.coverage()
     mode_h = {k: v / 3600.0 for k, v in s.mode_s.items()}
     mode_h["unknown"] = max(0.0, s.dur_s - sum(s.mode_s.values())) / 3600.0
@@ -426,8 +453,32 @@ def _figures(m: Methodology, s: Sums, device_id: str) -> tuple[dict[str, Any], E
         "pe_kg_co2": em.pe_kg,
         "er_kg_co2": em.er_kg,
         "er_t_co2_rounded": m.round_er_t(em.er_kg),
+        "re_a_kg_co2": em.re_a_kg,
+        "re_b_kg_co2": em.re_b_kg,
+        "pe_boundary_kg_co2": em.pe_boundary_kg,
+        "er_kg_co2_at_b0": b0.er_kg,
+        "blend_effect_kg_co2": em.er_kg - b0.er_kg,
+        "fame_share_vol": (
+            sum(share * v[0] for share, v in s.parts.items()) / s.diesel_l if s.diesel_l else None
+        ),
+        "fossil_diesel_mj": em.fossil_mj,
+        "biogenic_diesel_mj": em.biogenic_mj,
         "diesel_l": s.diesel_l,
         "gas_kg": s.gas_kg,
+        "gas_kg_credited": em.gas_kg_credited,
+        "gas_credit_factor": em.gas_kg_credited / s.gas_kg if s.gas_kg > 0 else 1.0,
+        "gas_factor_low": low,
+        "gas_factor_high": high,
+        "blend_parts": [
+            {
+                "fame_share_vol": share,
+                "diesel_l": v[0],
+                "gas_kg": v[1],
+                "distance_km": v[2],
+                "distance_credited_km": v[3],
+            }
+            for share, v in sorted(s.parts.items())
+        ],
         "distance_km": s.distance_km,
         "distance_credited_km": s.distance_credited_km,
         "gas_energy_share": em.gas_energy_share,
@@ -441,6 +492,84 @@ def _figures(m: Methodology, s: Sums, device_id: str) -> tuple[dict[str, Any], E
     }, em
 
 
+GAS_CHECKS = ("gas_injection_events", "gas_tank_balance")
+
+
+def _check_factors(checks: Mapping[str, Mapping[str, Any]]) -> tuple[float, float]:
+    """(low, high) gas factors from the gas cross-checks that failed their tolerance.
+
+    A failed check makes its own figure credible too: form A credits the lowest,
+    form B's PE burns the highest.
+    """
+    low = high = 1.0
+    for name in GAS_CHECKS:
+        res = checks.get(name, {})
+        if res.get("flagged") and res.get("ratio") is not None:
+            low, high = min(low, res["ratio"]), max(high, res["ratio"])
+    return low, high
+
+
+def _dispenser(
+    m: Methodology,
+    b: BusData,
+    records: refill_records.RefillSet,
+) -> tuple[dict[str, Any], dict[str, float | None]]:
+    """The dispenser-record check of one bus, and its anchored gas per day (None: no tank)."""
+    invoices = records.of(b.device_id)
+    seen = refill_records.refills_seen(b.stock.seen_refills, m.refill_threshold_kg)
+    matched = refill_records.match(invoices, seen, m.refill_match_window_s, m.cross_check_tolerance)
+    anchor = refill_records.anchored_gas_kg(
+        b.stock, invoices, matched.counted_at, b.total.first_t0, b.total.last_t1
+    )
+    per_day = {
+        day: refill_records.anchored_gas_kg(
+            b.day_stock[day], invoices, matched.counted_at, s.first_t0, s.last_t1
+        )
+        for day, s in b.days.items()
+    }
+    doubles = [
+        f"invoice {a.invoice_id} entered twice (rows {a.row} and {r.row}), counted once"
+        for a, r in records.doubles
+        if a.device_id == b.device_id
+    ]
+    res: dict[str, Any] = {
+        "what": "dispenser records (opening + invoiced - closing tank stock) / gas from flow",
+        "unit": "kg",
+        "file": records.path,
+        "invoices": len(invoices),
+        "refills_seen": len(seen),
+        "mismatches": matched.mismatches + doubles,
+    }
+    if anchor is None:
+        res.update(status="not available", reason="no reading carries tank_kg", flagged=True)
+    else:
+        anchor = max(0.0, anchor)
+        ratio = anchor / b.total.gas_kg if b.total.gas_kg > 0 else None
+        disagree = ratio is not None and abs(ratio - 1.0) > m.cross_check_tolerance
+        res.update(
+            check=anchor,
+            integrated=b.total.gas_kg,
+            ratio=ratio,
+            status="disagree" if disagree else "agree",
+            flagged=disagree or bool(res["mismatches"]),
+        )
+    return res, per_day
+
+
+def _fill_factor(s: Sums) -> float:
+    """Metered gas scaled up to the uncovered gas time at the metered rate: the highest
+    credible gas when a kg of gas raises emissions (a gap must not hide it)."""
+    covered = s.cov["gas_kg"]
+    return s.dur_s / covered if covered > 0 and s.dur_s > covered else 1.0
+
+
+def _anchor_factors(anchor: float | None, metered: float) -> tuple[float, float]:
+    if anchor is None or metered <= 0:
+        return 1.0, 1.0
+    ratio = max(0.0, anchor) / metered
+    return min(1.0, ratio), max(1.0, ratio)
+
+
 def build(
     db_path: str | Path,
     methodology: Methodology,
@@ -449,13 +578,18 @@ def build(
     bus: str | None = None,
     coverage_floor: float | None = None,
     recompute: bool = False,
+    refills: refill_records.RefillSet | None = None,
+    conservative_set: bool = False,
 ) -> Report:
-    """Read, check, aggregate and compute; ReportError when the period holds no readings.
+    """Read, check, aggregate and compute; ReportError when the period holds no readings,
+    or a bus has no reference consumption under form B (the list of them).
 
     ``db_path`` is a device store, or an ingest database: a SQLite file or a
     ``postgresql://`` URL.  The monitored totals come from
     :func:`cngmrv.office.monitored.gather`: from the ingest's per-batch sums,
     or with ``recompute`` re-derived from the signed bytes (the same figures).
+    Dispenser records (``refills``) need the tank stock reading by reading,
+    which the sums do not hold: with them, every figure is re-derived.
     """
     from cngmrv.office import monitored  # imports this module: bound at call time
     from cngmrv.office.fleetdb import redact
@@ -468,8 +602,29 @@ def build(
     lo = start.timestamp() if start else -math.inf
     hi = end.timestamp() if end else math.inf
     m = methodology
-    got = monitored.gather(db_path, lo, hi, m.refill_threshold_kg, bus, recompute)
+    breaks = sorted({t for p in m.blend for t in (p.start, p.end) if math.isfinite(t)})
+    try:
+        got = monitored.gather(
+            db_path,
+            lo,
+            hi,
+            m.refill_threshold_kg,
+            bus,
+            recompute,
+            fame_at=m.fame_share_at,
+            fame_breaks=breaks,
+            stock=refills is not None,
+        )
+    except MethodologyError as e:
+        raise ReportError(f"methodology: {e}") from None
     kind, devices, buses = got.kind, got.devices, got.buses
+    unclassed = m.buses_without_reference(d.device_id for d in devices)
+    if unclassed:
+        raise ReportError(
+            f"methodology {m.files[0].name if m.files else '(given)'}: "
+            f"form {m.form} needs a class ([buses.class]) or a [bus_reference] for "
+            f"every bus; none for {len(unclassed)}: {', '.join(unclassed)}"
+        )
     period = _period_text(start, end)
     if not any(b.total.readings for b in buses):
         who = f"bus {bus!r}" if bus else redact(db_path)
@@ -477,15 +632,41 @@ def build(
     total = Sums()
     for b in buses:
         _merge_sums(total, b.total)
+    # Gas factors first: the conservative set and the sensitivity run on the same gas.
+    prepared = []
+    for b in buses:
+        checks = b.checks.results(m.cross_check_tolerance)
+        low, high = _check_factors(checks)
+        high = max(high, _fill_factor(b.total))
+        day_anchor: dict[str, float | None] = {}
+        if refills is not None:
+            checks["dispenser_records"], day_anchor = _dispenser(m, b, refills)
+            a_low, a_high = _anchor_factors(
+                checks["dispenser_records"].get("check"), b.total.gas_kg
+            )
+            low, high = min(low, a_low), max(high, a_high)
+        prepared.append((checks, low, high, day_anchor))
+    fleet_q = [
+        (b.device_id, b.total.monitored(lo_, hi_))
+        for b, (_, lo_, hi_, _) in zip(buses, prepared, strict=True)
+    ]
+    central = m
+    if conservative_set or m.parameter_set == "conservative":
+        m = conservative(m, fleet_q)
     out_buses = []
-    fleet = {"re_kg_co2": 0.0, "pe_kg_co2": 0.0, "er_kg_co2": 0.0, "diesel_mj": 0.0, "gas_mj": 0.0}
-    for d, b in zip(devices, buses, strict=True):
-        fig, em = _figures(m, b.total, d.device_id)
-        for k, v in (("re_kg_co2", em.re_kg), ("pe_kg_co2", em.pe_kg), ("er_kg_co2", em.er_kg)):
-            fleet[k] += v
+    fleet = dict.fromkeys(
+        ("re_kg_co2", "pe_kg_co2", "er_kg_co2", "er_kg_co2_at_b0", "pe_boundary_kg_co2",
+         "diesel_mj", "gas_mj", "gas_kg_credited"), 0.0,
+    )  # fmt: skip
+    for d, b, (checks, low, high, day_anchor) in zip(devices, buses, prepared, strict=True):
+        fig, em = _figures(m, b.total, d.device_id, low, high)
+        for k in ("re_kg_co2", "pe_kg_co2", "er_kg_co2", "er_kg_co2_at_b0", "pe_boundary_kg_co2"):
+            fleet[k] += fig[k]
         fleet["diesel_mj"] += em.diesel_mj
         fleet["gas_mj"] += em.gas_mj
-        flags = []
+        fleet["gas_kg_credited"] += em.gas_kg_credited
+        flags: list[str] = []
+        notes: list[str] = []
         if not b.total.readings:
             flags.append("no readings in the period")
         else:
@@ -494,10 +675,24 @@ def build(
                     flags.append(
                         f"{ch} coverage {100 * c:.2f} % is under the floor {100 * floor:g} %"
                     )
-        checks = b.checks.results(m.cross_check_tolerance)
         for name, res in checks.items():
             if res.get("flagged"):
-                flags.append(f"cross-check {name}: ratio {res['ratio']:.3f}")
+                ratio = res.get("ratio")
+                flags.append(
+                    f"cross-check {name}: "
+                    + (f"ratio {ratio:.3f}" if ratio is not None else res["status"])
+                )
+            for text in res.get("mismatches", []):
+                flags.append(f"{name}: {text}")
+        if fig["gas_credit_factor"] > 1.0:
+            notes.append(
+                f"gas credited at {100 * fig['gas_credit_factor']:.2f} % of the metered: a kg of "
+                "gas raises emissions here, so gaps are filled at the metered rate"
+            )
+        if fig["gas_credit_factor"] < 1.0:
+            flags.append(
+                f"credited gas lowered to {100 * fig['gas_credit_factor']:.2f} % of the metered gas"
+            )
         if d.excluded:
             flags.append(f"{len(d.excluded)} batches failed verification and were left out")
         if d.missing:
@@ -505,7 +700,6 @@ def build(
                 "batch sequences missing: "
                 + ", ".join(f"{lo_}" if lo_ == hi_ else f"{lo_}..{hi_}" for lo_, hi_ in d.missing)
             )
-        notes = []
         if b.total.unsynced_s > 0:
             notes.append(
                 f"{b.total.unsynced_s / 3600:.2f} h of readings were timed by a clock not "
@@ -513,8 +707,11 @@ def build(
             )
         held = d.held
         days = []
+        check_low, check_high = _check_factors(checks)
         for day, s in sorted(b.days.items()):
-            dfig, _ = _figures(m, s, d.device_id)
+            a_low, a_high = _anchor_factors(day_anchor.get(day), s.gas_kg)
+            day_high = max(check_high, a_high, _fill_factor(s))
+            dfig, _ = _figures(m, s, d.device_id, min(check_low, a_low), day_high)
             days.append({"date": day, **dfig, "batches": _trace(d.device_id, s.seqs, held)})
         trace = _trace(d.device_id, b.total.seqs, held)
         trace.update(
@@ -526,6 +723,8 @@ def build(
             {
                 "device_id": d.device_id,
                 "class": m.class_of(d.device_id),
+                "sfc_ref_l_per_km": m.sfc_ref(d.device_id).value if m.uses_form_b() else None,
+                "ch4_gas_kg_per_tj": m.ch4_gas_kg_per_tj(d.device_id),
                 **fig,
                 "flagged": bool(flags),
                 "flags": flags,
@@ -548,30 +747,19 @@ def build(
             "first_reading": _iso(total.first_t0),
             "last_reading_end": _iso(total.last_t1),
         },
-        "methodology": {
-            "id": m.id,
-            "name": m.name,
-            "version": m.version,
-            "form": m.form,
-            "include_ch4_n2o": m.include_ch4_n2o,
-            "files": [{"name": f.name, "sha256": f.sha256} for f in m.files],
-            "parameters": {
-                k: {"value": p.value, "unit": p.unit, "source": p.source}
-                for k, p in m.parameters.items()
-            },
-            "reference_consumption": {
-                k: {"value": p.value, "unit": p.unit, "source": p.source}
-                for k, p in m.reference_consumption.items()
-            },
-            "rounding": {"step_t_co2": m.rounding_step_t, "direction": "down"},
-        },
+        "methodology": methodology_data(m),
         "coverage_floor": floor,
         "re_kg_co2": fleet["re_kg_co2"],
         "pe_kg_co2": fleet["pe_kg_co2"],
         "er_kg_co2": fleet["er_kg_co2"],
         "er_t_co2_rounded": m.round_er_t(fleet["er_kg_co2"]),
+        "er_kg_co2_at_b0": fleet["er_kg_co2_at_b0"],
+        "blend_effect_kg_co2": fleet["er_kg_co2"] - fleet["er_kg_co2_at_b0"],
+        "pe_boundary_kg_co2": fleet["pe_boundary_kg_co2"],
+        "er_kg_co2_per_kg_gas": fleet["er_kg_co2"] / total.gas_kg if total.gas_kg > 0 else None,
         "diesel_l": total.diesel_l,
         "gas_kg": total.gas_kg,
+        "gas_kg_credited": fleet["gas_kg_credited"],
         "distance_km": total.distance_km,
         "gas_energy_share": fleet["gas_mj"] / energy if energy > 0 else None,
         "hours": total.dur_s / 3600.0,
@@ -580,9 +768,72 @@ def build(
         "mode_h": {k: v / 3600.0 for k, v in total.mode_s.items()},
         "flagged": [b["device_id"] for b in out_buses if b["flagged"]],
         "gap_treatment": GAP_TREATMENT[m.form],
+        "sensitivity": _sensitivity(central, m, fleet_q),
         "buses": out_buses,
     }
     return Report(data, {d.device_id: b.hours for d, b in zip(devices, buses, strict=True)})
+
+
+def methodology_data(m: Methodology) -> dict[str, Any]:
+    """The methodology as the report shows it: the values in use (after any parameter set)."""
+
+    def param(name: str, p: Any, value: float) -> dict[str, Any]:
+        out = {"value": value, "unit": p.unit, "source": p.source, "option": p.option}
+        if p.description:
+            out["description"] = p.description
+        if p.ranged:
+            out.update(low=p.low, high=p.high, file_value=p.value)
+        if p.fame_share_vol is not None:
+            out["fame_share_vol"] = p.fame_share_vol
+        return out
+
+    return {
+        "id": m.id,
+        "name": m.name,
+        "version": m.version,
+        "form": m.form,
+        "include_ch4_n2o": m.include_ch4_n2o,
+        "gwp_set": m.gwp_set,
+        "parameter_set": m.parameter_set,
+        "boundary": {
+            "include_compression": m.include_compression,
+            "include_upstream_leakage": m.include_upstream_leakage,
+        },
+        "files": [{"name": f.name, "sha256": f.sha256} for f in m.files],
+        "parameters": {k: param(k, p, m.p(k)) for k, p in m.parameters.items()},
+        "blend": [
+            {
+                "name": b.name,
+                "from": _iso(b.start),
+                "to": _iso(b.end) if math.isfinite(b.end) else None,
+                "fame_share_vol": b.fame_share_vol,
+                "source": b.source,
+            }
+            for b in m.blend
+        ],
+        "reference_consumption": {
+            k: param(k, p, p.value) for k, p in m.reference_consumption.items()
+        },
+        "bus_reference": {k: param(k, p, p.value) for k, p in m.bus_reference.items()},
+        "engine_slip": {k: param(k, p, p.value) for k, p in m.engine_slip.items()},
+        "bus_engine": dict(m.bus_engine),
+        "monitored": m.monitored_info,
+        "monitored_bus": m.monitored_bus,
+        "ex_ante": {"per_bus_day": m.ex_ante, "source": m.ex_ante_source},
+        "rounding": {"step_t_co2": m.rounding_step_t, "direction": "down"},
+    }
+
+
+def _sensitivity(
+    central: Methodology, used: Methodology, fleet: list[tuple[str, Monitored]]
+) -> dict[str, Any]:
+    cons = used if used.parameter_set == "conservative" else conservative(central, fleet)
+    return {
+        "er_kg_co2_central": sum(emissions(central, q, dev).er_kg for dev, q in fleet),
+        "er_kg_co2_conservative": sum(emissions(cons, q, dev).er_kg for dev, q in fleet),
+        "conservative_values": dict(cons.overrides),
+        "parameters": sensitivity(central, fleet),
+    }
 
 
 GAP_TREATMENT = {
@@ -598,6 +849,9 @@ GAP_TREATMENT = {
         "emission reduction."
     ),
 }
+GAP_TREATMENT["both"] = (
+    GAP_TREATMENT["B"] + " Per bus and period RE is the lower of forms A and B, PE the higher."
+)
 
 
 def _merge_sums(into: Sums, s: Sums) -> None:
@@ -614,6 +868,10 @@ def _merge_sums(into: Sums, s: Sums) -> None:
     for k in MODES:
         into.mode_s[k] += s.mode_s[k]
     into.unsynced_s += s.unsynced_s
+    for share, v in s.parts.items():
+        part = into.parts.setdefault(share, [0.0, 0.0, 0.0, 0.0])
+        for i, x in enumerate(v):
+            part[i] += x
     into.first_t0 = min(into.first_t0, s.first_t0)
     into.last_t1 = max(into.last_t1, s.last_t1)
 
@@ -640,7 +898,8 @@ CSV_COLUMNS = (
     "distance_credited_km", "gas_energy_share", "re_kg_co2", "pe_kg_co2", "er_kg_co2",
     "er_t_co2_rounded", "coverage", "coverage_diesel_l", "coverage_gas_kg",
     "coverage_distance_km", "gaps_diesel_l", "gaps_gas_kg", "gaps_distance_km",
-    "longest_gap_gas_s", "uncovered_gas_s", "mode_diesel_h", "mode_dual_h", "mode_fault_h",
+    "longest_gap_gas_s", "uncovered_gas_s", "er_kg_co2_at_b0", "fame_share_vol",
+    "gas_kg_credited", "pe_boundary_kg_co2", "mode_diesel_h", "mode_dual_h", "mode_fault_h",
     "mode_unknown_h", "flagged", "flags", "first_seq", "last_seq", "batch_count",
     "first_sha256", "last_sha256", "set_sha256", "methodology", "methodology_version",
 )  # fmt: skip
@@ -851,12 +1110,18 @@ def to_html(report: Report) -> str:
         f" to {e(d['period']['last_reading_end'])}). Source: <code>{e(d['source']['db'])}</code>"
         f" ({e(d['source']['kind'])}). Methodology: {e(m['name'])}, version "
         f"<b>{e(m['version'])}</b>, form <b>{e(m['form'])}</b>"
-        f"{', CH4 and N2O included' if m['include_ch4_n2o'] else ', CO2 only'}.</p>",
+        f"{', CH4 and N2O included' if m['include_ch4_n2o'] else ', CO2 only'}, "
+        f"<b>{e(m['parameter_set'])}</b> parameter set, boundary: "
+        f"{e(_boundary_text(m['boundary']))}.</p>",
         f"<p class='big'>ER {_fmt(d['er_kg_co2'] / 1000)} t CO2 ({_fmt(d['er_kg_co2'], 1)} kg) "
         f"&rarr; {_fmt(d['er_t_co2_rounded'], 0)} t for issuance (rounded down)</p>",
         f"<p>RE {_fmt(d['re_kg_co2'])} kg, PE {_fmt(d['pe_kg_co2'])} kg; diesel "
         f"{_fmt(d['diesel_l'])} L, gas {_fmt(d['gas_kg'])} kg, distance "
         f"{_fmt(d['distance_km'])} km, gas energy share {_pct(d['gas_energy_share'])}.</p>",
+        f"<p>The diesel blend: ER {_fmt(d['er_kg_co2'], 1)} kg at the blend in force, "
+        f"{_fmt(d['er_kg_co2_at_b0'], 1)} kg had it been fossil diesel (B0); the blend's "
+        f"effect {_fmt(d['blend_effect_kg_co2'], 1)} kg. Credited gas "
+        f"{_fmt(d['gas_kg_credited'])} kg of {_fmt(d['gas_kg'])} kg metered.</p>",
     ]
     if d["flagged"]:
         out.append(
@@ -868,8 +1133,8 @@ def to_html(report: Report) -> str:
             f"<p class='ok'>No bus flagged (coverage floor {100 * d['coverage_floor']:g} %).</p>"
         )
     out.append("<h2>Per bus</h2><table><tr>")
-    heads = ("bus", "class", "hours", "diesel L", "gas kg", "km", "gas share", "RE kg",
-             "PE kg", "ER kg", "gas cov.", "diesel cov.", "km cov.", "gas gaps",
+    heads = ("bus", "class", "hours", "diesel L", "gas kg", "km", "gas share", "FAME share",
+             "RE kg", "PE kg", "ER kg", "ER at B0 kg", "gas cov.", "diesel cov.", "km cov.", "gas gaps",
              "dual h", "diesel h", "fault h", "unknown h", "flags")  # fmt: skip
     out += [f"<th class='{'l' if h in ('bus', 'flags') else ''}'>{h}</th>" for h in heads]
     out.append("</tr>")
@@ -877,8 +1142,9 @@ def to_html(report: Report) -> str:
         c = b["coverage_by_channel"]
         cells = [
             _fmt(b["class"]), _fmt(b["hours"], 2), _fmt(b["diesel_l"]), _fmt(b["gas_kg"]),
-            _fmt(b["distance_km"]), _pct(b["gas_energy_share"]), _fmt(b["re_kg_co2"]),
-            _fmt(b["pe_kg_co2"]), _fmt(b["er_kg_co2"]), _pct(c["gas_kg"]), _pct(c["diesel_l"]),
+            _fmt(b["distance_km"]), _pct(b["gas_energy_share"]), _pct(b["fame_share_vol"]),
+            _fmt(b["re_kg_co2"]), _fmt(b["pe_kg_co2"]), _fmt(b["er_kg_co2"]),
+            _fmt(b["er_kg_co2_at_b0"]), _pct(c["gas_kg"]), _pct(c["diesel_l"]),
             _pct(c["distance_km"]),
             f"{b['gaps']['gas_kg']['count']} (longest {b['gaps']['gas_kg']['longest_s']:,.0f} s)",
             _fmt(b["mode_h"]["dual"], 2), _fmt(b["mode_h"]["diesel"], 2),
@@ -911,6 +1177,22 @@ def to_html(report: Report) -> str:
                 f"<td>{_fmt(r.get('ratio'))}</td><td class='l{cls}'>{e(status)}</td></tr>"
             )
     out.append("</table>")
+    sens = d["sensitivity"]
+    out.append(
+        "<h2>Sensitivity</h2>"
+        f"<p>Fleet ER {_fmt(sens['er_kg_co2_central'], 1)} kg with the file's values, "
+        f"{_fmt(sens['er_kg_co2_conservative'], 1)} kg with every ranged parameter at the "
+        "end that lowers it and the boundary terms included (the conservative set).</p>"
+        "<table><tr><th class='l'>parameter</th><th>value</th><th>low</th><th>high</th>"
+        "<th>ER at low, kg</th><th>ER at high, kg</th><th>swing, kg</th></tr>"
+    )
+    for r in sens["parameters"]:
+        out.append(
+            f"<tr><td class='l'>{e(r['parameter'])} ({e(r['unit'])})</td><td>{r['value']:g}</td>"
+            f"<td>{r['low']:g}</td><td>{r['high']:g}</td><td>{_fmt(r['er_kg_co2_at_low'], 1)}</td>"
+            f"<td>{_fmt(r['er_kg_co2_at_high'], 1)}</td><td>{_fmt(r['swing_kg_co2'], 1)}</td></tr>"
+        )
+    out.append("</table>")
     out.append("<h2>Traceability: signed batches behind each figure</h2><table><tr>")
     out.append("<th class='l'>bus</th><th>batch_seq</th><th>batches</th>")
     out.append("<th class='l'>first / last batch SHA-256, SHA-256 of the set</th>")
@@ -936,10 +1218,31 @@ def to_html(report: Report) -> str:
             f"<tr><td class='l'>{e(k)}</td><td>{p['value']:g}</td><td class='l'>{e(p['unit'])}"
             f"</td><td class='l'>{e(p['source'])}</td></tr>"
         )
+    out.append("</table><h2>Diesel blend schedule</h2><table><tr><th class='l'>blend</th>")
+    out.append("<th class='l'>from</th><th class='l'>to</th><th>FAME share</th>")
+    out.append("<th class='l'>source</th></tr>")
+    for bl in m["blend"]:
+        out.append(
+            f"<tr><td class='l'>{e(bl['name'])}</td><td class='l'>{e(bl['from'])}</td>"
+            f"<td class='l'>{e(bl['to'] or 'open')}</td><td>{_pct(bl['fame_share_vol'])}</td>"
+            f"<td class='l'>{e(bl['source'])}</td></tr>"
+        )
     out.append("</table><p>Files: ")
     out.append(", ".join(f"{e(f['name'])} <code>{f['sha256']}</code>" for f in m["files"]))
     out.append(f"</p><p>Generated {e(d['generated_at'])} by cngmrv report.</p></body></html>")
     return "".join(out)
+
+
+def _boundary_text(b: Mapping[str, bool]) -> str:
+    parts = [
+        name
+        for key, name in (
+            ("include_compression", "station compression electricity"),
+            ("include_upstream_leakage", "upstream methane"),
+        )
+        if b[key]
+    ]
+    return "vehicle tailpipe" + "".join(f" + {p}" for p in parts)
 
 
 def render(report: Report, fmt: str) -> str:
@@ -955,4 +1258,4 @@ def render(report: Report, fmt: str) -> str:
                 "the HTML report needs the office install: pip install 'cngmrv[office]'"
             ) from None
         return to_html(report)
-    raise ReportError(f"unknown format {fmt!r} (csv, json, html)")
+    raise ReportError(f"unknown format {fmt!r} (csv, json, html; xlsx through workbook.write)")

@@ -12,7 +12,9 @@ must never be changed by reading it.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -23,12 +25,33 @@ class ArchiveError(Exception):
     """The file cannot be read as a store or an ingest database; the message says why."""
 
 
+class _ScratchConnection(sqlite3.Connection):
+    """A connection to a private copy, which goes away with the connection."""
+
+    scratch: str | None = None
+
+    def close(self) -> None:
+        super().close()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+
+
 def open_readonly(path: Path) -> sqlite3.Connection:
     """Open an existing store or ingest database for reading, never creating or changing it.
 
     The path goes into SQLite's URI in percent-encoded form: a ``#`` or ``%``
     in a folder name must not cut the URI short (a cut ``?mode=ro`` would
     create a new, empty file) or name another file.
+
+    A WAL database on read-only media (an auditor's copy) cannot be opened
+    with ``mode=ro`` alone: SQLite needs to create its ``-shm`` file.  Then,
+    without a ``-wal`` file (a store after a clean stop), it is opened with
+    ``immutable=1``, which is exact only because nothing can change the file
+    while it is read; with a non-empty ``-wal`` (a store after a crash), whose
+    last transactions ``immutable=1`` would silently miss, the database and
+    its WAL are copied to a private temporary folder and the copy is read
+    (costing its size in temporary space), which goes away on ``close()``.
     """
     if not path.is_file():
         raise ArchiveError(f"no such database file: {path}")
@@ -43,7 +66,35 @@ def open_readonly(path: Path) -> sqlite3.Connection:
                 f"store {path} is in use by a running agent; stop it first, "
                 "or export the batches from the ingest"
             ) from None
+        if name in ("SQLITE_CANTOPEN", "SQLITE_READONLY") or "unable to open" in str(e):
+            return _open_on_readonly_media(path, e)
         raise ArchiveError(f"cannot read database {path}: {e}") from None
+    return db
+
+
+def _open_on_readonly_media(path: Path, first: sqlite3.Error) -> sqlite3.Connection:
+    wal = Path(f"{path}-wal")
+    db: sqlite3.Connection
+    try:
+        if wal.is_file() and wal.stat().st_size > 0:
+            scratch = tempfile.mkdtemp(prefix="cngmrv-ro-")
+            try:
+                copy = Path(scratch) / "db"
+                shutil.copyfile(path, copy)
+                shutil.copyfile(wal, Path(f"{copy}-wal"))
+                scratch_db = sqlite3.connect(copy, factory=_ScratchConnection, timeout=0.5)
+            except BaseException:
+                shutil.rmtree(scratch, ignore_errors=True)
+                raise
+            scratch_db.scratch = scratch
+            db = scratch_db
+        else:
+            db = sqlite3.connect(
+                path.resolve().as_uri() + "?mode=ro&immutable=1", uri=True, timeout=0.5
+            )
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except (sqlite3.Error, OSError) as e:
+        raise ArchiveError(f"cannot read database {path}: {first}; read-only copy: {e}") from None
     return db
 
 
@@ -104,3 +155,26 @@ def registered_keys(path: Path) -> dict[str, bytes]:
         raise ArchiveError(f"{path} has no device registry: {e}") from None
     finally:
         db.close()
+
+
+def ingest_alarms(path: Path) -> list[dict[str, object]]:
+    """The tamper alarms an ingest database holds (empty for a device store)."""
+    db = open_readonly(path)
+    try:
+        if kind_of(db, path) != "ingest":
+            return []
+        cols = {r[1] for r in db.execute("PRAGMA table_info(alarms)")}
+        if not cols:
+            return []
+        repeats = "repeats" if "repeats" in cols else "1"
+        rows = db.execute(
+            f"SELECT device_id, seq, kind, detail, {repeats} FROM alarms ORDER BY at"
+        ).fetchall()
+    except sqlite3.Error as e:
+        raise ArchiveError(f"cannot read the alarms of {path}: {e}") from None
+    finally:
+        db.close()
+    return [
+        {"device_id": str(d), "seq": s, "kind": str(k), "detail": str(t), "repeats": int(r)}
+        for d, s, k, t, r in rows
+    ]

@@ -1,15 +1,27 @@
 """The signed batch envelope: building, parsing and verifying it.
 
-A batch file is the msgpack array ``["cngmrv-batch", 1, header, payload, signature]``
+A batch file is the msgpack array ``["cngmrv-batch", 2, header, payload, signature]``
 where ``header`` and ``payload`` are msgpack-encoded *byte strings* and
 ``signature`` is the DER ECDSA-P256-SHA256 signature over the exact ``header``
 bytes.  Because the algorithm, key id, device id, sequence, previous-batch hash
 and payload hash all sit inside the signed header, none of them can be changed
 without breaking the signature (OCMF leaves its algorithm unsigned; we do not).
 
-``prev_hash`` chains each batch to the SHA-256 of the previous batch *file*, so
-a verifier detects both a deleted batch (a sequence gap) and a substituted one
-(a chain break).  The first batch of a device carries 32 zero bytes.
+Each batch has exactly one valid encoding (version 2): the envelope and the
+header must be msgpack's shortest form (what :func:`packb` writes), the
+signature strict DER with a low ``s``.  A relay that re-encodes a batch
+(``(r, n-s)``, an array16, a bin32, DER with extra zeros, trailing bytes) gets
+it refused as ``noncanonical``; it can never make a second valid copy.  The
+batch's identity (:attr:`Batch.batch_id`) is the SHA-256 of its header bytes,
+and ``prev_hash`` chains each batch to the previous one's batch id, so neither
+depends on the signature bytes.  A verifier detects a deleted batch (a sequence
+gap) and a substituted one (a chain break).  The first batch of a device carries
+32 zero bytes.
+
+Version 1 batches (stored before version 2) stay verifiable under their own
+rules (:attr:`Batch.link_ids`): chained by the SHA-256 of the whole file, both
+``s`` forms accepted.  This module is the one owner of these rules: the ingest,
+``cngmrv verify``, the store and the reports call it.
 
 The payload holds the readings column by column (``payload_format``
 ``"cols-1"``, see :func:`encode_readings`): a 60-reading batch is about a
@@ -30,11 +42,35 @@ from typing import Any
 
 import msgpack
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
-from cngmrv.signed.keys import ALG, ALLOWED_ALGS, Signer, kid_of, verify_signature
+from cngmrv.signed.keys import (
+    ALG,
+    ALLOWED_ALGS,
+    P256_ORDER,
+    Signer,
+    kid_of,
+    low_s,
+    verify_signature,
+)
 
 MAGIC = "cngmrv-batch"
-VERSION = 1
+VERSION = 2  # what build() writes: one valid encoding per batch
+LEGACY_VERSION = 1  # stored data from before version 2; verified under its own rules
+VERSIONS = frozenset({LEGACY_VERSION, VERSION})
+# Where the version byte sits in every canonical envelope (after 0x95 and the fixstr magic).
+VERSION_OFFSET = 2 + len(MAGIC)
+# The largest batch file accepted anywhere (the ingest's body limit too).  Real
+# batches are 0.4-8 KB; a batch of the most readings a config allows
+# (agent/config.py) is far below this.  Parsing costs memory linear in these bytes.
+MAX_BATCH_BYTES = 256 * 1024
+MAX_HEADER_BYTES = 4096
+MAX_SIGNATURE_BYTES = 72  # DER of two 33-byte integers
+# Nesting a header or payload may have: events are maps of scalars or short lists.
+MAX_DEPTH = 16
 ZERO_HASH = bytes(32)
 REQUIRED_HEADER = ("alg", "kid", "device_id", "batch_seq", "prev_hash", "payload_sha256")
 PAYLOAD_FORMAT = "cols-1"
@@ -43,6 +79,7 @@ DERIVED_HEADER = ("payload_format", "n_readings", "n_events", "first_t0", "last_
 MAX_SEQ = (1 << 63) - 1  # sequences must fit a signed 64-bit SQL integer
 MAX_DEVICE_ID = 128
 _KID = re.compile(r"[0-9a-f]{64}")
+_DEVICE_ID = re.compile(r"[A-Za-z0-9_:][A-Za-z0-9._:-]{0,127}")
 # Integral floats below this travel as msgpack integers (at most 5 bytes instead of 9).
 _SMALL_INT = 1 << 32
 # Event kinds that explain missing batches or readings (see docs/batch-format.md).
@@ -50,7 +87,26 @@ LOSS_EVENTS = frozenset({"STORAGE_FULL", "STORE_REPLACED", "STORE_ROLLED_BACK"})
 
 
 class BatchFormatError(ValueError):
-    """The bytes are not a well-formed batch envelope; the message says which part."""
+    """The bytes are not a well-formed batch envelope; the message says which part.
+
+    ``code`` is the stable code the ingest answers and ``verify`` reports:
+    ``malformed``, ``truncated`` or ``noncanonical``.
+    """
+
+    code = "malformed"
+
+    def __init__(self, text: str, code: str | None = None) -> None:
+        super().__init__(text)
+        if code is not None:
+            self.code = code
+        elif text.startswith("truncated"):
+            self.code = "truncated"
+
+
+class NonCanonicalError(BatchFormatError):
+    """Not the one valid encoding of a batch: a re-encoding by someone other than the signer."""
+
+    code = "noncanonical"
 
 
 def packb(obj: Any) -> bytes:
@@ -58,9 +114,41 @@ def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def unpackb(data: bytes) -> Any:
+def unpackb(data: bytes, max_len: int | None = None) -> Any:
+    """Unpack msgpack with every container and string bounded by ``max_len`` entries.
+
+    The default bound is the data's own length (a container cannot hold more
+    entries than it has bytes); extension types are refused.  Depth is bounded
+    by msgpack's own stack, and by :data:`MAX_DEPTH` where batches are parsed.
+    """
+    n = len(data) if max_len is None else max_len
     # strict_map_key=False: reading maps keyed by ints (mode numbers) must not fail.
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return msgpack.unpackb(
+        data,
+        raw=False,
+        strict_map_key=False,
+        max_str_len=n,
+        max_bin_len=n,
+        max_array_len=n,
+        max_map_len=n,
+        max_ext_len=0,
+    )
+
+
+def _depth(obj: Any, limit: int = MAX_DEPTH) -> bool:
+    """True when ``obj`` nests lists and maps no deeper than ``limit``."""
+    stack = [(obj, 0)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            if d >= limit:
+                return False
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            if d >= limit:
+                return False
+            stack.extend((v, d + 1) for v in o)
+    return True
 
 
 def sha256(data: bytes) -> bytes:
@@ -172,14 +260,21 @@ def build(
     prev_hash: bytes,
     payload: Mapping[str, Any],
     extra_header: Mapping[str, Any] | None = None,
+    version: int = VERSION,
 ) -> bytes:
-    """Encode and sign one batch; returns the exact file bytes.
+    """Encode and sign one batch; returns the exact file bytes, in their one valid encoding.
 
-    ``payload`` holds ``readings`` (a list of maps, stored column by column)
-    and ``events`` (a list of maps, stored as is).  ``extra_header`` adds
-    fields such as ``boot_epoch`` and ``first_reading_seq``; it may not
-    override the required fields or those derived from the payload.
+    ``prev_hash`` is the previous batch's :attr:`Batch.chain_id` (32 zero
+    bytes for batch 0).  ``payload`` holds ``readings`` (a list of maps, stored
+    column by column) and ``events`` (a list of maps, stored as is).
+    ``extra_header`` adds fields such as ``boot_epoch`` and
+    ``first_reading_seq``; it may not override the required fields or those
+    derived from the payload.  Whatever ``s`` the signer returns, version 2
+    carries the low one.  ``version=1`` writes the legacy envelope with the
+    signer's signature as is (for tests of stored version-1 data).
     """
+    if version not in VERSIONS:
+        raise ValueError(f"unknown batch version {version}")
     if len(prev_hash) != 32:
         raise ValueError("prev_hash must be 32 bytes")
     if not 0 <= batch_seq <= MAX_SEQ:
@@ -210,7 +305,10 @@ def build(
         header["last_t0"] = readings[-1]["t0"]
     header.update(extra)
     header_bytes = packb(header)
-    return packb([MAGIC, VERSION, header_bytes, payload_bytes, signer.sign(header_bytes)])
+    signature = signer.sign(header_bytes)
+    if version == VERSION:
+        signature = low_s(signature)
+    return packb([MAGIC, version, header_bytes, payload_bytes, signature])
 
 
 # -- parsing --------------------------------------------------------------------
@@ -225,6 +323,7 @@ class Batch:
     payload_bytes: bytes
     signature: bytes
     header: dict[str, Any]
+    version: int = VERSION
 
     @property
     def seq(self) -> int:
@@ -236,7 +335,49 @@ class Batch:
 
     @property
     def file_hash(self) -> bytes:
+        """SHA-256 of the whole file (version 1's chain id; informative for version 2)."""
         return sha256(self.raw)
+
+    @property
+    def batch_id(self) -> bytes:
+        """The batch's identity: SHA-256 of the exact header bytes, whatever its signature.
+
+        The header commits to the key, device, sequence, previous batch and
+        payload, so two copies with one batch id hold the same signed content:
+        a duplicate, never a conflict.
+        """
+        return sha256(self.header_bytes)
+
+    @property
+    def legacy(self) -> bool:
+        """A version-1 batch, verified under the legacy rules (docs/batch-format.md)."""
+        return self.version == LEGACY_VERSION
+
+    @property
+    def chain_id(self) -> bytes:
+        """What the next batch's ``prev_hash`` carries: the batch id (v2), the file hash (v1)."""
+        return self.file_hash if self.legacy else self.batch_id
+
+    @property
+    def link_ids(self) -> frozenset[bytes]:
+        """Every ``prev_hash`` value that validly links a successor to this batch.
+
+        Version 2: its batch id only.  Version 1: the SHA-256 of its file, or
+        of its ``(r, n-s)`` twin re-encoded canonically: old signers did not
+        normalize ``s``, so either copy may be the one the device chained to.
+        """
+        if not self.legacy:
+            return frozenset({self.batch_id})
+        # From the canonical re-packing of the parts, not only the bytes held: an ingest
+        # from before format 2 may hold a re-wrapped copy of the file the device chained to.
+        parts = [MAGIC, self.version, self.header_bytes, self.payload_bytes]
+        ids = {self.file_hash, sha256(packb([*parts, self.signature]))}
+        try:
+            r, s = decode_dss_signature(self.signature)
+        except ValueError:
+            return frozenset(ids)
+        ids.add(sha256(packb([*parts, encode_dss_signature(r, P256_ORDER - s)])))
+        return frozenset(ids)
 
     @property
     def first_reading_seq(self) -> int | None:
@@ -254,10 +395,7 @@ class Batch:
         Batches written before ``payload_format`` existed hold readings as a
         plain list of maps; both layouts decode to the same shape.
         """
-        try:
-            obj = unpackb(self.payload_bytes)
-        except ValueError as e:
-            raise BatchFormatError(f"payload bytes are not msgpack: {e}") from None
+        obj = _unpack_part(self.payload_bytes, "payload bytes")
         if not isinstance(obj, dict):
             raise BatchFormatError("payload is not a map")
         readings = obj.get("readings", [])
@@ -276,17 +414,68 @@ class Batch:
         return list(self.payload()["events"])
 
 
-def _unpack_part(data: bytes, what: str) -> Any:
+def claimed(raw: bytes) -> Batch | None:
+    """What a non-canonical file claims to be, read without the canonical checks; else None.
+
+    Never a proof of anything (only :func:`parse` and :func:`check` say whether
+    a file is a valid batch): it lets a verifier name the device and sequence
+    a re-encoded copy stands for, and its batch id.  Bounded like :func:`parse`.
+    """
     try:
-        return unpackb(data)
+        outer = msgpack.unpackb(
+            raw[:MAX_BATCH_BYTES],
+            raw=False,
+            max_str_len=64,
+            max_bin_len=MAX_BATCH_BYTES,
+            max_array_len=5,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except msgpack.ExtraData as e:
+        outer = e.unpacked
+    except Exception:  # any garbage: there is no claim to read
+        return None
+    if not (isinstance(outer, list) and len(outer) == 5):
+        return None
+    _, version, header_bytes, payload_bytes, signature = outer
+    if not all(isinstance(p, bytes) for p in (header_bytes, payload_bytes, signature)):
+        return None
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        return None
+    try:
+        header = _unpack_part(header_bytes, "header bytes", 256)
+        if not isinstance(header, dict) or not all(type(k) is str for k in header):
+            return None
+        _check_header(header)
+    except BatchFormatError:
+        return None
+    return Batch(raw, header_bytes, payload_bytes, signature, header, int(version))
+
+
+def chain_id(raw: bytes) -> bytes:
+    """The ``prev_hash`` the batch after ``raw`` carries (:attr:`Batch.chain_id`)."""
+    return parse(raw).chain_id
+
+
+def links(before: Batch, prev_hash: bytes) -> bool:
+    """True when ``prev_hash`` (a successor's header field) links to ``before``."""
+    return prev_hash in before.link_ids
+
+
+def _unpack_part(data: bytes, what: str, max_len: int | None = None) -> Any:
+    try:
+        obj = unpackb(data, max_len)
     except msgpack.ExtraData:
-        raise BatchFormatError(f"{what} has trailing bytes after the msgpack value") from None
+        raise NonCanonicalError(f"{what} has trailing bytes after the msgpack value") from None
     except ValueError as e:
         if "incomplete input" in str(e):
             raise BatchFormatError(f"truncated: {what} ends inside a msgpack value") from None
         raise BatchFormatError(f"{what} is not msgpack: {e or type(e).__name__}") from None
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise BatchFormatError(f"{what} is not msgpack: {e or type(e).__name__}") from None
+    if not _depth(obj):
+        raise BatchFormatError(f"{what} nests deeper than {MAX_DEPTH} levels")
+    return obj
 
 
 def _check_header(header: dict[str, Any]) -> None:
@@ -297,9 +486,9 @@ def _check_header(header: dict[str, Any]) -> None:
         raise BatchFormatError("alg is not a string")
     if type(header["kid"]) is not str or not _KID.fullmatch(header["kid"]):
         raise BatchFormatError("kid is not 64 lowercase hex digits")
-    dev = header["device_id"]
-    if type(dev) is not str or not dev or len(dev) > MAX_DEVICE_ID:
-        raise BatchFormatError(f"device_id is not a string of 1..{MAX_DEVICE_ID} characters")
+    problem = device_id_problem(header["device_id"])
+    if problem:
+        raise BatchFormatError(problem)
     for k in ("batch_seq", "first_reading_seq", "n_readings", "n_events", "boot_epoch"):
         if k in header and not (type(header[k]) is int and 0 <= header[k] <= MAX_SEQ):
             raise BatchFormatError(f"{k} is not an integer in 0..2**63-1")
@@ -308,15 +497,58 @@ def _check_header(header: dict[str, Any]) -> None:
             raise BatchFormatError(f"{k} is not 32 bytes")
 
 
+def _check_signature(signature: bytes, version: int) -> None:
+    """Strict DER, ``0 < r, s < n``, and (version 2) low ``s``: the one valid signature form."""
+    try:
+        r, s = decode_dss_signature(signature)
+    except ValueError:
+        raise NonCanonicalError("signature is not a strict DER (r, s) sequence") from None
+    if encode_dss_signature(r, s) != signature:
+        raise NonCanonicalError("signature is not in strict DER form")
+    if not (0 < r < P256_ORDER and 0 < s < P256_ORDER):
+        raise BatchFormatError("signature r or s is out of range")
+    if version == VERSION and s > P256_ORDER // 2:
+        raise NonCanonicalError("signature has a high s: version 2 allows only s <= n/2")
+
+
 def parse(raw: bytes) -> Batch:
-    """Parse the envelope and header, checking shape and types only (not the signature)."""
-    outer = _unpack_part(raw, "envelope")
+    """Parse the envelope and header, checking shape, types and canonical form (not the key).
+
+    Raises :class:`NonCanonicalError` for any encoding but the one valid one
+    (envelope or header not in shortest msgpack form, trailing bytes, DER not
+    strict, a high ``s`` in version 2), :class:`BatchFormatError` otherwise.
+    Every unpack is bounded before any check: the envelope to five elements
+    and :data:`MAX_BATCH_BYTES`, the header to :data:`MAX_HEADER_BYTES`.
+    """
+    if len(raw) > MAX_BATCH_BYTES:
+        raise BatchFormatError(f"batch is {len(raw)} bytes, more than {MAX_BATCH_BYTES}")
+    try:
+        outer = msgpack.unpackb(
+            raw,
+            raw=False,
+            max_str_len=len(MAGIC),
+            max_bin_len=MAX_BATCH_BYTES,
+            max_array_len=5,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except msgpack.ExtraData as e:
+        head = e.unpacked
+        if isinstance(head, list) and len(head) == 5 and head[0] == MAGIC:
+            raise NonCanonicalError("envelope has trailing bytes after the batch") from None
+        raise BatchFormatError("envelope is not a 5-element msgpack array") from None
+    except ValueError as e:
+        if "incomplete input" in str(e):
+            raise BatchFormatError("truncated: envelope ends inside a msgpack value") from None
+        raise BatchFormatError(f"envelope is not msgpack: {e or type(e).__name__}") from None
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise BatchFormatError(f"envelope is not msgpack: {e or type(e).__name__}") from None
     if not isinstance(outer, list) or len(outer) != 5:
         raise BatchFormatError("envelope is not a 5-element msgpack array")
     magic, version, header_bytes, payload_bytes, signature = outer
     if magic != MAGIC:
         raise BatchFormatError(f"magic is {magic!r}, expected {MAGIC!r}")
-    if version != VERSION or type(version) is not int:
+    if type(version) is not int or version not in VERSIONS:
         raise BatchFormatError(f"unsupported envelope version {version!r}")
     for name, part in (
         ("header", header_bytes),
@@ -325,11 +557,34 @@ def parse(raw: bytes) -> Batch:
     ):
         if not isinstance(part, bytes):
             raise BatchFormatError(f"{name} is not a byte string")
-    header = _unpack_part(header_bytes, "header bytes")
+    if packb(outer) != raw:
+        raise NonCanonicalError("envelope is not in canonical (shortest) msgpack form")
+    if len(header_bytes) > MAX_HEADER_BYTES or len(signature) > MAX_SIGNATURE_BYTES:
+        raise BatchFormatError("header or signature is longer than a batch's can be")
+    header = _unpack_part(header_bytes, "header bytes", 256)
     if not isinstance(header, dict) or not all(type(k) is str for k in header):
         raise BatchFormatError("header is not a map with string keys")
+    if packb(header) != header_bytes:
+        raise NonCanonicalError("header is not in canonical (shortest) msgpack form")
     _check_header(header)
-    return Batch(raw, header_bytes, payload_bytes, signature, header)
+    _check_signature(signature, version)
+    return Batch(raw, header_bytes, payload_bytes, signature, header, version)
+
+
+def device_id_problem(device_id: object) -> str | None:
+    """Why ``device_id`` is not a valid device id, or None: the one rule, used everywhere.
+
+    1..128 characters of letters, digits, ``.``, ``_``, ``-`` and ``:``, not
+    starting with ``.`` or ``-``: it becomes a folder name on export and a log
+    field, so no path separators, control characters or spaces.  Version-1
+    batches written with other ids fail here too; none are known to exist.
+    """
+    if type(device_id) is not str or not _DEVICE_ID.fullmatch(device_id):
+        return (
+            f"device_id {device_id!r:.60} is not 1..{MAX_DEVICE_ID} characters of "
+            "letters, digits, '.', '_', '-', ':' (not starting with '.' or '-')"
+        )
+    return None
 
 
 # -- checking -------------------------------------------------------------------
@@ -423,6 +678,7 @@ class DeviceSummary:
     loss_events: list[dict[str, Any]] = field(default_factory=list)
     event_kinds: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
+    legacy_v1: int = 0  # verified batches accepted under the version-1 rules
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -540,12 +796,15 @@ def audit(
     def bad(code: str, text: str, dev: str | None, seq: int | None, where: str | None) -> None:
         report.findings.append(Finding("bad", code, text, dev, seq, where))
 
+    reencoded: list[tuple[str, Batch | None, NonCanonicalError]] = []
     for name, raw in named:
         try:
             b = parse(raw)
+        except NonCanonicalError as e:
+            reencoded.append((name, claimed(raw), e))
+            continue
         except BatchFormatError as e:
-            code = "truncated" if str(e).startswith("truncated") else "malformed"
-            bad(code, str(e), None, None, name)
+            bad(e.code, str(e), None, None, name)
             continue
         dev, seq = b.device_id, b.seq
         problems: list[Problem] = []
@@ -588,6 +847,34 @@ def audit(
             summary.bad += 1
         by_dev.setdefault(dev, {}).setdefault(seq, []).append((name, b, not problems))
 
+    # A re-encoded copy beside the valid one is a relay's doing, not a second batch.
+    held = {b.batch_id for seqs in by_dev.values() for c in seqs.values() for _, b, ok in c if ok}
+    for name, claim, err in reencoded:
+        if claim is None:
+            bad(err.code, str(err), None, None, name)
+        elif claim.batch_id in held:
+            report.findings.append(
+                Finding(
+                    "note",
+                    "noncanonical_copy",
+                    f"a re-encoded copy of a batch held in its valid form, ignored ({err})",
+                    claim.device_id,
+                    claim.seq,
+                    name,
+                )
+            )
+        else:
+            # Like any bad batch it occupies its sequence: reported as bad, not as a gap.
+            dev, seq = claim.device_id, claim.seq
+            bad(
+                err.code,
+                f"{err}; the valid encoding of this batch is not in the set",
+                dev,
+                seq,
+                name,
+            )
+            report.devices.setdefault(dev, DeviceSummary(dev)).bad += 1
+            by_dev.setdefault(dev, {}).setdefault(seq, []).append((name, claim, False))
     for dev, seqs in sorted(by_dev.items()):
         _audit_device(report, report.devices[dev], seqs)
     return report
@@ -602,7 +889,7 @@ def _audit_device(
     good: dict[int, Batch] = {}
     for seq, copies in seqs.items():
         ok = [(n, b) for n, b, g in copies if g]
-        distinct = {b.raw for _, b in ok}
+        distinct = {b.batch_id for _, b in ok}
         if len(distinct) > 1:
             names = ", ".join(n for n, _ in ok)
             report.findings.append(
@@ -622,7 +909,8 @@ def _audit_device(
                 Finding(
                     "bad",
                     "replayed",
-                    f"replayed: an identical copy of batch_seq {seq} (counted once)",
+                    f"replayed: another copy of batch_seq {seq} with the same batch id "
+                    "(counted once)",
                     dev,
                     seq,
                     name,
@@ -673,7 +961,7 @@ def _audit_device(
                 )
             )
         before = good.get(seq - 1)
-        if before is not None and b.header["prev_hash"] != before.file_hash:
+        if before is not None and not links(before, b.header["prev_hash"]):
             linked = False
             report.findings.append(
                 Finding(
@@ -704,6 +992,7 @@ def _audit_device(
         if linked:
             report.verified.add((dev, seq))
         summary.batches += 1
+        summary.legacy_v1 += b.legacy
         summary.kids.add(b.header["kid"])
         summary.readings += b.n_readings or 0
         if b.header.get("first_t0") is not None:
@@ -784,6 +1073,40 @@ def _check_boot(report: AuditReport, summary: DeviceSummary, e: dict[str, Any], 
         summary.unclean_stops += 1
 
 
+def check_tail(report: AuditReport, expected: Mapping[str | None, int]) -> None:
+    """Compare each device's last batch with an outside anchor; missing tails are gaps.
+
+    A chain cannot show that batches after its last one were deleted: nothing
+    signed points forward.  ``expected`` maps a device id (or None: every
+    device audited) to the last sequence known from outside the files, e.g. the
+    ingest's ``last_seq`` or a sequence a device reported in a heartbeat.
+    """
+    for dev, summary in sorted(report.devices.items()):
+        want = expected.get(dev, expected.get(None))
+        if want is None:
+            continue
+        last = -1 if summary.last_seq is None else summary.last_seq
+        if last < want:
+            summary.gaps.append((last + 1, want))
+            report.findings.append(
+                Finding(
+                    "gap",
+                    "tail_missing",
+                    f"batches {last + 1}..{want} missing after the last one held "
+                    f"(expected the chain to reach {want})",
+                    dev,
+                    last + 1,
+                )
+            )
+    for named, want in expected.items():
+        if named is not None and named not in report.devices:
+            report.findings.append(
+                Finding(
+                    "gap", "tail_missing", f"no batches of {named!r}; expected 0..{want}", named
+                )
+            )
+
+
 @dataclass
 class ChainReport:
     """Result of verifying one device's batches with one key (the simple view of :func:`audit`)."""
@@ -804,8 +1127,8 @@ def verify_set(
 
     Sequences start at 0, so a set whose lowest sequence is above 0 reports the
     missing head as a gap.  A batch whose bytes were altered fails its own
-    check; its successor then also reports a chain break, since the chain is
-    over file bytes.
+    check (a re-encoded one as ``noncanonical``); the chain runs over batch
+    ids, so a re-encoding never breaks its successor's link.
     """
     full = audit(named, KeyRing.of([(None, public_key)]))
     report = ChainReport()

@@ -21,8 +21,15 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
 ALG = "ES256"
+# The order n of P-256's base point: an ECDSA signature (r, s) verifies exactly
+# when (r, n - s) does, so batch format 2 admits only s <= n/2 (low-S).
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 # The algorithms a verifier accepts.  Only one: a header naming any other
 # algorithm is refused before the signature is even looked at, so an attacker
 # cannot pick a weaker one (OCMF leaves its algorithm field unsigned).
@@ -43,6 +50,19 @@ def kid_of(public_key: ec.EllipticCurvePublicKey) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
+def low_s(signature: bytes) -> bytes:
+    """The DER signature with ``s`` replaced by ``n - s`` when ``s > n/2``, in strict DER.
+
+    Every signer's output goes through this (a secure element signs with
+    whichever ``s`` it finds): batch format 2 accepts only the low form, so a
+    relay cannot make a second valid signature by negating ``s``.
+    """
+    r, s = decode_dss_signature(signature)
+    if s > P256_ORDER // 2:
+        s = P256_ORDER - s
+    return encode_dss_signature(r, s)
+
+
 class Signer(Protocol):
     """What the batch sealer needs from a key: an id and a signature over bytes."""
 
@@ -50,7 +70,7 @@ class Signer(Protocol):
     def kid(self) -> str: ...
 
     def sign(self, data: bytes) -> bytes:
-        """Return the DER ECDSA-P256-SHA256 signature of ``data``."""
+        """Return the DER ECDSA-P256-SHA256 signature of ``data``, low-S (:func:`low_s`)."""
         ...
 
     def public_pem(self) -> bytes: ...
@@ -80,7 +100,7 @@ class FileSigner:
         return self._kid
 
     def sign(self, data: bytes) -> bytes:
-        return self._key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+        return low_s(self._key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True)))
 
     def public_pem(self) -> bytes:
         return self._key.public_key().public_bytes(
@@ -97,7 +117,8 @@ def generate(out_dir: Path, overwrite: bool = False) -> tuple[Path, Path]:
     # A fresh key folder is private too: other users should not even see the key's name.
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key_path, pub_path = out_dir / KEY_FILE, out_dir / PUB_FILE
-    if key_path.exists() and not overwrite:
+    # lexists: a dangling symlink "does not exist", yet opening it would create its target.
+    if os.path.lexists(key_path) and not overwrite:
         raise KeyFileError(f"{key_path} already exists; refusing to replace a device key")
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(
@@ -105,23 +126,39 @@ def generate(out_dir: Path, overwrite: bool = False) -> tuple[Path, Path]:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    # Create with 0600 from the start so the key is never briefly world-readable.
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    os.chmod(key_path, 0o600)
-    pub_path.write_bytes(FileSigner(key).public_pem())
+    _write_new(key_path, pem, 0o600)  # 0600 from the start: never briefly world-readable
+    _write_new(pub_path, FileSigner(key).public_pem(), 0o644)
     return key_path, pub_path
 
 
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write a fresh file at ``path`` itself: whatever was there (a symlink too) is replaced,
+    and no symlink is ever followed to write somewhere else."""
+    if os.path.lexists(path):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
 def load_signer(key_path: Path) -> FileSigner:
-    """Load the device key, refusing one that group or others can read."""
+    """Load the device key, refusing one that group or others can read, or another user owns.
+
+    Another owner could replace the key (or read it back) whatever its mode.
+    """
     try:
-        mode = key_path.stat().st_mode
+        st = key_path.stat()
     except FileNotFoundError:
         raise KeyFileError(f"key file not found: {key_path}") from None
     except OSError as e:
         raise KeyFileError(f"cannot read key file {key_path}: {e.strerror}") from None
+    mode = st.st_mode
+    if st.st_uid != os.geteuid():
+        raise KeyFileError(
+            f"key file {key_path} is owned by uid {st.st_uid}, not by this user "
+            f"(uid {os.geteuid()}); run: chown {os.geteuid()} {key_path}"
+        )
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
             f"key file {key_path} is accessible by group/others (mode {stat.S_IMODE(mode):04o}); "

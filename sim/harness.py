@@ -37,6 +37,7 @@ from cngmrv.signed.archive import open_readonly
 from cngmrv.sim.agent_process import MCAST_GROUP, AgentProcess, free_tcp_port, new_mcast_port
 from cngmrv.sim.busload import BackgroundTraffic, Wire, capacity_fps
 from cngmrv.sim.ecu import TICK_S, EngineEcu
+from cngmrv.sim.gas import AGENT_LAW_TOLERANCE
 from cngmrv.sim.kit import INJ_DEAD_MS, INJ_FLOW, KitFaults, KitFirmware, KitLogic, LinkFaults
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
 
@@ -59,6 +60,14 @@ class SimOptions:
     # Simulated-time spans [start, end) in which the kit's port is unplugged.
     kit_unplugged: tuple[tuple[float, float], ...] = ()
     tank_start_bar: float = 200.0
+    # The bus's true tank water volume (the ground truth's), and what the agent's
+    # [gas] section is told (None: the same, as a correct calibration would say).
+    tank_volume_m3: float = 0.44
+    agent_tank_volume_m3: float | None = None
+    # The agent's gas constant for the tank's real-gas law (None: its default).
+    # In m = P V / (Z R T) a wrong R is a wrong Z: tests use it to perturb the
+    # agent's law and see the tank cross-check fail.
+    agent_r_j_per_kg_k: float | None = None
     refuel_below_bar: float = 0.0
     dpf_regens: tuple[tuple[float, float], ...] = ()
     # The CAN bus: its bit rate, and the share of its time other ECUs' traffic
@@ -90,9 +99,19 @@ class KitRun:
 
 
 def _device_settings(
-    device_id: str, can_section: dict[str, Any], kit_port: str, url: str, per_batch: int
+    opts: SimOptions, can_section: dict[str, Any], kit_port: str, url: str
 ) -> dict[str, dict[str, Any]]:
     """The simulated bus's agent config, as the TOML tables an operator would write."""
+    gas: dict[str, Any] = {
+        "injector_k": INJ_FLOW * math.sqrt(293.15) * 1e-6,
+        "injector_dead_time_ms": INJ_DEAD_MS,
+        "tank_volume_m3": (
+            opts.tank_volume_m3 if opts.agent_tank_volume_m3 is None else opts.agent_tank_volume_m3
+        ),
+    }
+    if opts.agent_r_j_per_kg_k is not None:
+        gas["r_j_per_kg_k"] = opts.agent_r_j_per_kg_k
+    device_id, per_batch = opts.device_id, opts.readings_per_batch
     return {
         "device": {"id": device_id, "key_file": "keys/device.key"},
         "can": can_section,
@@ -101,12 +120,9 @@ def _device_settings(
         "store": {"path": "store.sqlite"},
         "batch": {"readings_per_batch": per_batch},
         "upload": {"url": url},
-        # The simulated kit's injector model (its HELLO), as a fleet engineer
-        # would enter each kit's calibration: kg = k (pulse - dead) P / sqrt(T).
-        "gas": {
-            "injector_k": INJ_FLOW * math.sqrt(293.15) * 1e-6,
-            "injector_dead_time_ms": INJ_DEAD_MS,
-        },
+        # The simulated kit's injector model (its HELLO) and tank, as a fleet
+        # engineer would enter each kit's calibration: kg = k (pulse - dead) P / sqrt(T).
+        "gas": gas,
     }
 
 
@@ -165,6 +181,7 @@ def _drive(
     logic = KitLogic(opts.kit_faults)
     params = BusParams(
         tank_start_bar=opts.tank_start_bar,
+        tank_volume_m3=opts.tank_volume_m3,
         tank_low_bar=opts.kit_faults.low_bar,
         refuel_below_bar=opts.refuel_below_bar,
         dpf_regens=opts.dpf_regens,
@@ -398,9 +415,7 @@ def run_bus(
     fds = list(_open_pty(port))
     sim_bus = can.Bus(interface="virtual", channel=channel, preserve_timestamps=True)
     can_section = {"interface": "virtual", "channel": channel, "listen_only": True}
-    settings = _device_settings(
-        opts.device_id, can_section, str(port), url, opts.readings_per_batch
-    )
+    settings = _device_settings(opts, can_section, str(port), url)
     cfg = config.from_mapping(settings, workdir)
     wall_start = time.monotonic()
     agent = Agent(cfg, clock="synchronised")
@@ -453,9 +468,7 @@ def _held(ingest_db: Path, device_id: str) -> list[tuple[int, bytes]]:
 def _process_config(workdir: Path, opts: SimOptions, kit_port: Path, url: str, health: int) -> Path:
     """The agent's TOML for a run in its own process: the in-process settings, over udp_multicast."""
     can_section = {"interface": "udp_multicast", "channel": MCAST_GROUP}
-    tables = _device_settings(
-        opts.device_id, can_section, str(kit_port), url, opts.readings_per_batch
-    )
+    tables = _device_settings(opts, can_section, str(kit_port), url)
     tables["health"] = {"port": health}
     tables["clock"] = {"source": "none"}
     path = workdir / "agent.toml"
@@ -574,6 +587,17 @@ def _totals_from_batches(held: list[tuple[int, bytes]]) -> dict[str, float]:
     return totals
 
 
+def _last_tank_kg(held: list[tuple[int, bytes]], signed: list[int]) -> float | None:
+    """The tank mass in this run's last reading that carries one, as the ingest holds it."""
+    this_run = set(signed)
+    last = None
+    for seq, raw in sorted(held):
+        if seq in this_run:
+            for r in batch.parse(raw).payload()["readings"]:
+                last = r.get("tank_kg", last)
+    return last
+
+
 def _wait_for_kit(agent: Agent, timeout: float = 5.0) -> None:
     # The reader opens the pty in its own thread; frames written before that
     # would still be buffered by the pty, but we want a clean start anyway.
@@ -641,10 +665,15 @@ def _summarise(
         "diesel_l": measured["diesel_l"],
         "gas_kg": measured["gas_kg"],
         "distance_km": measured["distance_km"],
+        # The tank cross-check: the agent's tank mass (its real-gas law on the
+        # kit's pressure and temperature) at the end, against the simulator's
+        # own law's; they may differ by up to gas.AGENT_LAW_TOLERANCE.
+        "tank_kg": _last_tank_kg(held, signed),
         "truth": {
             "diesel_l": vehicle.truth_diesel_l,
             "gas_kg": vehicle.truth_gas_kg,
             "distance_km": vehicle.truth_distance_km,
+            "tank_kg": vehicle.tank_kg,
             "gas_kg_over_intact_kit_data": _truth_over_intact(
                 kit.intact_status, cfg.pipeline.kit_max_gap_s
             ),
@@ -688,6 +717,16 @@ def _relative_errors(summary: dict[str, Any]) -> dict[str, float | None]:
     return {k: relative_error(summary[k], t[k]) for k in ("diesel_l", "gas_kg", "distance_km")}
 
 
+def tank_error(summary: dict[str, Any]) -> float | None:
+    """The tank cross-check: the agent's last tank mass against the truth's, relative.
+
+    None when no reading carried a tank mass.  Within ``gas.AGENT_LAW_TOLERANCE``
+    when both real-gas laws and both tank volumes are right.
+    """
+    measured = summary["tank_kg"]
+    return None if measured is None else relative_error(measured, summary["truth"]["tank_kg"])
+
+
 def _print_human(s: dict[str, Any]) -> None:
     err = _relative_errors(s)
     print(
@@ -717,6 +756,13 @@ def _print_human(s: dict[str, Any]) -> None:
         print(
             f"{k:<12} measured {s[k]:10.3f} {unit:<2}  truth {s['truth'][k]:10.3f} {unit:<2}"
             f"  error {_percent(err[k])}"
+        )
+    tank = tank_error(s)
+    if tank is not None:
+        flag = "" if abs(tank) <= AGENT_LAW_TOLERANCE else "  (beyond the laws' tolerance)"
+        print(
+            f"{'tank_kg':<12} measured {s['tank_kg']:10.3f} kg  truth {s['truth']['tank_kg']:10.3f}"
+            f" kg  error {_percent(tank)}{flag}"
         )
     intact = s["truth"]["gas_kg_over_intact_kit_data"]
     if intact and abs(intact - s["truth"]["gas_kg"]) > 1e-9:

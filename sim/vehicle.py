@@ -4,11 +4,13 @@ The model is simple but physical enough that the fuel rates move like a real
 bus's: road load (rolling, aerodynamic, inertia) sets the wheel power, a
 fixed engine efficiency turns it into fuel power, and the kit substitutes a
 load-dependent share of that energy with gas (about 24 % at idle up to about
-80 % at full load, DOMAIN.md section 4).  Everything is a pure function of
-the simulated time and the seed, so a run is reproducible.
+80 % at full load, docs/domain.md section 4).  Everything is a pure function
+of the simulated time and the seed, so a run is reproducible.
 
 Ground truth is integrated here on a fine step, from the continuous model,
 not from the frames: it is what the agent's measurement is judged against.
+It shares no code with the agent: the tank's gas follows the simulator's own
+real-gas law (:mod:`cngmrv.sim.gas`), not the agent's.
 """
 
 from __future__ import annotations
@@ -19,11 +21,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cngmrv.native import tank_mass
+from cngmrv.sim import gas
 
-DIESEL_MJ_PER_L = 43.0 * 0.844  # IPCC NCV x default density (DOMAIN.md section 2)
+DIESEL_MJ_PER_L = 43.0 * 0.844  # IPCC NCV x default density (docs/domain.md section 2)
 GAS_MJ_PER_KG = 48.0
-R_NATURAL_GAS = 518.3  # J/(kg K), methane
 G = 9.81
 
 
@@ -44,10 +45,8 @@ class BusParams:
     max_rpm: float = 2100.0
     sub_idle: float = 0.24
     sub_full: float = 0.80
-    tank_volume_m3: float = 0.44  # four cylinders' water volume
-    # Natural gas as methane for the real-gas law (the agent's [gas] defaults).
-    tank_p_pc_bar: float = 46.0
-    tank_t_pc_k: float = 190.6
+    # Four cylinders' water volume; the gas in them is methane (cngmrv.sim.gas).
+    tank_volume_m3: float = 0.44
     tank_start_bar: float = 200.0
     tank_low_bar: float = 20.0  # below this the kit falls back to diesel only
     gas_temp_c: float = 32.0
@@ -144,7 +143,6 @@ class Bus:
         self.controller = controller
         self.refuels: list[tuple[float, float]] = []  # (t, kg added)
         self._tank_kg = self._mass_at(params.tank_start_bar, self.gas_temp_k(0.0))
-        self._tank_guess_bar = params.tank_start_bar
         self.truth_diesel_l = 0.0
         self.truth_gas_kg = 0.0
         self.truth_distance_km = 0.0
@@ -154,28 +152,19 @@ class Bus:
         """The gas's temperature (tank and reducer alike in this model), drifting slowly."""
         return self.p.gas_temp_c + 1.5 * math.sin(t / 300.0) + 273.15
 
+    @property
+    def tank_kg(self) -> float:
+        """The true gas mass in the tank now (after the last step), kg."""
+        return self._tank_kg
+
     def _mass_at(self, bar: float, temp_k: float) -> float:
-        # The same real-gas law (Dranchuk-Abou-Kassem Z) the agent's tank channel
-        # uses, so the tank mass balance is a fair cross-check of the gas flow.
-        p = self.p
-        return tank_mass(
-            bar, temp_k, p.tank_volume_m3, R_NATURAL_GAS, p.tank_p_pc_bar, p.tank_t_pc_k
-        )
+        # The simulator's own law, not the agent's: an error in either then shows
+        # in the tank cross-check instead of cancelling out (cngmrv.sim.gas).
+        return gas.gas_mass(bar, temp_k, self.p.tank_volume_m3)
 
     def tank_bar(self, t: float) -> float:
         """Absolute tank pressure holding the tank's gas mass at the gas temperature at ``t``."""
-        if self._tank_kg <= 0.0:
-            return 0.0
-        temp_k = self.gas_temp_k(t)
-        bar = max(self._tank_guess_bar, 1.0)
-        # Newton on m(P) = mass; m is smooth and nearly linear, so a few steps from
-        # the previous answer converge far below the kit's 0.01 bar resolution.
-        for _ in range(4):
-            m = self._mass_at(bar, temp_k)
-            slope = (self._mass_at(bar + 0.01, temp_k) - m) / 0.01
-            bar = max(bar - (m - self._tank_kg) / slope, 0.0)
-        self._tank_guess_bar = bar
-        return bar
+        return gas.pressure_bar(self._tank_kg, self.gas_temp_k(t), self.p.tank_volume_m3)
 
     def dpf_regen(self, t: float) -> bool:
         return any(start <= t < start + length for start, length in self.p.dpf_regens)

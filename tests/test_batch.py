@@ -16,8 +16,10 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reencode import REENCODINGS
 
 from cngmrv.agent.pipeline import Pipeline, PipelineConfig
 from cngmrv.agent.store import Store
@@ -43,7 +45,7 @@ def _store_with_batches(tmp_path: Path, signer: keys.FileSigner, n: int) -> Stor
 def test_envelope_shape_matches_the_published_contract(signer: keys.FileSigner) -> None:
     raw = batch.build(signer, "bus-7", 0, batch.ZERO_HASH, {"readings": [_reading(1.0)]})
     outer = msgpack.unpackb(raw, raw=False)
-    assert outer[0] == "cngmrv-batch" and outer[1] == 1 and len(outer) == 5
+    assert outer[0] == "cngmrv-batch" and outer[1] == batch.VERSION == 2 and len(outer) == 5
     header = msgpack.unpackb(outer[2], raw=False)
     assert header["alg"] == "ES256"
     assert header["kid"] == signer.kid
@@ -167,8 +169,9 @@ def test_seal_chains_batches_and_never_reuses_a_sequence(
     rows = list(store.batches())
     assert [s for s, _ in rows] == [0, 1, 2]
     parsed = [batch.parse(raw) for _, raw in rows]
-    assert parsed[1].header["prev_hash"] == hashlib.sha256(rows[0][1]).digest()
-    assert parsed[2].header["prev_hash"] == hashlib.sha256(rows[1][1]).digest()
+    # Version 2 chains over batch ids: SHA-256 of the previous header bytes.
+    assert parsed[1].header["prev_hash"] == hashlib.sha256(parsed[0].header_bytes).digest()
+    assert parsed[2].header["prev_hash"] == hashlib.sha256(parsed[1].header_bytes).digest()
     assert [p.payload()["readings"] for p in parsed] == [
         [_reading(1000.0 + 3 * b + i) for i in range(3)] for b in range(3)
     ]
@@ -247,15 +250,15 @@ def test_parse_rejects_garbage_with_specific_reasons(signer: keys.FileSigner) ->
     good = batch.parse(_ONE_BATCH).header
 
     def env(**fields: object) -> bytes:
-        return msgpack.packb(["cngmrv-batch", 1, msgpack.packb({**good, **fields}), b"", b""])
+        return msgpack.packb(["cngmrv-batch", 2, msgpack.packb({**good, **fields}), b"", b""])
 
     cases = {
         b"\xc1": "not msgpack",
         _ONE_BATCH[:-7]: "truncated",
-        _ONE_BATCH + b"\x00": "trailing bytes",
+        _ONE_BATCH + b"\x00": "trailing bytes after the batch",
         msgpack.packb([1, 2, 3]): "5-element",
         msgpack.packb(["other", 1, b"", b"", b""]): "magic",
-        msgpack.packb(["cngmrv-batch", 2, b"", b"", b""]): "version",
+        msgpack.packb(["cngmrv-batch", 3, b"", b"", b""]): "version",
         msgpack.packb(["cngmrv-batch", 1, "x", b"", b""]): "header is not a byte string",
         msgpack.packb(["cngmrv-batch", 1, msgpack.packb({"alg": "ES256"}), b"", b""]): "lacks",
         env(batch_seq=-1): "batch_seq",
@@ -264,6 +267,9 @@ def test_parse_rejects_garbage_with_specific_reasons(signer: keys.FileSigner) ->
         env(kid="ABC"): "kid",
         env(device_id=""): "device_id",
         env(device_id="x" * 200): "device_id",
+        env(device_id="x" * 129): "device_id",
+        env(device_id="../x"): "device_id",
+        env(device_id="bus\nevent=tamper_alarm"): "device_id",
         env(alg=["ES256"]): "alg",
         env(prev_hash=b"\x00" * 31): "prev_hash",
     }
@@ -339,7 +345,7 @@ def test_format_document_vectors_are_the_exact_bytes() -> None:
     boot = json.loads(blocks["boot-event.json"])
     b0 = batch.build(signer, "bus-test-001", 0, batch.ZERO_HASH, {"events": [boot]}, extra)
     readings = json.loads(blocks["readings.json"])
-    b1 = batch.build(signer, "bus-test-001", 1, batch.sha256(b0), {"readings": readings}, extra)
+    b1 = batch.build(signer, "bus-test-001", 1, batch.chain_id(b0), {"readings": readings}, extra)
     assert b0 == bytes.fromhex("".join(blocks["0.batch"].split()))
     assert b1 == bytes.fromhex("".join(blocks["1.batch"].split()))
     assert batch.parse(b1).payload()["readings"] == readings
@@ -347,45 +353,80 @@ def test_format_document_vectors_are_the_exact_bytes() -> None:
     assert report.passed and report.ok == [0, 1]
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")
-def test_format_document_openssl_recipe_verifies_the_vector(tmp_path: Path) -> None:
+def test_format_document_legacy_v1_vectors_still_verify() -> None:
+    """Stored version-1 data stays valid: high s accepted, chained by the whole file's hash."""
+    blocks = _doc_blocks()
+    key = serialization.load_pem_private_key(blocks["test.key"].encode(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    v0 = bytes.fromhex("".join(blocks["v1-0.batch"].split()))
+    v1 = bytes.fromhex("".join(blocks["v1-1.batch"].split()))
+    p0, p1 = batch.parse(v0), batch.parse(v1)
+    assert (p0.version, p1.version) == (1, 1)
+    _, s0 = decode_dss_signature(p0.signature)
+    assert s0 > keys.P256_ORDER // 2  # the legacy vector carries a high s
+    assert p1.header["prev_hash"] == hashlib.sha256(v0).digest() == p0.chain_id
+    report = batch.audit(
+        [("0.batch", v0), ("1.batch", v1)], batch.KeyRing.of([(None, key.public_key())])
+    )
+    assert report.passed and report.devices["bus-test-001"].legacy_v1 == 2
+
+
+def _run_recipe(tmp_path: Path, files: dict[str, bytes]) -> subprocess.CompletedProcess[str]:
     blocks = _doc_blocks()
     recipe = blocks["split.py"]
     # Generic msgpack only: an outside verifier has no cngmrv.
     assert not re.search(r"^\s*(import|from)\s+cngmrv", recipe, re.M)
     (tmp_path / "split.py").write_text(recipe)
     (tmp_path / "device.pub").write_text(blocks["device.pub"])
-    for name in ("0.batch", "1.batch"):
-        (tmp_path / name).write_bytes(bytes.fromhex("".join(blocks[name].split())))
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
     # The recipe says python3; run it with this interpreter (it has msgpack).
     script = blocks["verify.sh"].replace("python3 ", f"{sys.executable} -I ")
-    r = subprocess.run(
+    return subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")
+def test_format_document_openssl_recipe_verifies_the_vector(tmp_path: Path) -> None:
+    blocks = _doc_blocks()
+    vectors = {n: bytes.fromhex("".join(blocks[n].split())) for n in ("0.batch", "1.batch")}
+    r = _run_recipe(tmp_path, vectors)
     assert r.returncode == 0, r.stdout + r.stderr
-    fields = dict(line.split(" ", 1) for line in r.stdout.splitlines()[:4])
-    hashes = [line.split()[0] for line in r.stdout.splitlines()[5:]]
-    assert "Verified OK" in r.stdout
-    assert hashes == [
-        fields["payload_sha256"],
-        fields["kid"],
-        fields["prev_hash"],
-    ]
+    lines = r.stdout.splitlines()
+    fields = {line.split(" ")[1]: line.split(" ", 2)[2] for line in lines[4:8]}
+    hashes = [line.split()[0] for line in lines[10:]]
+    assert lines[8:10] == ["Verified OK", "low s OK"]
+    assert hashes == [fields["payload_sha256"], fields["kid"], fields["prev_hash"]]
     doc_expected = DOC.read_text().split("Expected output:\n\n```\n", 1)[1].split("```")[0]
     assert r.stdout == doc_expected
     # And the same recipe catches a forgery.
-    header = bytearray((tmp_path / "header.bin").read_bytes())
+    header = bytearray((tmp_path / "1.batch.header").read_bytes())
     header[20] ^= 1
-    (tmp_path / "header.bin").write_bytes(bytes(header))
+    (tmp_path / "1.batch.header").write_bytes(bytes(header))
     r = subprocess.run(
-        ["openssl", "dgst", "-sha256", "-verify", "device.pub", "-signature", "signature.der"]
-        + ["header.bin"],
+        ["openssl", "dgst", "-sha256", "-verify", "device.pub", "-signature", "1.batch.sig"]
+        + ["1.batch.header"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
     )
     assert r.returncode != 0 and "Verification failure" in r.stdout + r.stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line")
+@pytest.mark.parametrize("kind", ["high_s", "array16", "bin32", "trailing"])
+def test_format_document_openssl_recipe_refuses_re_encodings(tmp_path: Path, kind: str) -> None:
+    blocks = _doc_blocks()
+    vectors = {n: bytes.fromhex("".join(blocks[n].split())) for n in ("0.batch", "1.batch")}
+    vectors["1.batch"] = REENCODINGS[kind](vectors["1.batch"])
+    r = _run_recipe(tmp_path, vectors)
+    assert r.returncode != 0
+    if kind == "high_s":  # openssl alone would accept it: the low-S line refuses
+        assert "Verified OK" in r.stdout and "refuse: high s" in r.stdout
+    else:
+        assert "refuse: envelope is not canonical" in r.stderr or "ExtraData" in r.stderr

@@ -20,7 +20,10 @@ from cngmrv.agent import cli
 ROOT = Path(__file__).resolve().parent.parent
 BUS_FOLDERS = ("agent", "drivers", "native", "signed")
 # What only the office needs; none of it may reach a bus.
-OFFICE_ONLY = ("matplotlib", "psycopg", "psycopg-pool", "psycopg_pool", "uvicorn", "gunicorn")
+OFFICE_ONLY = (
+    "matplotlib", "psycopg", "psycopg-pool", "psycopg_pool", "uvicorn", "gunicorn", "openpyxl",
+    "et-xmlfile", "tomlkit", "prometheus-client", "prometheus_client",
+)  # fmt: skip
 
 
 def _commands(parser: argparse.ArgumentParser) -> set[str]:
@@ -76,7 +79,7 @@ def test_the_agents_entry_point_loads_no_office_module() -> None:
         "from cngmrv.agent import cli, service, runtime\n"
         "cli.build_parser(plugins=cli._first_word(['run', '--config', 'x']) not in cli._BUILTIN)\n"
         "print(sorted(m for m in sys.modules if m.startswith(('cngmrv.office', 'cngmrv.sim',"
-        " 'matplotlib', 'psycopg', 'uvicorn'))))\n"
+        " 'matplotlib', 'psycopg', 'uvicorn', 'prometheus_client'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.replace("'", '"')) == []
@@ -84,7 +87,7 @@ def test_the_agents_entry_point_loads_no_office_module() -> None:
 
 def test_office_commands_are_still_offered() -> None:
     parser = cli.build_parser()
-    assert {"ingest", "report", "sim"} <= _commands(parser)
+    assert {"ingest", "report", "sfc-ref", "sim"} <= _commands(parser)
 
 
 def test_bus_install_resolves_without_office_packages(tmp_path: Path) -> None:

@@ -145,3 +145,115 @@ def test_claimer_claims_defends_and_yields() -> None:
     [(lost_id, lost_data)] = c.on_frame(3.0, CLAIM, 0x4A, 255, name_bytes(ENGINE))
     assert j1939.parse_id(lost_id).source == 254 and lost_data == name_bytes(GEARBOX)
     assert c.lost and not c.ready(10.0)
+
+
+# A service tool (function 129 in industry group 0, "off-board diagnostic tool"), claiming 0xF9.
+SERVICE_TOOL = 0x0099 | (77 << 21) | (129 << 40) | (1 << 63)
+# Another NAME whose fields also say "engine #1", lower than the engine's (no AAC bit).
+HIJACKER_LOW = 0x0001 | (1 << 21) | (0 << 40) | (1 << 60)
+# The same, higher than the engine's (a larger manufacturer code, AAC bit set).
+HIJACKER_HIGH = 0x0001 | (2000 << 21) | (0 << 40) | (1 << 60) | (1 << 63)
+
+
+def test_a_pinned_engine_keeps_its_address_when_other_nodes_claim_mid_trip() -> None:
+    # The agent starts mid-trip: the engine claimed before it listened.
+    e = EngineTracker(default_address=0, engine_name=ENGINE)
+    assert e.on_claim(0xF9, name_bytes(SERVICE_TOOL)) is None
+    assert e.on_claim(0x03, name_bytes(GEARBOX)) is None
+    assert e.address == 0 and e.changes == 0 and e.contests == 0 and e.last_contest is None
+
+
+def test_a_pinned_engine_moves_when_its_own_name_claims_elsewhere() -> None:
+    e = EngineTracker(default_address=0, engine_name=ENGINE)
+    e.on_claim(0xF9, name_bytes(SERVICE_TOOL))
+    assert e.on_claim(0x05, name_bytes(ENGINE)) == (0, 5)
+    assert e.on_claim(0x17, name_bytes(GEARBOX)) is None and e.address == 5
+    # The address it left is free: another node taking it is no contest.
+    assert e.on_claim(0x00, name_bytes(RETARDER)) is None and e.contests == 0
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_a_hijacker_with_a_lower_engine_name_is_a_contest(pinned: bool) -> None:
+    e = EngineTracker(default_address=0, engine_name=ENGINE if pinned else None)
+    if not pinned:
+        e.on_claim(0x00, name_bytes(ENGINE))  # unpinned: the engine's own claim names it
+    assert e.on_claim(0x00, name_bytes(HIJACKER_LOW)) == (0, None)
+    c = e.last_contest
+    assert c is not None and c.kind == "claimed" and c.address == 0
+    assert c.claimer == HIJACKER_LOW and c.engine_name == ENGINE and not c.engine_kept
+    # The real engine answers "cannot claim" from the null address: a contest too.
+    assert e.on_claim(254, name_bytes(ENGINE)) is None
+    assert e.last_contest is not None and e.last_contest.kind == "cannot_claim"
+    assert e.contests == 2 and e.address is None and e.name == ENGINE
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_a_hijacker_with_a_higher_engine_name_loses_but_is_reported(pinned: bool) -> None:
+    e = EngineTracker(default_address=0, engine_name=ENGINE if pinned else None)
+    if not pinned:
+        e.on_claim(0x00, name_bytes(ENGINE))
+    assert e.on_claim(0x00, name_bytes(HIJACKER_HIGH)) is None
+    c = e.last_contest
+    assert c is not None and c.kind == "claimed" and c.engine_kept
+    assert e.address == 0 and e.contests == 1
+
+
+def test_unpinned_mid_trip_a_second_engine_name_cannot_go_unnoticed() -> None:
+    # Mid-trip and unpinned, the first claim at 0 cannot be told from the engine's
+    # own; the real engine's "cannot claim" that follows is what gives it away.
+    e = EngineTracker(default_address=0)
+    assert e.on_claim(0x00, name_bytes(HIJACKER_LOW)) is None
+    assert e.last_contest is None and e.name == HIJACKER_LOW
+    e.on_claim(254, name_bytes(ENGINE))
+    c = e.last_contest
+    assert c is not None and c.kind == "cannot_claim" and c.claimer == ENGINE
+    assert e.contests == 1
+
+
+def _ccvs(kmh: float) -> bytes:
+    return j1939.encode(j1939.PGN_CCVS, {"wheel_speed_kmh": kmh})
+
+
+def _mid_trip_run(engine_name: int | None) -> Pipeline:
+    """20 s of an engine at SA 0 (10 L/h, 50 km/h) that claimed before the log began;
+    a service tool claims 0xF9 at 10 s."""
+    p = Pipeline(PipelineConfig(engine_name=engine_name))
+    lfe, ccvs = j1939.make_id(j1939.PGN_LFE, 0), j1939.make_id(j1939.PGN_CCVS, 0)
+    for i in range(201):
+        t = 1000.0 + i * 0.1
+        if i == 100:
+            p.on_can(t - 0.05, j1939.make_id(CLAIM, 0xF9), name_bytes(SERVICE_TOOL))
+        p.on_can(t, lfe, _lfe(10.0))
+        p.on_can(t + 0.01, ccvs, _ccvs(50.0))
+    return p
+
+
+def test_a_pinned_engine_mid_trip_counts_every_frame_after_another_nodes_claim() -> None:
+    totals = {}
+    for pinned in (ENGINE, None):
+        p = _mid_trip_run(pinned)
+        readings = p.advance() + p.finish()
+        totals[pinned] = (
+            sum(r["diesel_l"] for r in readings),
+            sum(r["distance_km"] for r in readings),
+        )
+        assert p.stats.foreign_source == 0
+        assert p.engine.address == 0
+    assert totals[ENGINE][0] == pytest.approx(10.0 / 3600 * 20.0, rel=1e-9)
+    assert totals[ENGINE][1] == pytest.approx(50.0 / 3600 * 20.0, rel=1e-9)
+    assert totals[ENGINE] == pytest.approx(totals[None], rel=1e-12)
+
+
+def test_pipeline_reports_a_contest_as_an_event_and_a_counter() -> None:
+    p = Pipeline(PipelineConfig(engine_name=ENGINE))
+    p.on_can(10.0, j1939.make_id(CLAIM, 0), name_bytes(HIJACKER_LOW))
+    p.on_can(10.2, j1939.make_id(CLAIM, 254), name_bytes(ENGINE))
+    p.on_can(10.3, j1939.make_id(j1939.PGN_LFE, 0), _lfe(10.0))  # the hijacker's, now
+    contests = [e for e in p.events if e["kind"] == "ENGINE_ADDRESS_CONTESTED"]
+    assert [(e["contest"], e["address"], e["engine_kept"]) for e in contests] == [
+        ("claimed", 0, False),
+        ("cannot_claim", None, False),
+    ]
+    assert contests[0]["claimer"] == f"{HIJACKER_LOW:016x}"
+    assert contests[0]["name"] == f"{ENGINE:016x}"
+    assert p.stats.engine_address_contests == 2 and p.stats.foreign_source == 1

@@ -40,6 +40,32 @@ def test_a_key_readable_by_others_is_refused(keydir: Path) -> None:
         keys.load_signer(keydir / keys.KEY_FILE)
 
 
+def test_keygen_never_writes_through_a_dangling_symlink(tmp_path: Path, cli) -> None:
+    folder = tmp_path / "k"
+    folder.mkdir(mode=0o700)
+    target = tmp_path / "elsewhere" / "stolen.key"
+    target.parent.mkdir()
+    (folder / "device.key").symlink_to(target)  # dangling: the target does not exist
+    r = cli("keygen", "--out", str(folder))
+    # Old code: exists() is False for a dangling link, and the key was written to its target.
+    assert "refusing to replace" in _one_line_error(r)
+    assert not target.exists()
+    r = cli("keygen", "--out", str(folder), "--force")
+    assert r.returncode == 0, r.stderr
+    assert not target.exists() and not (folder / "device.key").is_symlink()
+    assert stat.S_IMODE((folder / "device.key").stat().st_mode) == 0o600
+
+
+@pytest.mark.may_skip("changing a file's owner needs root")
+def test_a_key_owned_by_another_user_is_refused(keydir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's owner needs root")
+    os.chown(keydir / keys.KEY_FILE, 4242, -1)
+    # Old code checked the mode only: a 0600 key of another user loaded.
+    with pytest.raises(keys.KeyFileError, match="owned by uid 4242"):
+        keys.load_signer(keydir / keys.KEY_FILE)
+
+
 def test_missing_key_file_is_one_line(tmp_path: Path, cli) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
@@ -83,7 +109,7 @@ def _cfg(tmp_path: Path, extra: str) -> Path:
     ("extra", "message"),
     [
         ('[can]\nchanel = "can0"\n', "can.chanel: unknown key"),
-        ("[batch]\nreadings_per_batch = 0\n", "batch.readings_per_batch: must be > 0"),
+        ("[batch]\nreadings_per_batch = 0\n", "batch.readings_per_batch: must be 1..1800"),
         ('[batch]\nreadings_per_batch = "60"\n', "batch.readings_per_batch: expected int"),
         ("[pipeline]\nengine_source_address = 255\n", "pipeline.engine_source_address"),
         ('[upload]\nurl = "ftp://x"\n', "upload.url: must be an http(s) URL"),
@@ -94,7 +120,7 @@ def _cfg(tmp_path: Path, extra: str) -> Path:
         ("buffer_s = 600\n", "at most 60 seconds"),
         ("alarm_fraction = 1.5\n", "store.alarm_fraction: must be between"),
         ("drop_fraction = 0.5\n", "store.drop_fraction: must be above"),
-        ("quota_mb = 0.1\n", "store.quota_mb: must be at least 1 MB"),
+        ("quota_mb = 0.1\n", "store.quota_mb: must be 1..1048576 MB"),
         ("[upload]\nbackoff_cap_s = 1\n", "upload.backoff_cap_s: must be at least"),
     ],
 )
@@ -140,7 +166,7 @@ def test_export_and_verify_from_an_ingest_database(tmp_path: Path, keydir: Path,
     for seq in range(3):
         raw = batch.build(signer, "bus-1", seq, prev, {"readings": [{"t0": float(seq)}]})
         assert ingest.accept(raw)[0] == 201
-        prev = batch.sha256(raw)
+        prev = batch.chain_id(raw)
     db.close()
     ingest_db = str(tmp_path / "ingest.sqlite")
     out = tmp_path / "o"
@@ -150,3 +176,81 @@ def test_export_and_verify_from_an_ingest_database(tmp_path: Path, keydir: Path,
     r = cli("verify", "--db", ingest_db, "--registry", ingest_db)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASSED: 3 batches verified" in r.stdout
+
+
+def _ingest_with_batches(tmp_path: Path, keydir: Path, n: int = 3) -> tuple[str, list[bytes]]:
+    from cngmrv.office.ingest import Ingest, open_db, register_device
+    from cngmrv.signed import batch
+
+    signer = keys.load_signer(keydir / keys.KEY_FILE)
+    db = open_db(tmp_path / "ingest.sqlite")
+    register_device(db, "bus-1", (keydir / keys.PUB_FILE).read_bytes())
+    ingest, prev, out = Ingest(db), batch.ZERO_HASH, []
+    for seq in range(n):
+        raw = batch.build(signer, "bus-1", seq, prev, {"readings": [{"t0": float(seq)}]})
+        assert ingest.accept(raw)[0] == 201
+        prev = batch.chain_id(raw)
+        out.append(raw)
+    # A conflicting batch 1, validly signed: the ingest refuses it and files an alarm.
+    other = batch.build(signer, "bus-1", 1, batch.chain_id(out[0]), {"readings": []})
+    for _ in range(3):
+        assert ingest.accept(other)[0] == 409
+    db.close()
+    return str(tmp_path / "ingest.sqlite"), out
+
+
+def test_export_refuses_a_folder_that_is_not_empty(tmp_path: Path, keydir: Path, cli) -> None:
+    ingest_db, _ = _ingest_with_batches(tmp_path, keydir)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "9.batch").write_bytes(b"stale")  # old code left it there for verify to trip on
+    line = _one_line_error(cli("export", "--db", ingest_db, "--out", str(out)))
+    assert "not an empty folder" in line
+    assert sorted(p.name for p in out.iterdir()) == ["9.batch"]
+    r = cli("export", "--db", ingest_db, "--out", str(tmp_path / "fresh"))
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("evil", ["../escaped", "/tmp/abs", ""])
+def test_export_never_writes_outside_its_folder(
+    tmp_path: Path, keydir: Path, cli, evil: str
+) -> None:
+    import sqlite3
+
+    ingest_db, chain = _ingest_with_batches(tmp_path, keydir)
+    # A database written before registration checked ids (or by hand).
+    db = sqlite3.connect(ingest_db)
+    db.execute(
+        "INSERT INTO batches(device_id, seq, sha256, prev_hash, bytes, received_at) "
+        "VALUES(?, 0, x'00', x'00', ?, 0)",
+        (evil, chain[0]),
+    )
+    db.commit()
+    db.close()
+    out = tmp_path / "nest" / "o"
+    line = _one_line_error(cli("export", "--db", ingest_db, "--out", str(out)))
+    assert "cannot be exported" in line
+    assert not (tmp_path / "nest" / "escaped").exists() and not out.exists()
+
+
+def test_verify_db_reports_the_ingests_tamper_alarms(tmp_path: Path, keydir: Path, cli) -> None:
+    ingest_db, _ = _ingest_with_batches(tmp_path, keydir)
+    r = cli("verify", "--db", ingest_db, "--registry", ingest_db)
+    # Old code: PASSED, although the ingest held a conflict alarm.
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "ingest_alarm" in r.stdout and "conflict alarm (3x)" in r.stdout
+
+
+def test_verify_sees_a_cut_off_tail_only_with_an_outside_anchor(
+    tmp_path: Path, keydir: Path, cli
+) -> None:
+    _, chain = _ingest_with_batches(tmp_path, keydir)
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for seq, raw in enumerate(chain[:-1]):  # the last batch was deleted
+        (folder / f"{seq}.batch").write_bytes(raw)
+    pub = str(keydir / keys.PUB_FILE)
+    assert cli("verify", str(folder), "--pubkey", pub).returncode == 0  # cannot see it alone
+    r = cli("verify", str(folder), "--pubkey", pub, "--expect-last", "bus-1=2")
+    assert r.returncode == 1 and "tail_missing" in r.stdout, r.stdout
+    assert cli("verify", str(folder), "--pubkey", pub, "--expect-last", "1").returncode == 0

@@ -61,6 +61,11 @@ def _write(tmp_path: Path, extra: str, key: str = "keys/device.key") -> Path:
         ('[clock]\nsorce = "gps"\n', "clock.sorce: unknown key"),
         ('[clock]\nsource = "gps"\n', "clock.gps_port: required when clock.source = 'gps'"),
         ("[clock]\nmin_year = 1970\n", "clock.min_year: must be a year"),
+        ("[sources]\nwheel_speed = 300\n", "sources.wheel_speed: must be a J1939 source address"),
+        ('[sources]\nfuel_rate = "brakes"\n', "sources.fuel_rate: must be 'auto', 'engine'"),
+        ('[sources]\nspeed = "auto"\n', "sources.speed: unknown key"),
+        # Old code: an OverflowError traceback.
+        ("quota_mb = 1e308\n", "store.quota_mb: must be 1..1048576 MB"),
     ],
 )
 def test_config_check_refuses_naming_the_key(
@@ -99,3 +104,24 @@ def test_config_check_accepts_a_good_file(tmp_path: Path, keydir: Path, cli) -> 
     out = json.loads(r.stdout)
     assert out["ok"] and out["device"] == "bus-1"
     assert out["kid"] == keys.load_signer(keydir / keys.KEY_FILE).kid
+
+
+def test_sources_reach_the_pipeline(tmp_path: Path) -> None:
+    data = tomllib.loads(
+        '[device]\nid = "b"\nkey_file = "k"\n[store]\npath = "s"\n'
+        '[sources]\nwheel_speed = 11\nengine_speed = "function:0"\n'
+    )
+    cfg = config.from_mapping(data, tmp_path)
+    assert cfg.pipeline.sources == {"wheel_speed": 11, "engine_speed": "function:0"}
+
+
+@pytest.mark.parametrize("bad", ["x" * 129, "../x", "bus 7", "bus\\n7", ".x"])
+def test_config_check_applies_the_one_device_id_rule(
+    tmp_path: Path, keydir: Path, cli, bad: str
+) -> None:
+    # Old code passed a 129-character id, whose every batch batch.parse then refused.
+    path = _write(tmp_path, "")
+    path.write_text(path.read_text().replace('id = "bus-1"', f'id = "{bad}"'))
+    r = cli("config", "check", str(path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "device.id: device_id" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr

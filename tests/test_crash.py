@@ -1,7 +1,7 @@
 """The crash harness: at least 200 SIGKILLs during start-up, acquisition, sealing and upload.
 
 Each kill hits a real process running the real recorder, store, sealing and
-uploader (``python -m cngmrv.sim.crash child``), restarted on the same work
+uploader (``python tests/crash_harness.py child``), restarted on the same work
 folder, with a real ingest server on 127.0.0.1.  ``bench/crash.py`` runs the
 same harness for longer.  ``CNGMRV_CRASH_KILLS`` overrides the count.
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cngmrv.sim import crash, ecu, feed
+import crash_harness as crash
+
+from cngmrv.sim import ecu, feed
 
 KILLS = int(os.environ.get("CNGMRV_CRASH_KILLS", "200"))
 

@@ -74,7 +74,7 @@ def test_undecodable_dm1_says_why(payload: bytes, reason: str) -> None:
 
 
 def _encode(lamps: int, dtcs: list[tuple[int, int, int]]) -> bytes:
-    # An independent encoder, straight from the DOMAIN.md layout.
+    # An independent encoder, straight from the docs/domain.md layout (section 3).
     out = bytearray([lamps, 0xFF])
     for spn, fmi, oc in dtcs:
         out += bytes([spn & 0xFF, (spn >> 8) & 0xFF, ((spn >> 16) << 5) | fmi, oc])

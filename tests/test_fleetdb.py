@@ -231,13 +231,18 @@ def test_migrations_on_postgresql_backfill_the_sums(tmp_path: Path, pg_url: str)
     _load(pg_url, tmp_path)
     db = IngestDB(pg_url)
     n = db.one("SELECT count(*) FROM batch_runs")[0]
+    # Back to a schema version 1 database: no sums, alarms without batch id and repeats.
     db.execute("DROP TABLE batch_runs")
-    db.execute("DELETE FROM schema_version WHERE version = 2")
+    db.execute("ALTER TABLE alarms DROP COLUMN batch_id")
+    db.execute("ALTER TABLE alarms DROP COLUMN repeats")
+    db.execute("DELETE FROM schema_version WHERE version >= 2")
     db.close()
     with pytest.raises(SchemaMismatch, match="schema version 1"):
         IngestDB(pg_url)
     IngestDB(pg_url, migrate=True).close()
     db = IngestDB(pg_url)
+    assert db.version() == SCHEMA_VERSION
     assert db.one("SELECT count(*) FROM batch_runs")[0] == n
+    assert db.one("SELECT count(*) FROM alarms WHERE repeats = 1 AND batch_id IS NULL")
     db.close()
     _both_ways(pg_url, mrv.load())

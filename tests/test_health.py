@@ -102,10 +102,20 @@ def test_status_lines_for_a_person() -> None:
             "cngmrv_clock_state": [({"state": "informative"}, 1)],
             "cngmrv_batches_pending": [({}, 3)],
             "cngmrv_last_upload_timestamp_seconds": [({}, 0)],
+            "cngmrv_signal_source_address": [
+                ({"signal": "fuel_rate"}, 0),
+                ({"signal": "wheel_speed"}, 71),
+                ({"signal": "engine_speed"}, -1),
+            ],
+            "cngmrv_signal_foreign_frames_total": [({"signal": "wheel_speed"}, 12)],
         }
     )
     lines = health.describe(health.parse(text))
     assert "boot epoch      7" in lines
+    assert (
+        "sources         fuel_rate SA 0, engine_speed none, wheel_speed SA 71 (12 from others)"
+        in lines
+    )
     assert any(x.startswith("clock           informative") for x in lines)
     assert any("3 pending" in x for x in lines)
     assert "last upload     never" in lines

@@ -33,7 +33,7 @@ def _batches(signer: keys.FileSigner, n: int, device: str = "bus-7") -> list[byt
     for seq in range(n):
         raw = batch.build(signer, device, seq, prev, {"readings": [{"t0": float(seq)}]})
         out.append(raw)
-        prev = batch.sha256(raw)
+        prev = batch.chain_id(raw)
     return out
 
 
@@ -78,7 +78,8 @@ def test_a_first_batch_above_zero_records_the_missing_head(
     server: IngestServer, signer: keys.FileSigner
 ) -> None:
     b = _batches(signer, 3)
-    assert server.ingest.accept(b[2]) == (201, {"status": "stored", "seq": 2, "gap": [0, 1]})
+    status, answer = server.ingest.accept(b[2])
+    assert (status, answer["status"], answer["seq"], answer["gap"]) == (201, "stored", 2, [0, 1])
 
 
 def test_conflicts_and_chain_breaks_are_refused_and_raise_alarms(
@@ -91,11 +92,11 @@ def test_conflicts_and_chain_breaks_are_refused_and_raise_alarms(
     conflict = post_batch(server.url, other)
     assert (conflict.status, conflict.detail, conflict.retry) == (409, "conflict", False)
     # Sequence 1 signed by the device but not chained to the stored 0.
-    forked = batch.build(signer, "bus-7", 1, batch.sha256(other), {"readings": []})
+    forked = batch.build(signer, "bus-7", 1, batch.chain_id(other), {"readings": []})
     assert server.ingest.accept(forked)[1]["error"] == "chain_broken"
     # The successor side: 2 is held, then a 1 arrives that 2 does not point at.
     assert server.ingest.accept(b2)[0] == 201
-    fake1 = batch.build(signer, "bus-7", 1, batch.sha256(b0), {"readings": [{"t0": 9.0}]})
+    fake1 = batch.build(signer, "bus-7", 1, batch.chain_id(b0), {"readings": [{"t0": 9.0}]})
     status, body = server.ingest.accept(fake1)
     assert (status, body["error"], body["detail"]) == (409, "chain_broken", "batch 2")
     alarms = _report(server)["alarms"]
@@ -142,7 +143,9 @@ def _raw_request(url: str, data: bytes, half_close: bool = True) -> tuple[int, b
     host, port = urlsplit(url).netloc.split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(data)
-        if half_close:
+        # The server answers a request whose work is asynchronous only while the
+        # client still listens: such cases ask the server to close instead.
+        if half_close and b"Connection: close" not in data:
             s.shutdown(socket.SHUT_WR)
         chunks = []
         while chunk := s.recv(65536):
@@ -155,25 +158,38 @@ def _raw_request(url: str, data: bytes, half_close: bool = True) -> tuple[int, b
     return (int(found.group(1)) if found else 0), resp
 
 
+# HTTP/1.1 requires Host; the server stack (uvicorn, h11) refuses malformed framing
+# with a plain 400 before the app sees it.
 @pytest.mark.parametrize(
     ("request_bytes", "status", "error"),
     [
         (b"POST /v1/batches HTTP/1.1\r\nHost: x\r\n\r\n", 411, b"length_required"),
-        (b"POST /v1/batches HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 413, b"bad_length"),
-        (b"POST /v1/batches HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n", 413, b"bad_length"),
-        (b"POST /v1/batches HTTP/1.1\r\nContent-Length: ten\r\n\r\n", 411, b"length_required"),
+        (b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400, b"Invalid"),
         (
-            b"POST /v1/batches HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n",
+            413,
+            b"bad_length",
+        ),
+        (b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n", 400, b"Invalid"),
+        (
+            b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n",
             411,
             b"length_required",
         ),
-        (b"POST /v1/batches HTTP/1.1\r\nContent-Length: 100\r\n\r\nshort", 400, b"truncated"),
-        (b"POST /elsewhere HTTP/1.1\r\nContent-Length: 1\r\n\r\nx", 404, b"not_found"),
-        (b"DELETE /v1/batches HTTP/1.1\r\n\r\n", 405, b"method_not_allowed"),
-        (b"BREW /v1/batches HTTP/1.1\r\n\r\n", 405, b""),
-        (b"GET /v1/health HTTP/1.1\r\n\r\n", 200, b"ok"),
-        (b"GET /v1/devices/nobody HTTP/1.1\r\n\r\n", 404, b"not_found"),
-        (b"\x00\xff garbage HTTP/1.1\r\n\r\n", 405, b""),
+        # The body ends early: the connection closes unanswered and nothing is stored.
+        (b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nshort", 0, b""),
+        (b"POST /elsewhere HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx", 404, b"not_found"),
+        (b"DELETE /v1/batches HTTP/1.1\r\nHost: x\r\n\r\n", 405, b"method_not_allowed"),
+        (b"BREW /v1/batches HTTP/1.1\r\nHost: x\r\n\r\n", 405, b"method_not_allowed"),
+        (b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 200, b"ok"),
+        (b"GET /v1/health HTTP/1.1\r\n\r\n", 400, b"Invalid"),
+        (
+            b"GET /v1/devices/nobody HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            404,
+            b"not_found",
+        ),
+        (b"\x00\xff garbage HTTP/1.1\r\n\r\n", 400, b"Invalid"),
         (b"GET /v1/health HTTP/one\r\n\r\n", 400, b""),
     ],
 )
@@ -228,3 +244,55 @@ def test_ingest_report_on_the_command_line(
     assert r.returncode == 0, r.stderr
     (dev,) = json.loads(r.stdout)
     assert (dev["device_id"], dev["batches"], dev["gaps"]) == ("bus-7", 2, [[1, 1]])
+
+
+# -- issue 15, section 5 -----------------------------------------------------------------------
+
+
+def test_reposts_of_a_conflicting_batch_are_one_alarm_with_a_count(
+    server: IngestServer, signer: keys.FileSigner, caplog: pytest.LogCaptureFixture
+) -> None:
+    (b0,) = _batches(signer, 1)
+    assert post_batch(server.url, b0).status == 201
+    other = batch.build(signer, "bus-7", 0, batch.ZERO_HASH, {"readings": [{"t0": 9.0}]})
+    caplog.set_level("INFO", logger="cngmrv.ingest")
+    for _ in range(200):
+        assert server.ingest.accept(other)[0] == 409
+    # Old code: 200 alarm rows, each with the full bytes, and 200 error lines.
+    rows = server.db.all("SELECT repeats, length(bytes) FROM alarms")
+    assert rows == [(200, len(other))]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    (alarm,) = _report(server)["alarms"]
+    assert alarm["repeats"] == 200 and alarm["batch_id"] == batch.parse(other).batch_id.hex()
+    # A different conflicting batch for the same seq is a new alarm.
+    third = batch.build(signer, "bus-7", 0, batch.ZERO_HASH, {"readings": [{"t0": 8.0}]})
+    assert server.ingest.accept(third)[0] == 409
+    assert server.db.one("SELECT count(*) FROM alarms")[0] == 2
+
+
+def test_untrusted_fields_are_logged_escaped(
+    server: IngestServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys.generate(tmp_path / "k")
+    stranger = keys.load_signer(tmp_path / "k" / keys.KEY_FILE)
+    caplog.set_level("DEBUG")
+    forged_line = "bus-9\n2026-01-01 level=ERROR event=tamper_alarm kind=conflict device=bus-7"
+    evil = batch.build(stranger, forged_line, 0, batch.ZERO_HASH, {"readings": []})
+    assert post_batch(server.url, evil).status == 400  # not even a valid device id
+    unknown = batch.build(stranger, "bus-9", 0, batch.ZERO_HASH, {"readings": []})
+    assert post_batch(server.url, unknown).status == 403
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    # Old code logged the id raw: its newline started a forged tamper_alarm line.
+    assert not any(line.lstrip().startswith("2026-01-01") for line in text.splitlines())
+    assert all("\n" not in r.getMessage() for r in caplog.records)
+    assert "device='bus-9'" in text
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "/etc", "x" * 129, "a b", "bus\n7", ".hidden", "-x"])
+def test_registration_refuses_device_ids_outside_the_one_rule(
+    server: IngestServer, keydir: Path, bad: str
+) -> None:
+    with pytest.raises(ValueError, match="device_id"):
+        register_device(server.db, bad, (keydir / keys.PUB_FILE).read_bytes())
+    assert server.db.one("SELECT count(*) FROM devices")[0] == 1

@@ -48,7 +48,7 @@ needs_numpy = pytest.mark.skipif(
     np is None, reason="numpy not installed (optional test dependency)"
 )
 
-# Set by native/sanitize.py (make sanitize), which runs these tests against an
+# Set by tests/sanitize_native.py (make sanitize), which runs these tests against an
 # ASan/UBSan build of the core.  CNGMRV_EXAMPLES raises the property tests'
 # example count for a longer local run (3,000 passes in about a minute).
 SANITIZED = os.environ.get("CNGMRV_EXPECT_SANITIZED") == "1"

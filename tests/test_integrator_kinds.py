@@ -269,7 +269,7 @@ def test_fuel_energy_and_co2_use_the_factors_passed_in(cls: Any) -> None:
     assert got[0].fuels["gas"] == FuelWindow(0.0, 0.0)  # uncovered gas adds nothing
     g = got[1].fuels["gas"]
     assert close(g.energy_mj, 18 / 3600 * 48.0) and close(g.co2_kg, g.energy_mj * 0.0561)
-    # A kg of gas emits 48.0 * 0.0561 = 2.69 kg CO2 (DOMAIN.md).
+    # A kg of gas emits 48.0 * 0.0561 = 2.69 kg CO2 (docs/domain.md section 2).
     assert close(g.co2_kg / (18 / 3600), 2.6928)
     totals = it.fuel_totals()
     assert close(totals["diesel"].energy_mj, d.energy_mj) and close(totals["gas"].co2_kg, g.co2_kg)

@@ -1,6 +1,6 @@
 """Tests for the J1939 codec (cngmrv.drivers.j1939).
 
-Expected values are worked out by hand from the DOMAIN.md table, never by calling
+Expected values are worked out by hand from the docs/domain.md table, never by calling
 ``encode``, so a wrong table entry cannot hide behind a symmetric encode/decode.
 """
 
@@ -223,7 +223,7 @@ def _frame_with(spec: j1939.SignalSpec, raw: int) -> bytes:
     return bytes(data)
 
 
-# (raw, status) per width, straight from DOMAIN.md section 3.
+# (raw, status) per width, straight from docs/domain.md section 3.
 RAW_CASES = {
     1: [
         (0xFA, "ok"),

@@ -14,6 +14,7 @@ from typing import Any
 import can
 import pytest
 
+from cngmrv.agent.pipeline import PipelineConfig
 from cngmrv.agent.replay import replay
 from cngmrv.drivers.dbc import DbcSignals
 from cngmrv.drivers.replay import LogError, LogFile
@@ -266,3 +267,25 @@ def test_gzip_of_a_damaged_file_is_still_positioned(tmp_path: Path) -> None:
     p.write_bytes(gzip.compress(text.encode()))
     s = replay(p)
     assert s["frames"] == 3 and s["error"]["where"] == "line 4"
+
+
+def test_a_pinned_engine_name_holds_on_a_real_log_with_a_service_tool_claim(
+    tmp_path: Path, messages: list[can.Message]
+) -> None:
+    # The recording has no address claims (the engine claimed before it began);
+    # a service tool's claim half-way must not make the pinned engine foreign.
+    engine_name = 0x1234 | (341 << 21) | (1 << 60) | (1 << 63)
+    tool_name = 0x0099 | (77 << 21) | (129 << 40) | (1 << 63)
+    half = len(messages) // 2
+    claim = can.Message(
+        timestamp=messages[half].timestamp,
+        arbitration_id=0x18EEFFF9,
+        data=tool_name.to_bytes(8, "little"),
+        is_extended_id=True,
+    )
+    path = _write(tmp_path / "with-claim.log", [*messages[:half], claim, *messages[half:]])
+    pinned = replay(path, PipelineConfig(engine_name=engine_name))
+    ref = independent_totals(messages)
+    assert pinned["diesel_l"] == pytest.approx(ref["diesel_l"], rel=0.005)
+    assert pinned["foreign_source"] == 0 and pinned["engine_address"] == 0
+    assert pinned["events"].get("ENGINE_ADDRESS_CHANGED", 0) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -239,7 +240,13 @@ def test_status_of_a_stopped_agent_reads_the_store(tmp_path: Path, keydir: Path,
     Store(tmp_path / "store.sqlite", "bus-svc").close()
     r = cli("status", "--json", "--config", str(cfg))
     assert r.returncode == 1
-    assert json.loads(r.stdout) == {"running": False, "readings": 0, "batches": 0, "pending": 0}
+    assert json.loads(r.stdout) == {
+        "running": False,
+        "readings": 0,
+        "batches": 0,
+        "pending": 0,
+        "refused": 0,
+    }
 
 
 def test_notify_reaches_a_socket_in_the_abstract_namespace() -> None:
@@ -285,6 +292,23 @@ def test_json_log_lines_carry_the_message_fields() -> None:
     assert kv.startswith("ts=") and kv.endswith(
         "level=warning logger=cngmrv.x event=can_up outage_s=1.500"
     )
+
+
+def test_a_library_sentence_stays_one_key_value_pair() -> None:
+    """python-can logs "Created a socket": under systemd that line reached journald bare."""
+    rec = logging.LogRecord(
+        "can.interfaces.socketcan.socketcan",
+        logging.INFO,
+        __file__,
+        1,
+        "Created a socket",
+        (),
+        None,
+    )
+    kv = service.KeyValueFormatter().format(rec)
+    assert kv.endswith('logger=can.interfaces.socketcan.socketcan msg="Created a socket"')
+    pairs = re.findall(r"(\w+)=(\"[^\"]*\"|\S+)", kv)
+    assert " ".join(f"{k}={v}" for k, v in pairs) == kv
 
 
 def test_systemd_unit_runs_the_agent_as_a_watched_notify_service() -> None:

@@ -9,6 +9,7 @@ full-jitter backoff passes in about a second.
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import struct
@@ -283,3 +284,124 @@ def test_the_uploader_follows_a_replaced_store(
     up.stop()
     assert stored_batches(server.db, "bus-7") == list(second.batches())
     assert [s for s, _ in stored_batches(server.db, "bus-7")] == [0, 1, 2, 3, 4]
+
+
+# -- refusals and false acknowledgements (issue 15, section 5) --------------------------------
+
+
+def _drain(up: Uploader, store: Store, clock: SimClock, until: float = DAY) -> None:
+    """Run the uploader until nothing is pending or the simulated clock passes ``until``."""
+    up.start()
+    up.notify()
+    deadline = time.monotonic() + 30
+    while store.counts()["batches_pending"] and clock.now < until and time.monotonic() < deadline:
+        time.sleep(0.01)
+    up.stop()
+
+
+def test_a_refused_batch_is_parked_with_a_signed_event_and_the_rest_goes_on(
+    server: IngestServer, signer: keys.FileSigner, tmp_path: Path
+) -> None:
+    store = _store(tmp_path, signer, 5)
+    # The ingest already holds another batch 2 of this device (a restored old store
+    # signed it twice): the device's own batch 2 is a conflict, and 3 cannot link.
+    rows = list(store.batches())
+    other = batch.build(signer, "bus-7", 2, batch.chain_id(rows[1][1]), {"readings": []})
+    assert server.ingest.accept(other)[0] == 201
+    clock = SimClock()
+    up = Uploader(store, server.url, seed=4, wait=clock.wait)
+    _drain(up, store, clock)
+    # Old code retried batch 2 for ever, in order: 3 and 4 never went.
+    assert [s for s, _ in stored_batches(server.db, "bus-7")] == [0, 1, 2, 4]
+    assert store.counts()["batches_pending"] == 0
+    assert store.counts()["batches_refused"] == 2 and up.refused == 2
+    assert list(store.batches()) == rows  # nothing lost
+    # Each refusal is a signed event in the next batch.
+    assert store.unsealed()[1] == 2
+    sealed = store.seal(signer, 1, {"boot_epoch": 1})
+    assert sealed is not None
+    events = batch.parse(sealed.raw).events()
+    assert [(e["kind"], e["seq"], e["code"]) for e in events] == [
+        ("UPLOAD_REFUSED", 2, "conflict"),
+        ("UPLOAD_REFUSED", 3, "chain_broken"),
+    ]
+    # At the next start the parked batches are offered again (and refused again).
+    again = Uploader(store, server.url, seed=5, wait=SimClock().wait)
+    _run_until_idle(again)
+    assert again.refused == 2 and store.counts()["batches_refused"] == 2
+    assert [s for s, _ in stored_batches(server.db, "bus-7")] == [0, 1, 2, 4, 5]
+
+
+class _Portal:
+    """A captive portal on 127.0.0.1: 200 HTML to everything, or a 302 to its login page."""
+
+    def __init__(self, redirect: bool) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        portal = self
+        self.posts = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _page(self) -> None:
+                body = b"<html><body>Welcome! Please log in.</body></html>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._page()
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                portal.posts += 1
+                if redirect:
+                    self.send_response(302)
+                    self.send_header("Location", "/login")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                else:
+                    self._page()
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1/batches"
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.mark.parametrize("redirect", [False, True], ids=["200_html", "302_login"])
+def test_a_captive_portal_answer_is_not_an_acknowledgement(
+    signer: keys.FileSigner, tmp_path: Path, redirect: bool
+) -> None:
+    store = _store(tmp_path, signer, 4)
+    portal = _Portal(redirect)
+    out = post_batch(portal.url, next(iter(store.batches()))[1])
+    assert (out.acknowledged, out.retry) == (False, True), out
+    clock = SimClock()
+    up = Uploader(store, portal.url, seed=6, wait=clock.wait)
+    _drain(up, store, clock, until=3600)
+    portal.close()
+    # Old code: pending went from 4 to 0 with nothing delivered.
+    assert portal.posts >= 3 and up.uploaded == 0
+    assert store.counts()["batches_pending"] == 4
+
+
+def test_an_ack_naming_another_batch_is_not_one(
+    server: IngestServer, signer: keys.FileSigner, tmp_path: Path
+) -> None:
+    store = _store(tmp_path, signer, 2)
+    (_, b0), (_, b1) = store.batches()
+    assert post_batch(server.url, b0).acknowledged
+    # A proxy that replays the ingest's answer for batch 0 to every request.
+    status, answer = server.ingest.accept(b0)
+    from cngmrv.agent.upload import _not_an_ack
+
+    assert _not_an_ack(json.dumps(answer).encode(), b0) is None
+    assert "names" in (_not_an_ack(json.dumps(answer).encode(), b1) or "")

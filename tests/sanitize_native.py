@@ -1,4 +1,4 @@
-"""Sanitizer run of the integrator core: ``python native/sanitize.py`` (``make sanitize``).
+"""Sanitizer run of the integrator core: ``python tests/sanitize_native.py`` (``make sanitize``).
 
 1. Builds ``cngmrv.native._integrator`` with AddressSanitizer and
    UndefinedBehaviorSanitizer (``CNGMRV_SANITIZE=1`` in build_integrator.py)
@@ -9,11 +9,12 @@
    the Python process, which is not itself instrumented.  Leak detection is
    off there (the interpreter keeps memory until exit by design).  A test in
    the suite checks that the sanitized module really is the one loaded.
-3. Builds ``native/selftest.c`` with the same sanitizers as a standalone
+3. Builds ``tests/selftest_integrator.c`` with the same sanitizers as a standalone
    program and runs it with leak detection on.
 
 Any sanitizer report aborts the process, so the exit status is non-zero.
-Needs gcc (or CC) with libasan and libubsan.
+Needs gcc (or CC) with libasan and libubsan.  A test program: it lives with
+the tests and is not installed with the package.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-NATIVE = Path(__file__).resolve().parent
-ROOT = NATIVE.parent
+TESTS_DIR = Path(__file__).resolve().parent
+ROOT = TESTS_DIR.parent
+NATIVE = ROOT / "native"
 TESTS = ["tests/test_integrator.py", "tests/test_integrator_kinds.py"]
 
 
@@ -49,7 +51,7 @@ def build_extension(out: Path) -> Path:
         shutil.rmtree(out)
     pkg.mkdir(parents=True)
     for py in NATIVE.glob("*.py"):
-        if py.name not in ("build_integrator.py", "sanitize.py"):
+        if py.name != "build_integrator.py":
             shutil.copy2(py, pkg / py.name)
     builder = build_integrator.make_builder(lambda name: str(NATIVE / name), sanitize=True)
     so = builder.compile(tmpdir=str(out / "tmp"), verbose=False)
@@ -85,7 +87,7 @@ def run_selftest(out: Path, cc: str, iterations: int) -> int:
             *build_integrator.SANITIZE_FLAGS,
             "-I",
             str(NATIVE),
-            str(NATIVE / "selftest.c"),
+            str(TESTS_DIR / "selftest_integrator.c"),
             str(NATIVE / "integrator.c"),
             "-lm",
             "-o",

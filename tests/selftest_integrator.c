@@ -1,6 +1,6 @@
 /*
  * Standalone driver for the integrator core, built with AddressSanitizer and
- * UndefinedBehaviorSanitizer by native/sanitize.py (make sanitize).  Unlike
+ * UndefinedBehaviorSanitizer by tests/sanitize_native.py (make sanitize).  Unlike
  * the Python tests it runs in a process of its own, so LeakSanitizer can
  * check that integ_free() returns everything.
  *

@@ -2,8 +2,8 @@
 
 Two halves:
 
-- ``python -m cngmrv.sim.crash child --workdir W --url U`` is a **test-only
-  entry point**: a small process that runs the real recorder (buffer, store,
+- ``python tests/crash_harness.py child --workdir W --url U`` is the child:
+  a small process that runs the real recorder (buffer, store,
   sealing, start-up sequence) and the real uploader on readings from the
   deterministic in-process feed (:mod:`cngmrv.sim.feed`), so it starts in a
   fraction of a second.  It writes one line per reading it hands to the
@@ -19,6 +19,8 @@ Two halves:
   than the buffer window holds.
 
 ``tests/test_crash.py`` runs 200 kills; ``bench/crash.py`` runs a long one.
+Both import this file from the source tree: it is a test program, so the
+package does not install it.
 """
 
 from __future__ import annotations
@@ -196,7 +198,7 @@ def run(
         keys.generate(workdir / "keys")
     server = IngestServer(workdir / "ingest.sqlite").start()
     register_device(server.db, DEVICE_ID, (workdir / "keys" / keys.PUB_FILE).read_bytes())
-    base = [sys.executable, "-m", "cngmrv.sim.crash", "child", "--workdir", str(workdir)]
+    base = [sys.executable, str(Path(__file__).resolve()), "child", "--workdir", str(workdir)]
     base += ["--url", server.url, "--per-batch", str(per_batch), "--buffer-s", str(buffer_s)]
     emitted: dict[int, int] = {}
     phases: Counter[str] = Counter()
@@ -273,9 +275,9 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cngmrv.sim.crash")
+    p = argparse.ArgumentParser(prog="python tests/crash_harness.py")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("child", help="test-only: the process the harness kills")
+    c = sub.add_parser("child", help="the process the harness kills")
     c.add_argument("--workdir", required=True)
     c.add_argument("--url", required=True)
     c.add_argument("--per-batch", type=int, default=5)

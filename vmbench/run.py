@@ -1,0 +1,331 @@
+"""One run of the virtual bench: image, share, boots, results.
+
+``run_bench()`` builds (or takes from the cache) the guest image, fills the
+9p share the guest reads (the project as a wheelhouse, the tests, the shipped
+``deploy/`` files, the real recording in candump format), boots the guest to
+install the project and run ``hil_tests`` in it, cuts its power in the middle
+of acquisition, boots it again to check the store, and gathers the figures the
+guest tests left in the share into one result (``bench/vm_bench.py``'s JSON).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+from typing import Any, TextIO
+
+from vmbench import guest, image
+from vmbench.guest import VmBenchError
+
+ROOT = Path(__file__).resolve().parent.parent
+# The shared real recording, found as the tests find it (CNGMRV_SHARED_DATA, or beside the checkout).
+RECORDING = Path("css-electronics") / "j1939-idle-127s.MF4"
+# The guest's tools beside the agent (vmbench/guest/install.sh).
+BENCH_REQUIREMENTS = ["pytest>=8"]
+# The guest's pip platform: Debian bookworm's glibc 2.36, x86_64.
+GUEST_PLATFORMS = {
+    "amd64": [f"manylinux_2_{n}_x86_64" for n in (36, 35, 34, 31, 28, 27, 24, 17, 12, 5)]
+    + ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64"],
+}
+POWER_LOSS_MARK = "VMBENCH power-loss-ready"
+# Seconds of the full 500 kbit/s mix played into vcan0 for bench/vm_full_load.py.
+FULL_LOAD_S = 20.0
+
+# The contract's keys (issue 13), each null until a guest test reports it.
+RESULT_KEYS = (
+    "arch",
+    "kernel",
+    "hil_passed",
+    "hil_failed",
+    "hil_skipped",
+    "replay_diesel_l",
+    "agent_diesel_l",
+    "replay_rpm_mean",
+    "agent_rpm_mean",
+    "agent_tx_frames",
+    "watchdog_restarted",
+    "power_loss_chain_ok",
+    "full_load",
+    "seconds",
+)
+FULL_LOAD_KEYS = (
+    "agent_cpu_pct",
+    "bare_cpu_pct",
+    "candump_cpu_pct",
+    "offered",
+    "received",
+    "dropped",
+)
+
+
+def recording_path() -> Path:
+    shared = os.environ.get("CNGMRV_SHARED_DATA")
+    return (Path(shared) if shared else ROOT.parent / "shared" / "data") / RECORDING
+
+
+def run_bench(
+    arch: str = "amd64", log: TextIO = sys.stderr, keep: Path | None = None
+) -> dict[str, Any]:
+    """The whole bench; the result has :data:`RESULT_KEYS` plus ``errors``, ``stage_seconds``.
+
+    Never raises for a failing stage: the failure goes into ``errors`` as
+    ``"[stage] message"``, so the caller can print the JSON and still fail.
+    """
+    result: dict[str, Any] = {k: None for k in RESULT_KEYS}
+    result["full_load"] = {k: None for k in FULL_LOAD_KEYS}
+    result.update(errors=[], failed_tests=[], skipped_tests=[], stage_seconds={}, image_built=None)
+    t_start = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="cngmrv-vm-", dir=keep))
+    try:
+        t0 = time.monotonic()
+        try:
+            img, built = image.ensure(arch, log)
+        except image.ImageError as e:
+            raise VmBenchError("image build", str(e).removeprefix("image build: ")) from e
+        result["image_built"] = built
+        result["stage_seconds"]["image"] = round(time.monotonic() - t0, 1)
+
+        t0 = time.monotonic()
+        share = work / "share"
+        prepare_share(share, arch, log)
+        result["stage_seconds"]["prepare"] = round(time.monotonic() - t0, 1)
+
+        disk = work / "disk.qcow2"
+        guest.make_disk(img, disk)
+        (share / "phase").write_text("suite+power-loss\n")
+        t0 = time.monotonic()
+        first = guest.boot(
+            img, share, disk, work / "console-1.log", kill_on=POWER_LOSS_MARK, on_line=_echo(log)
+        )
+        result["stage_seconds"]["suite_boot"] = round(time.monotonic() - t0, 1)
+        _read_suite(share / "results", result)
+        if first.killed_on is None:
+            result["errors"].append(
+                f"[suite] the guest never armed the power-loss test (exit {first.guest_rc})"
+            )
+        else:
+            (share / "phase").write_text("after-power-loss\n")
+            t0 = time.monotonic()
+            second = guest.boot(img, share, disk, work / "console-2.log", on_line=_echo(log))
+            result["stage_seconds"]["power_loss_boot"] = round(time.monotonic() - t0, 1)
+            check = _json(share / "results" / "power_loss.json")
+            if check:
+                result["power_loss_chain_ok"] = bool(check.get("chain_ok"))
+                result["power_loss"] = check
+            if second.guest_rc != 0:
+                result["errors"].append(
+                    f"[suite] the power-loss check failed in the guest (exit {second.guest_rc}); "
+                    "see power_loss_check.log"
+                )
+        if result["hil_failed"]:
+            result["errors"].append(
+                f"[suite] {result['hil_failed']} guest test(s) failed: "
+                + ", ".join(result["failed_tests"])
+            )
+        if first.guest_rc not in (0, None) and not result["hil_failed"]:
+            result["errors"].append(f"[suite] the guest suite exited {first.guest_rc}")
+    except VmBenchError as e:
+        result["errors"].append(str(e))
+    finally:
+        # The whole run: with a cached image that is boots, install and suite only.
+        result["seconds"] = round(time.monotonic() - t_start, 1)
+        results = work / "share" / "results"
+        if keep is None and results.exists():
+            # The guest's logs outlive the run's folder: the last run's are kept in the cache.
+            last = image.cache_root() / f"last-run-{arch}"
+            shutil.rmtree(last, ignore_errors=True)
+            shutil.copytree(results, last, dirs_exist_ok=True)
+            for c in work.glob("console-*.log"):
+                shutil.copy2(c, last / c.name)
+            result["logs"] = str(last)
+        elif keep is not None:
+            result["logs"] = str(work)
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _echo(log: TextIO):  # type: ignore[no-untyped-def]
+    def echo(line: str) -> None:
+        if line.startswith("VMBENCH"):
+            print(f"[vmbench] {line}", file=log, flush=True)
+
+    return echo
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+def _read_suite(results: Path, result: dict[str, Any]) -> None:
+    for name in ("arch", "kernel"):
+        p = results / name
+        if p.exists():
+            result[name] = p.read_text().strip()
+    junit = results / "hil.xml"
+    if junit.exists():
+        passed = failed = skipped = 0
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            name = f"{case.get('classname', '')}::{case.get('name', '')}"
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed += 1
+                result["failed_tests"].append(name)
+            elif (skip := case.find("skipped")) is not None:
+                skipped += 1
+                result["skipped_tests"].append(f"{name}: {skip.get('message', '')}")
+            else:
+                passed += 1
+        result.update(hil_passed=passed, hil_failed=failed, hil_skipped=skipped)
+    else:
+        result["errors"].append("[suite] the guest left no junit report (hil.xml)")
+    # Each guest test that measures something leaves a JSON object of contract keys.
+    for f in sorted(results.glob("figure-*.json")):
+        figures = _json(f) or {}
+        for k, v in figures.items():
+            if k == "full_load":
+                result["full_load"].update(v)
+            else:
+                result[k] = v
+
+
+def prepare_share(share: Path, arch: str, log: TextIO) -> None:
+    """The 9p share: guest scripts, the tests, deploy/, the recording, the wheelhouse."""
+    share.mkdir(parents=True)
+    shutil.copytree(Path(__file__).parent / "guest", share / "guest")
+    src = share / "src"
+    src.mkdir()
+    for folder in ("hil_tests", "deploy"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "pyproject.toml", src / "pyproject.toml")
+    try:
+        recording_to_candump(recording_path(), src / "recording.log")
+    except Exception as e:
+        raise VmBenchError(
+            "install", f"could not convert the recording {recording_path()}: {e}"
+        ) from e
+    (src / "bench").mkdir()
+    shutil.copy2(ROOT / "bench" / "vm_full_load.py", src / "bench" / "vm_full_load.py")
+    try:
+        busload_to_candump(src / "busload.log", FULL_LOAD_S)
+    except Exception as e:
+        raise VmBenchError("install", f"could not make the full-load log: {e}") from e
+    build_wheelhouse(share / "wheelhouse", arch, log)
+    # For a quick look at a few guest tests (e.g. "-k systemd"); a full run sets nothing.
+    if os.environ.get("CNGMRV_VM_PYTEST_ARGS"):
+        (share / "pytest-args").write_text(os.environ["CNGMRV_VM_PYTEST_ARGS"])
+
+
+def recording_to_candump(mf4: Path, out: Path) -> int:
+    """The MF4 recording as a candump ``-L`` log for canplayer (channel ``vcan0``); frame count."""
+    import can
+
+    n = 0
+    with can.LogReader(str(mf4)) as reader, can.Logger(str(out), channel="vcan0") as writer:
+        for msg in reader:
+            if msg.is_error_frame or msg.is_remote_frame:
+                continue
+            msg.channel = None
+            writer.on_message_received(msg)
+            n += 1
+    if n == 0:
+        raise ValueError("no frames in the recording")
+    return n
+
+
+def busload_to_candump(
+    out: Path, seconds: float, bitrate: int = 500_000, load_pct: float = 100.0
+) -> int:
+    """``seconds`` of sim/busload.py's full J1939 mix (engine and other ECUs) as a candump log.
+
+    The frames carry the wire's end-of-frame times, so canplayer spaces them as
+    the bus would; returns the frame count.
+    """
+    import can
+
+    from cngmrv.sim.busload import BackgroundTraffic, Wire
+    from cngmrv.sim.ecu import TICK_S, EngineEcu
+    from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
+
+    t0 = 1_700_000_000.0
+    n = 0
+    with can.Logger(str(out), channel="vcan0") as writer:
+
+        def send(t: float, can_id: int, data: bytes) -> None:
+            nonlocal n
+            writer.on_message_received(
+                can.Message(timestamp=t, arbitration_id=can_id, is_extended_id=True, data=data)
+            )
+            n += 1
+
+        wire = Wire(bitrate, t0, send, BackgroundTraffic(t0, 1), load_pct)
+        vehicle = Bus(BusParams(), DriveCycle.brt(seconds + 60.0, 1))
+        ecu = EngineEcu(None, vehicle, t0)  # type: ignore[arg-type]  # frames_due needs no bus
+        for i in range(int(seconds / TICK_S)):
+            for t, can_id, data in ecu.frames_due(i, vehicle.step(i * TICK_S)):
+                wire.submit(t, can_id, data)
+            wire.run_until(t0 + (i + 1) * TICK_S)
+    return n
+
+
+def build_wheelhouse(out: Path, arch: str, log: TextIO) -> None:
+    """The project's wheel (built here, its C extension by the host's compiler) and every
+    dependency as a binary wheel for the guest's Python and platform."""
+    out.mkdir(parents=True)
+    pip = [sys.executable, "-m", "pip"]
+    r = subprocess.run(
+        [*pip, "wheel", "--quiet", "--no-deps", "-w", str(out), str(ROOT)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    wheels = list(out.glob("cngmrv-*.whl"))
+    if r.returncode != 0 or not wheels:
+        raise VmBenchError("install", f"pip wheel of the project failed (exit {r.returncode})")
+    requires = wheel_requirements(wheels[0])
+    platforms: list[str] = []
+    for p in GUEST_PLATFORMS[arch]:
+        platforms += ["--platform", p]
+    r = subprocess.run(
+        [
+            *pip,
+            "download",
+            "--quiet",
+            "--only-binary=:all:",
+            "--python-version",
+            image.GUEST_PYTHON,
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            str(out),
+            *requires,
+            *BENCH_REQUIREMENTS,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    if r.returncode != 0:
+        raise VmBenchError(
+            "install",
+            f"pip download of the dependencies for the guest (Python {image.GUEST_PYTHON}, "
+            f"{arch}) failed (exit {r.returncode}): {' '.join(requires)}",
+        )
+
+
+def wheel_requirements(wheel: Path) -> list[str]:
+    """The wheel's install requirements (its METADATA ``Requires-Dist`` without extras)."""
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        msg = Parser().parsestr(z.read(meta).decode())
+    return [r for r in msg.get_all("Requires-Dist") or [] if "extra ==" not in r]
