@@ -54,7 +54,7 @@ def _batches(work: Path, devices: int, per_device: int) -> tuple[dict[str, bytes
         for seq in range(per_device):
             rs = [_reading(DAY0 + (seq * 60 + i) + d * 7, seq * 60 + i) for i in range(60)]
             raw = batch.build(signer, dev, seq, prev, {"readings": rs})
-            prev = batch.sha256(raw)
+            prev = batch.chain_id(raw)
             out.append(raw)
     return pubs, out
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -45,11 +47,11 @@ def _chains(tmp: Path) -> tuple[dict[str, bytes], dict[str, list[bytes]], list[b
             rs = [reading(DAY0 + (seq * 10 + i) * STEP, gas_kg=0.05 + d * 0.01) for i in range(10)]
             raw = batch.build(signer, dev, seq, prev, {"readings": rs})
             chain.append(raw)
-            prev = batch.sha256(raw)
+            prev = batch.chain_id(raw)
             if seq == 5 and d == 0:
                 # The device's own key, another content for a stored sequence: a tamper alarm.
                 forged.append(
-                    batch.build(signer, dev, seq, batch.sha256(chain[-2]), {"readings": rs[:3]})
+                    batch.build(signer, dev, seq, batch.chain_id(chain[-2]), {"readings": rs[:3]})
                 )
         chains[dev] = chain
     return pubs, chains, forged
@@ -64,27 +66,48 @@ def _post(url: str, raw: bytes) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture
-def servers(pg_url: str) -> Iterator[list[str]]:
-    procs, urls = [], []
+def servers(pg_url: str, tmp_path: Path) -> Iterator[list[str]]:
+    procs, urls, logs = [], [], []
     try:
-        for _ in range(SERVERS):
+        for i in range(SERVERS):
+            port = _free_port()
+            log = (tmp_path / f"ingest-{i}.log").open("w")
+            logs.append(log)
             p = subprocess.Popen(
-                [sys.executable, "-m", "cngmrv.agent.cli", "ingest", "--db", pg_url, "--port", "0"],
-                stderr=subprocess.PIPE,
+                [sys.executable, "-m", "cngmrv.agent.cli", "ingest", "--db", pg_url]
+                + ["--port", str(port), "--workers", "1"],
+                stderr=log,
                 text=True,
             )
             procs.append(p)
-            assert p.stderr is not None
-            line = p.stderr.readline()
-            assert "listening on" in line, line + p.stderr.read()
-            urls.append(line.rsplit(" ", 1)[1].strip())
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(base + "/v1/health", timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert p.poll() is None, (tmp_path / f"ingest-{i}.log").read_text()
+                assert time.monotonic() < deadline, "the ingest server did not start in 60 s"
+                time.sleep(0.1)
+            urls.append(base + "/v1/batches")
         yield urls
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+        for log in logs:
+            log.close()
 
 
 def _phases(chains: dict[str, list[bytes]], forged: list[bytes]) -> list[list[bytes]]:
@@ -118,7 +141,7 @@ def test_every_batch_once_gaps_closed_alarms_as_on_one_server(
             )
     n = DEVICES * BATCHES
     assert statuses[500] == 0 and set(statuses) <= {200, 201, 409}, statuses
-    assert codes["stored"] == n  # one 201 per batch, whichever server won
+    assert codes["stored"] == n, (codes, statuses)  # one 201 per batch, whichever server won
     assert codes["duplicate"] == n * SERVERS * 2 - n
     stored = db.all("SELECT device_id, seq, sha256 FROM batches")
     assert len(stored) == n and len({(d, s) for d, s, _ in stored}) == n
