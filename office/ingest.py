@@ -54,7 +54,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from cngmrv.office import monitored
@@ -71,7 +70,6 @@ __all__ = [
     "Ingest",
     "IngestDB",
     "IngestError",
-    "IngestServer",
     "open_db",
     "register_device",
     "stored_batch",
