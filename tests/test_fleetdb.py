@@ -246,3 +246,24 @@ def test_migrations_on_postgresql_backfill_the_sums(tmp_path: Path, pg_url: str)
     assert db.one("SELECT count(*) FROM alarms WHERE repeats = 1 AND batch_id IS NULL")
     db.close()
     _both_ways(pg_url, mrv.load())
+
+
+def test_a_blend_change_inside_a_stored_hour_agrees_with_recompute(tmp_path: Path) -> None:
+    # The ingest's sums hold no blend: the report labels each stored hour with the blend in
+    # force, and decodes the batches of an hour that a change of blend cuts (21:30 here).
+    project = tmp_path / "blend.toml"
+    project.write_text(
+        '[methodology]\nbase = "jcm-id-dual-fuel-bus"\nversion = "2.0.0+blend-test"\n'
+        '[[blend]]\nname = "B0"\nfrom = 2000-01-01\nto = 2025-03-01T21:30:00Z\n'
+        'fame_share_vol = 0.0\nsource = "test"\n'
+        '[[blend]]\nname = "B40"\nfrom = 2025-03-01T21:30:00Z\nfame_share_vol = 0.4\n'
+        'source = "test"\n'
+    )
+    m = mrv.load(project)
+    db = tmp_path / "ingest.sqlite"
+    _load(db, tmp_path)
+    full = _both_ways(db, m)[0]
+    by = {b["device_id"]: b for b in full["buses"]}
+    shares = [p["fame_share_vol"] for p in by["bus-a"]["blend_parts"]]
+    assert shares == [0.0, 0.4]
+    assert [p["fame_share_vol"] for p in by["bus-c"]["blend_parts"]] == [0.4]
