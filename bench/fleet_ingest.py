@@ -1,4 +1,4 @@
-"""The production ingest on PostgreSQL under a national fleet's load (issue 14, section 6).
+"""The production ingest on PostgreSQL under a national fleet's load (docs/office.md).
 
 Makes a fleet's signed batches with the project's own code (batch.build: 60
 one-second readings a batch, each device its own key and chain), starts

@@ -1,4 +1,4 @@
-"""What refusing a hostile batch body costs the ingest's parser (issue 15, section 5).
+"""What refusing a hostile batch body costs the ingest's parser (docs/batch-format.md).
 
 Prints one JSON object.  Each case runs ``batch.parse`` in a fresh child
 process on one body and reports the child's wall time and its peak resident

@@ -1,4 +1,4 @@
-"""The virtual bench (issue 13): the x86_64 guest's suite, as one JSON object.
+"""The virtual bench (docs/hil-runbook.md): the x86_64 guest's suite, as one JSON object.
 
 Builds the guest image when its recipe changed (kept in
 ``${XDG_CACHE_HOME:-~/.cache}/cngmrv/vm/``), boots it under qemu (TCG), installs

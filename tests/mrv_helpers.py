@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cngmrv.office import mrv
 
-# The defaults before issue 16 (fossil diesel, CO2 only), so the mechanics tests keep
+# The defaults before methodology 2.0.0 (fossil diesel, CO2 only), so the mechanics tests keep
 # their hand computations: 1 kg of CNG = 48 MJ x (74.1 - 56.1) g/MJ = 0.864 kg CO2.
 FOSSIL_CO2 = (
     '[methodology]\nbase = "jcm-id-dual-fuel-bus"\nversion = "2.0.0+fossil-co2"\n'

@@ -3,7 +3,7 @@
 Each function takes a batch file's exact bytes and returns another encoding of
 the same signed content: the signature still verifies over the same header
 bytes (except :func:`header_map16`, which needs the key: the canonical check
-must refuse it all the same).  Used by the tests of issue 15's "one valid
+must refuse it all the same).  Used by the tests of the batch format's "one valid
 encoding per batch" (tests/test_canonical.py, tests/test_batch.py).
 """
 

@@ -1,4 +1,4 @@
-"""One valid encoding per batch (issue 15, section 1), through the real ingest and `cngmrv verify`.
+"""One valid encoding per batch (docs/batch-format.md), through the real ingest and `cngmrv verify`.
 
 Every re-encoding a relay can make without the device's key ((r, n-s), DER
 with extra zeros or a long length, array16, a uint8 version, bin32, str8,

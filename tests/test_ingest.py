@@ -246,7 +246,7 @@ def test_ingest_report_on_the_command_line(
     assert (dev["device_id"], dev["batches"], dev["gaps"]) == ("bus-7", 2, [[1, 1]])
 
 
-# -- issue 15, section 5 -----------------------------------------------------------------------
+# -- hostile input -------------------------------------------------------------------------------
 
 
 def test_reposts_of_a_conflicting_batch_are_one_alarm_with_a_count(

@@ -231,7 +231,7 @@ def test_a_connection_flood_is_capped_and_costs_no_thread_per_connection(
 def test_huge_bodies_are_refused_unread_and_cost_no_memory(one_worker: IngestProcess) -> None:
     pid = one_worker.proc.pid
     rss_before = _proc_status(pid, "VmRSS")
-    # Four 16 MB posts at once (issue 15's memory blow-up: ~1.3 GB each before).
+    # Four 16 MB posts at once (an unbounded unpack's memory blow-up: ~1.3 GB each before).
     bomb = b"\xdd" + (16 * 1024 * 1024 // 1).to_bytes(4, "big") + b"\x80" * (16 * 1024 * 1024)
     statuses: list[bytes] = []
 
@@ -354,7 +354,7 @@ def test_a_locked_database_gets_503_retry_after_and_every_batch_lands_once(
 
 # -- PostgreSQL ------------------------------------------------------------------------
 # A throwaway cluster of this module's own, until the shared PostgreSQL fixture
-# (issue 14 section 2) is on main; then this uses that one.
+# (tests/pg_cluster.py) is on main; then this uses that one.
 
 
 def _pg_bindir() -> Path | None:

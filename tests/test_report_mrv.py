@@ -1,4 +1,4 @@
-"""Issue 16 through the report: blends by date, classes, dispenser records, the workbook,
+"""The conservative methodology through the report: blends by date, classes, dispenser records, the workbook,
 sfc-ref, on real signed stores and a real ingest database, against hand computations."""
 
 from __future__ import annotations

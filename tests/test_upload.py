@@ -286,7 +286,7 @@ def test_the_uploader_follows_a_replaced_store(
     assert [s for s, _ in stored_batches(server.db, "bus-7")] == [0, 1, 2, 3, 4]
 
 
-# -- refusals and false acknowledgements (issue 15, section 5) --------------------------------
+# -- refusals and false acknowledgements ---------------------- --------------------------------
 
 
 def _drain(up: Uploader, store: Store, clock: SimClock, until: float = DAY) -> None:

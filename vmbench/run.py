@@ -40,7 +40,7 @@ POWER_LOSS_MARK = "VMBENCH power-loss-ready"
 # Seconds of the full 500 kbit/s mix played into vcan0 for bench/vm_full_load.py.
 FULL_LOAD_S = 20.0
 
-# The contract's keys (issue 13), each null until a guest test reports it.
+# The contract's keys (docs/hil-runbook.md), each null until a guest test reports it.
 RESULT_KEYS = (
     "arch",
     "kernel",
