@@ -53,8 +53,9 @@ setup(
             # metrics, summed over the workers (docs/office.md).
             "uvicorn>=0.30",
             "prometheus-client>=0.20",
-            # The fleet database on PostgreSQL.
+            # The fleet database on PostgreSQL (docs/fleet-database.md): psycopg 3 and its pool.
             "psycopg[binary]>=3.1",
+            "psycopg-pool>=3.2",
         ],
         # A bus whose key lives in a TPM or secure element (signed/hsm.py).  An extra,
         # not install_requires: a compiled module (Cython, about 8 MB installed)

@@ -1,7 +1,7 @@
 """The ingest: verifies batches and stores each one once.
 
-This module holds the request logic (:class:`Ingest`) and the storage
-(:class:`IngestDB`); HTTP is :mod:`cngmrv.office.ingest_app` (the ASGI app)
+This module holds the request logic (:class:`Ingest`); the storage is
+:mod:`cngmrv.office.fleetdb`; HTTP is :mod:`cngmrv.office.ingest_app` (the ASGI app)
 and :mod:`cngmrv.office.ingest_serve` (uvicorn, and the in-process server).
 
 ``POST /v1/batches`` takes one batch's exact bytes.  The answer (JSON):
@@ -56,29 +56,30 @@ whether the forgery was noticed.  ``GET /v1/health`` says ``ok`` to anyone
 (a load balancer needs it) and adds the outcome counts for the token holder
 only.  ``docs/security.md`` lists what each endpoint reveals.
 
-Storage is plain SQL over a DB-API connection (:class:`IngestDB`): SQLite by
-default, PostgreSQL when given a ``postgresql://`` URL and the ``psycopg``
-package, for a fleet.  Each batch is checked and stored in one transaction
-that first locks the device's row, so concurrent posts of the same batch store
-it exactly once, on one server or several.
+Storage is the fleet database (:mod:`cngmrv.office.fleetdb`): SQLite by
+default, PostgreSQL when given a ``postgresql://`` URL, for a fleet.  Each
+batch is checked and stored, with its per-batch sums for the report
+(:mod:`cngmrv.office.monitored`), in one transaction that first locks the
+device's row, so concurrent posts of the same batch store it exactly once, on
+one server or several.  When the database cannot take it (down, busy, or
+migrated by a newer cngmrv under this server), the answer is 503
+``unavailable`` with ``Retry-After``: the uploader keeps the batch and retries.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from cngmrv.office import monitored
+from cngmrv.office.fleetdb import IngestDB, IngestError, open_db, stored_batch
 from cngmrv.signed import batch
-from cngmrv.signed.archive import ArchiveError
 from cngmrv.signed.keys import ALLOWED_ALGS, kid_of, public_key_from_pem
 
 log = logging.getLogger("cngmrv.ingest")
@@ -86,144 +87,18 @@ log = logging.getLogger("cngmrv.ingest")
 # The largest body read: one batch (signed/batch.py, docs/batch-format.md).
 MAX_BODY = batch.MAX_BATCH_BYTES
 
-_TABLES = """
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY, kid TEXT NOT NULL, pubkey_pem {blob} NOT NULL
-);
-CREATE TABLE IF NOT EXISTS batches (
-    device_id TEXT NOT NULL, seq BIGINT NOT NULL, sha256 {blob} NOT NULL,
-    prev_hash {blob}, bytes {blob} NOT NULL, received_at {real} NOT NULL,
-    PRIMARY KEY (device_id, seq)
-);
-CREATE TABLE IF NOT EXISTS gaps (
-    device_id TEXT NOT NULL, first_seq BIGINT NOT NULL, last_seq BIGINT NOT NULL,
-    found_at {real} NOT NULL, PRIMARY KEY (device_id, first_seq)
-);
-CREATE TABLE IF NOT EXISTS device_keys (
-    device_id TEXT NOT NULL, kid TEXT NOT NULL, pubkey_pem {blob} NOT NULL,
-    valid_from BIGINT NOT NULL, valid_until BIGINT, via TEXT NOT NULL, at {real} NOT NULL,
-    PRIMARY KEY (device_id, kid)
-);
-CREATE TABLE IF NOT EXISTS alarms (
-    device_id TEXT NOT NULL, seq BIGINT, kind TEXT NOT NULL, detail TEXT NOT NULL,
-    bytes {blob}, at {real} NOT NULL, batch_id {blob}, repeats BIGINT NOT NULL DEFAULT 1
-)
-"""
-
-
-class IngestError(ArchiveError):
-    """The ingest database cannot be opened or used."""
-
-
-class IngestDB:
-    """The ingest's storage: a DB-API connection and plain SQL written with ``?`` markers.
-
-    Thread-safe: one connection, one lock.  ``target`` is a file path, a
-    ``sqlite:///path`` URL, or a ``postgresql://`` URL (needs ``psycopg``).
-    """
-
-    def __init__(self, target: str | Path) -> None:
-        text = str(target)
-        self._lock = threading.RLock()
-        self.dialect = "sqlite"
-        self._conn: Any
-        if text.startswith(("postgresql://", "postgres://")):
-            try:
-                import psycopg  # type: ignore[import-not-found]
-            except ImportError:
-                raise IngestError(
-                    "a PostgreSQL URL needs the psycopg package: pip install 'psycopg[binary]'"
-                ) from None
-            self.dialect = "postgresql"
-            self._conn = psycopg.connect(text, autocommit=True)
-        else:
-            path = Path(text.removeprefix("sqlite:///") if text.startswith("sqlite:") else text)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._conn = sqlite3.connect(
-                    path, isolation_level=None, check_same_thread=False, timeout=30
-                )
-                self._conn.execute("PRAGMA journal_mode=WAL")
-                self._conn.execute("PRAGMA synchronous=FULL")
-            except (sqlite3.Error, OSError) as e:
-                raise IngestError(f"cannot open ingest database {path}: {e}") from None
-        pg = self.dialect == "postgresql"
-        blob, real = ("BYTEA", "DOUBLE PRECISION") if pg else ("BLOB", "REAL")
-        # Serialises the checks of one device's batches across servers sharing the database.
-        self.for_update = " FOR UPDATE" if pg else ""
-        with self.tx():
-            for stmt in _TABLES.format(blob=blob, real=real).split(";"):
-                self.execute(stmt)
-            self._migrate()
-
-    def _migrate(self) -> None:
-        # Databases from before prev_hash was kept: add it and fill it in.
-        if self.dialect != "sqlite":
-            return
-        cols = {r[1] for r in self.execute("PRAGMA table_info(batches)")}
-        if "prev_hash" not in cols:
-            self.execute("ALTER TABLE batches ADD COLUMN prev_hash BLOB")
-        # Databases from before alarms were kept once per batch id with a repeat count.
-        alarm_cols = {r[1] for r in self.execute("PRAGMA table_info(alarms)")}
-        if "repeats" not in alarm_cols:
-            self.execute("ALTER TABLE alarms ADD COLUMN batch_id BLOB")
-            self.execute("ALTER TABLE alarms ADD COLUMN repeats BIGINT NOT NULL DEFAULT 1")
-        for dev, seq, raw in self.all(
-            "SELECT device_id, seq, bytes FROM batches WHERE prev_hash IS NULL"
-        ):
-            prev = stored_batch(bytes(raw)).header["prev_hash"]
-            self.execute(
-                "UPDATE batches SET prev_hash=? WHERE device_id=? AND seq=?", (prev, dev, seq)
-            )
-
-    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        if self.dialect == "postgresql":
-            sql = sql.replace("?", "%s")
-        with self._lock:
-            return self._conn.execute(sql, tuple(params))
-
-    def one(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        with self._lock:
-            return self.execute(sql, params).fetchone()
-
-    def all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        with self._lock:
-            return list(self.execute(sql, params).fetchall())
-
-    @contextmanager
-    def tx(self) -> Iterator[None]:
-        with self._lock:
-            self.execute("BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN")
-            try:
-                yield
-            except BaseException:
-                self.execute("ROLLBACK")
-                raise
-            self.execute("COMMIT")
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-
-def stored_batch(raw: bytes) -> batch.Batch:
-    """A batch as this database holds it.
-
-    An ingest from before format 2 may hold a version-1 batch in a re-wrapped
-    envelope (it accepted any msgpack container): it is read as what it claims
-    to be, so its batch id and links still work for duplicates and the chain.
-    """
-    try:
-        return batch.parse(raw)
-    except batch.NonCanonicalError:
-        claim = batch.claimed(raw)
-        if claim is None:
-            raise
-        return claim
-
-
-def open_db(target: str | Path) -> IngestDB:
-    return IngestDB(target)
+__all__ = [
+    "Ingest",
+    "IngestDB",
+    "IngestError",
+    "open_db",
+    "may_read",
+    "read_auth",
+    "register_device",
+    "register_key",
+    "revoke_key",
+    "stored_batch",
+]
 
 
 def register_device(db: IngestDB, device_id: str, pubkey_pem: bytes) -> str:
@@ -544,6 +419,7 @@ class Ingest:
             (dev, seq, b.file_hash, b.header["prev_hash"], b.raw, now),
         )
         self._follow_rotation(b)
+        monitored.store(self.db, b)
         answer = self._ack("stored", b)
         if b.legacy:
             self._count(201, {"status": "legacy_v1"})

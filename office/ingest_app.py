@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cngmrv.office.fleetdb import SchemaMismatch
 from cngmrv.office.ingest import Ingest, IngestError, may_read, open_db, read_auth
 from cngmrv.signed import batch
 from cngmrv.signed.keys import ALLOWED_ALGS
@@ -65,6 +66,7 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
     # client should send the same batch again later.  A programming error is not
     # in this list and stays a 500.
     errors: list[type[BaseException]] = [
+        # Includes SchemaMismatch: a newer cngmrv migrated the database under this server.
         IngestError,
         sqlite3.OperationalError,
         sqlite3.IntegrityError,
@@ -88,7 +90,12 @@ def _is_unavailable(exc: BaseException) -> bool:
 
 
 class DatabaseUnavailable(Exception):
-    """The database did not answer in time, or answered that it cannot serve."""
+    """The database did not answer in time, or answered that it cannot serve.
+
+    ``public`` is what the 503 tells the client (never the database's address).
+    """
+
+    public = "the database is not answering; send it again later"
 
 
 class Pool:
@@ -123,7 +130,8 @@ class Pool:
             return self.shared
         ingest: Ingest | None = getattr(self._local, "ingest", None)
         if ingest is None:
-            ingest = Ingest(open_db(self.db_target), self.allowed_algs)
+            # One connection per pool thread: a connection pool inside each would only idle.
+            ingest = Ingest(open_db(self.db_target, pool_size=1), self.allowed_algs)
             self._local.ingest = ingest
             with self._lock:
                 self._open.add(ingest)
@@ -141,11 +149,17 @@ class Pool:
                 pass
 
     def _call(self, fn: Callable[[Ingest], T]) -> T:
+        ingest = self._ingest()
         try:
-            return fn(self._ingest())
+            return fn(ingest)
         except Exception as e:
             if _is_unavailable(e):
                 self._drop()
+                raise
+            if ingest.db.is_unavailable(e):
+                # The database's own verdict (e.g. a PostgreSQL error class the list above lacks).
+                self._drop()
+                raise DatabaseUnavailable(f"{type(e).__name__}: {e}") from e
             raise
 
     async def run(self, fn: Callable[[Ingest], T]) -> T:
@@ -163,7 +177,10 @@ class Pool:
             raise DatabaseUnavailable(f"no answer within {self.deadline_s:g} s") from None
         except Exception as e:
             if _is_unavailable(e):
-                raise DatabaseUnavailable(f"{type(e).__name__}: {e}") from e
+                err = DatabaseUnavailable(f"{type(e).__name__}: {e}")
+                if isinstance(e, SchemaMismatch):
+                    err.public = f"{e.public}; send it again later"
+                raise err from e
             raise
 
     def counts(self) -> dict[str, int]:
@@ -379,16 +396,13 @@ class IngestApp:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _unavailable(self, send: Send, reason: str) -> None:
+    async def _unavailable(self, send: Send, e: DatabaseUnavailable) -> None:
         self.metrics.rejects.labels(code="unavailable").inc()
-        log.warning("event=db_unavailable reason=%r", reason)
+        log.warning("event=db_unavailable reason=%r", str(e))
         await self._reply(
             send,
             503,
-            {
-                "error": "unavailable",
-                "reason": "the database is not answering; send it again later",
-            },
+            {"error": "unavailable", "reason": e.public},
             retry_after=True,
         )
 
@@ -419,7 +433,7 @@ class IngestApp:
         try:
             status, obj, took = await self.pool.run(_timed_accept(bytes(body)))
         except DatabaseUnavailable as e:
-            await self._unavailable(send, str(e))
+            await self._unavailable(send, e)
             return
         except Exception:
             log.exception("event=ingest_internal_error")
@@ -465,7 +479,7 @@ class IngestApp:
         try:
             found = await self.pool.run(lambda ingest: ingest.report(device_id))
         except DatabaseUnavailable as e:
-            await self._unavailable(send, str(e))
+            await self._unavailable(send, e)
             return
         if found:
             await self._reply(send, 200, found[0])

@@ -179,8 +179,9 @@ class IngestServer:
         retry_after_s: int = RETRY_AFTER_S,
         pool_size: int = POOL_SIZE,
         read_token: str | None = None,
+        migrate: bool = False,
     ) -> None:
-        self.db: IngestDB = open_db(db_target)
+        self.db: IngestDB = open_db(db_target, migrate=migrate)
         self.ingest = Ingest(self.db, allowed_algs, read_token)
         try:
             self._sock = _free_socket(host, port)

@@ -16,6 +16,7 @@ from typing import Any
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    from cngmrv.office.fleetdb import SCHEMA_VERSION, IngestDB, migrate_db, redact
     from cngmrv.office.ingest import (
         Ingest,
         open_db,
@@ -24,6 +25,15 @@ def _ingest(args: argparse.Namespace) -> int:
         revoke_key,
     )
 
+    if args.migrate:
+        db = IngestDB(args.db, check_version=False)
+        try:
+            before, after = migrate_db(db)
+        finally:
+            db.close()
+        what = "already at" if before == after else f"migrated from schema version {before} to"
+        print(f"ingest database {redact(args.db)}: {what} schema version {SCHEMA_VERSION}")
+        return 0
     if args.revoke:
         db = open_db(args.db)
         try:
@@ -39,7 +49,6 @@ def _ingest(args: argparse.Namespace) -> int:
             db.close()
         if not args.report:
             return 0
-
     if args.report:
         db = open_db(args.db)
         try:
@@ -134,12 +143,13 @@ def _report(args: argparse.Namespace) -> int:
     end = report.parse_when(args.date_to, end=True) if args.date_to else None
     records = refills.read(Path(args.refills)) if args.refills else None
     rep = report.build(
-        Path(args.db),
+        args.db,
         methodology,
         start,
         end,
         args.bus,
         args.coverage_floor,
+        args.recompute,
         refills=records,
         conservative_set=args.conservative,
     )
@@ -252,6 +262,11 @@ def register_ingest(sub: Any) -> None:
         help="the operator's token for GET /v1/devices/<id> (file mode 0600); without it, off",
     )
     s.add_argument("--report", action="store_true", help="print gaps and alarms per device, exit")
+    s.add_argument(
+        "--migrate",
+        action="store_true",
+        help="bring the database's schema to this version's, then exit (docs/fleet-database.md)",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_ingest)
 
@@ -259,7 +274,16 @@ def register_ingest(sub: Any) -> None:
 def register_report(sub: Any) -> None:
     """Add ``cngmrv report`` (entry point group ``cngmrv.commands``)."""
     s = sub.add_parser("report", help="emission reductions per bus and period (csv/json/html)")
-    s.add_argument("--db", required=True, help="ingest database (fleet) or device store (one bus)")
+    s.add_argument(
+        "--db",
+        required=True,
+        help="ingest database (fleet: SQLite file or postgresql:// URL) or device store (one bus)",
+    )
+    s.add_argument(
+        "--recompute",
+        action="store_true",
+        help="re-derive every figure from the signed batch bytes, not the ingest's sums",
+    )
     s.add_argument("--from", dest="date_from", metavar="DATE", help="YYYY-MM-DD or ISO time, UTC")
     s.add_argument("--to", dest="date_to", metavar="DATE", help="a date is inclusive (whole day)")
     s.add_argument("--format", choices=("csv", "json", "html", "xlsx"), default="csv")

@@ -38,7 +38,7 @@ import io
 import json
 import math
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -278,6 +278,7 @@ class DeviceBatches:
     excluded: dict[str, list[str]] = field(default_factory=dict)
     missing: list[tuple[int, int]] = field(default_factory=list)
     signatures: str = ""
+    held: dict[int, str] = field(default_factory=dict)  # verified batch_seq -> file sha256 hex
 
 
 def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBatches]]:
@@ -404,49 +405,16 @@ class Report:
     hourly: dict[str, dict[int, list[float]]]
 
 
-def _accumulate(
-    d: DeviceBatches,
-    lo: float,
-    hi: float,
-    refill_kg: float,
-    fame_at: Callable[[float], float] = lambda t: 0.0,
-) -> BusData:
-    bus = BusData(d.device_id)
-    for b in d.ok:
-        h = b.header
-        # The signed header's time range lets whole batches outside the period be skipped.
-        if isinstance(h.get("last_t0"), int | float) and h["last_t0"] < lo:
-            continue
-        if isinstance(h.get("first_t0"), int | float) and h["first_t0"] >= hi:
-            continue
-        readings = b.payload().get("readings") or []
-        sha = b.file_hash.hex()
-        for r in readings:
-            t0 = float(r["t0"])
-            if not lo <= t0 < hi:
-                continue
-            dur = float(r["dur"])
-            cov = r.get("cov") or {}
-            share = (
-                min(float(cov.get("gas_kg", 0.0)), float(cov.get("diesel_l", 0.0))) / dur
-                if dur > 0
-                else 0.0
-            )
-            credited = float(r["distance_km"]) * min(1.0, max(0.0, share))
-            fame = fame_at(t0)
-            bus.total.add(r, credited, b.seq, sha, fame)
-            day = datetime.fromtimestamp(t0, UTC).date().isoformat()
-            bus.days.setdefault(day, Sums()).add(r, credited, b.seq, sha, fame)
-            bus.stock.add(r)
-            bus.day_stock.setdefault(day, refill_records.Stock()).add(r)
-            hour = bus.hours.setdefault(int(t0 // 3600) * 3600, [0.0, 0.0, 0.0])
-            hour[0] += dur
-            hour[1] += float(cov.get("gas_kg", 0.0))
-            hour[2] += float(cov.get("diesel_l", 0.0))
-            bus.checks.add(r, refill_kg)
-            if isinstance(r.get("epoch"), int):
-                bus.epochs.add(r["epoch"])
-    return bus
+def credited_km(r: Mapping[str, Any]) -> float:
+    """The distance of one reading credited under form B: driven while both fuels were measured."""
+    dur = float(r["dur"])
+    cov = r.get("cov") or {}
+    share = (
+        min(float(cov.get("gas_kg", 0.0)), float(cov.get("diesel_l", 0.0))) / dur
+        if dur > 0
+        else 0.0
+    )
+    return float(r["distance_km"]) * min(1.0, max(0.0, share))
 
 
 def _trace(device_id: str, seqs: Mapping[int, str], held: Mapping[int, str]) -> dict[str, Any]:
@@ -603,40 +571,63 @@ def _anchor_factors(anchor: float | None, metered: float) -> tuple[float, float]
 
 
 def build(
-    db_path: Path,
+    db_path: str | Path,
     methodology: Methodology,
     start: datetime | None = None,
     end: datetime | None = None,
     bus: str | None = None,
     coverage_floor: float | None = None,
+    recompute: bool = False,
     refills: refill_records.RefillSet | None = None,
     conservative_set: bool = False,
 ) -> Report:
     """Read, check, aggregate and compute; ReportError when the period holds no readings,
-    or a bus has no reference consumption under form B (the list of them)."""
+    or a bus has no reference consumption under form B (the list of them).
+
+    ``db_path`` is a device store, or an ingest database: a SQLite file or a
+    ``postgresql://`` URL.  The monitored totals come from
+    :func:`cngmrv.office.monitored.gather`: from the ingest's per-batch sums,
+    or with ``recompute`` re-derived from the signed bytes (the same figures).
+    Dispenser records (``refills``) need the tank stock reading by reading,
+    which the sums do not hold: with them, every figure is re-derived.
+    """
+    from cngmrv.office import monitored  # imports this module: bound at call time
+    from cngmrv.office.fleetdb import redact
+
     if start is not None and end is not None and end <= start:
         raise ReportError(f"empty period: --to {_iso(end.timestamp())} is not after --from")
     floor = methodology.coverage_floor if coverage_floor is None else coverage_floor
     if not 0.0 <= floor <= 1.0:
         raise ReportError(f"coverage floor must be between 0 and 1, got {floor}")
-    kind, devices = read_source(db_path, bus)
-    unclassed = methodology.buses_without_reference(d.device_id for d in devices)
-    if unclassed:
-        raise ReportError(
-            f"methodology {methodology.files[0].name if methodology.files else '(given)'}: "
-            f"form {methodology.form} needs a class ([buses.class]) or a [bus_reference] for "
-            f"every bus; none for {len(unclassed)}: {', '.join(unclassed)}"
-        )
     lo = start.timestamp() if start else -math.inf
     hi = end.timestamp() if end else math.inf
     m = methodology
+    breaks = sorted({t for p in m.blend for t in (p.start, p.end) if math.isfinite(t)})
     try:
-        buses = [_accumulate(d, lo, hi, m.refill_threshold_kg, m.fame_share_at) for d in devices]
+        got = monitored.gather(
+            db_path,
+            lo,
+            hi,
+            m.refill_threshold_kg,
+            bus,
+            recompute,
+            fame_at=m.fame_share_at,
+            fame_breaks=breaks,
+            stock=refills is not None,
+        )
     except MethodologyError as e:
         raise ReportError(f"methodology: {e}") from None
+    kind, devices, buses = got.kind, got.devices, got.buses
+    unclassed = m.buses_without_reference(d.device_id for d in devices)
+    if unclassed:
+        raise ReportError(
+            f"methodology {m.files[0].name if m.files else '(given)'}: "
+            f"form {m.form} needs a class ([buses.class]) or a [bus_reference] for "
+            f"every bus; none for {len(unclassed)}: {', '.join(unclassed)}"
+        )
     period = _period_text(start, end)
     if not any(b.total.readings for b in buses):
-        who = f"bus {bus!r}" if bus else str(db_path)
+        who = f"bus {bus!r}" if bus else redact(db_path)
         raise ReportError(f"no readings {period} in {who}")
     total = Sums()
     for b in buses:
@@ -714,7 +705,7 @@ def build(
                 f"{b.total.unsynced_s / 3600:.2f} h of readings were timed by a clock not "
                 "marked synchronised; their day may be off"
             )
-        held = {x.seq: x.file_hash.hex() for x in d.ok}
+        held = d.held
         days = []
         check_low, check_high = _check_factors(checks)
         for day, s in sorted(b.days.items()):
@@ -749,7 +740,7 @@ def build(
     data: dict[str, Any] = {
         "report": "cngmrv emission reductions",
         "generated_at": _iso(datetime.now(UTC).timestamp()),
-        "source": {"db": str(db_path), "kind": kind},
+        "source": {"db": redact(db_path), "kind": kind, "totals": got.how},
         "period": {
             "from": _iso(start.timestamp()) if start else None,
             "to": _iso(end.timestamp()) if end else None,

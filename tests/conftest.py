@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pg_cluster
 import pytest
 from hypothesis import settings
 
@@ -46,3 +48,29 @@ def cli() -> Callable[..., CliResult]:
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def pg_cluster_session() -> Iterator[pg_cluster.Cluster]:
+    """One throwaway PostgreSQL cluster for the session (tests/pg_cluster.py).
+
+    Skips when no cluster can start here; with CNGMRV_REQUIRE_POSTGRES=1 (CI) that fails.
+    """
+    why = pg_cluster.unavailable()
+    if why is not None:
+        if os.environ.get("CNGMRV_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"CNGMRV_REQUIRE_POSTGRES=1 but {why}")
+        pytest.skip(why)
+    cluster = pg_cluster.Cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_cluster_session: pg_cluster.Cluster) -> str:
+    """A fresh, empty database on the session's cluster: its postgresql:// URL."""
+    if not pg_cluster_session.running:
+        pg_cluster_session.start()
+    return pg_cluster_session.new_database()
