@@ -103,6 +103,10 @@ PGN_NAMES: Mapping[int, str] = MappingProxyType(
 )
 
 _MAX_ID = 0x1FFFFFFF
+#: An 11-bit (standard) CAN identifier travels in the agent's frame tuples as
+#: ``id | STANDARD_ID_FLAG``: above every 29-bit identifier, so one tuple layout
+#: carries both and no J1939 decoder mistakes an OBD-II answer for a PGN.
+STANDARD_ID_FLAG = 1 << 31
 _MAX_PGN = 0x3FFFF
 _PDU2_MIN_PF = 240
 _GLOBAL = GLOBAL

@@ -10,7 +10,7 @@ from pathlib import Path
 import can
 import pytest
 
-from cngmrv.agent import config, pipeline
+from cngmrv.agent import config, window
 from cngmrv.agent.pipeline import FuelFactors, GasCalibration, Pipeline, PipelineConfig
 from cngmrv.agent.runtime import Agent
 from cngmrv.drivers import j1939
@@ -271,7 +271,7 @@ def test_batching_changes_no_reading(monkeypatch: pytest.MonkeyPatch) -> None:
 
     per_frame = run(1)
     assert run(100) == per_frame  # identical, not merely close
-    monkeypatch.setattr(pipeline, "MAX_BUFFERED", 7)
+    monkeypatch.setattr(window, "MAX_BUFFERED", 7)
     assert run(10**6) == per_frame
 
 
