@@ -84,5 +84,10 @@ setup(
             "ingest = cngmrv.office.office_cli:register_ingest",
             "report = cngmrv.office.office_cli:register_report",
         ],
+        # Sources of samples and events (agent/source.py); the name is the config section.
+        "cngmrv.sources": [
+            "can = cngmrv.agent.builtin_sources:CanBus",
+            "kit = cngmrv.agent.builtin_sources:Kit",
+        ],
     },
 )

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cngmrv.agent.checks import address, j1939_name, nonnegative, one_of, positive
 from cngmrv.agent.pipeline import FuelFactors, GasCalibration, PipelineConfig
+from cngmrv.agent.source import Key, registered
 from cngmrv.drivers.address import SIGNALS, check_source_rule
 from cngmrv.drivers.can_source import (
     DEFAULT_PGNS,
-    INTERFACES,
     REPLAY,
     RequestPlan,
     SourceSettings,
@@ -36,54 +37,12 @@ class ConfigError(ValueError):
     """A config problem; the message starts with the offending key."""
 
 
-Check = Callable[[Any], str | None]  # returns the reason a value is bad, or None
-
-
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else "must be > 0"
-
-
-def _nonnegative(v: Any) -> str | None:
-    return None if v >= 0 else "must be >= 0"
-
-
-def _address(v: Any) -> str | None:
-    return None if 0 <= v <= 253 else "must be a J1939 source address 0..253"
-
-
 def _url(v: Any) -> str | None:
     return None if v == "" or v.startswith(("http://", "https://")) else "must be an http(s) URL"
 
 
 MAX_QUOTA_MB = 1 << 20  # 1 TiB
 MAX_READINGS_PER_BATCH = 1800
-
-
-def _transport(v: Any) -> str | None:
-    return None if v in ("serial", "can") else "must be 'serial' or 'can'"
-
-
-def _nonempty(v: Any) -> str | None:
-    return None if v.strip() else "must not be empty"
-
-
-def _interface(v: Any) -> str | None:
-    return None if v in INTERFACES else f"must be one of {', '.join(sorted(INTERFACES))}"
-
-
-def _name(v: Any) -> str | None:
-    # TOML integers are signed 64-bit and a NAME may use all 64 bits, so it is hex text.
-    if v == "":
-        return None
-    try:
-        n = int(v, 16)
-    except ValueError:
-        return "must be a J1939 NAME in hex (up to 16 digits)"
-    return None if 0 <= n < 1 << 64 and len(v.removeprefix("0x")) <= 16 else "must fit in 64 bits"
-
-
-def _request_period(v: Any) -> str | None:
-    return None if v >= 1.0 else "must be >= 1 s (requests are sent at a low rate)"
 
 
 def _fraction(v: Any) -> str | None:
@@ -111,13 +70,6 @@ def _readings_per_batch(v: Any) -> str | None:
     return None if 1 <= v <= MAX_READINGS_PER_BATCH else f"must be 1..{MAX_READINGS_PER_BATCH}"
 
 
-def _one_of(*allowed: str) -> Check:
-    def check(v: Any) -> str | None:
-        return None if v in allowed else "must be one of " + ", ".join(repr(a) for a in allowed)
-
-    return check
-
-
 def _port(v: Any) -> str | None:
     return None if 0 <= v <= 65535 else "must be a TCP port 0..65535 (0 = any free port)"
 
@@ -126,15 +78,22 @@ def _year(v: Any) -> str | None:
     return None if 2000 <= v <= 2100 else "must be a year 2000..2100"
 
 
+# The sources' own sections ([can], [kit], plug-ins'), declared by each source (agent/source.py).
+SOURCES = registered()
+if not {"can", "kit"} <= set(SOURCES):
+    raise ImportError(
+        "the cngmrv.sources entry points are missing: cngmrv is not installed (pip install -e .)"
+    )
+
 # section -> key -> (type, default, check); a default of None means required.
-SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
+SCHEMA: dict[str, Mapping[str, Key]] = {
     "device": {
         "id": (str, None, _device_id),
         "key_file": (Path, "", None),  # required when signer.kind = "file"
     },
     # Where the device key lives: its file (device.key_file), or a PKCS#11 token.
     "signer": {
-        "kind": (str, "file", _one_of("file", "pkcs11")),
+        "kind": (str, "file", one_of("file", "pkcs11")),
         "module": (str, "", None),  # the token's PKCS#11 module (.so), a path
         "token_label": (str, "", None),
         "key_label": (str, "", None),
@@ -142,35 +101,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
         "pin_file": (str, "", None),
         "pin_env": (str, "", None),
     },
-    "can": {
-        # A python-can interface, or "replay" with channel = a log file to play back.
-        "interface": (str, "socketcan", _interface),
-        "channel": (str, "can0", _nonempty),
-        "listen_only": (bool, True, None),
-        "queue_size": (int, 65536, _positive),
-        "filters": (bool, True, None),  # kernel acceptance filters for the PGNs read (SocketCAN)
-        "dbc": (str, "", None),  # extra signals from this DBC ("" = none)
-        "replay_speed": (float, 0.0, _nonnegative),  # 0 = as fast as the agent takes frames
-        "backoff_max_s": (float, 5.0, _positive),  # longest wait between reopen attempts
-        "requests": (bool, False, None),  # send Request PGN 59904 for HOURS and LFC
-        "request_period_s": (float, 10.0, _request_period),
-        "source_address": (int, 249, _address),  # claimed for requests only
-        "name": (str, "", _name),  # this device's J1939 NAME, hex; required for requests
-    },
-    "kit": {
-        "port": (str, "", None),
-        "baudrate": (int, 115200, _positive),
-        "read_timeout_s": (float, 0.1, _positive),
-        "reconnect_min_s": (float, 0.5, _positive),
-        "reconnect_max_s": (float, 30.0, _positive),
-        "queue_size": (int, 10000, _positive),
-        # Send a HELLO after connecting, so the kit announces itself at once.
-        "handshake": (bool, True, None),
-        # "can": the kit's PropB PGNs on the vehicle CAN bus, described by a DBC.
-        "transport": (str, "serial", _transport),
-        "can_source_address": (int, 0x27, _address),
-        "dbc": (str, "", None),  # empty: the DBC shipped with cngmrv.drivers
-    },
+    **{name: cls.KEYS for name, cls in SOURCES.items()},
     "store": {
         "path": (Path, None, None),
         "buffer_s": (float, 10.0, _buffer),
@@ -181,58 +112,58 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
     "batch": {"readings_per_batch": (int, 60, _readings_per_batch)},
     "upload": {
         "url": (str, "", _url),
-        "timeout_s": (float, 10.0, _positive),
-        "backoff_base_s": (float, 2.0, _positive),
-        "backoff_cap_s": (float, 900.0, _positive),
+        "timeout_s": (float, 10.0, positive),
+        "backoff_base_s": (float, 2.0, positive),
+        "backoff_cap_s": (float, 900.0, positive),
     },
     "pipeline": {
-        "period_s": (float, 1.0, _positive),
-        "can_max_gap_s": (float, 1.0, _positive),
-        "kit_max_gap_s": (float, 1.0, _positive),
-        "engine_source_address": (int, 0, _address),
-        "kit_resync_s": (float, 10.0, _positive),
-        "stale_s": (float, 5.0, _positive),
-        "kit_stuck_gas_kg": (float, 0.05, _positive),
-        "idle_max_kmh": (float, 2.0, _nonnegative),
-        "engine_running_rpm": (float, 300.0, _positive),
-        "engine_name": (str, "", _name),  # the engine's J1939 NAME, hex ("" = find it)
+        "period_s": (float, 1.0, positive),
+        "can_max_gap_s": (float, 1.0, positive),
+        "kit_max_gap_s": (float, 1.0, positive),
+        "engine_source_address": (int, 0, address),
+        "kit_resync_s": (float, 10.0, positive),
+        "stale_s": (float, 5.0, positive),
+        "kit_stuck_gas_kg": (float, 0.05, positive),
+        "idle_max_kmh": (float, 2.0, nonnegative),
+        "engine_running_rpm": (float, 300.0, positive),
+        "engine_name": (str, "", j1939_name),  # the engine's J1939 NAME, hex ("" = find it)
     },
     # Where each signal comes from: "auto", "engine", "function:N" or an address (docs/can.md).
     "sources": {signal: (object, "auto", check_source_rule) for signal in SIGNALS},
     # Energy and CO2 factors (IPCC 2006 defaults; a project sets its own, e.g. for B40 diesel).
     "fuel": {
-        "diesel_density_kg_per_l": (float, 0.844, _positive),
-        "diesel_ncv_mj_per_kg": (float, 43.0, _positive),
-        "diesel_co2_kg_per_tj": (float, 74100.0, _nonnegative),
-        "gas_ncv_mj_per_kg": (float, 48.0, _positive),
-        "gas_co2_kg_per_tj": (float, 56100.0, _nonnegative),
+        "diesel_density_kg_per_l": (float, 0.844, positive),
+        "diesel_ncv_mj_per_kg": (float, 43.0, positive),
+        "diesel_co2_kg_per_tj": (float, 74100.0, nonnegative),
+        "gas_ncv_mj_per_kg": (float, 48.0, positive),
+        "gas_co2_kg_per_tj": (float, 56100.0, nonnegative),
     },
     # Per-kit calibration of the event- and tank-based gas figures (assumed defaults).
     "gas": {
-        "injector_k": (float, 7.4e-6, _positive),
-        "injector_dead_time_ms": (float, 1.1, _nonnegative),
-        "tank_volume_m3": (float, 0.44, _positive),
+        "injector_k": (float, 7.4e-6, positive),
+        "injector_dead_time_ms": (float, 1.1, nonnegative),
+        "tank_volume_m3": (float, 0.44, positive),
         "tank_pressure_gauge": (bool, False, None),
-        "r_j_per_kg_k": (float, 518.3, _positive),
-        "p_pc_bar": (float, 46.0, _positive),
-        "t_pc_k": (float, 190.6, _positive),
-        "refuel_min_kg": (float, 5.0, _positive),
+        "r_j_per_kg_k": (float, 518.3, positive),
+        "p_pc_bar": (float, 46.0, positive),
+        "t_pc_k": (float, 190.6, positive),
+        "refuel_min_kg": (float, 5.0, positive),
     },
     "service": {
-        "log_format": (str, "kv", _one_of("kv", "json")),  # one line per event on stdout
-        "stop_timeout_s": (float, 5.0, _positive),  # SIGTERM to exit, upload drain included
+        "log_format": (str, "kv", one_of("kv", "json")),  # one line per event on stdout
+        "stop_timeout_s": (float, 5.0, positive),  # SIGTERM to exit, upload drain included
     },
     "health": {
         "enabled": (bool, True, None),
         "port": (int, 9108, _port),  # always bound to 127.0.0.1
     },
     "clock": {
-        "source": (str, "ntp", _one_of("none", "ntp", "gps")),
+        "source": (str, "ntp", one_of("none", "ntp", "gps")),
         "gps_port": (str, "", None),
-        "gps_baudrate": (int, 9600, _positive),
-        "gps_max_age_s": (float, 5.0, _positive),  # an older fix no longer confirms the clock
-        "gps_tolerance_s": (float, 1.0, _positive),
-        "step_threshold_s": (float, 1.0, _positive),
+        "gps_baudrate": (int, 9600, positive),
+        "gps_max_age_s": (float, 5.0, positive),  # an older fix no longer confirms the clock
+        "gps_tolerance_s": (float, 1.0, positive),
+        "step_threshold_s": (float, 1.0, positive),
         "min_year": (int, 2024, _year),  # an earlier wall clock is a board booted without time
     },
 }
@@ -307,6 +238,8 @@ class Config:
     health: HealthSettings = HealthSettings()
     clock: ClockSettings = ClockSettings()
     signer: SignerSettings = SignerSettings()
+    # Every source's section (SOURCES), as validated; a plug-in source reads its own.
+    source_values: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def _coerce(key: str, kind: type, value: Any, base: Path) -> Any:
@@ -356,13 +289,10 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
                 raise ConfigError(f"{full}: {reason} (got {given[key]!r})")
             values[full] = value
     v = values
-    if v["kit.transport"] == "can" and v["kit.port"]:
-        raise ConfigError("kit.port: must be empty when kit.transport is 'can'")
-    if v["kit.reconnect_max_s"] < v["kit.reconnect_min_s"]:
-        raise ConfigError(
-            f"kit.reconnect_max_s: must be >= kit.reconnect_min_s ({v['kit.reconnect_min_s']!r})"
-            f" (got {v['kit.reconnect_max_s']!r})"
-        )
+    for cls in SOURCES.values():
+        problem = cls.check(v)
+        if problem is not None:
+            raise ConfigError(f"{problem[0]}: {problem[1]}")
     dbc: Path | None = None
     dbc_pgns: frozenset[int] = frozenset()
     if v["can.dbc"]:
@@ -434,6 +364,7 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         health=HealthSettings(**_section(v, "health")),
         clock=ClockSettings(**_section(v, "clock")),
         signer=signer,
+        source_values={name: _section(v, name) for name in SOURCES},
     )
 
 

@@ -70,8 +70,8 @@ __all__ = [
     "period_quantile",
 ]
 
-# Builds a plug-in source's decoder on the pipeline's windowing and counters.
-DecoderFactory = Callable[[Windower, PipelineStats], FrameDecoder]
+# Builds a plug-in source's decoder on the pipeline's windowing and counters (None: none).
+DecoderFactory = Callable[[Windower, PipelineStats], FrameDecoder | None]
 
 _MAX_CAN_ID = 0x1FFFFFFF
 
@@ -99,7 +99,8 @@ class Pipeline:
         self.kit_can = kit_can
         self.stats = PipelineStats()
         self.window = Windower(config, boot_epoch, clock)
-        self.plugins = [make(self.window, self.stats) for make in decoders]
+        built = (make(self.window, self.stats) for make in decoders)
+        self.plugins = [d for d in built if d is not None]
         taken = {ch for d in self.plugins for ch in d.channels}
         self.j1939 = J1939Decoder(config, self.window, self.stats, dbc, taken)
         self.kit = KitDecoder(config, self.window, self.stats)

@@ -124,6 +124,8 @@ class PipelineStats:
     ecu_errors: dict[str, int] = field(default_factory=dict)
     # Per signal: intervals between frames from its source, ms -> count (period_quantile).
     periods: dict[str, dict[int, int]] = field(default_factory=dict)
+    # Per plug-in source (agent/source.py), its own counters.
+    plugins: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 # The integrator channels fed from the engine's CAN frames (cut on a CAN outage).

@@ -1,8 +1,10 @@
 """The running agent: sources → pipeline → store → sealed batches → uploader.
 
 This is the I/O shell around the deterministic :class:`Pipeline`.  Its one
-loop reads whatever the CAN and kit sources queued, feeds the pipeline and
-hands the readings it returns to the :class:`Recorder`, which buffers them
+loop reads whatever the configured sources' links queued (agent/source.py:
+the CAN bus, the kit's serial port, any plug-in's), feeds them to the pipeline
+in the order they were received, and hands the readings it returns to the
+:class:`Recorder`, which buffers them
 for a few seconds, commits, seals a batch every ``readings_per_batch``
 readings and wakes the uploader thread.  Building an Agent runs the store's
 start-up sequence (boot epoch, ``quick_check``, leftovers, signed BOOT).
@@ -15,27 +17,23 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from bisect import bisect_right
-from collections import Counter, deque
+from bisect import bisect_left, bisect_right
+from collections import Counter
 from collections.abc import Callable
-from operator import itemgetter
 from typing import Any
 
+from cngmrv.agent.builtin_sources import CanLink, KitLink, LinkContext
 from cngmrv.agent.clock import ClockMonitor, FixedClock
 from cngmrv.agent.config import Config, open_signer
 from cngmrv.agent.pipeline import Pipeline
 from cngmrv.agent.recorder import Recorder, RecorderConfig
+from cngmrv.agent.source import Link, configured
 from cngmrv.agent.store import Sealed, Store
 from cngmrv.agent.upload import Uploader
-from cngmrv.drivers.can_source import Frame, make_source
 from cngmrv.drivers.dbc import DbcSignals
 from cngmrv.drivers.kit_can import DEFAULT_DBC, KitCanDecoder
-from cngmrv.drivers.kit_link import KitSerialSource
 
 log = logging.getLogger("cngmrv.agent")
-
-WALL_STAMPED = frozenset({"socketcan", "udp_multicast"})  # kernel receive time = wall clock
 
 
 def recorder_config(config: Config) -> RecorderConfig:
@@ -71,26 +69,23 @@ class Agent:
         if config.kit_transport == "can":
             kit_can = KitCanDecoder(config.kit_dbc or DEFAULT_DBC, config.kit_can_source_address)
         dbc = DbcSignals(config.can_dbc) if config.can_dbc else None
-        self.pipeline = Pipeline(config.pipeline, self.boot_epoch, clock, kit_can=kit_can, dbc=dbc)
-        self.can = make_source(config.can_source)
-        # True when the bus stamps frames with the kernel's wall clock, which
-        # steps (see ClockMonitor.rebase); a replay or the simulator's
-        # preserved timestamps are their own timeline.
-        self.rebase_can_time = config.can_interface in WALL_STAMPED
-        self._can_seen = 0  # frames handed to the pipeline, to place source events among them
-        self._can_events: deque[dict[str, Any]] = deque()
-        self.kit = (
-            KitSerialSource(
-                config.kit_port,
-                config.kit_baudrate,
-                read_timeout=config.kit_read_timeout_s,
-                queue_size=config.kit_queue_size,
-                reconnect_backoff=config.kit_reconnect_s,
-                handshake=config.kit_handshake,
-            )
-            if config.kit_port
-            else None
+        self.sources = configured(config)
+        self.pipeline = Pipeline(
+            config.pipeline,
+            self.boot_epoch,
+            clock,
+            kit_can=kit_can,
+            dbc=dbc,
+            decoders=[s.decoder for s in self.sources],
         )
+        ctx = self._links = LinkContext(config, self.sources, self.clock, self._poll_clock)
+        # The first link (the CAN bus's) is waited on; the others are drained after it.
+        self.links: list[Link] = [link for s in self.sources if (link := s.link(ctx)) is not None]
+        can = next(link for link in self.links if isinstance(link, CanLink))
+        kit = next((link for link in self.links if isinstance(link, KitLink)), None)
+        # The readers themselves, for health, the simulator and the tests.
+        self.can = can.source
+        self.kit = kit.source if kit else None
         self.uploader = (
             Uploader(
                 lambda: self.recorder.store,
@@ -109,6 +104,15 @@ class Agent:
         self.totals = {"diesel_l": 0.0, "gas_kg": 0.0, "distance_km": 0.0}
 
     @property
+    def rebase_can_time(self) -> bool:
+        """Whether CAN frames carry the wall clock and are rebased (the links' setting)."""
+        return self._links.rebase_can_time
+
+    @rebase_can_time.setter
+    def rebase_can_time(self, value: bool) -> None:
+        self._links.rebase_can_time = value
+
+    @property
     def store(self) -> Store:
         """The store in use (the recorder replaces a damaged one)."""
         return self.recorder.store
@@ -123,9 +127,8 @@ class Agent:
         return self.recorder.sealed
 
     def start(self) -> None:
-        self.can.start()
-        if self.kit:
-            self.kit.start()
+        for link in self.links:
+            link.start()
         if self.uploader:
             self.uploader.start()
         log.info(
@@ -138,48 +141,44 @@ class Agent:
     def poll(self, timeout: float = 0.05) -> int:
         """Process what the sources queued (waiting up to ``timeout``); returns inputs handled."""
         self._poll_clock()
-        frames = self.can.wait(timeout)
-        if self.rebase_can_time and frames:
-            frames = self.clock.rebase(frames, self._poll_clock)
-        n = len(frames)
-        done = 0
-        if self.kit:
-            # The kit source stamps with the monotonic clock, as the CAN source
-            # does (the pipeline ties the two clocks through it); the pipeline
-            # also wants epoch seconds for its pre-CAN anchor, on the step-free
-            # timeline when the CAN time is rebased.
-            to_wall = self.clock.base if self.rebase_can_time else time.time() - time.monotonic()
-            for received, msg in self.kit.drain():
-                # Each kit message goes in after the frames received before it
-                # and before those received after it: the pipeline times the
-                # kit by the latest frame, and a pass can hold seconds of bus
-                # time (a simulator unpaced, a loop that stalled).
-                upto = bisect_right(frames, received, lo=done, key=itemgetter(3))
-                self._feed_can(frames[done:upto])
-                done = upto
-                self.pipeline.on_kit(received + to_wall, msg, received)
-                n += 1
-        self._feed_can(frames[done:] if done else frames)
+        first, *rest = self.links
+        taken = [(first, first.take(timeout))]
+        taken += [(link, link.take(0.0)) for link in rest]
+        n = sum(len(items) for _, items in taken)
+        self._feed_in_order(taken)
         self._commit(self.pipeline.advance())
         self.recorder.tick()
         return n
 
-    def _feed_can(self, frames: list[Frame]) -> None:
-        on_can = self.pipeline.on_can
-        pending = self._can_events
-        pending.extend(self.can.events())
-        start = 0
-        # An outage event goes between the frames received before it and after it.
-        while pending and pending[0]["frames"] - self._can_seen <= len(frames) - start:
-            upto = start + max(pending[0]["frames"] - self._can_seen, 0)
-            for t, can_id, data, mono in frames[start:upto]:
-                on_can(t, can_id, data, mono)
-            self._can_seen += upto - start
-            start = upto
-            self.pipeline.on_source_event(pending.popleft())
-        for t, can_id, data, mono in frames[start:] if start else frames:
-            on_can(t, can_id, data, mono)
-        self._can_seen += len(frames) - start
+    def _feed_in_order(self, taken: list[tuple[Link, list[Any]]]) -> None:
+        """Feeds the links' inputs merged by receive time, in runs.
+
+        Each input goes in after the other links' inputs received before it
+        and before those received after it: the pipeline times the kit by the
+        latest frame, and a pass can hold seconds of bus time (a simulator
+        unpaced, a loop that stalled).  On a tie the earlier link goes first.
+        """
+        for link, items in taken:
+            if not items:
+                link.feed(self.pipeline, items)  # a link's own events may come without inputs
+        heads = [[link, items, 0] for link, items in taken if items]
+        while heads:
+            if len(heads) == 1:
+                link, items, i = heads[0]
+                link.feed(self.pipeline, items[i:] if i else items)
+                return
+            firsts = [h[0].mono(h[1][h[2]]) for h in heads]
+            j = min(range(len(heads)), key=lambda k: (firsts[k], k))
+            k = min((m for m in range(len(heads)) if m != j), key=lambda m: (firsts[m], m))
+            link, items, i = heads[j]
+            # Up to the next input of another link; ties go to the earlier link.
+            cut = bisect_right if j < k else bisect_left
+            upto = cut(items, firsts[k], lo=i, key=link.mono)
+            link.feed(self.pipeline, items[i:upto])
+            if upto >= len(items):
+                del heads[j]
+            else:
+                heads[j][2] = upto
 
     def _poll_clock(self) -> None:
         # A step is stored as an event (signed with the next batch); readings
@@ -198,7 +197,8 @@ class Agent:
             self.poll()
             if tick is not None:
                 tick()
-            if self.can.finished and not self.can.pending():
+            first = self.links[0]
+            if first.finished and not first.pending():
                 break
 
     def _commit(self, readings: list[dict[str, Any]]) -> None:
@@ -220,9 +220,8 @@ class Agent:
 
     def close(self, upload_timeout: float = 10.0) -> None:
         """Stop sources, flush and seal everything, let the uploader drain for a bounded time."""
-        self.can.stop()
-        if self.kit:
-            self.kit.stop()
+        for link in self.links:
+            link.stop()
         self.poll(0.0)
         self._commit(self.pipeline.finish())
         self.recorder.stop()
@@ -260,8 +259,9 @@ class Agent:
             "engine_address": self.pipeline.engine.address,
             "can_outages": s.can_outages,
             "integrator": self.pipeline.counters(),
+            "sources": {name: dict(c) for name, c in s.plugins.items()},
             "store": dict(self.recorder.stats),
         }
-        if self.kit:
-            out["kit_link"] = self.kit.stats
+        for link in self.links:
+            out.setdefault(link.name, link.stats)
         return out

@@ -33,7 +33,14 @@ Listen-only: SocketCAN has no per-socket listen-only switch (it is a property of
 the interface, ``ip link set can0 type can listen-only on``); the source never
 transmits unless it was given a :class:`RequestPlan`, which it refuses in
 listen-only mode, and it reports whether the kernel has the interface in
-listen-only mode.
+listen-only mode.  The same holds for a source's :class:`Talker` (the OBD-II
+source's requests): given one, the source refuses listen-only mode.
+
+11-bit frames: J1939 is 29-bit only, so 11-bit frames are ignored (counted in
+``stats["ignored"]``) unless their identifier is in ``standard_ids``; those
+come out as ``(timestamp, can_id | STANDARD_ID_FLAG, data, mono)``
+(:data:`~cngmrv.drivers.j1939.STANDARD_ID_FLAG`), so no J1939 decoder can take
+them for a PGN.
 """
 
 from __future__ import annotations
@@ -44,13 +51,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import can
 
 from cngmrv.drivers import j1939
 from cngmrv.drivers.address import AddressClaimer
 from cngmrv.drivers.canlink import LinkState, read_link
+from cngmrv.drivers.j1939 import STANDARD_ID_FLAG
 from cngmrv.drivers.replay import Frame, ReplayBus
 
 __all__ = [
@@ -61,6 +69,7 @@ __all__ = [
     "Frame",
     "RequestPlan",
     "SourceSettings",
+    "Talker",
     "j1939_filters",
     "make_source",
     "open_bus",
@@ -86,13 +95,27 @@ REPLAY = "replay"
 INTERFACES: frozenset[str] = frozenset(can.interfaces.VALID_INTERFACES) | {REPLAY}
 
 
-def j1939_filters(pgns: Iterable[int]) -> list[dict[str, Any]]:
+class Talker(Protocol):
+    """Frames a source sends on the bus, when its config says so (never in listen-only mode).
+
+    Called by the reader thread after every receive attempt (``msg`` is the
+    frame received, or None after a timeout) with ``now`` on ``time.monotonic()``;
+    returns ``(can_id, data, extended)`` frames to send now.  It must be quick
+    and must not raise: it runs on the hot path.  A frame that fails to send is
+    counted in ``stats["send_errors"]`` and not retried by the source.
+    """
+
+    def frames(self, now: float, msg: can.Message | None) -> list[tuple[int, bytes, bool]]: ...
+
+
+def j1939_filters(pgns: Iterable[int], standard_ids: Iterable[int] = ()) -> list[dict[str, Any]]:
     """python-can ``can_filters`` that accept the 29-bit frames of ``pgns`` from any source.
 
     For PDU1 PGNs (PF < 240) the PS byte is a destination, so every destination
-    is accepted.  11-bit frames never match (``extended`` is set).
+    is accepted.  11-bit frames match only when their identifier is one of
+    ``standard_ids``.
     """
-    out = []
+    out = [{"can_id": i, "can_mask": 0x7FF, "extended": False} for i in sorted(set(standard_ids))]
     for pgn in sorted(set(pgns)):
         if not 0 <= pgn <= 0x3FFFF:
             raise ValueError(f"PGN {pgn} out of range")
@@ -108,6 +131,7 @@ def open_bus(
     channel: str,
     listen_only: bool = True,
     pgns: Iterable[int] | None = None,
+    standard_ids: Iterable[int] = (),
     **kwargs: Any,
 ) -> can.BusABC:
     """Open a python-can bus, or a :class:`~cngmrv.drivers.replay.ReplayBus` for ``"replay"``.
@@ -121,7 +145,7 @@ def open_bus(
         return ReplayBus(channel, **kwargs)
     if interface == "socketcan":
         if pgns is not None:
-            kwargs.setdefault("can_filters", j1939_filters(pgns))
+            kwargs.setdefault("can_filters", j1939_filters(pgns, standard_ids))
         if listen_only:
             kwargs.setdefault("receive_own_messages", False)
     return can.Bus(interface=interface, channel=channel, **kwargs)
@@ -158,6 +182,9 @@ class SourceSettings:
     link_poll_s: float = 1.0
     requests: RequestPlan | None = None
     wake_after: int = 64  # see CanSource
+    # 11-bit identifiers passed on (plug-in sources: OBD-II answers), and their senders.
+    standard_ids: frozenset[int] = frozenset()
+    talkers: tuple[Talker, ...] = ()
 
     @property
     def filter_pgns(self) -> frozenset[int] | None:
@@ -182,6 +209,7 @@ def make_source(s: SourceSettings) -> CanSource:
             block_when_full=True,
             mono_from_timestamp=True,
             wake_after=min(s.wake_after, s.queue_size),
+            standard_ids=s.standard_ids,
         )
     if s.interface not in INTERFACES:
         raise ValueError(f"unknown CAN interface {s.interface!r}")
@@ -189,7 +217,7 @@ def make_source(s: SourceSettings) -> CanSource:
     pgns = s.filter_pgns
 
     def opener() -> can.BusABC:
-        return open_bus(s.interface, s.channel, s.listen_only, pgns)
+        return open_bus(s.interface, s.channel, s.listen_only, pgns, s.standard_ids)
 
     return CanSource(
         opener,
@@ -201,6 +229,8 @@ def make_source(s: SourceSettings) -> CanSource:
         link_poll_s=s.link_poll_s,
         requests=s.requests,
         wake_after=min(s.wake_after, s.queue_size),
+        standard_ids=s.standard_ids,
+        talkers=s.talkers,
     )
 
 
@@ -234,6 +264,8 @@ class CanSource:
         mono_from_timestamp: bool = False,
         requests: RequestPlan | None = None,
         wake_after: int = 1,
+        standard_ids: Iterable[int] = (),
+        talkers: Iterable[Talker] = (),
     ) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be >= 1")
@@ -241,6 +273,10 @@ class CanSource:
             raise ValueError("wake_after must be 1..queue_size")
         if requests is not None and listen_only:
             raise ValueError("requests need listen_only=False: a listen-only source never sends")
+        self._talkers = tuple(talkers)
+        if self._talkers and listen_only:
+            raise ValueError("talkers need listen_only=False: a listen-only source never sends")
+        self._standard_ids = frozenset(standard_ids)
         if isinstance(bus, can.BusABC):
             self._bus: can.BusABC | None = bus
             self._opener: BusOpener | None = None
@@ -423,13 +459,13 @@ class CanSource:
         if self._claimer is not None:
             self._send(self._claimer.claim(now))
 
-    def _send(self, frames: list[tuple[int, bytes]]) -> None:
+    def _send(self, frames: list[tuple[int, bytes]], extended: bool = True) -> None:
         bus = self._bus
         if bus is None:
             return
         for can_id, data in frames:
             try:
-                bus.send(can.Message(arbitration_id=can_id, data=data, is_extended_id=True))
+                bus.send(can.Message(arbitration_id=can_id, data=data, is_extended_id=extended))
                 self.stats["sent"] += 1
             except Exception as e:  # a failed request is retried next period
                 self.stats["send_errors"] += 1
@@ -441,6 +477,8 @@ class CanSource:
         stopped = self._stop.is_set
         mono_from_ts = self._mono_from_ts
         claimer = self._claimer
+        talkers = self._talkers
+        standard_ids = self._standard_ids
         wake_after = self._wake_after
         self._claim(monotonic())
         while not stopped():
@@ -462,18 +500,29 @@ class CanSource:
                     break
                 if claimer is not None:
                     self._transmit(monotonic(), msg)
+                if talkers:
+                    self._talk(monotonic(), msg)
                 if msg is None:
                     if getattr(bus, "finished", False):
                         self._ready.set()  # the end of a replayed log: no more to wait for
                         return
                     continue
-                # J1939 uses 29-bit data frames only; 11-bit, remote and error frames
-                # are other protocols' traffic, not decode errors.
+                # J1939 uses 29-bit data frames only; remote and error frames, and
+                # 11-bit frames no source asked for, are other protocols' traffic,
+                # not decode errors.
+                can_id = msg.arbitration_id
                 if not msg.is_extended_id or msg.is_remote_frame or msg.is_error_frame:
-                    stats["ignored"] += 1
-                    continue
+                    if (
+                        msg.is_extended_id
+                        or msg.is_remote_frame
+                        or msg.is_error_frame
+                        or can_id not in standard_ids
+                    ):
+                        stats["ignored"] += 1
+                        continue
+                    can_id |= STANDARD_ID_FLAG
                 t = msg.timestamp
-                frame = (t, msg.arbitration_id, bytes(msg.data), t if mono_from_ts else monotonic())
+                frame = (t, can_id, bytes(msg.data), t if mono_from_ts else monotonic())
                 if len(q) >= maxlen:
                     if not self._block:
                         stats["queue_dropped"] += 1
@@ -485,6 +534,11 @@ class CanSource:
                 stats["frames"] += 1
                 if self._waiting and len(q) >= wake_after:
                     self._ready.set()
+
+    def _talk(self, now: float, msg: can.Message | None) -> None:
+        for talker in self._talkers:
+            for can_id, data, extended in talker.frames(now, msg):
+                self._send([(can_id, data)], extended)
 
     def _transmit(self, now: float, msg: can.Message | None) -> None:
         claimer, plan = self._claimer, self._requests
