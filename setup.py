@@ -88,6 +88,7 @@ setup(
         "cngmrv.sources": [
             "can = cngmrv.agent.builtin_sources:CanBus",
             "kit = cngmrv.agent.builtin_sources:Kit",
+            "obd = cngmrv.agent.obd:ObdSource",
         ],
     },
 )
