@@ -124,6 +124,9 @@ class PipelineStats:
     ecu_errors: dict[str, int] = field(default_factory=dict)
     # Per signal: intervals between frames from its source, ms -> count (period_quantile).
     periods: dict[str, dict[int, int]] = field(default_factory=dict)
+    # Per counter signal (fuel_total in L, odometer in km): [first, last] value from its
+    # source.  Their difference needs no clock: the one figure of a log without timestamps.
+    counters: dict[str, list[float]] = field(default_factory=dict)
     # Per plug-in source (agent/source.py), its own counters.
     plugins: dict[str, dict[str, int]] = field(default_factory=dict)
 
