@@ -93,6 +93,76 @@ def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
+class StorageQuota:
+    """The store's quota policy, in the order data is given up.
+
+    Above ``alarm_fraction`` of the capacity (the quota, or what the disk
+    really holds, whichever is less) a ``STORAGE_ALARM`` is raised once and
+    optional data goes first: readings already inside batches, then batches
+    the ingest acknowledged.  Only above ``drop_fraction`` (or when SQLite
+    refused a write) are the oldest unsent batches dropped, recorded in a
+    ``STORAGE_FULL`` event with the batch and reading ranges lost.
+    """
+
+    def __init__(self, config: RecorderConfig, stats: dict[str, int]) -> None:
+        self.config = config
+        self.stats = stats
+        self.alarmed = False
+
+    def enforce(self, store: Store, force: bool) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
+        """Applies the policy to ``store``; ``force`` when SQLite has already refused a write.
+
+        Returns the events to record (``STORAGE_ALARM``, ``STORAGE_FULL``) and
+        whether unsent batches were dropped (then the caller seals at once, so
+        the loss is signed).
+        """
+        cfg = self.config
+        used = store.used_bytes()
+        # The levels are fractions of what the database may really hold (the quota less
+        # the WAL's share), so "above the drop level" is always reachable before SQLite's
+        # own limit refuses a write.
+        capacity = min(cfg.quota_bytes, store.capacity_bytes())
+        alarm = capacity * cfg.alarm_fraction
+        if used < alarm and not force:
+            if self.alarmed and used < alarm * 0.9:
+                self.alarmed = False
+                log.warning("event=storage_ok used=%d quota=%d", used, cfg.quota_bytes)
+            return [], False
+        events: list[tuple[str, dict[str, Any]]] = []
+        if not self.alarmed:
+            self.alarmed = True
+            log.warning("event=storage_alarm used=%d quota=%d", used, cfg.quota_bytes)
+            events.append(("STORAGE_ALARM", {"used": used, "quota": cfg.quota_bytes}))
+        # Optional data first: rows already inside batches, then acknowledged batches.
+        self.stats["pruned_readings"] += store.drop_sealed_rows()
+        used = store.used_bytes()
+        while used >= alarm * 0.9 and (n := store.drop_uploaded(16)):
+            self.stats["pruned_batches"] += n
+            used = store.used_bytes()
+        lost: list[int] = []
+        lost_r: list[int] = []
+        if used >= capacity * cfg.drop_fraction or force:
+            while used >= alarm * 0.9 and (d := store.drop_unsent(8)) is not None:
+                lost = [lost[0] if lost else d.first_seq, d.last_seq]
+                if d.last_reading >= d.first_reading:
+                    lost_r = [lost_r[0] if lost_r else d.first_reading, d.last_reading]
+                self.stats["dropped_unsent_batches"] += d.n_batches
+                used = store.used_bytes()
+        if lost:
+            log.error(
+                "event=storage_full dropped_unsent_batches=%d..%d used=%d quota=%d",
+                lost[0],
+                lost[1],
+                used,
+                cfg.quota_bytes,
+            )
+            body: dict[str, Any] = {"lost_batches": lost, "used": used, "quota": cfg.quota_bytes}
+            if lost_r:
+                body["lost_readings"] = lost_r
+            events.append(("STORAGE_FULL", body))
+        return events, bool(lost)
+
+
 class Recorder:
     """Buffers readings, seals batches, keeps the store healthy and within its quota."""
 
@@ -119,7 +189,6 @@ class Recorder:
         self._events: list[tuple[float, str, Mapping[str, Any]]] = []  # not yet written
         self._buffer_since: float | None = None
         self._store: Store | None = None
-        self._alarmed = False
         self._in_quota = False
         self._unreported_drops = 0
         self.boot_epoch = 0
@@ -134,6 +203,7 @@ class Recorder:
             "dropped_unsent_batches": 0,
             "store_replaced": 0,
         }
+        self._quota = StorageQuota(self.config, self.stats)
 
     @property
     def store(self) -> Store:
@@ -407,53 +477,10 @@ class Recorder:
             self._in_quota = False
 
     def _enforce_quota(self, force: bool) -> None:
-        store, cfg = self.store, self.config
-        used = store.used_bytes()
-        # The levels are fractions of what the database may really hold (the quota less
-        # the WAL's share), so "above the drop level" is always reachable before SQLite's
-        # own limit refuses a write.
-        capacity = min(cfg.quota_bytes, store.capacity_bytes())
-        alarm = capacity * cfg.alarm_fraction
-        if used < alarm and not force:
-            if self._alarmed and used < alarm * 0.9:
-                self._alarmed = False
-                log.warning("event=storage_ok used=%d quota=%d", used, cfg.quota_bytes)
-            return
-        events: list[tuple[str, dict[str, Any]]] = []
-        if not self._alarmed:
-            self._alarmed = True
-            log.warning("event=storage_alarm used=%d quota=%d", used, cfg.quota_bytes)
-            events.append(("STORAGE_ALARM", {"used": used, "quota": cfg.quota_bytes}))
-        # Optional data first: rows already inside batches, then acknowledged batches.
-        self.stats["pruned_readings"] += store.drop_sealed_rows()
-        used = store.used_bytes()
-        while used >= alarm * 0.9 and (n := store.drop_uploaded(16)):
-            self.stats["pruned_batches"] += n
-            used = store.used_bytes()
-        lost: list[int] = []
-        lost_r: list[int] = []
-        if used >= capacity * cfg.drop_fraction or force:
-            while used >= alarm * 0.9 and (d := store.drop_unsent(8)) is not None:
-                lost = [lost[0] if lost else d.first_seq, d.last_seq]
-                if d.last_reading >= d.first_reading:
-                    lost_r = [lost_r[0] if lost_r else d.first_reading, d.last_reading]
-                self.stats["dropped_unsent_batches"] += d.n_batches
-                used = store.used_bytes()
-        if lost:
-            log.error(
-                "event=storage_full dropped_unsent_batches=%d..%d used=%d quota=%d",
-                lost[0],
-                lost[1],
-                used,
-                cfg.quota_bytes,
-            )
-            body: dict[str, Any] = {"lost_batches": lost, "used": used, "quota": cfg.quota_bytes}
-            if lost_r:
-                body["lost_readings"] = lost_r
-            events.append(("STORAGE_FULL", body))
+        events, lost = self._quota.enforce(self.store, force)
         try:
             for kind, body in events:
-                store.add_event(self._wall(), kind, body)
+                self.store.add_event(self._wall(), kind, body)
         except StoreFull as e:
             log.error("event=storage_event_not_written reason=%r", str(e))
             return
