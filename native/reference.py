@@ -14,7 +14,7 @@ compiled extension.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -465,6 +465,61 @@ class _Chan:
         self.rejected = 0
 
 
+def _grid_index(bnd: Callable[[int], float], origin: float, period: float, t: float) -> int | None:
+    """The window holding ``t`` (None: off the grid), adjusted to the boundaries as in C."""
+    q = (t - origin) / period
+    if not abs(q) < K_LIMIT:
+        return None
+    k = math.floor(q)
+    i = 0
+    while i < ADJUST_MAX and bnd(k + 1) <= t:
+        k += 1
+        i += 1
+    i = 0
+    while i < ADJUST_MAX and bnd(k) > t:
+        k -= 1
+        i += 1
+    return k
+
+
+def _boundaries(
+    bnd: Callable[[int], float], t0: float, k0: int, t1: float, k1: int
+) -> list[tuple[int, float]]:
+    """(window, boundary) for each boundary inside the span, clamped as in C."""
+    out = []
+    ta = t0
+    for j in range(k0 + 1, k1 + 1):
+        b = bnd(j)
+        # Only a degenerate grid puts a boundary outside the span.
+        if b < ta:
+            b = ta
+        if b > t1:
+            b = t1
+        out.append((j - 1, b))
+        ta = b
+    return out
+
+
+def _totals(cfg: Config, ch: list[_Chan], rec: dict[int, list[_Acc]]) -> dict[str, float]:
+    """Per channel, the compensated sum of the window integrals, emitted and pending."""
+    out = {}
+    pending = sorted(rec.items())
+    for i, (name, c) in enumerate(zip(cfg.names, ch, strict=True)):
+        total = _NSum()
+        total.s, total.c = c.total.s, c.total.c
+        for _, acc in pending:
+            total.add(acc[i].integral.value())
+        out[name] = total.value()
+    return out
+
+
+def _state_of(c: _Chan, v: float) -> int:
+    """The state index of value ``v``; anything not a whole state code is "other"."""
+    if v >= 0.0 and v < float(c.n_states) and v == math.floor(v):
+        return int(v)
+    return c.n_states
+
+
 class ReferenceIntegrator:
     """Pure-Python integrator with exactly the semantics of :class:`cngmrv.native.Integrator`.
 
@@ -580,15 +635,7 @@ class ReferenceIntegrator:
 
     def totals(self) -> dict[str, float]:
         """Per channel, the compensated sum of the window integrals, emitted and pending."""
-        out = {}
-        pending = sorted(self._rec.items())
-        for i, (name, c) in enumerate(zip(self._cfg.names, self._ch, strict=True)):
-            total = _NSum()
-            total.s, total.c = c.total.s, c.total.c
-            for _, acc in pending:
-                total.add(acc[i].integral.value())
-            out[name] = total.value()
-        return out
+        return _totals(self._cfg, self._ch, self._rec)
 
     def fuel_totals(self) -> dict[str, FuelWindow]:
         return fuel_totals(self._cfg, self.totals())
@@ -621,19 +668,7 @@ class ReferenceIntegrator:
         return self._frontier is not None and k < self._frontier
 
     def _kidx(self, t: float) -> int | None:
-        q = (t - self._origin) / self._period
-        if not abs(q) < K_LIMIT:
-            return None
-        k = math.floor(q)
-        i = 0
-        while i < ADJUST_MAX and self._bnd(k + 1) <= t:
-            k += 1
-            i += 1
-        i = 0
-        while i < ADJUST_MAX and self._bnd(k) > t:
-            k -= 1
-            i += 1
-        return k
+        return _grid_index(self._bnd, self._origin, self._period, t)
 
     def _slot(self, k: int) -> list[_Acc]:
         acc = self._rec.get(k)
@@ -698,14 +733,8 @@ class ReferenceIntegrator:
             return
         valid = valid and math.isfinite(v)
         if c.kind == STATE:
-            v = float(self._state_of(c, v)) if valid else 0.0
+            v = float(_state_of(c, v)) if valid else 0.0
         self._step(ci, t, k1, v, valid)
-
-    @staticmethod
-    def _state_of(c: _Chan, v: float) -> int:
-        if v >= 0.0 and v < float(c.n_states) and v == math.floor(v):
-            return int(v)
-        return c.n_states
 
     def _process_event(
         self, ci: int, t: float, pulse: float, p: float, temp: float, valid: bool
@@ -794,19 +823,7 @@ class ReferenceIntegrator:
             a.integral.add(added)
 
     def _boundaries(self, t0: float, k0: int, t1: float, k1: int) -> list[tuple[int, float]]:
-        """(window, boundary) for each boundary inside the span, clamped as in C."""
-        out = []
-        ta = t0
-        for j in range(k0 + 1, k1 + 1):
-            b = self._bnd(j)
-            # Only a degenerate grid puts a boundary outside the span.
-            if b < ta:
-                b = ta
-            if b > t1:
-                b = t1
-            out.append((j - 1, b))
-            ta = b
-        return out
+        return _boundaries(self._bnd, t0, k0, t1, k1)
 
     def _integrate_rate(
         self, ci: int, t0: float, v0: float, k0: int, t1: float, v1: float, k1: int
@@ -889,42 +906,48 @@ class ReferenceIntegrator:
             if run > 0:
                 if run <= budget:
                     budget -= run
-                    out.extend(self._window(j, None) for j in range(pos, kk))
+                    out.extend(
+                        _window(self._cfg, self._ch, self._bnd, j, None) for j in range(pos, kk)
+                    )
                 else:
                     skipped += run
             if kk <= limit:
-                out.append(self._window(kk, self._rec.pop(kk)))
+                out.append(_window(self._cfg, self._ch, self._bnd, kk, self._rec.pop(kk)))
             pos = kk + 1
         self._frontier = limit + 1
         self._skipped = min(self._skipped + skipped, INT64_MAX)
         return out
 
-    def _window(self, k: int, acc: list[_Acc] | None) -> Window:
-        chans: dict[str, ChannelWindow] = {}
-        for i, (name, c) in enumerate(zip(self._cfg.names, self._ch, strict=True)):
-            states = None
-            if acc is None:
-                cw = ChannelWindow(0.0, 0.0, 0, 0.0)
-                if c.kind == STATE:
-                    states = [0.0] * (c.n_states + 1)
-            else:
-                a = acc[i]
-                cw = ChannelWindow(
-                    a.integral.value(), a.covered.value(), a.gaps, a.longest, a.count, a.last
-                )
-                c.total.add(cw.integral)
-                if c.kind == STATE:
-                    states = [s.value() for s in a.states]
-            if states is not None:
-                spec = c.spec
-                assert isinstance(spec, StateSpec)
-                cw = cw._replace(states=dict(zip((*spec.states, OTHER_STATE), states, strict=True)))
-            chans[name] = cw
-        fuels = {}
-        for fname, ci, mj, co2 in self._cfg.fuels:
-            energy = chans[self._cfg.names[ci]].integral * mj
-            fuels[fname] = FuelWindow(energy, energy * co2)
-        return Window(k, self._bnd(k), self._bnd(k + 1), chans, fuels)
+
+def _window(
+    cfg: Config, ch: list[_Chan], bnd: Callable[[int], float], k: int, acc: list[_Acc] | None
+) -> Window:
+    """Window ``k`` from its accumulators (``None``: an empty window); adds to the channels' totals."""
+    chans: dict[str, ChannelWindow] = {}
+    for i, (name, c) in enumerate(zip(cfg.names, ch, strict=True)):
+        states = None
+        if acc is None:
+            cw = ChannelWindow(0.0, 0.0, 0, 0.0)
+            if c.kind == STATE:
+                states = [0.0] * (c.n_states + 1)
+        else:
+            a = acc[i]
+            cw = ChannelWindow(
+                a.integral.value(), a.covered.value(), a.gaps, a.longest, a.count, a.last
+            )
+            c.total.add(cw.integral)
+            if c.kind == STATE:
+                states = [s.value() for s in a.states]
+        if states is not None:
+            spec = c.spec
+            assert isinstance(spec, StateSpec)
+            cw = cw._replace(states=dict(zip((*spec.states, OTHER_STATE), states, strict=True)))
+        chans[name] = cw
+    fuels = {}
+    for fname, ci, mj, co2 in cfg.fuels:
+        energy = chans[cfg.names[ci]].integral * mj
+        fuels[fname] = FuelWindow(energy, energy * co2)
+    return Window(k, bnd(k), bnd(k + 1), chans, fuels)
 
 
 def _seq(x: Any) -> Sequence[Any]:
