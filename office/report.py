@@ -55,7 +55,7 @@ from cngmrv.office.mrv import (
     emissions,
     sensitivity,
 )
-from cngmrv.signed import batch
+from cngmrv.signed import batch, chain
 from cngmrv.signed.archive import ArchiveError, open_readonly
 from cngmrv.signed.keys import public_key_from_pem
 
@@ -348,32 +348,29 @@ def _check(kind: str, d: DeviceBatches) -> None:
         d.signatures = "verified against the registered key"
         return
     # A device store holds no public key: check the payload hashes and the chain only.
-    prev: batch.Batch | None = None
-    expected = 0
+    unreadable: dict[str, list[str]] = {}
+    parsed: list[tuple[str, batch.Batch]] = []
     for name, raw in named:
         try:
-            b = batch.parse(raw)
+            parsed.append((name, batch.parse(raw)))
         except batch.BatchFormatError as e:
-            d.excluded[name] = [str(e)]
+            unreadable[name] = [str(e)]
+    steps = dict(zip((n for n, _ in parsed), chain.walk(b for _, b in parsed), strict=True))
+    for name, _ in named:
+        if name in unreadable:
+            d.excluded[name] = unreadable[name]
             continue
+        step = steps[name]
+        b = step.batch
         problems = []
         if b.device_id != d.device_id:
             problems.append(f"device_id {b.device_id!r} is not the store's {d.device_id!r}")
         if batch.sha256(b.payload_bytes) != b.header["payload_sha256"]:
             problems.append("payload SHA-256 does not match the header")
-        if b.seq > expected:
-            d.missing.append((expected, b.seq - 1))
-        # Across a missing batch the chain cannot be checked; the gap is reported instead.
-        if b.seq == 0:
-            linked = b.header["prev_hash"] == batch.ZERO_HASH
-        elif prev is not None and prev.seq == b.seq - 1:
-            linked = batch.links(prev, b.header["prev_hash"])
-        else:
-            linked = True
-        if not linked:
+        if step.gap is not None:
+            d.missing.append(step.gap)
+        if not step.chained:
             problems.append("prev_hash does not match the previous batch: chain broken")
-        expected = b.seq + 1
-        prev = b
         if problems:
             d.excluded[name] = problems
         else:
