@@ -56,7 +56,7 @@ from cngmrv.office.mrv import (
     sensitivity,
 )
 from cngmrv.signed import batch, chain
-from cngmrv.signed.archive import ArchiveError, open_readonly
+from cngmrv.signed.archive import ArchiveError, kind_of, open_readonly, store_device_id
 from cngmrv.signed.keys import public_key_from_pem
 
 CHANNELS = ("diesel_l", "gas_kg", "distance_km")
@@ -285,13 +285,10 @@ def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBat
     """(kind, devices) of an ingest database (``"ingest"``) or a device store (``"store"``)."""
     db = open_readonly(path)
     try:
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "batches" not in tables:
-            raise ArchiveError(f"{path} is neither an ingest database nor a device store")
-        cols = {r[1] for r in db.execute("PRAGMA table_info(batches)")}
+        kind = kind_of(db, path)
         keys: dict[str, bytes] = {}
-        if "device_id" in cols:
-            kind = "ingest"
+        if kind == "ingest":
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if "devices" in tables:
                 keys = {
                     str(d): bytes(k)
@@ -300,15 +297,7 @@ def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBat
             held = {str(r[0]) for r in db.execute("SELECT DISTINCT device_id FROM batches")}
             known = sorted(held | set(keys))
         else:
-            kind = "store"
-            row = (
-                db.execute("SELECT value FROM meta WHERE key='device_id'").fetchone()
-                if "meta" in tables
-                else None
-            )
-            if row is None:
-                raise ArchiveError(f"{path}: device store without a device id (no meta.device_id)")
-            known = [str(row[0])]
+            known = [store_device_id(db, path)]
         if not known:
             raise ReportError(f"no buses in {path}")
         if bus is not None and bus not in known:
