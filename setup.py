@@ -61,8 +61,11 @@ setup(
         # not install_requires: a compiled module (Cython, about 8 MB installed)
         # that a bus signing with its key file never loads.
         "pkcs11": ["python-pkcs11>=0.10"],
+        # Uploads over MQTT (agent/mqtt_transport.py, docs/upload-transports.md): a bus
+        # that uploads over HTTP never installs it.
+        "mqtt": ["paho-mqtt>=2.0"],
         "test": [
-            "cngmrv[office,pkcs11]",
+            "cngmrv[office,pkcs11,mqtt]",
             "pytest>=8",
             "hypothesis>=6.100",
             "mypy>=1.10",
@@ -83,6 +86,14 @@ setup(
             "sim = cngmrv.sim.sim_cli:register",
             "ingest = cngmrv.office.office_cli:register_ingest",
             "report = cngmrv.office.office_cli:register_report",
+        ],
+        # Upload transports, one per URL scheme (agent/transport.py): the core keeps retry,
+        # backoff and the acknowledgement rule; a transport only carries one batch.
+        "cngmrv.transports": [
+            "http = cngmrv.agent.http_transport:HttpTransport",
+            "https = cngmrv.agent.http_transport:HttpTransport",
+            "mqtt = cngmrv.agent.mqtt_transport:MqttTransport",
+            "mqtts = cngmrv.agent.mqtt_transport:MqttTransport",
         ],
     },
 )

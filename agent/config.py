@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cngmrv.agent import transport
 from cngmrv.agent.pipeline import FuelFactors, GasCalibration, PipelineConfig
 from cngmrv.drivers.address import SIGNALS, check_source_rule
 from cngmrv.drivers.can_source import (
@@ -52,7 +53,7 @@ def _address(v: Any) -> str | None:
 
 
 def _url(v: Any) -> str | None:
-    return None if v == "" or v.startswith(("http://", "https://")) else "must be an http(s) URL"
+    return None if v == "" else transport.url_problem(v)
 
 
 MAX_QUOTA_MB = 1 << 20  # 1 TiB
