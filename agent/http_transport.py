@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from cngmrv.agent.transport import Outcome
+from cngmrv.agent.transport import TIMEOUT_S, Outcome
 from cngmrv.agent.upload import acknowledgement_problem
 
 CONTENT_TYPE = "application/vnd.cngmrv.batch+msgpack"
@@ -44,7 +44,7 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 class HttpTransport:
     """POSTs each batch to one URL; keeps no connection between batches."""
 
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, timeout: float = TIMEOUT_S) -> None:
         self.url = url
         self.timeout = timeout
 
@@ -55,7 +55,7 @@ class HttpTransport:
         pass
 
 
-def post_batch(url: str, raw: bytes, timeout: float = 10.0) -> Outcome:
+def post_batch(url: str, raw: bytes, timeout: float = TIMEOUT_S) -> Outcome:
     """POST one batch's exact bytes; classify the answer (see the module's policy)."""
     req = urllib.request.Request(
         url, data=raw, method="POST", headers={"Content-Type": CONTENT_TYPE}

@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 
-from cngmrv.agent.transport import Outcome
+from cngmrv.agent.transport import TIMEOUT_S, Outcome
 from cngmrv.signed import batch
 
 DEFAULT_PREFIX = "cngmrv/batches"
@@ -39,7 +39,7 @@ KEEPALIVE_S = 60
 class MqttTransport:
     """Publishes batches over one kept MQTT connection, made again after any failure."""
 
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, timeout: float = TIMEOUT_S) -> None:
         parts = urlsplit(url)
         self.tls = parts.scheme.lower() == "mqtts"
         if not parts.hostname:

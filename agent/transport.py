@@ -18,6 +18,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 GROUP = "cngmrv.transports"
+TIMEOUT_S = 10.0  # for one batch: connect, send and the receiver's answer
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from cngmrv.agent.store import Store, StoreError
-from cngmrv.agent.transport import Outcome, Transport, open_transport
+from cngmrv.agent.transport import TIMEOUT_S, Outcome, Transport, open_transport
 from cngmrv.signed import batch
 
 log = logging.getLogger("cngmrv.upload")
@@ -103,7 +103,7 @@ class Uploader:
         self,
         store: Store | Callable[[], Store],
         url: str,
-        timeout: float = 10.0,
+        timeout: float = TIMEOUT_S,
         base_s: float = BASE_S,
         cap_s: float = CAP_S,
         seed: int | None = None,
