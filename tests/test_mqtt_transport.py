@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from upload_helpers import sealed_store
 
 from cngmrv.agent import transport
-from cngmrv.agent.store import Store
 from cngmrv.agent.upload import Uploader
 from cngmrv.signed import batch, keys
 
@@ -95,14 +95,6 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.stop()
 
 
-def _store(tmp_path: Path, signer: keys.FileSigner, n: int) -> Store:
-    store = Store(tmp_path / "dev.sqlite", "bus-7")
-    for i in range(n):
-        store.add_readings([{"t0": float(i)}])
-        store.seal(signer, 1, {"boot_epoch": 1})
-    return store
-
-
 def test_the_mqtt_scheme_is_a_registered_transport() -> None:
     assert {"http", "https", "mqtt", "mqtts"} <= set(transport.schemes())
     assert transport.url_problem("mqtt://broker.example/fleet") is None
@@ -113,7 +105,7 @@ def test_the_mqtt_scheme_is_a_registered_transport() -> None:
 def test_every_batch_arrives_in_order_and_each_puback_marks_it_uploaded(
     broker: Broker, signer: keys.FileSigner, tmp_path: Path
 ) -> None:
-    store = _store(tmp_path, signer, 5)
+    store = sealed_store(tmp_path, signer, 5)
     sub = Subscriber(broker.port, "fleet/batches/#")
     up = Uploader(store, f"mqtt://127.0.0.1:{broker.port}/fleet/batches", seed=1)
     up.start()
@@ -134,7 +126,7 @@ def test_every_batch_arrives_in_order_and_each_puback_marks_it_uploaded(
 def test_without_a_broker_the_batch_stays_pending_and_goes_when_the_broker_is_back(
     signer: keys.FileSigner, tmp_path: Path
 ) -> None:
-    store = _store(tmp_path, signer, 2)
+    store = sealed_store(tmp_path, signer, 2)
     port = _free_port()
     t = transport.open_transport(f"mqtt://127.0.0.1:{port}", timeout=2.0)
     (_, first), (_, second) = store.batches()
