@@ -9,7 +9,8 @@ Two installs from one distribution: ``pip install cngmrv`` is the bus's
 (what the agent runs on, nothing more); ``pip install 'cngmrv[office]'`` adds
 what the office's ingest server and reports need (docs/deploy-pi.md,
 docs/mrv-methodology.md); ``pip install 'cngmrv[pkcs11]'`` adds the signer for a
-key held in a TPM or secure element (docs/deploy-pi.md).  The C integrator is built by
+key held in a TPM or secure element (docs/deploy-pi.md); ``pip install 'cngmrv[mqtt]'``
+uploads over MQTT (docs/upload-transports.md).  The C integrator is built by
 cffi in API (out-of-line) mode through ``cffi_modules``.
 """
 
