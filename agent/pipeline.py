@@ -39,7 +39,9 @@ from cngmrv.agent.decode_kit import INJECTION_TYPE, KitDecoder, injection_fields
 from cngmrv.agent.pipeline_config import (
     CAN_CHANNELS,
     CHANNEL_SIGNALS,
+    ENGINE_STATES,
     GAP_SIGNALS,
+    MODE_STATES,
     FuelFactors,
     GasCalibration,
     PipelineConfig,
@@ -58,7 +60,9 @@ from cngmrv.drivers.kit_can import KitCanDecoder
 __all__ = [
     "CAN_CHANNELS",
     "CHANNEL_SIGNALS",
+    "ENGINE_STATES",
     "GAP_SIGNALS",
+    "MODE_STATES",
     "INJECTION_TYPE",
     "DecoderFactory",
     "FuelFactors",
