@@ -53,7 +53,7 @@ PACKAGES = {
         "sqlite3",
     ],
     # The Pi's architecture: the same guest, plus the C compiler and Python's headers
-    # that build the cffi extension in the guest (issue 13's arm64 smoke, vmbench/guest/smoke.sh).
+    # that build the cffi extension in the guest (the arm64 smoke, vmbench/guest/smoke.sh).
     "arm64": [
         "linux-image-arm64",
         "systemd",
