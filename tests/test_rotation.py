@@ -9,7 +9,9 @@ subprocess.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +140,65 @@ def test_a_revoked_keys_later_batches_are_refused_and_filed_as_alarms(
         ("ingest_alarm", 4),
         ("ingest_alarm", 5),
     ], bad
+
+
+def test_a_key_revoked_from_a_time_refuses_what_it_signed_after_by_either_clock(
+    tmp_path: Path, server: IngestServer, cli
+) -> None:
+    signer = _signer(tmp_path / "k")
+    register_device(server.db, DEV, (tmp_path / "k" / keys.PUB_FILE).read_bytes())
+    # Device clock: batch n starts at 1000 + n, except batch 2, dated in 2096, and batch 6,
+    # a thief's, dated back to 1000.
+    dated = {2: 4e9, 6: 1000.0}
+    raws, prev = [], batch.ZERO_HASH
+    for seq in range(7):
+        reading = {**_reading(seq), "t0": dated.get(seq, 1000.0 + seq)}
+        raws.append(batch.build(signer, DEV, seq, prev, {"readings": [reading]}))
+        prev = batch.chain_id(raws[-1])
+    for raw in raws[:3]:
+        assert post_batch(server.url, raw).status == 201
+    when = datetime.now(UTC)
+    time.sleep(0.05)
+    for raw in raws[3:5]:
+        assert post_batch(server.url, raw).status == 201
+    db = str(tmp_path / "ingest.sqlite")
+    r = cli("ingest", "--db", db, "--revoke", f"{DEV}={signer.kid}@{when.isoformat()}")
+    assert r.returncode == 0, r.stderr
+    # Batch 2 is after by the device's clock, 3 and 4 by the ingest's.
+    assert "from batch 2" in r.stderr and "3 stored batches" in r.stderr
+    for raw in raws[5:]:
+        out = post_batch(server.url, raw)
+        assert (out.status, "key_not_valid" in out.detail) == (403, True)
+    kinds = [(a["seq"], a["kind"]) for a in _alarms(server)]
+    assert kinds == [
+        (2, "revoked_key"),
+        (3, "revoked_key"),
+        (4, "revoked_key"),
+        (5, "key_not_valid"),
+        (6, "key_not_valid"),
+    ]
+    assert post_batch(server.url, raws[1]).status == 200
+
+
+def test_a_revocation_time_in_the_past_covers_every_batch_stored_since(
+    tmp_path: Path, server: IngestServer, cli
+) -> None:
+    # All five stored now, their device times long ago: a time in the past by the ingest's
+    # clock (a stolen key noticed late) catches every batch stored since.
+    signer = _signer(tmp_path / "k")
+    register_device(server.db, DEV, (tmp_path / "k" / keys.PUB_FILE).read_bytes())
+    prev = batch.ZERO_HASH
+    for seq in range(5):
+        raw = batch.build(signer, DEV, seq, prev, {"readings": [_reading(seq)]})
+        prev = batch.chain_id(raw)
+        assert post_batch(server.url, raw).status == 201
+    db = str(tmp_path / "ingest.sqlite")
+    r = cli("ingest", "--db", db, "--revoke", f"{DEV}={signer.kid}@2000-01-01T07:00:00+07:00")
+    assert r.returncode == 0, r.stderr
+    assert "from batch 0" in r.stderr and "5 stored batches" in r.stderr
+    bad = cli("ingest", "--db", db, "--revoke", f"{DEV}={signer.kid}@2000-01-01T07:00:00")
+    assert bad.returncode != 0 and "needs its zone" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def test_a_stolen_old_key_used_after_rotation_is_refused_with_an_alarm(
