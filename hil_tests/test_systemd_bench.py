@@ -96,17 +96,24 @@ def test_stop_seals_and_exits_within_5_s(
     agent.systemctl("start")
     time.sleep(15.0)  # readings accumulate, some of them not yet in a batch
     took = agent.systemctl("stop")
-    props = agent.show(
-        "Result", "ExecMainStatus", "ExecMainCode", "InactiveEnterTimestampMonotonic"
-    )
-    timeline = [
-        f"{int(str(e['__MONOTONIC_TIMESTAMP'])) / 1e6:10.3f} {e.get('MESSAGE', '')}"
-        for e in agent.journal(mark)[-12:]
-    ]
-    report_figures("stop", {"stop_s": took})
-    assert took < 5.0, (
-        f"systemctl stop took {took:.2f} s (service.stop_timeout_s is 5); unit inactive at "
-        f"{int(props['InactiveEnterTimestampMonotonic']) / 1e6:.3f}:\n" + "\n".join(timeline)
+    props = agent.show("Result", "ExecMainStatus", "ExecMainCode")
+    entries = agent.journal(mark)
+    timeline = [f"{_wall_mono_us(e) / 1e6:10.3f} {e.get('MESSAGE', '')}" for e in entries[-12:]]
+
+    def logged_at(pattern: str) -> float:
+        rx = re.compile(pattern)
+        hits = [_wall_mono_us(e) / 1e6 for e in entries if rx.match(str(e.get("MESSAGE", "")))]
+        assert hits, f"no {pattern!r} in the journal:\n" + "\n".join(timeline)
+        return hits[-1]
+
+    # systemd's own account, from sending SIGTERM to the unit inactive: the
+    # systemctl client's wall time also holds its own start, which under
+    # emulation on a busy host costs seconds that are not the agent's.
+    stop_s = logged_at(r"Stopped cngmrv\.service\b") - logged_at(r"Stopping cngmrv\.service\b")
+    report_figures("stop", {"stop_s": stop_s, "systemctl_stop_s": took})
+    assert stop_s < 5.0, (
+        f"the unit took {stop_s:.2f} s to stop (service.stop_timeout_s is 5; systemctl "
+        f"returned after {took:.2f} s):\n" + "\n".join(timeline)
     )
     assert props["Result"] == "success" and props["ExecMainStatus"] == "0", props
     agent.wait_for_message(r"event=stopped clean=true", mark, 5.0)
