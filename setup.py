@@ -9,7 +9,8 @@ Two installs from one distribution: ``pip install cngmrv`` is the bus's
 (what the agent runs on, nothing more); ``pip install 'cngmrv[office]'`` adds
 what the office's ingest server and reports need (docs/deploy-pi.md,
 docs/mrv-methodology.md); ``pip install 'cngmrv[pkcs11]'`` adds the signer for a
-key held in a TPM or secure element (docs/deploy-pi.md).  The C integrator is built by
+key held in a TPM or secure element (docs/deploy-pi.md); ``pip install 'cngmrv[mqtt]'``
+uploads over MQTT (docs/upload-transports.md).  The C integrator is built by
 cffi in API (out-of-line) mode through ``cffi_modules``.
 """
 
@@ -61,8 +62,11 @@ setup(
         # not install_requires: a compiled module (Cython, about 8 MB installed)
         # that a bus signing with its key file never loads.
         "pkcs11": ["python-pkcs11>=0.10"],
+        # Uploads over MQTT (agent/mqtt_transport.py, docs/upload-transports.md): a bus
+        # that uploads over HTTP never installs it.
+        "mqtt": ["paho-mqtt>=2.0"],
         "test": [
-            "cngmrv[office,pkcs11]",
+            "cngmrv[office,pkcs11,mqtt]",
             "pytest>=8",
             "hypothesis>=6.100",
             "mypy>=1.10",
@@ -83,6 +87,14 @@ setup(
             "sim = cngmrv.sim.sim_cli:register",
             "ingest = cngmrv.office.office_cli:register_ingest",
             "report = cngmrv.office.office_cli:register_report",
+        ],
+        # Upload transports, one per URL scheme (agent/transport.py): the core keeps retry,
+        # backoff and the acknowledgement rule; a transport only carries one batch.
+        "cngmrv.transports": [
+            "http = cngmrv.agent.http_transport:HttpTransport",
+            "https = cngmrv.agent.http_transport:HttpTransport",
+            "mqtt = cngmrv.agent.mqtt_transport:MqttTransport",
+            "mqtts = cngmrv.agent.mqtt_transport:MqttTransport",
         ],
     },
 )

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cngmrv.agent import transport
 from cngmrv.agent.pipeline import FuelFactors, GasCalibration, PipelineConfig
+from cngmrv.agent.recorder import RecorderConfig
+from cngmrv.agent.transport import TIMEOUT_S
+from cngmrv.agent.upload import BASE_S, CAP_S
 from cngmrv.drivers.address import SIGNALS, check_source_rule
 from cngmrv.drivers.can_source import (
     DEFAULT_PGNS,
@@ -52,10 +56,11 @@ def _address(v: Any) -> str | None:
 
 
 def _url(v: Any) -> str | None:
-    return None if v == "" or v.startswith(("http://", "https://")) else "must be an http(s) URL"
+    return None if v == "" else transport.url_problem(v)
 
 
 MAX_QUOTA_MB = 1 << 20  # 1 TiB
+MIB = 1024 * 1024
 MAX_READINGS_PER_BATCH = 1800
 
 
@@ -126,6 +131,29 @@ def _year(v: Any) -> str | None:
     return None if 2000 <= v <= 2100 else "must be a year 2000..2100"
 
 
+@dataclass(frozen=True)
+class ServiceSettings:
+    log_format: str = "kv"
+    stop_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    enabled: bool = True
+    port: int = 9108
+
+
+@dataclass(frozen=True)
+class ClockSettings:
+    source: str = "ntp"
+    gps_port: str = ""
+    gps_baudrate: int = 9600
+    gps_max_age_s: float = 5.0
+    gps_tolerance_s: float = 1.0
+    step_threshold_s: float = 1.0
+    min_year: int = 2024
+
+
 # section -> key -> (type, default, check); a default of None means required.
 SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
     "device": {
@@ -173,92 +201,85 @@ SCHEMA: dict[str, dict[str, tuple[type, Any, Check | None]]] = {
     },
     "store": {
         "path": (Path, None, None),
-        "buffer_s": (float, 10.0, _buffer),
-        "quota_mb": (float, 1024.0, _quota),
-        "alarm_fraction": (float, 0.8, _fraction),
-        "drop_fraction": (float, 0.95, _fraction),
+        "buffer_s": (float, RecorderConfig.buffer_s, _buffer),
+        "quota_mb": (float, RecorderConfig.quota_bytes / MIB, _quota),
+        "alarm_fraction": (float, RecorderConfig.alarm_fraction, _fraction),
+        "drop_fraction": (float, RecorderConfig.drop_fraction, _fraction),
     },
     "batch": {"readings_per_batch": (int, 60, _readings_per_batch)},
     "upload": {
         "url": (str, "", _url),
-        "timeout_s": (float, 10.0, _positive),
-        "backoff_base_s": (float, 2.0, _positive),
-        "backoff_cap_s": (float, 900.0, _positive),
+        "timeout_s": (float, TIMEOUT_S, _positive),
+        "backoff_base_s": (float, BASE_S, _positive),
+        "backoff_cap_s": (float, CAP_S, _positive),
     },
     "pipeline": {
-        "period_s": (float, 1.0, _positive),
-        "can_max_gap_s": (float, 1.0, _positive),
-        "kit_max_gap_s": (float, 1.0, _positive),
-        "engine_source_address": (int, 0, _address),
-        "kit_resync_s": (float, 10.0, _positive),
-        "stale_s": (float, 5.0, _positive),
-        "kit_stuck_gas_kg": (float, 0.05, _positive),
-        "idle_max_kmh": (float, 2.0, _nonnegative),
-        "engine_running_rpm": (float, 300.0, _positive),
+        "period_s": (float, PipelineConfig.period_s, _positive),
+        "can_max_gap_s": (float, PipelineConfig.can_max_gap_s, _positive),
+        "kit_max_gap_s": (float, PipelineConfig.kit_max_gap_s, _positive),
+        "engine_source_address": (int, PipelineConfig.engine_source_address, _address),
+        "kit_resync_s": (float, PipelineConfig.kit_resync_s, _positive),
+        "stale_s": (float, PipelineConfig.stale_s, _positive),
+        "kit_stuck_gas_kg": (float, PipelineConfig.kit_stuck_gas_kg, _positive),
+        "idle_max_kmh": (float, PipelineConfig.idle_max_kmh, _nonnegative),
+        "engine_running_rpm": (float, PipelineConfig.engine_running_rpm, _positive),
         "engine_name": (str, "", _name),  # the engine's J1939 NAME, hex ("" = find it)
     },
     # Where each signal comes from: "auto", "engine", "function:N" or an address (docs/can.md).
     "sources": {signal: (object, "auto", check_source_rule) for signal in SIGNALS},
     # Energy and CO2 factors (IPCC 2006 defaults; a project sets its own, e.g. for B40 diesel).
     "fuel": {
-        "diesel_density_kg_per_l": (float, 0.844, _positive),
-        "diesel_ncv_mj_per_kg": (float, 43.0, _positive),
-        "diesel_co2_kg_per_tj": (float, 74100.0, _nonnegative),
-        "gas_ncv_mj_per_kg": (float, 48.0, _positive),
-        "gas_co2_kg_per_tj": (float, 56100.0, _nonnegative),
+        "diesel_density_kg_per_l": (float, FuelFactors.diesel_density_kg_per_l, _positive),
+        "diesel_ncv_mj_per_kg": (float, FuelFactors.diesel_ncv_mj_per_kg, _positive),
+        "diesel_co2_kg_per_tj": (float, FuelFactors.diesel_co2_kg_per_tj, _nonnegative),
+        "gas_ncv_mj_per_kg": (float, FuelFactors.gas_ncv_mj_per_kg, _positive),
+        "gas_co2_kg_per_tj": (float, FuelFactors.gas_co2_kg_per_tj, _nonnegative),
     },
     # Per-kit calibration of the event- and tank-based gas figures (assumed defaults).
     "gas": {
-        "injector_k": (float, 7.4e-6, _positive),
-        "injector_dead_time_ms": (float, 1.1, _nonnegative),
-        "tank_volume_m3": (float, 0.44, _positive),
-        "tank_pressure_gauge": (bool, False, None),
-        "r_j_per_kg_k": (float, 518.3, _positive),
-        "p_pc_bar": (float, 46.0, _positive),
-        "t_pc_k": (float, 190.6, _positive),
-        "refuel_min_kg": (float, 5.0, _positive),
+        "injector_k": (float, GasCalibration.injector_k, _positive),
+        "injector_dead_time_ms": (float, GasCalibration.injector_dead_time_ms, _nonnegative),
+        "tank_volume_m3": (float, GasCalibration.tank_volume_m3, _positive),
+        "tank_pressure_gauge": (bool, GasCalibration.tank_pressure_gauge, None),
+        "r_j_per_kg_k": (float, GasCalibration.r_j_per_kg_k, _positive),
+        "p_pc_bar": (float, GasCalibration.p_pc_bar, _positive),
+        "t_pc_k": (float, GasCalibration.t_pc_k, _positive),
+        "refuel_min_kg": (float, GasCalibration.refuel_min_kg, _positive),
     },
     "service": {
-        "log_format": (str, "kv", _one_of("kv", "json")),  # one line per event on stdout
-        "stop_timeout_s": (float, 5.0, _positive),  # SIGTERM to exit, upload drain included
+        "log_format": (
+            str,
+            ServiceSettings.log_format,
+            _one_of("kv", "json"),
+        ),  # one line per event on stdout
+        "stop_timeout_s": (
+            float,
+            ServiceSettings.stop_timeout_s,
+            _positive,
+        ),  # SIGTERM to exit, upload drain included
     },
     "health": {
-        "enabled": (bool, True, None),
-        "port": (int, 9108, _port),  # always bound to 127.0.0.1
+        "enabled": (bool, HealthSettings.enabled, None),
+        "port": (int, HealthSettings.port, _port),  # always bound to 127.0.0.1
     },
     "clock": {
-        "source": (str, "ntp", _one_of("none", "ntp", "gps")),
-        "gps_port": (str, "", None),
-        "gps_baudrate": (int, 9600, _positive),
-        "gps_max_age_s": (float, 5.0, _positive),  # an older fix no longer confirms the clock
-        "gps_tolerance_s": (float, 1.0, _positive),
-        "step_threshold_s": (float, 1.0, _positive),
-        "min_year": (int, 2024, _year),  # an earlier wall clock is a board booted without time
+        "source": (str, ClockSettings.source, _one_of("none", "ntp", "gps")),
+        "gps_port": (str, ClockSettings.gps_port, None),
+        "gps_baudrate": (int, ClockSettings.gps_baudrate, _positive),
+        "gps_max_age_s": (
+            float,
+            ClockSettings.gps_max_age_s,
+            _positive,
+        ),  # an older fix no longer confirms the clock
+        "gps_tolerance_s": (float, ClockSettings.gps_tolerance_s, _positive),
+        "step_threshold_s": (float, ClockSettings.step_threshold_s, _positive),
+        "min_year": (
+            int,
+            ClockSettings.min_year,
+            _year,
+        ),  # an earlier wall clock is a board booted without time
     },
 }
-
-
-@dataclass(frozen=True)
-class ServiceSettings:
-    log_format: str = "kv"
-    stop_timeout_s: float = 5.0
-
-
-@dataclass(frozen=True)
-class HealthSettings:
-    enabled: bool = True
-    port: int = 9108
-
-
-@dataclass(frozen=True)
-class ClockSettings:
-    source: str = "ntp"
-    gps_port: str = ""
-    gps_baudrate: int = 9600
-    gps_max_age_s: float = 5.0
-    gps_tolerance_s: float = 1.0
-    step_threshold_s: float = 1.0
-    min_year: int = 2024
 
 
 @dataclass(frozen=True)
@@ -296,13 +317,13 @@ class Config:
     pipeline: PipelineConfig
     can_source: SourceSettings = SourceSettings()
     can_dbc: Path | None = None
-    store_buffer_s: float = 10.0
-    store_quota_bytes: int = 1 << 30
-    store_alarm_fraction: float = 0.8
-    store_drop_fraction: float = 0.95
-    upload_timeout_s: float = 10.0
-    upload_backoff_base_s: float = 2.0
-    upload_backoff_cap_s: float = 900.0
+    store_buffer_s: float = RecorderConfig.buffer_s
+    store_quota_bytes: int = RecorderConfig.quota_bytes
+    store_alarm_fraction: float = RecorderConfig.alarm_fraction
+    store_drop_fraction: float = RecorderConfig.drop_fraction
+    upload_timeout_s: float = TIMEOUT_S
+    upload_backoff_base_s: float = BASE_S
+    upload_backoff_cap_s: float = CAP_S
     service: ServiceSettings = ServiceSettings()
     health: HealthSettings = HealthSettings()
     clock: ClockSettings = ClockSettings()
@@ -424,7 +445,7 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         can_source=source,
         can_dbc=dbc,
         store_buffer_s=v["store.buffer_s"],
-        store_quota_bytes=int(v["store.quota_mb"] * 1024 * 1024),
+        store_quota_bytes=int(v["store.quota_mb"] * MIB),
         store_alarm_fraction=v["store.alarm_fraction"],
         store_drop_fraction=v["store.drop_fraction"],
         upload_timeout_s=v["upload.timeout_s"],

@@ -46,7 +46,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cngmrv.signed import batch
+from cngmrv.signed import batch, chain
 from cngmrv.signed.keys import Signer
 
 log = logging.getLogger("cngmrv.store")
@@ -819,31 +819,38 @@ def salvage(path: Path, device_id: str, public_key: ec.EllipticCurvePublicKey) -
                 )
             except (sqlite3.Error, TypeError, ValueError):
                 pass
-            prev: batch.Batch | None = None
             columns = {r[1] for r in db.execute("PRAGMA table_info(batches)")}
             # Layout 1 stores had an upload time instead of a flag.
             flag = "uploaded = 1" if "uploaded" in columns else "uploaded_at IS NOT NULL"
-            for seq, raw, uploaded in db.execute(
-                f"SELECT seq, bytes, {flag} FROM batches ORDER BY seq"
-            ):
-                raw = bytes(raw)
-                try:
-                    b = batch.parse(raw)
-                except batch.BatchFormatError as e:
-                    problem = f"batch {seq}: {e}"
-                    break
-                if b.seq != seq or b.device_id != device_id:
-                    problem = f"batch {seq} is not this device's"
-                    break
-                bad = batch.check(b, public_key)
-                if bad:
-                    problem = f"batch {seq}: {bad[0]}"
-                    break
-                if prev is not None and not batch.links(prev, b.header["prev_hash"]):
+            uploaded: dict[int, bool] = {}
+
+            def verified() -> Iterator[batch.Batch]:
+                nonlocal problem
+                for seq, raw, up in db.execute(
+                    f"SELECT seq, bytes, {flag} FROM batches ORDER BY seq"
+                ):
+                    try:
+                        b = batch.parse(bytes(raw))
+                    except batch.BatchFormatError as e:
+                        problem = f"batch {seq}: {e}"
+                        return
+                    if b.seq != seq or b.device_id != device_id:
+                        problem = f"batch {seq} is not this device's"
+                        return
+                    bad = batch.check(b, public_key)
+                    if bad:
+                        problem = f"batch {seq}: {bad[0]}"
+                        return
+                    uploaded[seq] = bool(up)
+                    yield b
+
+            # From the lowest batch read on: a hole or a broken link ends what is taken over.
+            for step in chain.walk(verified(), start=None):
+                seq = step.batch.seq
+                if out_b and (step.gap is not None or not step.linked):
                     problem = f"batch {seq} does not chain to the one before"
                     break
-                out_b.append((seq, raw, bool(uploaded)))
-                prev = b
+                out_b.append((seq, step.batch.raw, uploaded[seq]))
             boundary = out_b[-1] if out_b else None
             start = 0
             if boundary is not None:

@@ -1,4 +1,10 @@
-"""Upload of sealed batches to the ingest server, in sequence order.
+"""Upload of sealed batches to the ingest server, in sequence order: the core.
+
+Retry, backoff, the queue and the acknowledgement rule live here; the
+transport that carries a batch is a plug-in (:mod:`cngmrv.agent.transport`),
+picked by ``upload.url``'s scheme.  The policy below is the HTTP transport's
+(:mod:`cngmrv.agent.http_transport`); docs/upload-transports.md says how
+another transport maps its receiver's answers onto it.
 
 The uploader runs in its own thread and touches the store only between
 network calls, for a few milliseconds at a time, so a dead cellular link never
@@ -38,134 +44,39 @@ What the agent does on each answer (docs/deploy-pi.md, "Uploads"):
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
 
 from cngmrv.agent.store import Store, StoreError
+from cngmrv.agent.transport import TIMEOUT_S, Outcome, Transport, open_transport
 from cngmrv.signed import batch
 
 log = logging.getLogger("cngmrv.upload")
 
-CONTENT_TYPE = "application/vnd.cngmrv.batch+msgpack"
 BASE_S = 2.0
 CAP_S = 900.0
 
-
-# The ingest's refusals of one batch: retrying the same bytes cannot succeed.
-BATCH_REFUSALS = frozenset(
-    {"malformed", "truncated", "noncanonical", "rejected", "conflict", "chain_broken", "bad_length"}
-)
-# The ingest's refusals of the device: every batch would get the same answer.
-DEVICE_REFUSALS = frozenset({"unknown_device", "kid_mismatch"})
+__all__ = ["Outcome", "Transport", "Uploader", "acknowledgement_problem", "backoff_delay"]
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """The ingest's answer to one batch."""
+def acknowledgement_problem(answer: object, raw: bytes) -> str | None:
+    """Why ``answer`` is not the ingest's acknowledgement of ``raw``, or None when it is.
 
-    acknowledged: bool  # stored or duplicate, naming this batch: safe to mark uploaded
-    retry: bool  # a transient failure: try again later
-    status: int
-    detail: str
-    refused: bool = False  # the ingest refused this batch for good: park it, go on
-    retry_after: float | None = None  # seconds the server asked us to wait, if it did
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # A redirect is a captive portal or a misconfigured URL, never the ingest's answer.
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
-
-
-def post_batch(url: str, raw: bytes, timeout: float = 10.0) -> Outcome:
-    """POST one batch's exact bytes; classify the answer (see the module's policy)."""
-    req = urllib.request.Request(
-        url, data=raw, method="POST", headers={"Content-Type": CONTENT_TYPE}
-    )
-    try:
-        with _OPENER.open(req, timeout=timeout) as resp:
-            body = resp.read(64 * 1024)
-            problem = _not_an_ack(body, raw)
-            if problem:
-                return Outcome(False, True, resp.status, f"not an acknowledgement: {problem}")
-            return Outcome(True, False, resp.status, _detail(body))
-    except urllib.error.HTTPError as e:
-        try:
-            body = e.read(64 * 1024)
-        except OSError:
-            body = b""
-        code = _ingest_error(body)
-        if code in BATCH_REFUSALS and e.code in (400, 409, 413, 422):
-            return Outcome(False, False, e.code, code, refused=True)
-        if code in DEVICE_REFUSALS and e.code == 403:
-            return Outcome(False, False, e.code, code)
-        # 5xx, 408, 429, 3xx and anything not in the ingest's words: transient.
-        return Outcome(
-            False,
-            True,
-            e.code,
-            code or _detail(body),
-            retry_after=_retry_after(e.headers.get("Retry-After")),
-        )
-    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
-        # A dropped connection, a garbled status line (HTTPException) or a response
-        # http.client refuses (ValueError): all transient, as far as we can tell.
-        return Outcome(False, True, 0, f"connection failed: {getattr(e, 'reason', e)!r}")
-
-
-def _json(body: bytes) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _ingest_error(body: bytes) -> str | None:
-    obj = _json(body)
-    err = None if obj is None else obj.get("error")
-    return err if isinstance(err, str) else None
-
-
-def _not_an_ack(body: bytes, raw: bytes) -> str | None:
-    """Why ``body`` is not the ingest's acknowledgement of ``raw``, or None when it is."""
-    obj = _json(body)
-    if obj is None:
-        return f"not JSON: {body[:60]!r}"
-    if obj.get("status") not in ("stored", "duplicate"):
-        return f"status {obj.get('status')!r}"
+    An acknowledgement is a JSON object with status ``stored`` or ``duplicate``
+    naming this batch's ``device_id``, ``seq`` and ``batch_id`` (hex): a
+    captive portal's "OK" or another batch's answer is none.
+    """
+    if not isinstance(answer, Mapping):
+        return f"not a JSON object: {str(answer)[:60]!r}"
+    if answer.get("status") not in ("stored", "duplicate"):
+        return f"status {answer.get('status')!r}"
     b = batch.parse(raw)
     want = {"device_id": b.device_id, "seq": b.seq, "batch_id": b.batch_id.hex()}
-    got = {k: obj.get(k) for k in want}
+    got = {k: answer.get(k) for k in want}
     return None if got == want else f"names {got!r}, not {want!r}"
-
-
-def _detail(body: bytes) -> str:
-    obj = _json(body)
-    if obj is not None:
-        return str(obj.get("status") or obj.get("error") or obj)
-    return body[:200].decode("utf-8", "replace")
-
-
-def _retry_after(value: str | None) -> float | None:
-    # Only the delay-seconds form: an HTTP date would need the server's clock to agree with ours.
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
 
 
 def backoff_delay(
@@ -179,6 +90,8 @@ class Uploader:
     """Background thread that drains the store's pending batches to ``url``.
 
     ``store`` is a :class:`Store` or a callable returning the current one.
+    ``transport`` carries the batches; by default the one registered for
+    ``url``'s scheme (:func:`cngmrv.agent.transport.open_transport`).
 
     ``wait(seconds)`` is how the thread sleeps between attempts; it returns
     True when the uploader should stop.  Tests pass one that advances a
@@ -190,16 +103,18 @@ class Uploader:
         self,
         store: Store | Callable[[], Store],
         url: str,
-        timeout: float = 10.0,
+        timeout: float = TIMEOUT_S,
         base_s: float = BASE_S,
         cap_s: float = CAP_S,
         seed: int | None = None,
         wait: Callable[[float], bool] | None = None,
+        transport: Transport | None = None,
     ) -> None:
         # A callable is asked for the store each time: the recorder may replace a damaged one.
         self._get_store: Callable[[], Store] = store if callable(store) else lambda: store
         self.url = url
         self.timeout = timeout
+        self.transport = transport if transport is not None else open_transport(url, timeout)
         self.base_s = base_s
         self.cap_s = cap_s
         self._rng = random.Random(seed)
@@ -228,6 +143,8 @@ class Uploader:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.transport.close()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is pending (or the head batch is refused for good)."""
@@ -278,7 +195,7 @@ class Uploader:
             for seq, raw in pending:
                 if self._stop.is_set():
                     return
-                out = post_batch(self.url, raw, self.timeout)
+                out = self.transport.send(raw)
                 if out.acknowledged:
                     try:
                         self._get_store().mark_uploaded(seq)

@@ -30,7 +30,8 @@ import can
 from cngmrv.agent.clock import ClockMonitor
 from cngmrv.signed import keys
 from cngmrv.sim.agent_process import MCAST_GROUP, AgentProcess, new_mcast_port
-from cngmrv.sim.ecu import TICK_S, EngineEcu
+from cngmrv.sim.drive import TICK_S, drive
+from cngmrv.sim.ecu import EngineEcu
 from cngmrv.sim.kit import KitFirmware, KitLogic
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
 
@@ -56,14 +57,9 @@ def stop_time(seconds: float) -> float:
         vehicle = Bus(BusParams(), DriveCycle.brt(seconds + 5, 1), controller=logic)
         ecu = EngineEcu(bus, vehicle, time.time())
         kit = KitFirmware(master, logic)
-        t0 = time.monotonic()
-        for i in range(int(seconds / TICK_S)):
-            s = vehicle.step(i * TICK_S)
+        for i, s in drive(vehicle, int(seconds / TICK_S)):
             ecu.tick(i, s)
             kit.tick(i, s)
-            ahead = i * TICK_S - (time.monotonic() - t0)
-            if ahead > 0.001:
-                time.sleep(ahead)
         sent = time.monotonic()
         agent.stop(timeout=30)
         took = time.monotonic() - sent

@@ -116,7 +116,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="cngmrv-bench-") as tmp:
         out = run(Path(tmp), args.hours, args.buffer_s)
     if out["disk_bytes_per_bus_hour"] is None:
-        print("bench/store_writes.py: the kernel counted no writes (tmpfs?); use --dir", file=sys.stderr)
+        print(
+            "bench/store_writes.py: the kernel counted no writes (tmpfs?); use --dir",
+            file=sys.stderr,
+        )
     print(json.dumps(out, indent=2))
     return 0
 

@@ -62,7 +62,8 @@ def engine_feed(can_bench: CanBench) -> Iterator[EngineFeed]:
         return
     import can
 
-    from cngmrv.sim.ecu import TICK_S, EngineEcu
+    from cngmrv.sim.drive import drive
+    from cngmrv.sim.ecu import EngineEcu
     from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
 
     stop = threading.Event()
@@ -71,22 +72,16 @@ def engine_feed(can_bench: CanBench) -> Iterator[EngineFeed]:
     def run() -> None:
         vehicle = Bus(BusParams(), DriveCycle.brt(3600.0, 1))
         ecu = EngineEcu(bus, vehicle, time.time())
-        t0 = time.monotonic()
-        i = 0
-        while not stop.is_set():
+        for i, s in drive(vehicle, stop=stop):
             with feed.lock:
                 try:
-                    ecu.tick(i, vehicle.step(i * TICK_S))
+                    ecu.tick(i, s)
                 except (can.CanError, OSError):
                     # The interface is down or gone (the tests do that on purpose): the
                     # engine goes on talking, and its frames reach the bus once it is back.
                     pass
                 feed.sent = ecu.frames_sent
             feed.flowing.set()
-            i += 1
-            ahead = i * TICK_S - (time.monotonic() - t0)
-            if ahead > 0:
-                time.sleep(ahead)
 
     thread = threading.Thread(target=run, name="vcan-engine", daemon=True)
     thread.start()
@@ -151,7 +146,7 @@ def _simulated_kit() -> Iterator[str]:
     """
     import tty
 
-    from cngmrv.sim.ecu import TICK_S
+    from cngmrv.sim.drive import drive
     from cngmrv.sim.kit import KitFirmware
     from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
 
@@ -162,14 +157,8 @@ def _simulated_kit() -> Iterator[str]:
     def run() -> None:
         vehicle = Bus(BusParams(), DriveCycle.brt(3600.0, 1))
         firmware = KitFirmware(master)
-        t0 = time.monotonic()
-        i = 0
-        while not stop.is_set():
-            firmware.tick(i, vehicle.step(i * TICK_S))
-            i += 1
-            ahead = i * TICK_S - (time.monotonic() - t0)
-            if ahead > 0:
-                time.sleep(ahead)
+        for i, s in drive(vehicle, stop=stop):
+            firmware.tick(i, s)
 
     thread = threading.Thread(target=run, name="pty-kit", daemon=True)
     thread.start()

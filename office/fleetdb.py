@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cngmrv.signed import batch
-from cngmrv.signed.archive import ArchiveError, open_readonly
+from cngmrv.signed.archive import ArchiveError, Kind, classify, open_readonly
 
 log = logging.getLogger("cngmrv.fleetdb")
 
@@ -519,6 +519,17 @@ class ReadOnlyDB:
                 "WHERE table_schema = current_schema()"
             )
         return {str(r[0]) for r in rows}
+
+    def kind(self) -> Kind:
+        """Ingest database or device store (:func:`cngmrv.signed.archive.classify`)."""
+        if self.dialect == "sqlite":
+            cols = self.all("SELECT name FROM pragma_table_info('batches')")
+        else:
+            cols = self.all(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = 'batches'"
+            )
+        return classify(self.tables(), {str(r[0]) for r in cols}, redact(self.target))
 
     def version(self) -> int:
         if "schema_version" not in self.tables():

@@ -79,7 +79,7 @@ from cryptography.hazmat.primitives import serialization
 
 from cngmrv.office import monitored
 from cngmrv.office.fleetdb import IngestDB, IngestError, open_db, stored_batch
-from cngmrv.signed import batch
+from cngmrv.signed import batch, chain
 from cngmrv.signed.keys import ALLOWED_ALGS, kid_of, public_key_from_pem
 
 log = logging.getLogger("cngmrv.ingest")
@@ -431,7 +431,7 @@ class Ingest:
                 return 200, self._ack("duplicate", b)
             self._alarm(b, "conflict", "same sequence, another batch id")
             return 409, {"error": "conflict", "seq": seq}
-        if seq == 0 and b.header["prev_hash"] != batch.ZERO_HASH:
+        if not chain.head_ok(b):
             return 422, {
                 "error": "rejected",
                 "codes": ["chain_broken"],
@@ -439,13 +439,13 @@ class Ingest:
                 "seq": seq,
             }
         before = self._held(dev, seq - 1)
-        if before is not None and not batch.links(before, b.header["prev_hash"]):
+        if before is not None and not chain.linked(before, b.header["prev_hash"]):
             self._alarm(b, "chain_broken", f"prev_hash does not match batch {seq - 1}")
             return 409, {"error": "chain_broken", "seq": seq, "detail": f"batch {seq - 1}"}
         after = self.db.one(
             "SELECT prev_hash FROM batches WHERE device_id=? AND seq=?", (dev, seq + 1)
         )
-        if after is not None and not batch.links(b, bytes(after[0])):
+        if after is not None and not chain.linked(b, bytes(after[0])):
             self._alarm(b, "chain_broken", f"batch {seq + 1} does not chain to it")
             return 409, {"error": "chain_broken", "seq": seq, "detail": f"batch {seq + 1}"}
         last_row = self.db.one("SELECT max(seq) FROM batches WHERE device_id=?", (dev,))
@@ -462,13 +462,14 @@ class Ingest:
         if b.legacy:
             self._count(201, {"status": "legacy_v1"})
         expected = 0 if last_seq is None else last_seq + 1
-        if seq > expected:
+        gap = chain.gap_before(seq, expected)
+        if gap is not None:
             self.db.execute(
                 "INSERT INTO gaps(device_id, first_seq, last_seq, found_at) VALUES(?, ?, ?, ?)",
-                (dev, expected, seq - 1, now),
+                (dev, *gap, now),
             )
-            log.warning("event=batch_gap device=%r missing=%d..%d", dev, expected, seq - 1)
-            answer["gap"] = [expected, seq - 1]
+            log.warning("event=batch_gap device=%r missing=%d..%d", dev, *gap)
+            answer["gap"] = list(gap)
         elif seq < expected:
             self._fill_gap(dev, seq, now)
             log.warning("event=batch_out_of_order device=%r seq=%d", dev, seq)

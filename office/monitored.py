@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from cngmrv.office import refills as refill_records
 from cngmrv.office import report as rp
-from cngmrv.office.fleetdb import IngestError, ReadOnlyDB, is_url, redact, stored_batch
+from cngmrv.office.fleetdb import IngestError, ReadOnlyDB, redact, stored_batch
 from cngmrv.signed import batch, reading
 
 if TYPE_CHECKING:
@@ -378,38 +378,29 @@ def gather(
     ``stock`` (the tank stock per bus and day, for dispenser records) follows
     every reading in order, which no stored sum holds: it is always recomputed.
     """
-    if not is_url(source):
-        path = Path(source)
-        from cngmrv.signed.archive import kind_of, open_readonly
-
-        conn = open_readonly(path)
-        try:
-            kind = kind_of(conn, path)
-        finally:
-            conn.close()
-        if kind == "store":
-            _, devices = rp.read_source(path, bus)
-            return _recomputed("store", devices, lo, hi, refill_kg, fame_at, stock)
     db = ReadOnlyDB(source)
     try:
-        _refuse_newer(db)
-        known, keys = _known(db, bus)
-        ranges = (
-            rp.key_ranges(
-                db.all("SELECT device_id, pubkey_pem, valid_from, valid_until FROM device_keys")
+        if db.kind() == "ingest":
+            _refuse_newer(db)
+            known, keys = _known(db, bus)
+            ranges = (
+                rp.key_ranges(
+                    db.all("SELECT device_id, pubkey_pem, valid_from, valid_until FROM device_keys")
+                )
+                if "device_keys" in db.tables()
+                else {}
             )
-            if "device_keys" in db.tables()
-            else {}
-        )
-        if recompute or stock or "batch_runs" not in db.tables() or db.version() < 2:
-            devices = [_device_batches(db, dev, keys.get(dev)) for dev in known]
-            for d in devices:
-                d.key_ranges = ranges.get(d.device_id, [])
-                rp._check("ingest", d)
-            return _recomputed("ingest", devices, lo, hi, refill_kg, fame_at, stock)
-        return _kept(db, known, keys, ranges, lo, hi, refill_kg, fame_at, fame_breaks)
+            if recompute or stock or "batch_runs" not in db.tables() or db.version() < 2:
+                devices = [_device_batches(db, dev, keys.get(dev)) for dev in known]
+                for d in devices:
+                    d.key_ranges = ranges.get(d.device_id, [])
+                    rp._check("ingest", d)
+                return _recomputed("ingest", devices, lo, hi, refill_kg, fame_at, stock)
+            return _kept(db, known, keys, ranges, lo, hi, refill_kg, fame_at, fame_breaks)
     finally:
         db.close()
+    _, devices = rp.read_source(Path(source), bus)
+    return _recomputed("store", devices, lo, hi, refill_kg, fame_at, stock)
 
 
 def _refuse_newer(db: ReadOnlyDB) -> None:
@@ -426,8 +417,6 @@ def _refuse_newer(db: ReadOnlyDB) -> None:
 def _known(db: ReadOnlyDB, bus: str | None) -> tuple[list[str], dict[str, bytes]]:
     where = redact(db.target)
     tables = db.tables()
-    if "batches" not in tables:
-        raise IngestError(f"{where} is neither an ingest database nor a device store")
     keys: dict[str, bytes] = {}
     if "devices" in tables:
         keys = {str(d): bytes(k) for d, k in db.all("SELECT device_id, pubkey_pem FROM devices")}

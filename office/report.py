@@ -55,8 +55,8 @@ from cngmrv.office.mrv import (
     emissions,
     sensitivity,
 )
-from cngmrv.signed import batch, reading
-from cngmrv.signed.archive import ArchiveError, open_readonly
+from cngmrv.signed import batch, chain, reading
+from cngmrv.signed.archive import ArchiveError, kind_of, open_readonly, store_device_id
 from cngmrv.signed.keys import kid_of, public_key_from_pem
 
 CHANNELS = reading.CHANNELS
@@ -331,14 +331,11 @@ def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBat
     """(kind, devices) of an ingest database (``"ingest"``) or a device store (``"store"``)."""
     db = open_readonly(path)
     try:
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "batches" not in tables:
-            raise ArchiveError(f"{path} is neither an ingest database nor a device store")
-        cols = {r[1] for r in db.execute("PRAGMA table_info(batches)")}
+        kind = kind_of(db, path)
         keys: dict[str, bytes] = {}
         ranges: dict[str, list[tuple[bytes, int, int | None]]] = {}
-        if "device_id" in cols:
-            kind = "ingest"
+        if kind == "ingest":
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if "devices" in tables:
                 keys = {
                     str(d): bytes(k)
@@ -353,15 +350,7 @@ def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBat
             held = {str(r[0]) for r in db.execute("SELECT DISTINCT device_id FROM batches")}
             known = sorted(held | set(keys))
         else:
-            kind = "store"
-            row = (
-                db.execute("SELECT value FROM meta WHERE key='device_id'").fetchone()
-                if "meta" in tables
-                else None
-            )
-            if row is None:
-                raise ArchiveError(f"{path}: device store without a device id (no meta.device_id)")
-            known = [str(row[0])]
+            known = [store_device_id(db, path)]
         if not known:
             raise ReportError(f"no buses in {path}")
         if bus is not None and bus not in known:
@@ -401,32 +390,29 @@ def _check(kind: str, d: DeviceBatches) -> None:
         d.signatures = SIGNATURES
         return
     # A device store holds no public key: check the payload hashes and the chain only.
-    prev: batch.Batch | None = None
-    expected = 0
+    unreadable: dict[str, list[str]] = {}
+    parsed: list[tuple[str, batch.Batch]] = []
     for name, raw in named:
         try:
-            b = batch.parse(raw)
+            parsed.append((name, batch.parse(raw)))
         except batch.BatchFormatError as e:
-            d.excluded[name] = [str(e)]
+            unreadable[name] = [str(e)]
+    steps = dict(zip((n for n, _ in parsed), chain.walk(b for _, b in parsed), strict=True))
+    for name, _ in named:
+        if name in unreadable:
+            d.excluded[name] = unreadable[name]
             continue
+        step = steps[name]
+        b = step.batch
         problems = []
         if b.device_id != d.device_id:
             problems.append(f"device_id {b.device_id!r} is not the store's {d.device_id!r}")
         if batch.sha256(b.payload_bytes) != b.header["payload_sha256"]:
             problems.append("payload SHA-256 does not match the header")
-        if b.seq > expected:
-            d.missing.append((expected, b.seq - 1))
-        # Across a missing batch the chain cannot be checked; the gap is reported instead.
-        if b.seq == 0:
-            linked = b.header["prev_hash"] == batch.ZERO_HASH
-        elif prev is not None and prev.seq == b.seq - 1:
-            linked = batch.links(prev, b.header["prev_hash"])
-        else:
-            linked = True
-        if not linked:
+        if step.gap is not None:
+            d.missing.append(step.gap)
+        if not step.chained:
             problems.append("prev_hash does not match the previous batch: chain broken")
-        expected = b.seq + 1
-        prev = b
         if problems:
             d.excluded[name] = problems
         else:

@@ -98,13 +98,23 @@ def _open_on_readonly_media(path: Path, first: sqlite3.Error) -> sqlite3.Connect
     return db
 
 
-def kind_of(db: sqlite3.Connection, path: Path) -> Kind:
-    """``"ingest"`` when the batches table is keyed by device, ``"store"`` otherwise."""
-    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+def classify(tables: set[str], batch_columns: set[str], where: str | Path) -> Kind:
+    """Ingest database or device store: the one rule, for SQLite and PostgreSQL alike.
+
+    ``"ingest"`` when the ``batches`` table is keyed by device, ``"store"``
+    otherwise; :class:`ArchiveError` when there is no ``batches`` table.
+    ``where`` names the database in the error (a URL already redacted).
+    """
     if "batches" not in tables:
-        raise ArchiveError(f"{path} is neither an ingest database nor a device store")
+        raise ArchiveError(f"{where} is neither an ingest database nor a device store")
+    return "ingest" if "device_id" in batch_columns else "store"
+
+
+def kind_of(db: sqlite3.Connection, path: Path) -> Kind:
+    """What an SQLite file opened with :func:`open_readonly` is (:func:`classify`)."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     cols = {r[1] for r in db.execute("PRAGMA table_info(batches)")}
-    return "ingest" if "device_id" in cols else "store"
+    return classify(tables, cols, path)
 
 
 def store_device_id(db: sqlite3.Connection, path: Path) -> str:

@@ -988,6 +988,9 @@ def _audit_device(
     summary: DeviceSummary,
     seqs: dict[int, list[tuple[str, Batch, bool]]],
 ) -> None:
+    # Imported here: the walker is built on this module's Batch and links.
+    from cngmrv.signed import chain
+
     dev = summary.device_id
     good: dict[int, Batch] = {}
     for seq, copies in seqs.items():
@@ -1028,8 +1031,7 @@ def _audit_device(
     all_events = [e for s in sorted(events_by_seq) for e in events_by_seq[s]]
     loss = [e for e in all_events if e.get("kind") in LOSS_EVENTS]
     summary.loss_events = loss
-    holes = [(a + 1, b - 1) for a, b in zip([-1, *present], present, strict=False) if b > a + 1]
-    for hole in holes:
+    for hole in chain.holes(present):
         unexplained, explained = _split(hole, loss, "lost_batches")
         for gap in explained:
             summary.explained_gaps.append(gap)
@@ -1047,12 +1049,9 @@ def _audit_device(
             report.findings.append(
                 Finding("gap", "gap", f"batches {gap[0]}..{gap[1]} missing", dev, gap[0])
             )
-    prev_epoch = -1
-    for seq in sorted(good):
-        b = good[seq]
-        linked = True
-        if seq == 0 and b.header["prev_hash"] != ZERO_HASH:
-            linked = False
+    for step in chain.walk(good[seq] for seq in sorted(good)):
+        b, seq, before = step.batch, step.batch.seq, step.before
+        if not step.head_ok:
             report.findings.append(
                 Finding(
                     "bad",
@@ -1063,9 +1062,7 @@ def _audit_device(
                     f"seq {seq}",
                 )
             )
-        before = good.get(seq - 1)
-        if before is not None and not links(before, b.header["prev_hash"]):
-            linked = False
+        if not step.linked:
             report.findings.append(
                 Finding(
                     "bad",
@@ -1078,21 +1075,17 @@ def _audit_device(
             )
         if before is not None:
             _check_reading_link(report, summary, before, b, events_by_seq[seq])
-        epoch = b.header.get("boot_epoch")
-        if isinstance(epoch, int):
-            if epoch < prev_epoch:
-                linked = False
-                report.findings.append(
-                    Finding(
-                        "bad",
-                        "epoch_regression",
-                        f"boot_epoch went back from {prev_epoch} to {epoch}",
-                        dev,
-                        seq,
-                    )
+        if step.epoch_from is not None:
+            report.findings.append(
+                Finding(
+                    "bad",
+                    "epoch_regression",
+                    f"boot_epoch went back from {step.epoch_from} to {b.header['boot_epoch']}",
+                    dev,
+                    seq,
                 )
-            prev_epoch = max(prev_epoch, epoch)
-        if linked:
+            )
+        if step.chained and step.epoch_from is None:
             report.verified.add((dev, seq))
         summary.batches += 1
         summary.legacy_v1 += b.legacy

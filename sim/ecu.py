@@ -11,9 +11,8 @@ from __future__ import annotations
 import can
 
 from cngmrv.drivers import j1939
+from cngmrv.sim.drive import TICK_S
 from cngmrv.sim.vehicle import Bus, State
-
-TICK_S = 0.01  # the simulation's step; every broadcast period is a multiple of it
 
 # (pgn, priority, period in ticks, phase in ticks).  The phases spread the
 # 1 s messages so they do not all land in the same tick, as on a real bus.

@@ -16,13 +16,13 @@ from typing import Any
 
 from cngmrv.agent.pipeline import Pipeline
 from cngmrv.drivers import j1939, kit_codec
+from cngmrv.sim.drive import TICK_S, drive
 from cngmrv.sim.kit import STATUS_PERIOD_TICKS, STATUS_PHASE_TICKS
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
 
 # The entries of cngmrv.sim.ecu.SCHEDULE the pipeline integrates (pgn, priority,
-# period and phase in ticks), and its tick.  Copied, because that module
-# imports python-can; tests/test_crash.py checks they still agree.
-TICK_S = 0.01
+# period and phase in ticks).  Copied, because that module imports python-can;
+# tests/test_crash.py checks they still agree.
 SCHEDULE = ((j1939.PGN_LFE, 6, 10, 1), (j1939.PGN_CCVS, 6, 10, 5))
 
 
@@ -37,8 +37,7 @@ def readings(
     ids = {pgn: j1939.make_id(pgn, 0, prio) for pgn, prio, _, _ in SCHEDULE}
     timing = [(pgn, period, phase) for pgn, _, period, phase in SCHEDULE]
     boot_ms = 5000
-    for i in range(int(round(duration_s / TICK_S)) + 1):
-        s = vehicle.step(i * TICK_S)
+    for i, s in drive(vehicle, int(round(duration_s / TICK_S)) + 1, speedup=0):
         t = t0 + i * TICK_S
         for pgn, period, phase in timing:
             if i % period == phase % period:

@@ -49,7 +49,6 @@ def _emit(line: str) -> None:
 
 
 def child(args: argparse.Namespace) -> int:
-    from cngmrv.agent import upload
     from cngmrv.agent.pipeline import Pipeline, PipelineConfig
     from cngmrv.agent.recorder import Recorder, RecorderConfig
     from cngmrv.agent.upload import Uploader
@@ -68,7 +67,7 @@ def child(args: argparse.Namespace) -> int:
     boot = rec.start()
     _emit(f"E {boot.epoch}")
     store = rec.store
-    real_seal, real_post = store.seal, upload.post_batch
+    real_seal = store.seal
 
     def seal(*a: Any, **k: Any) -> Any:
         _emit("s")
@@ -76,18 +75,20 @@ def child(args: argparse.Namespace) -> int:
         _emit("S")
         return out
 
-    def post(*a: Any, **k: Any) -> Any:
+    uploader = Uploader(
+        lambda: rec.store, args.url, timeout=5.0, base_s=0.01, cap_s=0.2, seed=boot.epoch
+    )
+    real_send = uploader.transport.send
+
+    def send(raw: bytes) -> Any:
         _emit("u")
-        out = real_post(*a, **k)
+        out = real_send(raw)
         _emit("U")
         return out
 
     # Markers only: the calls underneath are the real ones.
     store.seal = seal  # type: ignore[method-assign]
-    upload.post_batch = post
-    uploader = Uploader(
-        lambda: rec.store, args.url, timeout=5.0, base_s=0.01, cap_s=0.2, seed=boot.epoch
-    )
+    uploader.transport.send = send  # type: ignore[method-assign]
     rec.on_sealed = lambda _: uploader.notify()
     uploader.start()
     uploader.notify()

@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from reencode import REENCODINGS, header_map16, high_s
 
 from cngmrv.agent import cli
+from cngmrv.agent.http_transport import post_batch
 from cngmrv.agent.recorder import Recorder, RecorderConfig
 from cngmrv.agent.store import Store
-from cngmrv.agent.upload import post_batch
 from cngmrv.office.ingest import MAX_BODY, IngestServer, register_device, stored_batches
 from cngmrv.signed import batch, keys
 

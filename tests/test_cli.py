@@ -112,7 +112,10 @@ def _cfg(tmp_path: Path, extra: str) -> Path:
         ("[batch]\nreadings_per_batch = 0\n", "batch.readings_per_batch: must be 1..1800"),
         ('[batch]\nreadings_per_batch = "60"\n', "batch.readings_per_batch: expected int"),
         ("[pipeline]\nengine_source_address = 255\n", "pipeline.engine_source_address"),
-        ('[upload]\nurl = "ftp://x"\n', "upload.url: must be an http(s) URL"),
+        (
+            '[upload]\nurl = "ftp://x"\n',
+            "upload.url: must be a URL of an installed upload transport",
+        ),
         ("[nonsense]\n", "nonsense: unknown section"),
         ("[can]\nlisten_only = 1\n", "can.listen_only: expected bool"),
         # _cfg's last table is [store]: these lines continue it.

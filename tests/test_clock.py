@@ -35,7 +35,8 @@ from cngmrv.drivers import j1939
 from cngmrv.drivers import kit_codec as kc
 from cngmrv.drivers.gps import Fix, GpsReader, NmeaError, checksum, parse_rmc
 from cngmrv.signed import batch, keys
-from cngmrv.sim.ecu import TICK_S, EngineEcu
+from cngmrv.sim.drive import TICK_S, drive
+from cngmrv.sim.ecu import EngineEcu
 from cngmrv.sim.kit import KitFirmware, KitLogic
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
 
@@ -270,12 +271,11 @@ def _simulated_run(
         ecu = EngineEcu(sim_bus, vehicle, NOW)
         stats = agent.pipeline.stats
         kit = KitFirmware(master, logic, boot=False)
-        for i in range(int(40.0 / TICK_S) + 1):
+        for i, s in drive(vehicle, int(40.0 / TICK_S) + 1, speedup=0):
             if i in steps:
                 seen = agent.clock.steps
                 fake.step(steps[i])
                 _wait(lambda seen=seen: agent.clock.steps > seen)  # type: ignore[misc]
-            s = vehicle.step(i * TICK_S)
             ecu.tick(i, s)
             if i == 0:
                 # The kit speaks only after a frame is in: before any, its time
@@ -431,18 +431,13 @@ def _real_time_run(
             time.sleep(0.001)
         ecu = EngineEcu(bus, vehicle, start)  # type: ignore[arg-type]
         kit = KitFirmware(master, logic)
-        mono0 = time.monotonic()
-        for i in range(int(seconds / TICK_S) + 1):
+        for i, s in drive(vehicle, int(seconds / TICK_S) + 1):
             if i in steps:
                 fake.step(steps[i])  # the kernel's clock steps, then stamps with it
                 bus.shift += steps[i]
-            s = vehicle.step(i * TICK_S)
             if i not in can_silent:
                 ecu.tick(i, s)
             kit.tick(i, s)
-            ahead = i * TICK_S - (time.monotonic() - mono0)
-            if ahead > 0.001:
-                time.sleep(ahead)
         stats = agent.pipeline.stats
         _wait(lambda: stats.frames >= ecu.frames_sent and stats.kit_messages >= kit.counts.intact)
         stop.set()

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cngmrv.agent.upload import post_batch
+from cngmrv.agent.http_transport import post_batch
 from cngmrv.office.ingest import IngestServer, register_device, stored_batches
 from cngmrv.signed import batch, keys
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cngmrv.agent.upload import post_batch
+from cngmrv.agent.http_transport import post_batch
 from cngmrv.office.ingest import register_device, stored_batches
 from cngmrv.office.ingest_serve import IngestServer
 from cngmrv.signed import batch, keys

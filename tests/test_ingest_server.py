@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from cngmrv.agent.http_transport import post_batch
 from cngmrv.agent.store import Store
-from cngmrv.agent.upload import Uploader, post_batch
+from cngmrv.agent.upload import Uploader
 from cngmrv.office.ingest import open_db, register_device, stored_batches
 from cngmrv.office.ingest_app import MAX_BODY
 from cngmrv.signed import batch, keys

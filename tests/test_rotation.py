@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from cngmrv.agent.http_transport import post_batch
 from cngmrv.agent.recorder import Recorder, RecorderConfig
 from cngmrv.agent.store import Store
-from cngmrv.agent.upload import post_batch
 from cngmrv.office.ingest import Ingest, IngestServer, register_device, register_key
 from cngmrv.signed import batch, keys
 

@@ -29,7 +29,8 @@ import pytest
 from cngmrv.agent import health, service
 from cngmrv.signed import batch, keys
 from cngmrv.sim.agent_process import free_tcp_port, new_mcast_port
-from cngmrv.sim.ecu import TICK_S, EngineEcu
+from cngmrv.sim.drive import TICK_S, drive
+from cngmrv.sim.ecu import EngineEcu
 from cngmrv.sim.kit import KitFirmware, KitLogic
 from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
 
@@ -122,14 +123,9 @@ def _drive(bus: can.BusABC, kit_fd: int, seconds: float) -> tuple[int, int]:
     vehicle = Bus(BusParams(), DriveCycle.brt(seconds + 5, 3), controller=logic)
     ecu = EngineEcu(bus, vehicle, time.time())
     kit = KitFirmware(kit_fd, logic)
-    wall0 = time.monotonic()
-    for i in range(int(seconds / TICK_S)):
-        s = vehicle.step(i * TICK_S)
+    for i, s in drive(vehicle, int(seconds / TICK_S)):
         ecu.tick(i, s)
         kit.tick(i, s)
-        ahead = i * TICK_S - (time.monotonic() - wall0)
-        if ahead > 0.002:
-            time.sleep(ahead)
     return ecu.frames_sent, kit.frames_sent
 
 

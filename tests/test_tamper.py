@@ -17,9 +17,9 @@ import msgpack
 import pytest
 
 from cngmrv.agent import cli
+from cngmrv.agent.http_transport import post_batch
 from cngmrv.agent.recorder import Recorder, RecorderConfig
 from cngmrv.agent.store import Store
-from cngmrv.agent.upload import post_batch
 from cngmrv.office.ingest import IngestServer, register_device, stored_batches
 from cngmrv.signed import batch, keys
 

@@ -9,7 +9,6 @@ full-jitter backoff passes in about a second.
 
 from __future__ import annotations
 
-import json
 import random
 import socket
 import struct
@@ -20,9 +19,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from upload_helpers import sealed_store
 
+from cngmrv.agent.http_transport import post_batch
 from cngmrv.agent.store import Store
-from cngmrv.agent.upload import Uploader, backoff_delay, post_batch
+from cngmrv.agent.upload import Uploader, backoff_delay
 from cngmrv.office.ingest import IngestServer, register_device, stored_batches
 from cngmrv.signed import batch, keys
 
@@ -116,14 +117,6 @@ def server(tmp_path: Path, keydir: Path) -> Iterator[IngestServer]:
     srv.stop()
 
 
-def _store(tmp_path: Path, signer: keys.FileSigner, n: int) -> Store:
-    store = Store(tmp_path / "dev.sqlite", "bus-7")
-    for i in range(n):
-        store.add_readings([{"t0": float(i)}])
-        store.seal(signer, 1, {"boot_epoch": 1})
-    return store
-
-
 def _run_until_idle(up: Uploader, timeout: float = 60.0) -> None:
     up.start()
     up.notify()
@@ -134,7 +127,7 @@ def _run_until_idle(up: Uploader, timeout: float = 60.0) -> None:
 def test_a_day_without_ingest_then_everything_arrives_once(
     server: IngestServer, signer: keys.FileSigner, tmp_path: Path
 ) -> None:
-    store = _store(tmp_path, signer, 5)
+    store = sealed_store(tmp_path, signer, 5)
     proxy = Proxy(server.url)
     proxy.down = True
 
@@ -165,7 +158,7 @@ def test_a_day_without_ingest_then_everything_arrives_once(
 def test_dropped_answers_after_storing_are_retried_and_stored_once(
     server: IngestServer, signer: keys.FileSigner, tmp_path: Path
 ) -> None:
-    store = _store(tmp_path, signer, 40)
+    store = sealed_store(tmp_path, signer, 40)
     proxy = Proxy(server.url, drop=0.3, seed=5)
     up = Uploader(store, proxy.url, seed=3, wait=SimClock().wait)
     _run_until_idle(up)
@@ -205,7 +198,7 @@ def test_the_same_batch_posted_twenty_times_at_once_is_stored_once(
 def test_upload_resumes_after_a_restart_with_the_first_unacknowledged(
     server: IngestServer, signer: keys.FileSigner, tmp_path: Path
 ) -> None:
-    store = _store(tmp_path, signer, 3)
+    store = sealed_store(tmp_path, signer, 3)
     _run_until_idle(Uploader(store, server.url, seed=1))
     for i in range(3, 6):
         store.add_readings([{"t0": float(i)}])
@@ -222,7 +215,7 @@ def test_a_refused_batch_blocks_in_order_until_fixed(
     tmp_path: Path, signer: keys.FileSigner, keydir: Path
 ) -> None:
     srv = IngestServer(tmp_path / "ingest.sqlite").start()
-    store = _store(tmp_path, signer, 3)
+    store = sealed_store(tmp_path, signer, 3)
 
     def register_after_a_while(now: float) -> None:
         if now > 3600 and srv.db.one("SELECT count(*) FROM devices")[0] == 0:
@@ -262,7 +255,7 @@ def test_unreachable_ingest_is_a_retryable_failure() -> None:
 def test_the_uploader_follows_a_replaced_store(
     server: IngestServer, signer: keys.FileSigner, tmp_path: Path
 ) -> None:
-    first = _store(tmp_path, signer, 3)
+    first = sealed_store(tmp_path, signer, 3)
     current = [first]
     up = Uploader(lambda: current[0], server.url, seed=1)
     up.start()
@@ -302,7 +295,7 @@ def _drain(up: Uploader, store: Store, clock: SimClock, until: float = DAY) -> N
 def test_a_refused_batch_is_parked_with_a_signed_event_and_the_rest_goes_on(
     server: IngestServer, signer: keys.FileSigner, tmp_path: Path
 ) -> None:
-    store = _store(tmp_path, signer, 5)
+    store = sealed_store(tmp_path, signer, 5)
     # The ingest already holds another batch 2 of this device (a restored old store
     # signed it twice): the device's own batch 2 is a conflict, and 3 cannot link.
     rows = list(store.batches())
@@ -380,7 +373,7 @@ class _Portal:
 def test_a_captive_portal_answer_is_not_an_acknowledgement(
     signer: keys.FileSigner, tmp_path: Path, redirect: bool
 ) -> None:
-    store = _store(tmp_path, signer, 4)
+    store = sealed_store(tmp_path, signer, 4)
     portal = _Portal(redirect)
     out = post_batch(portal.url, next(iter(store.batches()))[1])
     assert (out.acknowledged, out.retry) == (False, True), out
@@ -396,12 +389,12 @@ def test_a_captive_portal_answer_is_not_an_acknowledgement(
 def test_an_ack_naming_another_batch_is_not_one(
     server: IngestServer, signer: keys.FileSigner, tmp_path: Path
 ) -> None:
-    store = _store(tmp_path, signer, 2)
+    store = sealed_store(tmp_path, signer, 2)
     (_, b0), (_, b1) = store.batches()
     assert post_batch(server.url, b0).acknowledged
     # A proxy that replays the ingest's answer for batch 0 to every request.
     status, answer = server.ingest.accept(b0)
-    from cngmrv.agent.upload import _not_an_ack
+    from cngmrv.agent.upload import acknowledgement_problem
 
-    assert _not_an_ack(json.dumps(answer).encode(), b0) is None
-    assert "names" in (_not_an_ack(json.dumps(answer).encode(), b1) or "")
+    assert acknowledgement_problem(answer, b0) is None
+    assert "names" in (acknowledgement_problem(answer, b1) or "")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from cngmrv.agent.http_transport import post_batch
 from cngmrv.agent.store import Store
-from cngmrv.agent.upload import Uploader, post_batch
+from cngmrv.agent.upload import Uploader
 from cngmrv.signed import keys
 
 
