@@ -277,8 +277,7 @@ def store(db: IngestDB, b: batch.Batch) -> None:
         return
     if not runs:
         db.execute(_MARK, (b.device_id, b.seq, "empty", SUMS_VERSION))
-    for run in runs:
-        db.execute(_INSERT, _row(run))
+    db.executemany(_INSERT, [_row(run) for run in runs])
 
 
 def backfill(db: IngestDB) -> int:
