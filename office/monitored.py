@@ -539,6 +539,15 @@ def _kept(
         log.info("event=report_drill_down batches=%d", len(redo))
     devices, buses = [], []
     missing = _missing(db, known, dev_sql.replace("r.", ""), dev_arg)
+    # Every held batch's hash in one query (a fleet's devices one by one would be a round
+    # trip each), cut to each bus's range of sequences below.
+    hashes: dict[str, dict[int, bytes]] = {d: {} for d in known}
+    for dev, seq, sha in db.all(
+        "SELECT device_id, seq, sha256 FROM batches WHERE 1 = 1" + dev_sql.replace("r.", ""),
+        dev_arg,
+    ):
+        if str(dev) in hashes:
+            hashes[str(dev)][int(seq)] = bytes(sha)
     for dev in known:
         d = rp.DeviceBatches(dev, [], keys.get(dev))
         d.signatures = "verified against the registered key"
@@ -549,13 +558,7 @@ def _kept(
                 combine(bus, run, refill_kg)
         if bus.total.seqs:
             first, last = min(bus.total.seqs), max(bus.total.seqs)
-            d.held = {
-                int(s): bytes(h).hex()
-                for s, h in db.all(
-                    "SELECT seq, sha256 FROM batches WHERE device_id=? AND seq BETWEEN ? AND ?",
-                    (dev, first, last),
-                )
-            }
+            d.held = {s: h.hex() for s, h in sorted(hashes[dev].items()) if first <= s <= last}
         devices.append(d)
         buses.append(bus)
     return Totals("ingest", KEPT, devices, buses)
