@@ -206,6 +206,9 @@ class PipelineStats:
     ecu_errors: dict[str, int] = field(default_factory=dict)
     # Per signal: intervals between frames from its source, ms -> count (period_quantile).
     periods: dict[str, dict[int, int]] = field(default_factory=dict)
+    # Per counter signal (fuel_total in L, odometer in km): [first, last] value from its
+    # source.  Their difference needs no clock: the one figure of a log without timestamps.
+    counters: dict[str, list[float]] = field(default_factory=dict)
 
 
 # The integrator channels fed from the engine's CAN frames (cut on a CAN outage).
@@ -312,6 +315,8 @@ class Pipeline:
         self._dm1: dict[int, Dm1] = {}
         self._dbc = dbc
         self._lfc: dict[int, float] = {}  # window index -> latest LFC total fuel (L)
+        self._odo: dict[int, float] = {}  # window index -> latest odometer (km)
+        self._odo_hr = False  # VDHR seen from the odometer's source: VD's coarser value unused
         self._extra: dict[int, dict[str, list[float]]] = {}  # window index -> name -> [sum, n]
         self._extra_closed = -math.inf  # highest window index already emitted
         self._handlers: dict[int, Handler] = {
@@ -319,6 +324,8 @@ class Pipeline:
             j1939.PGN_CCVS: self._on_ccvs,
             j1939.PGN_EEC1: self._on_eec1,
             j1939.PGN_LFC: self._on_lfc,
+            j1939.PGN_VDHR: self._on_distance,
+            j1939.PGN_VD: self._on_distance,
             j1939.PGN_TP_CM: self._on_tp,
             j1939.PGN_TP_DT: self._on_tp,
             j1939.PGN_ADDRESS_CLAIMED: self._on_claim,
@@ -468,6 +475,37 @@ class Pipeline:
             return
         if total is not None:
             self._lfc[math.floor(t / self.config.period_s)] = total
+            self._count("fuel_total", total)
+
+    def _on_distance(self, t: float, can_id: int, data: bytes, mono: float) -> None:
+        """The odometer (VDHR, 5 m; VD, 125 m, where no VDHR comes): the cross-check of
+        the distance integrated from wheel speed."""
+        if not self._from_source(t, "odometer", can_id):
+            return
+        pgn = pgn_of(can_id)
+        if pgn == j1939.PGN_VD and self._odo_hr:
+            return
+        name = "total_distance_km" if pgn == j1939.PGN_VDHR else "vd_total_distance_km"
+        try:
+            km = j1939.decode(pgn, data)[name]
+        except j1939.DecodeError as e:
+            self._reject(str(e))
+            return
+        if km is None:
+            return
+        if pgn == j1939.PGN_VDHR and not self._odo_hr:
+            # A VD value taken before would step by up to 125 m against VDHR's.
+            self._odo_hr = True
+            self.stats.counters.pop("odometer", None)
+        self._odo[math.floor(t / self.config.period_s)] = km
+        self._count("odometer", km)
+
+    def _count(self, signal: str, value: float) -> None:
+        seen = self.stats.counters.get(signal)
+        if seen is None:
+            self.stats.counters[signal] = [value, value]
+        else:
+            seen[1] = value
 
     def _on_tp(self, t: float, can_id: int, data: bytes, mono: float) -> None:
         if mono - self._tp_swept >= 0.25:
@@ -933,6 +971,12 @@ class Pipeline:
             lfc = value if k == w.index else lfc
         if lfc is not None:
             reading["lfc_total_l"] = lfc
+        odo = None
+        for k in [k for k in self._odo if k <= w.index]:
+            value = self._odo.pop(k)
+            odo = value if k == w.index else odo
+        if odo is not None:
+            reading["odometer_km"] = odo
         if self._dbc is not None:
             reading["extra"] = self._take_extra(w.index)
         return reading

@@ -30,6 +30,11 @@ ADVANCE_EVERY = 4096  # frames between pops of finished readings (bounds memory 
 DETECT_FACTOR = 1.5
 MIN_INTERVALS = 10  # fewer intervals than this are no steady period
 LOW_COVERAGE = 0.9  # a signal covering less of the log than this says why
+UNTIMED = (
+    "the log has no timestamps (plain `candump can0`): nothing is integrated over time; "
+    "the counters need no clock; record with `candump -l can0` or `candump -ta can0`"
+)
+_COUNTER_UNITS = {"fuel_total": "L", "odometer": "km"}
 
 
 class Progress:
@@ -186,7 +191,9 @@ def _coverage(
             "gaps": gaps[signal],
             "low": None,
         }
-        if covered[signal] < LOW_COVERAGE * summary["duration_s"]:
+        if not summary["timed"]:
+            entry["low"] = UNTIMED
+        elif covered[signal] < LOW_COVERAGE * summary["duration_s"]:
             entry["low"] = _why_low(signal, pipeline, median, gap, gaps[signal])
         out[signal] = entry
     return out
@@ -228,6 +235,7 @@ def _summary(
     out: dict[str, Any] = {
         "file": str(log.path),
         "format": log.format,
+        "timed": log.timed,
         "frames": log.read,
         "j1939_frames": s.frames,
         "ignored_frames": log.ignored,
@@ -249,6 +257,10 @@ def _summary(
                 "other_senders": {str(sa): n for sa, n in sorted(src.others.items())},
             }
             for sig, src in pipeline.sources.items()
+        },
+        "counters": {
+            sig: {"first": a, "last": b, "used": b - a, "unit": _COUNTER_UNITS[sig]}
+            for sig, (a, b) in sorted(s.counters.items())
         },
         "decode_errors": s.decode_errors,
         "ecu_errors": dict(sorted(s.ecu_errors.items())),
@@ -286,8 +298,15 @@ def print_summary(s: dict[str, Any], out: TextIO = sys.stdout) -> None:
         f"replayed {s['file']}: {s['frames']} frames ({s['j1939_frames']} J1939, "
         f"{s['ignored_frames']} other) over {s['duration_s']:.1f} s\n"
     )
+    if not s["timed"]:
+        w(f"no time: {UNTIMED}\n")
     w(f"diesel      {s['diesel_l']:12.4f} L   (covered {s['diesel_covered_s']:.1f} s)\n")
     w(f"distance    {s['distance_km']:12.4f} km\n")
+    for sig, c in s["counters"].items():
+        w(
+            f"{sig:<11} {c['used']:12.4f} {c['unit']:<3} (counter {c['first']:g} .. "
+            f"{c['last']:g} {c['unit']}, no clock needed)\n"
+        )
     if s["engine_speed_mean_rpm"] is not None:
         w(
             f"engine speed mean {s['engine_speed_mean_rpm']:.1f} rpm "
@@ -320,7 +339,7 @@ def print_summary(s: dict[str, Any], out: TextIO = sys.stdout) -> None:
         w(f"DM1 from SA {sa}: {lamps}; active: {codes}\n")
     top = sorted(s["pgns"].items(), key=lambda kv: -kv[1])[:8]
     w("PGNs: " + ", ".join(f"{_pgn_label(int(p))} {n}" for p, n in top) + "\n")
-    for sig, c in s["coverage"].items():
+    for sig, c in s["coverage"].items() if s["timed"] else ():
         period = (
             "no period" if c["median_period_s"] is None else f"period {c['median_period_s']:g} s"
         )

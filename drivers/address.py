@@ -240,7 +240,7 @@ class EngineTracker:
 
 
 # The signals the pipeline decodes, each from one source address (see SignalSource).
-SIGNALS = ("fuel_rate", "fuel_total", "engine_speed", "wheel_speed")
+SIGNALS = ("fuel_rate", "fuel_total", "engine_speed", "wheel_speed", "odometer")
 # Signals that only an engine controller sends; "auto" takes them from the engine.
 ENGINE_SIGNALS = frozenset({"fuel_rate", "fuel_total", "engine_speed"})
 SourceRule = str | int  # "auto", "engine", "function:N" or a source address 0..253

@@ -30,6 +30,7 @@ bus, optionally paced in real time.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import logging
@@ -184,9 +185,9 @@ class LogFile:
             looks, advice = _sniff(self._head(), self.compressed)
             if advice is not None:
                 raise ValueError(f"{self.path}: {advice}")
-            if looks is not None and (fmt not in known or looks == CONSOLE):
+            if looks is not None and (fmt not in known or looks in _CONSOLES):
                 fmt = looks
-        if fmt not in known | {CONSOLE}:
+        if fmt not in known | _CONSOLES:
             names = ", ".join(sorted(known))
             raise ValueError(
                 f"{self.path}: unknown log format {fmt or '(none)'}, and the content looks "
@@ -195,6 +196,9 @@ class LogFile:
         if fmt in _PATH_ONLY and self.compressed:
             raise ValueError(f"{self.path}: a compressed {fmt} log cannot be read")
         self.format = fmt
+        # False for a log with no time in it: its frames all read at t = 0, so nothing
+        # integrates over time; counters (LFC, the odometer) and decoded values still do.
+        self.timed = fmt != CONSOLE_UNTIMED
         self.size = self.path.stat().st_size  # FileNotFoundError says which file
         self.read = 0
         self.ignored = 0
@@ -227,15 +231,16 @@ class LogFile:
         return f"byte {self.position}"
 
     def _open(self) -> Any:
-        reader: Any = (
-            _ConsoleReader if self.format == CONSOLE else can.io.player.MESSAGE_READERS[self.format]
-        )
+        if self.format in _CONSOLES:
+            reader: Any = functools.partial(_ConsoleReader, timed=self.timed)
+        else:
+            reader = can.io.player.MESSAGE_READERS[self.format]
         if self.format in _PATH_ONLY:
             return reader(file=str(self.path))
         raw: IO[bytes] = open(self.path, "rb")  # noqa: SIM115 - closed by the reader's stop()
         self._raw = raw
         stream = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb")) if self.compressed else raw
-        if self.format in _TEXT or self.format == CONSOLE:
+        if self.format in _TEXT or self.format in _CONSOLES:
             text = io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline=None)
             self._lines = _LineCounter(text)
             return reader(file=self._lines)
@@ -344,6 +349,9 @@ class LogFile:
 _SNIFFED = {".log", ".csv"}  # extensions other tools use for other layouts
 _SNIFF_BYTES = 8192
 CONSOLE = "candump-console"  # LogFile.format of candump's console output
+# ... and of plain `candump can0`, which prints no time: every frame is read at t = 0.
+CONSOLE_UNTIMED = "candump-console-untimed"
+_CONSOLES = {CONSOLE, CONSOLE_UNTIMED}
 _PYTHON_CAN_CSV = "timestamp,arbitration_id,extended,remote,error,dlc,data"
 _CANDUMP_LOG = re.compile(r"^\(\d+\.\d+\)\s+\S+\s+[0-9A-Fa-f]+#")
 # candump's console output: [(time)] iface [RX|TX flags] id [len] data..., e.g.
@@ -391,13 +399,7 @@ def _sniff(head: bytes, compressed: bool) -> tuple[str | None, str | None]:
         return ".log", None
     console = [m for m in map(_CONSOLE_LINE.match, lines) if m]
     if console:
-        if console[0].group("time") is None:
-            return None, (
-                "candump console output without timestamps (plain `candump can0`): it has no "
-                "time to integrate over; record with `candump -l can0` (a .log file) or "
-                "`candump -ta can0`"
-            )
-        return CONSOLE, None
+        return (CONSOLE_UNTIMED if console[0].group("time") is None else CONSOLE), None
     if first.count(";") >= 2 or first.count(",") >= 2:
         return None, (
             "a CSV that is not python-can's layout (" + _PYTHON_CAN_CSV + "), such as a "
@@ -407,7 +409,9 @@ def _sniff(head: bytes, compressed: bool) -> tuple[str | None, str | None]:
 
 
 class _ConsoleReader:
-    """candump's console output with timestamps (``candump -ta``, ``-tz`` or ``-tA``).
+    """candump's console output, with timestamps (``candump -ta``, ``-tz`` or ``-tA``),
+    or without (plain ``candump can0``, ``timed=False``: every frame at t = 0, and a
+    line with a timestamp is an error, as a line without one is in a timed log).
 
     Error frames (an id with CAN_ERR_FLAG, ``-e``) come out as error frames, and
     the indented lines ``-e`` adds to explain them are skipped.  ``-tA`` dates
@@ -415,8 +419,9 @@ class _ConsoleReader:
     ``-td`` (delta) log shows, and deltas read as times would be wrong.
     """
 
-    def __init__(self, file: Any) -> None:
+    def __init__(self, file: Any, timed: bool = True) -> None:
         self.file = file
+        self.timed = timed
 
     def __iter__(self) -> Iterator[can.Message]:
         last: float | None = None
@@ -427,6 +432,11 @@ class _ConsoleReader:
             if m is None:
                 raise ValueError(f"not a candump console line: {line.strip()[:60]!r}")
             stamp = m.group("time")
+            if not self.timed:
+                if stamp is not None:
+                    raise ValueError("a timestamped line in candump output that had none")
+                yield _console_message(0.0, m)
+                continue
             if stamp is None:
                 raise ValueError("a candump console line without a timestamp")
             if "-" in stamp:
@@ -502,6 +512,11 @@ class ReplayBus(can.BusABC):
         if speed < 0:
             raise ValueError("replay speed must be >= 0")
         self.log = LogFile(channel)
+        if not self.log.timed and speed > 0:
+            raise ValueError(
+                f"{channel}: candump output without timestamps cannot be played at a speed; "
+                "record with `candump -l can0` or `candump -ta can0`"
+            )
         self._messages = self.log.messages()
         self._speed = speed
         self._origin: tuple[float, float] | None = None

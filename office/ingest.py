@@ -97,6 +97,8 @@ __all__ = [
     "register_device",
     "register_key",
     "revoke_key",
+    "revoke_key_since",
+    "first_seq_at",
     "stored_batch",
 ]
 
@@ -195,6 +197,30 @@ def register_key(db: IngestDB, device_id: str, pubkey_pem: bytes, first_seq: int
     return kid
 
 
+def first_seq_at(db: IngestDB, device_id: str, kid: str, when: float) -> int:
+    """The first batch of ``device_id`` that ``kid`` signed at or after ``when`` (epoch s).
+
+    A batch counts as "after" when either clock says so: the device's (its
+    first reading's ``t0``) or the ingest's (when it was stored).  The device's
+    clock is the thief's to set, so a batch dated back still falls after when
+    it arrived after; none does: the device's next sequence, so everything it
+    signs from now on.
+    """
+    last = -1
+    for seq, raw, received in db.all(
+        "SELECT seq, bytes, received_at FROM batches WHERE device_id=? ORDER BY seq",
+        (device_id,),
+    ):
+        last = int(seq)
+        b = stored_batch(bytes(raw))
+        if b.header["kid"] != kid:
+            continue
+        signed_t = b.header.get("first_t0")
+        if float(received) >= when or (signed_t is not None and float(signed_t) >= when):
+            return int(seq)
+    return last + 1
+
+
 def revoke_key(db: IngestDB, device_id: str, kid: str, from_seq: int) -> int:
     """End ``kid``'s use for ``device_id`` at ``from_seq``; returns the stored batches it hits.
 
@@ -203,47 +229,59 @@ def revoke_key(db: IngestDB, device_id: str, kid: str, from_seq: int) -> int:
     a ``revoked_key`` alarm, so the report shows them.
     """
     with db.tx():
-        _adopt_first_key(db, device_id)
-        row = db.one(
-            "SELECT valid_from, valid_until FROM device_keys WHERE device_id=? AND kid=?",
-            (device_id, kid),
+        return _revoke(db, device_id, kid, from_seq)
+
+
+def revoke_key_since(db: IngestDB, device_id: str, kid: str, when: float) -> tuple[int, int]:
+    """End ``kid``'s use for ``device_id`` from a time (epoch s): :func:`revoke_key` from
+    :func:`first_seq_at`, in one transaction.  Returns (that sequence, stored batches hit)."""
+    with db.tx():
+        from_seq = first_seq_at(db, device_id, kid, when)
+        return from_seq, _revoke(db, device_id, kid, from_seq)
+
+
+def _revoke(db: IngestDB, device_id: str, kid: str, from_seq: int) -> int:
+    _adopt_first_key(db, device_id)
+    row = db.one(
+        "SELECT valid_from, valid_until FROM device_keys WHERE device_id=? AND kid=?",
+        (device_id, kid),
+    )
+    if row is None:
+        raise ValueError(f"device {device_id!r} has no key {kid}")
+    until = row[1]
+    if until is None or int(until) >= from_seq:
+        db.execute(
+            "UPDATE device_keys SET valid_until=? WHERE device_id=? AND kid=?",
+            (from_seq - 1, device_id, kid),
         )
-        if row is None:
-            raise ValueError(f"device {device_id!r} has no key {kid}")
-        until = row[1]
-        if until is None or int(until) >= from_seq:
-            db.execute(
-                "UPDATE device_keys SET valid_until=? WHERE device_id=? AND kid=?",
-                (from_seq - 1, device_id, kid),
-            )
-        hit = 0
-        for seq, raw in db.all(
-            "SELECT seq, bytes FROM batches WHERE device_id=? AND seq>=? ORDER BY seq",
-            (device_id, from_seq),
+    hit = 0
+    for seq, raw in db.all(
+        "SELECT seq, bytes FROM batches WHERE device_id=? AND seq>=? ORDER BY seq",
+        (device_id, from_seq),
+    ):
+        b = stored_batch(bytes(raw))
+        if b.header["kid"] != kid:
+            continue
+        hit += 1
+        # Once per stored batch, like every alarm: revoking again adds none.
+        if db.one(
+            "SELECT 1 FROM alarms WHERE device_id=? AND seq=? AND kind=? AND batch_id=?",
+            (device_id, seq, "revoked_key", b.batch_id),
         ):
-            b = stored_batch(bytes(raw))
-            if b.header["kid"] != kid:
-                continue
-            hit += 1
-            # Once per stored batch, like every alarm: revoking again adds none.
-            if db.one(
-                "SELECT 1 FROM alarms WHERE device_id=? AND seq=? AND kind=? AND batch_id=?",
-                (device_id, seq, "revoked_key", b.batch_id),
-            ):
-                continue
-            db.execute(
-                "INSERT INTO alarms(device_id, seq, kind, detail, bytes, at, batch_id, repeats) "
-                "VALUES(?, ?, ?, ?, ?, ?, ?, 1)",
-                (
-                    device_id,
-                    seq,
-                    "revoked_key",
-                    "stored before its key was revoked",
-                    None,
-                    time.time(),
-                    b.batch_id,
-                ),
-            )
+            continue
+        db.execute(
+            "INSERT INTO alarms(device_id, seq, kind, detail, bytes, at, batch_id, repeats) "
+            "VALUES(?, ?, ?, ?, ?, ?, ?, 1)",
+            (
+                device_id,
+                seq,
+                "revoked_key",
+                "stored before its key was revoked",
+                None,
+                time.time(),
+                b.batch_id,
+            ),
+        )
     log.warning(
         "event=key_revoked device=%r kid=%s from_seq=%d stored_after=%d",
         device_id,

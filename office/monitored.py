@@ -390,12 +390,20 @@ def gather(
     try:
         _refuse_newer(db)
         known, keys = _known(db, bus)
+        ranges = (
+            rp.key_ranges(
+                db.all("SELECT device_id, pubkey_pem, valid_from, valid_until FROM device_keys")
+            )
+            if "device_keys" in db.tables()
+            else {}
+        )
         if recompute or stock or "batch_runs" not in db.tables() or db.version() < 2:
             devices = [_device_batches(db, dev, keys.get(dev)) for dev in known]
             for d in devices:
+                d.key_ranges = ranges.get(d.device_id, [])
                 rp._check("ingest", d)
             return _recomputed("ingest", devices, lo, hi, refill_kg, fame_at, stock)
-        return _kept(db, known, keys, lo, hi, refill_kg, fame_at, fame_breaks)
+        return _kept(db, known, keys, ranges, lo, hi, refill_kg, fame_at, fame_breaks)
     finally:
         db.close()
 
@@ -490,6 +498,7 @@ def _kept(
     db: ReadOnlyDB,
     known: list[str],
     keys: dict[str, bytes],
+    ranges: dict[str, list[tuple[bytes, int, int | None]]],
     lo: float,
     hi: float,
     refill_kg: float,
@@ -532,6 +541,20 @@ def _kept(
     ):
         if str(dev) in runs:
             redo.add((str(dev), int(seq)))
+    # Stored, then its key was revoked from before it (ingest.revoke_key): it no longer counts.
+    revoked: dict[str, dict[str, list[str]]] = {}
+    for dev, seq, detail in db.all(
+        "SELECT a.device_id, a.seq, a.detail FROM alarms a JOIN batches b "
+        "ON b.device_id = a.device_id AND b.seq = a.seq AND b.sha256 IS NOT NULL "
+        "WHERE a.kind = 'revoked_key'" + dev_sql.replace("r.", "a."),
+        dev_arg,
+    ):
+        if str(dev) in runs:
+            runs[str(dev)].pop(int(seq), None)
+            redo.discard((str(dev), int(seq)))
+            revoked.setdefault(str(dev), {})[f"batch_seq {int(seq)}"] = [
+                f"signed with a revoked key: {detail}"
+            ]
     for dev, seq in sorted(redo):
         (raw,) = db.all("SELECT bytes FROM batches WHERE device_id=? AND seq=?", (dev, seq))[0]
         runs[dev][seq] = runs_of(stored_batch(bytes(raw)), lo, hi, refill_kg, fame_at)
@@ -548,9 +571,12 @@ def _kept(
     ):
         if str(dev) in hashes:
             hashes[str(dev)][int(seq)] = bytes(sha)
+    held_range = {dev: (min(h), max(h)) for dev, h in hashes.items() if h}
     for dev in known:
-        d = rp.DeviceBatches(dev, [], keys.get(dev))
-        d.signatures = "verified against the registered key"
+        d = rp.DeviceBatches(dev, [], keys.get(dev), key_ranges=ranges.get(dev, []))
+        # The ingest verified each batch on arrival, under the key valid for its sequence.
+        d.signatures = rp.SIGNATURES
+        d.excluded = revoked.get(dev, {})
         d.missing = missing.get(dev, [])
         bus = rp.BusData(dev)
         for seq in sorted(runs[dev]):
@@ -559,9 +585,25 @@ def _kept(
         if bus.total.seqs:
             first, last = min(bus.total.seqs), max(bus.total.seqs)
             d.held = {s: h.hex() for s, h in sorted(hashes[dev].items()) if first <= s <= last}
+        if dev in held_range:
+            d.signed_by = _signed_by(d, *held_range[dev])
         devices.append(d)
         buses.append(bus)
     return Totals("ingest", KEPT, devices, buses)
+
+
+def _signed_by(d: rp.DeviceBatches, first: int, last: int) -> list[tuple[str, int, int]]:
+    """Which key signed each part of ``first..last``, from the ranges the ingest held them
+    to when it stored them (a batch outside its key's range is refused, never stored; one
+    stored before its key was revoked from an earlier sequence is excluded)."""
+    ring = d.keyring()
+    out = []
+    for kid in ring.keys:
+        a, b = ring.limits[(d.device_id, kid)]
+        lo_, hi_ = max(a, first), last if b is None else min(b, last)
+        if lo_ <= hi_:
+            out.append((kid, lo_, hi_))
+    return sorted(out, key=lambda r: r[1])
 
 
 def _missing(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ def _ingest(args: argparse.Namespace) -> int:
         register_device,
         register_key,
         revoke_key,
+        revoke_key_since,
     )
 
     if args.migrate:
@@ -38,10 +40,14 @@ def _ingest(args: argparse.Namespace) -> int:
         db = open_db(args.db)
         try:
             for item in args.revoke:
-                device_id, kid, seq = _at_seq(item, "--revoke", "DEVICE=KID@SEQ")
-                hit = revoke_key(db, device_id, kid, seq)
+                device_id, kid, at = _at(item, "--revoke", "DEVICE=KID@SEQ or DEVICE=KID@TIME")
+                if isinstance(at, int):
+                    seq, hit = at, revoke_key(db, device_id, kid, at)
+                else:
+                    seq, hit = revoke_key_since(db, device_id, kid, at.timestamp())
+                since = "" if isinstance(at, int) else f" (the first it signed at {at.isoformat()})"
                 print(
-                    f"revoked {device_id} key {kid[:16]} from batch {seq}"
+                    f"revoked {device_id} key {kid[:16]} from batch {seq}{since}"
                     f" ({hit} stored batches signed with it from there are now alarms)",
                     file=sys.stderr,
                 )
@@ -114,12 +120,26 @@ def _ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_seq(item: str, option: str, form: str) -> tuple[str, str, int]:
+def _at(item: str, option: str, form: str) -> tuple[str, str, int | datetime]:
+    """DEVICE=VALUE@SEQ, or @TIME: an ISO 8601 time with its zone (a time without one
+    would mean another moment on another operator's machine)."""
     device_id, sep, rest = item.partition("=")
-    value, at, seq = rest.rpartition("@")
-    if not (sep and at and seq.isdigit() and device_id and value):
+    value, at, when = rest.rpartition("@")
+    if not (sep and at and device_id and value and when):
         raise ValueError(f"{option} takes {form}, got {item!r}")
-    return device_id, value, int(seq)
+    if when.isdigit():
+        return device_id, value, int(when)
+    try:
+        moment = datetime.fromisoformat(when)
+    except ValueError:
+        raise ValueError(
+            f"{option}: {when!r} is neither a batch sequence nor an ISO 8601 time"
+        ) from None
+    if moment.tzinfo is None:
+        raise ValueError(
+            f"{option}: the time {when!r} needs its zone, e.g. {when}Z or {when}+07:00"
+        )
+    return device_id, value, moment
 
 
 def _read_token(path: Path) -> str:
@@ -252,8 +272,10 @@ def register_ingest(sub: Any) -> None:
     s.add_argument(
         "--revoke",
         action="append",
-        metavar="DEVICE_ID=KID@SEQ",
-        help="revoke a device key from batch SEQ on: later batches signed with it are refused "
+        metavar="DEVICE_ID=KID@SEQ|TIME",
+        help="revoke a device key from batch SEQ on, or from an ISO 8601 TIME with its zone (the "
+        "first batch it signed then, by the device's clock or the ingest's): later batches "
+        "signed with it are refused "
         "and filed as alarms; then exit (with --report, report)",
     )
     s.add_argument(

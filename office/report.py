@@ -38,7 +38,7 @@ import io
 import json
 import math
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -57,7 +57,7 @@ from cngmrv.office.mrv import (
 )
 from cngmrv.signed import batch
 from cngmrv.signed.archive import ArchiveError, open_readonly
-from cngmrv.signed.keys import public_key_from_pem
+from cngmrv.signed.keys import kid_of, public_key_from_pem
 
 CHANNELS = ("diesel_l", "gas_kg", "distance_km")
 MODES = ("diesel", "dual", "fault")
@@ -267,6 +267,9 @@ def _ratio(
 # -- reading and checking batches ----------------------------------------------
 
 
+SIGNATURES = "verified against the registered keys, each within its range of sequences"
+
+
 @dataclass
 class DeviceBatches:
     """One device's batches as held, and the outcome of checking them."""
@@ -279,6 +282,49 @@ class DeviceBatches:
     missing: list[tuple[int, int]] = field(default_factory=list)
     signatures: str = ""
     held: dict[int, str] = field(default_factory=dict)  # verified batch_seq -> file sha256 hex
+    # The keys the ingest trusts for the device (device_keys): (PEM, first seq, last seq or None).
+    key_ranges: list[tuple[bytes, int, int | None]] = field(default_factory=list)
+    # (kid, first seq, last seq): which key signed each run of the batches that count.
+    signed_by: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def keyring(self) -> batch.KeyRing:
+        """The registered key, and every key the ingest trusts from a sequence on."""
+        items: dict[str, tuple[Any, int, int | None]] = {}
+        if self.pubkey_pem is not None:
+            pub = public_key_from_pem(self.pubkey_pem, f"registered key of {self.device_id}")
+            items[kid_of(pub)] = (pub, 0, None)
+        for pem, first, last in self.key_ranges:
+            pub = public_key_from_pem(pem, f"a registered key of {self.device_id}")
+            items[kid_of(pub)] = (pub, first, last)
+        return batch.KeyRing(
+            {kid: (pub, self.device_id) for kid, (pub, _, _) in items.items()},
+            {(self.device_id, kid): (a, b) for kid, (_, a, b) in items.items()},
+        )
+
+
+def signed_by(batches: Iterable[batch.Batch]) -> list[tuple[str, int, int]]:
+    """(kid, first seq, last seq) per run of ``batches`` signed by one key, in sequence order;
+    a missing sequence does not end a run (gaps are reported on their own)."""
+    out: list[tuple[str, int, int]] = []
+    for b in sorted(batches, key=lambda b: b.seq):
+        kid = str(b.header["kid"])
+        if out and out[-1][0] == kid:
+            out[-1] = (kid, out[-1][1], b.seq)
+        else:
+            out.append((kid, b.seq, b.seq))
+    return out
+
+
+def key_ranges(
+    rows: Iterable[tuple[Any, Any, Any, Any]],
+) -> dict[str, list[tuple[bytes, int, int | None]]]:
+    """Rows of ``device_keys`` (device, PEM, valid from, valid until) per device."""
+    out: dict[str, list[tuple[bytes, int, int | None]]] = {}
+    for dev, pem, first, last in rows:
+        out.setdefault(str(dev), []).append(
+            (bytes(pem), int(first), None if last is None else int(last))
+        )
+    return out
 
 
 def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBatches]]:
@@ -290,6 +336,7 @@ def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBat
             raise ArchiveError(f"{path} is neither an ingest database nor a device store")
         cols = {r[1] for r in db.execute("PRAGMA table_info(batches)")}
         keys: dict[str, bytes] = {}
+        ranges: dict[str, list[tuple[bytes, int, int | None]]] = {}
         if "device_id" in cols:
             kind = "ingest"
             if "devices" in tables:
@@ -297,6 +344,12 @@ def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBat
                     str(d): bytes(k)
                     for d, k in db.execute("SELECT device_id, pubkey_pem FROM devices")
                 }
+            if "device_keys" in tables:
+                ranges = key_ranges(
+                    db.execute(
+                        "SELECT device_id, pubkey_pem, valid_from, valid_until FROM device_keys"
+                    ).fetchall()
+                )
             held = {str(r[0]) for r in db.execute("SELECT DISTINCT device_id FROM batches")}
             known = sorted(held | set(keys))
         else:
@@ -322,7 +375,7 @@ def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBat
             else:
                 q = db.execute("SELECT seq, bytes FROM batches ORDER BY seq")
             rows = [(int(s), bytes(b)) for s, b in q]
-            devices.append(DeviceBatches(dev, rows, keys.get(dev)))
+            devices.append(DeviceBatches(dev, rows, keys.get(dev), key_ranges=ranges.get(dev, [])))
     except sqlite3.Error as e:
         raise ArchiveError(f"cannot read {path}: {e}") from None
     finally:
@@ -336,16 +389,16 @@ def _check(kind: str, d: DeviceBatches) -> None:
     """Fill ``ok``/``excluded``/``missing``: only batches that pass count in the report."""
     named = [(f"batch_seq {seq}", raw) for seq, raw in d.rows]
     if kind == "ingest":
-        if d.pubkey_pem is None:
+        if d.pubkey_pem is None and not d.key_ranges:
             d.excluded = {n: ["device has no registered public key"] for n, _ in named}
             d.signatures = "not verifiable: no registered public key"
             return
-        pub = public_key_from_pem(d.pubkey_pem, f"registered key of {d.device_id}")
-        rep = batch.verify_set(named, pub)
+        rep = batch.verify_set(named, d.keyring())
         good = set(rep.ok)
         d.ok = [b for b in (batch.parse(raw) for seq, raw in d.rows if seq in good)]
         d.excluded, d.missing = dict(rep.bad), list(rep.gaps)
-        d.signatures = "verified against the registered key"
+        d.signed_by = signed_by(d.ok)
+        d.signatures = SIGNATURES
         return
     # A device store holds no public key: check the payload hashes and the chain only.
     prev: batch.Batch | None = None
@@ -716,6 +769,7 @@ def build(
         trace = _trace(d.device_id, b.total.seqs, held)
         trace.update(
             signatures=d.signatures,
+            signed_by=[list(r) for r in d.signed_by],
             excluded={k: v for k, v in d.excluded.items()},
             missing_seqs=[list(g) for g in d.missing],
         )
@@ -1205,7 +1259,12 @@ def to_html(report: Report) -> str:
         out.append(
             f"<tr><td class='l'>{e(b['device_id'])}</td><td>{t['first_seq']}..{t['last_seq']}</td>"
             f"<td>{t['count']}</td><td class='l'><code>{t['first_sha256']}<br>{t['last_sha256']}"
-            f"<br>{t['set_sha256']}</code></td><td class='l'>{e(t['signatures'])}</td></tr>"
+            f"<br>{t['set_sha256']}</code></td><td class='l'>{e(t['signatures'])}"
+            + "".join(
+                f"<br>key <code>{e(kid[:16])}</code> signed {a}..{b}"
+                for kid, a, b in t.get("signed_by", [])
+            )
+            + "</td></tr>"
         )
     out.append("</table>")
     out.append("<h2>Methodology parameters</h2><table><tr><th class='l'>parameter</th>")

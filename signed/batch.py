@@ -1217,7 +1217,7 @@ def check_tail(report: AuditReport, expected: Mapping[str | None, int]) -> None:
 
 @dataclass
 class ChainReport:
-    """Result of verifying one device's batches with one key (the simple view of :func:`audit`)."""
+    """Result of verifying one device's batches (the simple view of :func:`audit`)."""
 
     ok: list[int] = field(default_factory=list)
     bad: dict[str, list[str]] = field(default_factory=dict)  # name -> reasons
@@ -1229,16 +1229,22 @@ class ChainReport:
 
 
 def verify_set(
-    named: Iterable[tuple[str, bytes]], public_key: ec.EllipticCurvePublicKey
+    named: Iterable[tuple[str, bytes]], keys: ec.EllipticCurvePublicKey | KeyRing
 ) -> ChainReport:
     """Verify each batch, the hash chain between consecutive ones and sequence gaps.
+
+    ``keys`` is the device's key, or a :class:`KeyRing` of the keys it held
+    over time, each bound to its range of sequences (a key used outside its
+    range is ``key_not_valid``).  Rotations announced in the chain are
+    followed either way.
 
     Sequences start at 0, so a set whose lowest sequence is above 0 reports the
     missing head as a gap.  A batch whose bytes were altered fails its own
     check (a re-encoded one as ``noncanonical``); the chain runs over batch
     ids, so a re-encoding never breaks its successor's link.
     """
-    full = audit(named, KeyRing.of([(None, public_key)]))
+    ring = keys if isinstance(keys, KeyRing) else KeyRing.of([(None, keys)])
+    full = audit(named, ring)
     report = ChainReport()
     for f in full.findings:
         if f.severity == "bad":

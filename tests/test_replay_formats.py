@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from cngmrv.agent.replay import replay
 from cngmrv.drivers import j1939
-from cngmrv.drivers.replay import CONSOLE, LogError, LogFile
+from cngmrv.drivers.replay import CONSOLE, CONSOLE_UNTIMED, LogError, LogFile, ReplayBus
 
 LFE = j1939.make_id(j1939.PGN_LFE, 0)
 T0 = 1_600_000_000.0
@@ -76,11 +76,69 @@ def test_console_delta_timestamps_are_refused_where_they_go_back(tmp_path: Path)
     assert e.value.where == "line 3"
 
 
+def _plain(lines: list[tuple[int, bytes]]) -> str:
+    """What plain `candump can0` prints: no time, the id, [len] and spaced bytes."""
+    return "".join(
+        f"  can0  {can_id:08X}   [{len(data)}]  {' '.join(f'{b:02X}' for b in data)}\n"
+        for can_id, data in lines
+    )
+
+
+@pytest.mark.parametrize("name", ["plain.log", "plain.txt"])
+def test_plain_candump_output_is_read_without_a_clock(
+    tmp_path: Path, cli: Callable[..., Any], name: str
+) -> None:
+    lfc = j1939.make_id(j1939.PGN_LFC, 0)
+    eec1 = j1939.make_id(j1939.PGN_EEC1, 0)
+    vdhr = j1939.make_id(j1939.PGN_VDHR, 23)
+    rows: list[tuple[int, bytes]] = []
+    for i in range(20):
+        rows.append((LFE, _lfe(36.0)))
+        rows.append((eec1, j1939.encode(j1939.PGN_EEC1, {"engine_speed_rpm": 800.0 + 10 * i})))
+        rows.append((lfc, j1939.encode(j1939.PGN_LFC, {"total_fuel_l": 1000.0 + 0.5 * i})))
+        rows.append((vdhr, j1939.encode(j1939.PGN_VDHR, {"total_distance_km": 50.0 + 0.005 * i})))
+    path = tmp_path / name
+    path.write_text(_plain(rows))
+    s = replay(path)
+    assert s["format"] == CONSOLE_UNTIMED and s["timed"] is False and s["error"] is None
+    assert s["frames"] == 80 and s["j1939_frames"] == 80
+    # No clock: nothing integrates, and the summary says why rather than showing 0 as a figure.
+    assert s["diesel_l"] == 0.0 and s["distance_km"] == 0.0 and s["duration_s"] == 0.0
+    assert all("no timestamps" in c["low"] for c in s["coverage"].values())
+    # What needs no clock is all there: the counters, the values, the sources.
+    assert s["counters"]["fuel_total"]["used"] == pytest.approx(9.5)
+    assert s["counters"]["odometer"]["used"] == pytest.approx(0.095)
+    assert s["sources"]["odometer"]["source"] == 23
+    assert s["engine_speed_mean_rpm"] == pytest.approx(895.0)
+    r = cli("replay", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "no time: the log has no timestamps" in r.stdout
+    assert "odometer" in r.stdout and "no clock needed" in r.stdout
+
+
+def test_plain_candump_output_with_a_timestamped_line_is_damage(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.log"
+    path.write_text(_plain([(LFE, _lfe(1.0))] * 3) + _console(1))
+    with pytest.raises(LogError, match="timestamped line") as e:
+        list(LogFile(path).frames())
+    assert e.value.where == "line 4"
+
+
+def test_plain_candump_output_cannot_be_played_at_a_speed(tmp_path: Path) -> None:
+    path = tmp_path / "plain.log"
+    path.write_text(_plain([(LFE, _lfe(1.0))] * 3))
+    with pytest.raises(ValueError, match="without timestamps cannot be played"):
+        ReplayBus(str(path), speed=1.0)
+    bus = ReplayBus(str(path))
+    try:
+        assert [bus.recv(0.1) is not None for _ in range(3)] == [True] * 3
+    finally:
+        bus.shutdown()
+
+
 @pytest.mark.parametrize(
     ("name", "content", "words"),
     [
-        ("plain.log", _console(3, lambda i: ""), "candump console output without timestamps"),
-        ("plain.txt", _console(3, lambda i: ""), "record with `candump -l can0`"),
         ("vector.csv", None, "UTF-16 text"),
         (
             "vector8.csv",

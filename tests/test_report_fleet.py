@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from mrv_helpers import fossil_co2, fossil_co2_file
 
-from cngmrv.office import mrv
+from cngmrv.office import mrv, report
 
 DURATION = 1800.0
 UNPLUG = (900.0, 937.5)  # bus 3, mid-run
@@ -102,7 +102,7 @@ def test_fleet_er_matches_the_truth_and_the_unplugged_bus_is_flagged(
         t = b["batches"]
         assert t["first_seq"] in (0, 1) and t["last_seq"] in (signed - 2, signed - 1)
         assert t["count"] == t["last_seq"] - t["first_seq"] + 1 and t["missing_seqs"] == []
-        assert b["batches"]["signatures"] == "verified against the registered key"
+        assert b["batches"]["signatures"] == report.SIGNATURES
 
 
 def test_fleet_one_bus_and_form_b(fleet: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:

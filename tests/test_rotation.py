@@ -9,7 +9,10 @@ subprocess.
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +143,65 @@ def test_a_revoked_keys_later_batches_are_refused_and_filed_as_alarms(
     ], bad
 
 
+def test_a_key_revoked_from_a_time_refuses_what_it_signed_after_by_either_clock(
+    tmp_path: Path, server: IngestServer, cli
+) -> None:
+    signer = _signer(tmp_path / "k")
+    register_device(server.db, DEV, (tmp_path / "k" / keys.PUB_FILE).read_bytes())
+    # Device clock: batch n starts at 1000 + n, except batch 2, dated in 2096, and batch 6,
+    # a thief's, dated back to 1000.
+    dated = {2: 4e9, 6: 1000.0}
+    raws, prev = [], batch.ZERO_HASH
+    for seq in range(7):
+        reading = {**_reading(seq), "t0": dated.get(seq, 1000.0 + seq)}
+        raws.append(batch.build(signer, DEV, seq, prev, {"readings": [reading]}))
+        prev = batch.chain_id(raws[-1])
+    for raw in raws[:3]:
+        assert post_batch(server.url, raw).status == 201
+    when = datetime.now(UTC)
+    time.sleep(0.05)
+    for raw in raws[3:5]:
+        assert post_batch(server.url, raw).status == 201
+    db = str(tmp_path / "ingest.sqlite")
+    r = cli("ingest", "--db", db, "--revoke", f"{DEV}={signer.kid}@{when.isoformat()}")
+    assert r.returncode == 0, r.stderr
+    # Batch 2 is after by the device's clock, 3 and 4 by the ingest's.
+    assert "from batch 2" in r.stderr and "3 stored batches" in r.stderr
+    for raw in raws[5:]:
+        out = post_batch(server.url, raw)
+        assert (out.status, "key_not_valid" in out.detail) == (403, True)
+    kinds = [(a["seq"], a["kind"]) for a in _alarms(server)]
+    assert kinds == [
+        (2, "revoked_key"),
+        (3, "revoked_key"),
+        (4, "revoked_key"),
+        (5, "key_not_valid"),
+        (6, "key_not_valid"),
+    ]
+    assert post_batch(server.url, raws[1]).status == 200
+
+
+def test_a_revocation_time_in_the_past_covers_every_batch_stored_since(
+    tmp_path: Path, server: IngestServer, cli
+) -> None:
+    # All five stored now, their device times long ago: a time in the past by the ingest's
+    # clock (a stolen key noticed late) catches every batch stored since.
+    signer = _signer(tmp_path / "k")
+    register_device(server.db, DEV, (tmp_path / "k" / keys.PUB_FILE).read_bytes())
+    prev = batch.ZERO_HASH
+    for seq in range(5):
+        raw = batch.build(signer, DEV, seq, prev, {"readings": [_reading(seq)]})
+        prev = batch.chain_id(raw)
+        assert post_batch(server.url, raw).status == 201
+    db = str(tmp_path / "ingest.sqlite")
+    r = cli("ingest", "--db", db, "--revoke", f"{DEV}={signer.kid}@2000-01-01T07:00:00+07:00")
+    assert r.returncode == 0, r.stderr
+    assert "from batch 0" in r.stderr and "5 stored batches" in r.stderr
+    bad = cli("ingest", "--db", db, "--revoke", f"{DEV}={signer.kid}@2000-01-01T07:00:00")
+    assert bad.returncode != 0 and "needs its zone" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
 def test_a_stolen_old_key_used_after_rotation_is_refused_with_an_alarm(
     rotated: tuple[list[bytes], int, Path, Path], server: IngestServer, tmp_path: Path, cli
 ) -> None:
@@ -224,3 +286,77 @@ def test_rotate_key_on_the_command_line_hands_a_stopped_agents_chain_over(
     ranges = json.loads(v.stdout)["devices"][DEV]["key_ranges"]
     b_kid = keys.kid_of(keys.load_public_key(tmp_path / "b" / keys.PUB_FILE))
     assert [k for k, _, _ in ranges] == [old.kid, b_kid]  # the STOP after it is B's
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_report_names_each_keys_range_and_leaves_out_a_revoked_keys_batches(
+    rotated_report: tuple[Path, int], recompute: bool
+) -> None:
+    from mrv_helpers import fossil_co2
+
+    from cngmrv.office import report
+
+    path, announced = rotated_report
+    d = report.build(path, fossil_co2(), recompute=recompute).data
+    (bus,) = d["buses"]
+    trace = bus["batches"]
+    # Key A signed 0..announced (the rotation's batch), B the rest; B was revoked from
+    # announced + 3 after everything was stored: those are left out, with the reason, in
+    # both ways of summing.
+    (a, first_a, last_a), (b, first_b, last_b) = trace["signed_by"]
+    assert a != b and (first_a, last_a, first_b, last_b) == (
+        0,
+        announced,
+        announced + 1,
+        announced + 2,
+    )
+    excluded = sorted(int(k.split()[-1]) for k in trace["excluded"])
+    assert excluded == list(range(announced + 3, 11)), trace["excluded"]
+    assert all(
+        "revoked" in " ".join(v) or "key_not_valid" in " ".join(v) or "outside" in " ".join(v)
+        for v in trace["excluded"].values()
+    ), trace["excluded"]
+    assert bus["flagged"]
+    # Each reading holds 0.05 kg gas: the left-out batches' readings are not in the total.
+    db = sqlite3.connect(path)
+    counted = sum(
+        batch.parse(bytes(raw)).n_readings or 0
+        for seq, raw in db.execute("SELECT seq, bytes FROM batches")
+        if seq not in excluded
+    )
+    db.close()
+    assert counted < 80 and d["gas_kg"] == pytest.approx(counted * 0.05)
+
+
+@pytest.fixture
+def rotated_report(tmp_path: Path) -> tuple[Path, int]:
+    """An ingest database: key A for batches 0..3, rotated to B (announced in 3), B revoked
+    from 6 after 0..7 were stored; ten report-shaped readings a batch."""
+    from test_report import DAY0, STEP, reading
+
+    from cngmrv.office.ingest import open_db, revoke_key
+
+    a, b = _signer(tmp_path / "a"), _signer(tmp_path / "b")
+    rec = Recorder(tmp_path / "store.sqlite", DEV, a, RecorderConfig(readings_per_batch=10))
+    rec.start()
+    rows = [reading(DAY0 + i * STEP) for i in range(80)]
+    for r in rows[:30]:
+        rec.add([r])
+    # 30 readings sealed as 0..2; the rotation seals what is buffered (none) and announces B.
+    announced = rec.rotate(b).seq
+    for r in rows[30:]:
+        rec.add([r])
+    rec.stop()
+    rec.close()
+    store = Store(tmp_path / "store.sqlite", DEV)
+    raws = [raw for _, raw in store.batches()]
+    store.close()
+    db_path = tmp_path / "ingest.sqlite"
+    db = open_db(db_path)
+    register_device(db, DEV, (tmp_path / "a" / keys.PUB_FILE).read_bytes())
+    ing = Ingest(db)
+    for raw in raws:
+        assert ing.accept(raw)[0] == 201
+    revoke_key(db, DEV, b.kid, announced + 3)
+    db.close()
+    return db_path, announced

@@ -52,6 +52,7 @@ def test_wheel_speed_from_the_only_ecu_that_sends_it() -> None:
         "fuel_total": 0,
         "engine_speed": 0,
         "wheel_speed": 71,
+        "odometer": None,
     }
     assert sum(r["diesel_l"] for r in readings) == pytest.approx(10.0 / 3600 * 20.0, rel=1e-9)
 
@@ -146,3 +147,49 @@ def test_replay_names_each_signals_source_and_takes_the_option(
     assert "wheel_speed   from SA 0 (auto: engine), 201 frames; also sent by SA 71" in people
     bad = cli("replay", str(log), "--source", "speed=71")
     assert bad.returncode == 2 and "SIGNAL=RULE" in bad.stderr
+
+
+def _vdhr(km: float) -> bytes:
+    return j1939.encode(j1939.PGN_VDHR, {"total_distance_km": km, "trip_distance_km": 0.0})
+
+
+def _vd(km: float) -> bytes:
+    return j1939.encode(j1939.PGN_VD, {"vd_total_distance_km": km, "vd_trip_distance_km": 0.0})
+
+
+def test_the_odometer_from_the_cluster_names_its_source_and_rides_in_the_readings() -> None:
+    # The cluster (SA 23) sends VDHR once a second while the bus drives at 36 km/h
+    # (10 m/s): the odometer's difference is the distance, with no clock in it.
+    p = Pipeline(PipelineConfig())
+    for i in range(21):
+        t = 1000.0 + i
+        p.on_can(t + 0.5, j1939.make_id(j1939.PGN_VDHR, 23), _vdhr(12345.0 + 0.010 * i))
+    readings = _drive(p, {0: 36.0})
+    assert readings[-1]["src"]["odometer"] == 23
+    odo = [r["odometer_km"] for r in readings if "odometer_km" in r]
+    assert odo == sorted(odo) and len(odo) >= 2
+    assert p.stats.counters["odometer"] == pytest.approx([12345.0, 12345.2])
+    assert _km(readings) == pytest.approx(0.2, rel=1e-9)
+
+
+def test_vd_is_the_odometer_only_where_no_vdhr_comes() -> None:
+    p = Pipeline(PipelineConfig())
+    p.on_can(1000.0, j1939.make_id(j1939.PGN_VD, 23), _vd(500.0))
+    assert p.stats.counters["odometer"] == [500.0, 500.0]
+    # VDHR arrives: VD's 125 m steps are no longer used, and the first value restarts there.
+    p.on_can(1001.0, j1939.make_id(j1939.PGN_VDHR, 23), _vdhr(500.06))
+    p.on_can(1002.0, j1939.make_id(j1939.PGN_VD, 23), _vd(500.125))
+    p.on_can(1003.0, j1939.make_id(j1939.PGN_VDHR, 23), _vdhr(500.07))
+    assert p.stats.counters["odometer"] == pytest.approx([500.06, 500.07])
+
+
+def test_a_second_odometer_is_reported_and_a_rule_picks_the_tachograph() -> None:
+    p = Pipeline(PipelineConfig())
+    p.on_can(1000.0, j1939.make_id(j1939.PGN_VDHR, 23), _vdhr(100.0))
+    p.on_can(1000.5, j1939.make_id(j1939.PGN_VDHR, 238), _vdhr(900.0))
+    assert p.stats.counters["odometer"] == [100.0, 100.0]
+    assert [e["sender"] for e in p.take_events() if e["kind"] == "SIGNAL_SECOND_SENDER"] == [238]
+    pinned = Pipeline(PipelineConfig(sources={"odometer": 238}))
+    pinned.on_can(1000.0, j1939.make_id(j1939.PGN_VDHR, 23), _vdhr(100.0))
+    pinned.on_can(1000.5, j1939.make_id(j1939.PGN_VDHR, 238), _vdhr(900.0))
+    assert pinned.stats.counters["odometer"] == [900.0, 900.0]
