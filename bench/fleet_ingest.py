@@ -3,8 +3,8 @@
 Makes a fleet's signed batches with the project's own code (batch.build: 60
 one-second readings a batch, each device its own key and chain), starts
 ``cngmrv ingest`` (uvicorn, worker processes) on a throwaway PostgreSQL
-cluster (initdb/pg_ctl in a temporary folder, as the ``postgres`` user when run
-as root), posts everything over HTTP and prints one JSON object:
+cluster (:mod:`cngmrv.sim.pg_cluster`, the tests' own, here with durable
+commits), posts everything over HTTP and prints one JSON object:
 
 - ``devices``, ``batches`` (distinct batches stored), ``posts`` (with duplicates);
 - ``stored_per_s``: distinct batches stored per second in the full-speed phase;
@@ -15,9 +15,11 @@ as root), posts everything over HTTP and prints one JSON object:
 - ``db_ceiling_per_s``: the same rows inserted straight into the same
   PostgreSQL, one transaction each, from as many connections as the server
   holds, without HTTP or verification;
-- ``duplicates_stored`` (must be 0), ``report_s`` (``cngmrv report`` over
-  everything loaded; null with ``report_error`` when the report cannot read
-  the database).
+- ``duplicates_stored`` (must be 0), ``report_s``: ``cngmrv report --db URL
+  --json`` over everything loaded, run as a user runs it (a fresh process,
+  imports included); null with ``report_error`` when it fails;
+- ``load_avg``: the machine's 1-minute load average at the end of each phase
+  (the machine is shared: the figures are only as quiet as it was).
 
 The load: regular devices post one batch a minute, minute by minute; a share
 of them lose a batch's order (a gap, closed by the late batch); some devices
