@@ -30,6 +30,7 @@ for bit (tests/test_fleetdb.py).
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -387,6 +388,10 @@ def gather(
             _, devices = rp.read_source(path, bus)
             return _recomputed("store", devices, lo, hi, refill_kg, fame_at, stock)
     db = ReadOnlyDB(source)
+    # A fleet's runs are hundreds of thousands of objects that all live to the end: the
+    # cyclic collector would re-scan the growing heap again and again (most of the time).
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         _refuse_newer(db)
         known, keys = _known(db, bus)
@@ -405,6 +410,8 @@ def gather(
             return _recomputed("ingest", devices, lo, hi, refill_kg, fame_at, stock)
         return _kept(db, known, keys, ranges, lo, hi, refill_kg, fame_at, fame_breaks)
     finally:
+        if collecting:
+            gc.enable()
         db.close()
 
 
