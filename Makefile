@@ -38,10 +38,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/integrator.py
-	$(BIN)/python bench/kit.py
+	$(BIN)/python bench/kit_link.py
 	$(BIN)/python bench/decode.py
-	$(BIN)/python bench/store.py
-	$(BIN)/python bench/service.py
+	$(BIN)/python bench/store_writes.py
+	$(BIN)/python bench/service_stop.py
 	$(BIN)/python bench/signers.py
 
 # The agent in its own process on a saturated bus (docs/performance.md): about

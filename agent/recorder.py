@@ -7,7 +7,7 @@ owns the policies the store only provides the means for:
   own period) have gathered, or the oldest has waited ``buffer_s`` of wall
   time, then go to disk in one transaction.  A kill loses at most that
   window; in exchange a bus-hour at 1 Hz writes a few hundred commits, not
-  thousands (see ``bench/store.py``).
+  thousands (see ``bench/store_writes.py``).
 - **Start-up.**  Open the store; ``quick_check`` (before the first write, so
   a damaged file is kept as found); increment the boot epoch, committing the
   ``BOOT`` event (was the last stop clean?) in the same transaction; seal

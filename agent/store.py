@@ -10,7 +10,7 @@ batch, which the ingest answers with ``duplicate``).
 Readings are stored one row per commit, in the payload's column layout, with
 1 KiB pages: each commit appends about a page to the WAL.  With the
 recorder's 10-second buffer that is ~3.6 MB of kernel-counted writes per
-bus-hour (``bench/store.py``); at 5 seconds it would be ~5.7 MB, because every
+bus-hour (``bench/store_writes.py``); at 5 seconds it would be ~5.7 MB, because every
 fsync'd commit costs at least one 4 KiB page however little it holds.
 
 The store is opened with ``locking_mode=EXCLUSIVE``: one process holds it

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from cngmrv.office import refills as refill_records
 from cngmrv.office import report as rp
 from cngmrv.office.fleetdb import IngestError, ReadOnlyDB, is_url, redact, stored_batch
-from cngmrv.signed import batch
+from cngmrv.signed import batch, reading
 
 if TYPE_CHECKING:
     from cngmrv.office.fleetdb import IngestDB
@@ -164,6 +164,9 @@ def runs_of(
     runs: list[Run] = []
     part, hour, cur = -1, None, None
     for r in b.payload().get("readings") or []:
+        why = reading.problem(r)
+        if why is not None:
+            raise ValueError(why)
         t0 = float(r["t0"])
         h = int(t0 // 3600) * 3600
         if h != hour:

@@ -55,12 +55,12 @@ from cngmrv.office.mrv import (
     emissions,
     sensitivity,
 )
-from cngmrv.signed import batch
+from cngmrv.signed import batch, reading
 from cngmrv.signed.archive import ArchiveError, open_readonly
 from cngmrv.signed.keys import kid_of, public_key_from_pem
 
-CHANNELS = ("diesel_l", "gas_kg", "distance_km")
-MODES = ("diesel", "dual", "fault")
+CHANNELS = reading.CHANNELS
+MODES = reading.MODES
 LFC_RESOLUTION_L = 0.5  # SPN 250, docs/domain.md section 3
 
 
@@ -140,7 +140,7 @@ class Sums:
         for m, s in (r.get("mode_s") or {}).items():
             if m in self.mode_s:
                 self.mode_s[m] += float(s)
-        if r.get("clock") != "synchronised":
+        if r.get("clock") != reading.SYNCHRONISED:
             self.unsynced_s += float(r["dur"])
         self.first_t0 = min(self.first_t0, float(r["t0"]))
         self.last_t1 = max(self.last_t1, float(r["t0"]) + float(r["dur"]))

@@ -1,7 +1,7 @@
 """A simulated fleet through the real ingest into the report, against the simulator's truth.
 
 The acceptance run is 3 buses x 2 simulated days with one kit unplugged for an
-hour; ``bench/fleet.py`` runs exactly that (it takes tens of minutes) and
+hour; ``bench/fleet_acceptance.py`` runs exactly that (it takes tens of minutes) and
 checks the fleet ER against the full truth.  CI runs the same fleet scaled
 down by 96: 3 buses x 30 simulated minutes, one kit unplugged for 37.5 s, the
 same share of the bus's time (1 h of 48 h).  At this scale the outage falls

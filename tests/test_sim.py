@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cngmrv.signed import batch, keys
+from cngmrv.signed import batch, keys, reading
 from cngmrv.sim.gas import AGENT_LAW_TOLERANCE
 from cngmrv.sim.harness import tank_error
 
@@ -72,6 +72,26 @@ def test_store_is_wal_and_export_verify_pass(first_run: dict, run_dir: Path, cli
     r = cli("verify", str(out), "--pubkey", str(run_dir / "keys" / keys.PUB_FILE), "--json")
     assert r.returncode == 0, r.stdout
     assert json.loads(r.stdout)["ok"] == n
+
+
+def test_the_agents_readings_keep_the_reading_contract(first_run: dict, run_dir: Path) -> None:
+    """What the agent signs is what the office reads (cngmrv.signed.reading), field by field."""
+    from cngmrv.agent.pipeline import MODE_STATES
+
+    db = sqlite3.connect(run_dir / "store.sqlite")
+    raws = [bytes(r) for (r,) in db.execute("SELECT bytes FROM batches ORDER BY seq")]
+    db.close()
+    readings = [r for raw in raws for r in batch.parse(raw).payload().get("readings") or []]
+    assert len(readings) >= 590
+    assert MODE_STATES == reading.MODES
+    for r in readings:
+        assert reading.problem(r) is None, r
+        assert set(r) <= set(reading.FIELDS), set(r) - set(reading.FIELDS)
+        assert set(reading.CHANNELS) <= set(r["cov"])
+        assert set(r["mode_s"]) <= {*reading.MODES, "other"}
+    # Every field the contract names that a simulated bus has at all shows up.
+    seen = {k for r in readings for k in r}
+    assert seen >= set(reading.REQUIRED) | {"cov", "mode_s", "src", "epoch", "clock"}
 
 
 def test_the_kits_clock_is_anchored_on_bus_time(first_run: dict, run_dir: Path) -> None:

@@ -9,7 +9,7 @@ Prints one JSON object:
 * ``rebase_ns_per_frame``: :meth:`ClockMonitor.rebase` on frames without a
   step (the steady state on SocketCAN), per frame, against a plain list copy.
 
-Usage: python bench/service.py [--repeat R] [--seconds S]
+Usage: python bench/service_stop.py [--repeat R] [--seconds S]
 """
 
 from __future__ import annotations

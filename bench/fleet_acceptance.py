@@ -6,7 +6,7 @@ methodology applied to the simulator's ground truth, per bus and for the
 fleet, which buses were flagged, and the wall time.  CI runs the same test
 scaled down (tests/test_report_fleet.py); this is the long run.
 
-    .venv/bin/python bench/fleet.py [--days 2] [--buses 3] [--workdir DIR]
+    .venv/bin/python bench/fleet_acceptance.py [--days 2] [--buses 3] [--workdir DIR]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Store benchmark: bytes written per bus-hour, batch size on the wire, sealing rate.
 
-Usage: python bench/store.py [--dir DIR] [--hours 1] [--buffer-s 5]
+Usage: python bench/store_writes.py [--dir DIR] [--hours 1] [--buffer-s 5]
 
 Feeds a simulated bus-hour of 1 Hz readings (the real pipeline on the
 vehicle model, see ``cngmrv.sim.feed``) through the real recorder and store
@@ -116,7 +116,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="cngmrv-bench-") as tmp:
         out = run(Path(tmp), args.hours, args.buffer_s)
     if out["disk_bytes_per_bus_hour"] is None:
-        print("bench/store.py: the kernel counted no writes (tmpfs?); use --dir", file=sys.stderr)
+        print("bench/store_writes.py: the kernel counted no writes (tmpfs?); use --dir", file=sys.stderr)
     print(json.dumps(out, indent=2))
     return 0
 
