@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 MPY_WASM := @micropython/micropython-webassembly-pyscript
 MPY_WASM_VERSION := 1.27.0
 
-.PHONY: setup sim test lint bench bench-load soak sanitize vm-bench
+.PHONY: setup sim test lint bench bench-load soak sanitize vm-bench vm-bench-arm64
 
 setup:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,3 +66,10 @@ sanitize: setup
 # Prints one JSON object; fails when a stage or a guest test does.
 vm-bench: setup
 	$(BIN)/python bench/vm_bench.py --json
+
+# The arm64 smoke (docs/hil-runbook.md): an arm64 Debian guest (qemu-system-aarch64
+# -M virt, Cortex-A72, TCG) builds the cffi extension with its own compiler and runs
+# cngmrv sim, verify and replay and the C integrator's tests.  Needs, beyond vm-bench's,
+# the Debian packages qemu-system-arm, qemu-user-static and binfmt-support (the image build).
+vm-bench-arm64: setup
+	$(BIN)/python bench/vm_bench.py --json --arch arm64

@@ -33,7 +33,10 @@ CAN_QUEUE = 'cngmrv_queue_depth{queue="can"}'
 # name -> (type, help); the order here is the order of the exposition.
 METRICS: dict[str, tuple[str, str]] = {
     "cngmrv_frames_received_total": ("counter", "Frames received, per source"),
-    "cngmrv_frames_dropped_total": ("counter", "Frames dropped on a full queue, per source"),
+    "cngmrv_frames_dropped_total": (
+        "counter",
+        "Frames dropped on a full queue (the agent's, or the kernel's socket queue), per source",
+    ),
     "cngmrv_decode_errors_total": ("counter", "CAN frames rejected by the decoders"),
     "cngmrv_ecu_error_values_total": (
         "counter",
@@ -81,7 +84,9 @@ def collect(agent: Agent) -> dict[str, list[tuple[dict[str, str], float]]]:
     kit = agent.kit.stats if agent.kit else None
     m: dict[str, list[tuple[dict[str, str], float]]] = {name: [] for name in METRICS}
     m["cngmrv_frames_received_total"].append(({"source": "can"}, can_stats["frames"]))
-    m["cngmrv_frames_dropped_total"].append(({"source": "can"}, can_stats["queue_dropped"]))
+    m["cngmrv_frames_dropped_total"].append(
+        ({"source": "can"}, can_stats["queue_dropped"] + can_stats.get("kernel_dropped", 0))
+    )
     if kit is not None:
         m["cngmrv_frames_received_total"].append(({"source": "kit"}, kit["frames_ok"]))
         m["cngmrv_frames_dropped_total"].append(({"source": "kit"}, kit["queue_dropped"]))

@@ -3,8 +3,8 @@
 Makes a fleet's signed batches with the project's own code (batch.build: 60
 one-second readings a batch, each device its own key and chain), starts
 ``cngmrv ingest`` (uvicorn, worker processes) on a throwaway PostgreSQL
-cluster (initdb/pg_ctl in a temporary folder, as the ``postgres`` user when run
-as root), posts everything over HTTP and prints one JSON object:
+cluster (:mod:`cngmrv.sim.pg_cluster`, the tests' own, here with durable
+commits), posts everything over HTTP and prints one JSON object:
 
 - ``devices``, ``batches`` (distinct batches stored), ``posts`` (with duplicates);
 - ``stored_per_s``: distinct batches stored per second in the full-speed phase;
@@ -15,9 +15,11 @@ as root), posts everything over HTTP and prints one JSON object:
 - ``db_ceiling_per_s``: the same rows inserted straight into the same
   PostgreSQL, one transaction each, from as many connections as the server
   holds, without HTTP or verification;
-- ``duplicates_stored`` (must be 0), ``report_s`` (``cngmrv report`` over
-  everything loaded; null with ``report_error`` when the report cannot read
-  the database).
+- ``duplicates_stored`` (must be 0), ``report_s``: ``cngmrv report --db URL
+  --json`` over everything loaded, run as a user runs it (a fresh process,
+  imports included); null with ``report_error`` when it fails;
+- ``load_avg``: the machine's 1-minute load average at the end of each phase
+  (the machine is shared: the figures are only as quiet as it was).
 
 The load: regular devices post one batch a minute, minute by minute; a share
 of them lose a batch's order (a gap, closed by the late batch); some devices
@@ -35,12 +37,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.client
+import inspect
 import json
 import math
 import multiprocessing
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -154,7 +156,9 @@ def _cache_key(args: argparse.Namespace) -> str:
     h = hashlib.sha256()
     for name in ("batch.py", "keys.py"):
         h.update((ROOT / "signed" / name).read_bytes())
-    h.update(Path(__file__).read_bytes().split(b"# -- the plan")[0])
+    # The code that makes the batches, not this file: editing the rest keeps the cache.
+    for fn in (_readings, _encode_once, _make_devices, _plan_lengths):
+        h.update(inspect.getsource(fn).encode())
     h.update(repr((args.devices, args.batches, args.backfill_devices, args.backfill)).encode())
     return h.hexdigest()[:16]
 
@@ -243,64 +247,20 @@ def plan(
 # -- PostgreSQL --------------------------------------------------------------------------
 
 
-def _pg_bindir() -> Path:
-    try:
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
-        if (Path(out.stdout.strip()) / "initdb").exists():
-            return Path(out.stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not found:
-        sys.exit("no PostgreSQL server binaries (initdb): apt-get install postgresql")
-    return found[-1].parent
-
-
 @contextmanager
 def throwaway_cluster() -> Iterator[str]:
-    """A PostgreSQL cluster in a temporary folder on a private socket; yields its URL."""
-    bindir = _pg_bindir()
-    root = Path(tempfile.mkdtemp(prefix="cngmrv-bench-pg-"))
-    as_user: list[str] = []
-    user = os.environ.get("USER", "postgres")
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        user = "postgres"
-        as_user = ["runuser", "-u", user, "--"]
-        shutil.chown(root, user)
-    data, sock = root / "data", root
-    port = free_tcp_port()
-    subprocess.run(
-        [*as_user, str(bindir / "initdb"), "-D", str(data), "-U", user, "-A", "trust"],
-        check=True,
-        capture_output=True,
-    )
-    opts = (
-        f"-c listen_addresses='' -k {sock} -p {port} -c max_connections=200 -c shared_buffers=256MB"
-    )
-    subprocess.run(
-        [
-            *as_user,
-            str(bindir / "pg_ctl"),
-            "-D",
-            str(data),
-            "-o",
-            opts,
-            "-l",
-            str(root / "log"),
-            "-w",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield f"postgresql://{user}@/postgres?host={sock}&port={port}"
-    finally:
-        subprocess.run(
-            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
-            capture_output=True,
-        )
-        shutil.rmtree(root, ignore_errors=True)
+    """The tests' throwaway cluster (cngmrv.sim.pg_cluster), durable as a production one; its URL.
+
+    Unlike the tests' cluster, commits are flushed to disk (fsync, synchronous
+    commit): the database pays what a production server pays.
+    """
+    from cngmrv.sim import pg_cluster
+
+    why = pg_cluster.unavailable()
+    if why is not None:
+        sys.exit(why)
+    with pg_cluster.Cluster(durable=True, settings={"shared_buffers": "256MB"}) as cluster:
+        yield cluster.new_database()
 
 
 # -- the ceilings ----------------------------------------------------------------------
@@ -445,6 +405,31 @@ def _pct(values: list[float], q: float) -> float:
 # -- the run ---------------------------------------------------------------------------
 
 
+def _load_avg() -> float:
+    return round(os.getloadavg()[0], 1)
+
+
+def fleet_report(url: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """``cngmrv report --db URL --json`` over everything loaded, as a user runs it; its seconds."""
+    start = time.perf_counter()
+    rep = subprocess.run(
+        [sys.executable, "-m", "cngmrv.agent.cli", "report", "--db", url, "--json"],
+        capture_output=True,
+        text=True,
+    )
+    return rep, time.perf_counter() - start
+
+
+def _report_buses(stdout: str) -> int | None:
+    # How many buses the report covers: a check that it read the whole fleet.
+    try:
+        data = json.loads(stdout)
+    except ValueError:
+        return None
+    buses = data.get("buses") if isinstance(data, dict) else None
+    return len(buses) if isinstance(buses, list | dict) else None
+
+
 def start_ingest(url: str, workers: int, pool: int) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_tcp_port()
     log = Path(tempfile.mkstemp(prefix="cngmrv-bench-ingest-", suffix=".log")[1])
@@ -528,12 +513,15 @@ def main() -> None:
         db = open_db(url)
         for dev, pem, _ in fleet:
             register_device(db, dev, pem)
+        load: dict[str, float] = {"start": _load_avg()}
         proc, port, log = start_ingest(url, args.workers, args.pool)
         try:
             poster = Poster(port)
             took, fast_lat = full_speed(poster, posts, args.clients)
+            load["full_speed"] = _load_avg()
             fast_201 = poster.statuses[201]
             paced_lat = paced(poster, paced_posts, args.paced_rate, args.clients)
+            load["paced"] = _load_avg()
         finally:
             proc.terminate()
             proc.wait(60)
@@ -541,15 +529,11 @@ def main() -> None:
         (gaps,) = db.one("SELECT count(*) FROM gaps")
         (alarms,) = db.one("SELECT count(*) FROM alarms")
         db.close()
-        report_start = time.perf_counter()
-        rep = subprocess.run(
-            [sys.executable, "-m", "cngmrv.agent.cli", "report", "--db", url, "--json"],
-            capture_output=True,
-            text=True,
-        )
-        report_s = time.perf_counter() - report_start
+        rep, report_s = fleet_report(url)
+        load["report"] = _load_avg()
         verify = verify_ceiling(sample, pems, args.workers)
         db_ceiling_per_s = db_ceiling(url, sample, args.workers * args.pool)
+        load["ceilings"] = _load_avg()
 
     unique = len(distinct) + len(paced_posts)
     out = {
@@ -563,6 +547,7 @@ def main() -> None:
         "db_ceiling_per_s": round(db_ceiling_per_s, 1),
         "duplicates_stored": max(0, rows - unique) + max(0, poster.statuses[201] - unique),
         "report_s": round(report_s, 2) if rep.returncode == 0 else None,
+        "report_buses": _report_buses(rep.stdout) if rep.returncode == 0 else None,
         "stored_share_of_smaller_ceiling": round(
             len(distinct) / took / min(verify, db_ceiling_per_s), 3
         ),
@@ -581,6 +566,8 @@ def main() -> None:
         "pool": args.pool,
         "clients": args.clients,
         "cpus": os.cpu_count(),
+        # The machine's 1-minute load average at the end of each phase (shared with other work).
+        "load_avg": load,
         "wall_s": round(time.monotonic() - wall0, 1),
     }
     if rep.returncode != 0:

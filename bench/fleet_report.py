@@ -91,8 +91,7 @@ def main() -> int:
         work = Path(tmp)
         pg_url = args.pg_url
         if pg_url is None:
-            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-            import pg_cluster  # the tests' throwaway cluster
+            from cngmrv.sim import pg_cluster  # the tests' throwaway cluster
 
             why = pg_cluster.unavailable()
             if why:

@@ -33,7 +33,7 @@ from cngmrv.sim.agent_process import MCAST_GROUP, AgentProcess, new_mcast_port
 from cngmrv.sim.drive import TICK_S, drive
 from cngmrv.sim.ecu import EngineEcu
 from cngmrv.sim.kit import KitFirmware, KitLogic
-from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
+from cngmrv.sim.vehicle import CityBus, CityBusParams, DriveCycle
 
 
 def stop_time(seconds: float) -> float:
@@ -54,7 +54,7 @@ def stop_time(seconds: float) -> float:
         agent.wait_ready()
         bus = can.Bus(interface="udp_multicast", channel=MCAST_GROUP, port=port)
         logic = KitLogic()
-        vehicle = Bus(BusParams(), DriveCycle.brt(seconds + 5, 1), controller=logic)
+        vehicle = CityBus(CityBusParams(), DriveCycle.brt(seconds + 5, 1), controller=logic)
         ecu = EngineEcu(bus, vehicle, time.time())
         kit = KitFirmware(master, logic)
         for i, s in drive(vehicle, int(seconds / TICK_S)):

@@ -14,7 +14,9 @@ Each one's CPU is read from ``/proc/<pid>/stat`` over the play, as a
 percentage of one (emulated) CPU.  Emulation distorts absolute figures; the
 ratios from the same run are the result.  Frames: ``offered`` is every frame
 played; the agent's ``received`` and ``dropped`` count the frames its kernel
-filters let through (its metrics against the log), the bare loop's every frame.
+filters let through (its metrics against the log), the bare loop's every frame;
+a receiver that drops was starved of the one emulated CPU, so its CPU figure is
+a floor, not its cost.
 Prints one JSON object: ``{"full_load": {...}}``.
 """
 
@@ -86,6 +88,7 @@ def main() -> None:
     dump.wait(timeout=30)
     agent.systemctl("stop")
     rx = 'cngmrv_frames_received_total{source="can"}'
+    drop = 'cngmrv_frames_dropped_total{source="can"}'
     received = int(after_m[rx] - before_m[rx])
     pct = {k: round(100.0 * (after[k] - before[k]) / wall, 1) for k in pids}
     out = {
@@ -95,6 +98,9 @@ def main() -> None:
         "offered": offered,
         "received": received,
         "dropped": to_agent - received,
+        # What the agent itself counted (its queue's and the kernel's socket drops):
+        # equal to "dropped" when nothing went missing unseen.
+        "agent_reported_dropped": int(after_m[drop] - before_m[drop]),
         "agent_offered": to_agent,
         "bare_received": bare_out["received"],
         "bare_dropped": offered - bare_out["received"],

@@ -20,10 +20,11 @@ What the source survives, and how it shows it:
   recorded.  A source built from an already open bus (not an opener) cannot
   reopen it: it records the failure and stops.
 * **Load.**  The queue is bounded (``queue_size``); when full the newest frame
-  is dropped and counted in ``stats["queue_dropped"]``.  Drops before python-can
-  sees a frame (socket buffer, controller FIFO overflow) are invisible to any
-  reader; on SocketCAN the kernel's own counters are polled and reported in
-  ``stats["kernel"]``.  A replay is not a live bus and is never dropped: its
+  is dropped and counted in ``stats["queue_dropped"]``.  On SocketCAN the
+  frames the kernel drops on the socket's full receive queue are counted in
+  ``stats["kernel_dropped"]`` and recorded as ``CAN_RX_OVERFLOW`` events
+  (:mod:`cngmrv.drivers.socketcan_drops`); the interface's own counters
+  (controller FIFO overflow) are polled and reported in ``stats["kernel"]``.  A replay is not a live bus and is never dropped: its
   reader waits for room instead.
 * **Kernel state.**  On SocketCAN a monitor thread reads the interface's state
   from the kernel (:mod:`cngmrv.drivers.canlink`) every ``link_poll_s``;
@@ -60,6 +61,7 @@ from cngmrv.drivers.address import AddressClaimer
 from cngmrv.drivers.canlink import LinkState, read_link
 from cngmrv.drivers.j1939 import STANDARD_ID_FLAG
 from cngmrv.drivers.replay import Frame, ReplayBus
+from cngmrv.drivers.socketcan_drops import OverflowCountingBus
 
 __all__ = [
     "DEFAULT_PGNS",
@@ -148,6 +150,8 @@ def open_bus(
             kwargs.setdefault("can_filters", j1939_filters(pgns, standard_ids))
         if listen_only:
             kwargs.setdefault("receive_own_messages", False)
+        # python-can's socketcan bus, also counting the kernel's receive-queue drops.
+        return OverflowCountingBus(channel, **kwargs)
     return can.Bus(interface=interface, channel=channel, **kwargs)
 
 
@@ -313,6 +317,7 @@ class CanSource:
             "reopen_failures": 0,
             "sent": 0,
             "send_errors": 0,
+            "kernel_dropped": 0,
             "kernel": {},
         }
         self.error: str | None = None
@@ -391,11 +396,13 @@ class CanSource:
         return len(self._queue)
 
     def events(self) -> list[dict[str, Any]]:
-        """Source events since the last call (``CAN_DOWN``, ``CAN_UP``, ``CAN_STATE``), oldest first.
+        """Source events since the last call (``CAN_DOWN``, ``CAN_UP``, ``CAN_STATE``,
+        ``CAN_RX_OVERFLOW``), oldest first.
 
         Each has ``t`` (wall clock), ``mono``, ``kind``, ``frames`` (frames queued
         before it) and the kind's own fields (``reason``; ``outage_s``,
-        ``attempts``; ``exists``, ``up``, ``state``, ``listen_only``).
+        ``attempts``; ``exists``, ``up``, ``state``, ``listen_only``; ``dropped``,
+        ``socket_dropped``).
         """
         ev = self._events
         return [ev.popleft() for _ in range(len(ev))]
@@ -488,6 +495,8 @@ class CanSource:
                     return
                 continue
             recv, poll_s = bus.recv, self._poll_s
+            if isinstance(bus, OverflowCountingBus):
+                bus.on_drops = self._kernel_dropped
             # The inner loop is the hot path: one iteration per frame.
             while not stopped():
                 try:
@@ -539,6 +548,13 @@ class CanSource:
         for talker in self._talkers:
             for can_id, data, extended in talker.frames(now, msg):
                 self._send([(can_id, data)], extended)
+
+    def _kernel_dropped(self, new: int, total: int) -> None:
+        # Called inside recv, before the frame that brought the count: the drops'
+        # place in the frame stream.
+        self.stats["kernel_dropped"] += new
+        self._event("CAN_RX_OVERFLOW", time.monotonic(), dropped=new, socket_dropped=total)
+        log.warning("event=can_rx_overflow dropped=%d socket_dropped=%d", new, total)
 
     def _transmit(self, now: float, msg: can.Message | None) -> None:
         claimer, plan = self._claimer, self._requests

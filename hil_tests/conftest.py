@@ -64,13 +64,13 @@ def engine_feed(can_bench: CanBench) -> Iterator[EngineFeed]:
 
     from cngmrv.sim.drive import drive
     from cngmrv.sim.ecu import EngineEcu
-    from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
+    from cngmrv.sim.vehicle import CityBus, CityBusParams, DriveCycle
 
     stop = threading.Event()
     bus = _ReopeningBus(can_bench.name)
 
     def run() -> None:
-        vehicle = Bus(BusParams(), DriveCycle.brt(3600.0, 1))
+        vehicle = CityBus(CityBusParams(), DriveCycle.brt(3600.0, 1))
         ecu = EngineEcu(bus, vehicle, time.time())
         for i, s in drive(vehicle, stop=stop):
             with feed.lock:
@@ -148,14 +148,14 @@ def _simulated_kit() -> Iterator[str]:
 
     from cngmrv.sim.drive import drive
     from cngmrv.sim.kit import KitFirmware
-    from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
+    from cngmrv.sim.vehicle import CityBus, CityBusParams, DriveCycle
 
     master, slave = os.openpty()
     tty.setraw(slave)  # the kit's bytes must pass the line discipline unchanged
     stop = threading.Event()
 
     def run() -> None:
-        vehicle = Bus(BusParams(), DriveCycle.brt(3600.0, 1))
+        vehicle = CityBus(CityBusParams(), DriveCycle.brt(3600.0, 1))
         firmware = KitFirmware(master)
         for i, s in drive(vehicle, stop=stop):
             firmware.tick(i, s)

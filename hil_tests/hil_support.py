@@ -235,12 +235,18 @@ class InstalledAgent:
 
     def readings(self) -> list[dict[str, Any]]:
         """Every signed reading in the store (the agent must be stopped)."""
-        from cngmrv.agent import batch
+        from cngmrv.signed import batch
 
         out: list[dict[str, Any]] = []
         for raw in self.batches():
             out.extend(batch.parse(raw).payload()["readings"])
         return out
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every signed event in the store, oldest first (the agent must be stopped)."""
+        from cngmrv.signed import batch
+
+        return [e for raw in self.batches() for e in batch.parse(raw).events()]
 
 
 def frames_through_the_filters(log: Path) -> int:

@@ -96,17 +96,24 @@ def test_stop_seals_and_exits_within_5_s(
     agent.systemctl("start")
     time.sleep(15.0)  # readings accumulate, some of them not yet in a batch
     took = agent.systemctl("stop")
-    props = agent.show(
-        "Result", "ExecMainStatus", "ExecMainCode", "InactiveEnterTimestampMonotonic"
-    )
-    timeline = [
-        f"{int(str(e['__MONOTONIC_TIMESTAMP'])) / 1e6:10.3f} {e.get('MESSAGE', '')}"
-        for e in agent.journal(mark)[-12:]
-    ]
-    report_figures("stop", {"stop_s": took})
-    assert took < 5.0, (
-        f"systemctl stop took {took:.2f} s (service.stop_timeout_s is 5); unit inactive at "
-        f"{int(props['InactiveEnterTimestampMonotonic']) / 1e6:.3f}:\n" + "\n".join(timeline)
+    props = agent.show("Result", "ExecMainStatus", "ExecMainCode")
+    entries = agent.journal(mark)
+    timeline = [f"{_wall_mono_us(e) / 1e6:10.3f} {e.get('MESSAGE', '')}" for e in entries[-12:]]
+
+    def logged_at(pattern: str) -> float:
+        rx = re.compile(pattern)
+        hits = [_wall_mono_us(e) / 1e6 for e in entries if rx.match(str(e.get("MESSAGE", "")))]
+        assert hits, f"no {pattern!r} in the journal:\n" + "\n".join(timeline)
+        return hits[-1]
+
+    # systemd's own account, from sending SIGTERM to the unit inactive: the
+    # systemctl client's wall time also holds its own start, which under
+    # emulation on a busy host costs seconds that are not the agent's.
+    stop_s = logged_at(r"Stopped cngmrv\.service\b") - logged_at(r"Stopping cngmrv\.service\b")
+    report_figures("stop", {"stop_s": stop_s, "systemctl_stop_s": took})
+    assert stop_s < 5.0, (
+        f"the unit took {stop_s:.2f} s to stop (service.stop_timeout_s is 5; systemctl "
+        f"returned after {took:.2f} s):\n" + "\n".join(timeline)
     )
     assert props["Result"] == "success" and props["ExecMainStatus"] == "0", props
     agent.wait_for_message(r"event=stopped clean=true", mark, 5.0)
@@ -257,20 +264,15 @@ def test_agent_sends_no_frame_with_the_default_config(
     assert agent_tx == 0, f"the agent sent {agent_tx} frames in listen-only"
 
 
-class DropsUnreported(AssertionError):
-    """The kernel dropped frames the agent never counted."""
-
-
-@pytest.mark.xfail(
-    raises=DropsUnreported,
-    strict=True,
-    reason="defect found by the virtual bench: the agent cannot see the kernel's receive-queue "
-    "drops (python-can's socketcan receive keeps no SO_RXQ_OVFL count), so frames lost "
-    "while it stalls go unreported",
-)
 def test_receive_queue_overflow_is_counted(agent: InstalledAgent, can_bench: CanBench) -> None:
-    """The agent stalled (SIGSTOP) while a generator fills the bus: the kernel's drops are counted."""
-    offered = 3000
+    """The agent stalled (SIGSTOP) while a generator fills the bus: the kernel's drops are
+    counted in the metric and recorded as a signed ``CAN_RX_OVERFLOW`` event.
+
+    The kernel hands the socket's drop count over with the first frame queued
+    after the drops (drivers/socketcan_drops.py), so a few frames follow the stall,
+    as on a bus that keeps talking.
+    """
+    stalled, after_stall = 3000, 5
     # Debian's default socket buffer for the agent's socket (the bench may have raised it).
     rmem = Path("/proc/sys/net/core/rmem_default")
     saved = rmem.read_text()
@@ -281,30 +283,47 @@ def test_receive_queue_overflow_is_counted(agent: InstalledAgent, can_bench: Can
         rmem.write_text(saved)
     before = metrics()
     pid = agent.main_pid()
-    os.kill(pid, signal.SIGSTOP)
-    try:
+
+    def offer(n: int) -> None:
         # LFE (PGN 65266) from address 0: a frame the agent's kernel filters let through.
         subprocess.run(
             ["cangen", can_bench.name, "-e", "-I", "18FEF200", "-L", "8", "-D", "i", "-g", "1"]
-            + ["-n", str(offered)],
+            + ["-n", str(n)],
             check=True,
         )
-        time.sleep(2.0)
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        offer(stalled)
     finally:
         os.kill(pid, signal.SIGCONT)
-    time.sleep(10.0)  # drained, and a metrics snapshot taken since
-    after = metrics()
+    offer(after_stall)
+    offered = stalled + after_stall
     key_rx = 'cngmrv_frames_received_total{source="can"}'
     key_drop = 'cngmrv_frames_dropped_total{source="can"}'
-    received = int(after[key_rx] - before[key_rx])
-    reported = int(after[key_drop] - before[key_drop])
-    report_figures("overflow", {"overflow": {"offered": offered, "received": received}})
+    deadline = time.monotonic() + 60.0
+    while True:
+        # Until every offered frame is either read or counted dropped (the metrics
+        # snapshot follows the agent's loop by up to a second).
+        after = metrics()
+        received = int(after[key_rx] - before[key_rx])
+        reported = int(after[key_drop] - before[key_drop])
+        if received + reported >= offered or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    agent.systemctl("stop")
+    report_figures(
+        "overflow", {"overflow": {"offered": offered, "received": received, "dropped": reported}}
+    )
     assert received < offered, f"no overflow: all {offered} frames read; offer more to test this"
-    if reported != offered - received:
-        raise DropsUnreported(
-            f"{offered} frames offered while the agent was stopped, {received} read: the kernel "
-            f"dropped {offered - received}, the agent reported {reported}"
-        )
+    assert reported == offered - received, (
+        f"{offered} frames offered, {received} read: the kernel dropped {offered - received}, "
+        f"the agent's metric says {reported}"
+    )
+    signed = [e for e in agent.events() if e.get("kind") == "CAN_RX_OVERFLOW"]
+    assert signed, "no CAN_RX_OVERFLOW event in the signed batches"
+    assert sum(int(e["dropped"]) for e in signed) == reported, signed
+    assert agent.verify().get("passed"), "the batches holding the event do not verify"
 
 
 def test_with_requests_on_it_sends_exactly_the_planned_requests(

@@ -289,15 +289,46 @@ class IngestDB:
 
     def one(self, sql: str, params: Iterable[Any] = ()) -> Any:
         with self._lock if self._pool is None else _nolock():
-            return self.execute(sql, params).fetchone()
+            row = self.execute(sql, params).fetchone()
+        self._settle_check()
+        return row
 
     def all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         with self._lock if self._pool is None else _nolock():
-            return list(self.execute(sql, params).fetchall())
+            rows = list(self.execute(sql, params).fetchall())
+        self._settle_check()
+        return rows
+
+    def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
+        """Run one statement for each row of parameters (inside :meth:`tx`: one round trip)."""
+        rows = [tuple(r) for r in rows]
+        if not rows:
+            return
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            if self._pool is None:
+                conn.executemany(sql, rows)
+            else:
+                conn.cursor().executemany(self._sql(sql), rows)
+            return
+        if self._pool is None:
+            with self._lock:
+                self._conn.executemany(sql, rows)
+            return
+        with self._pool.connection() as c:
+            c.cursor().executemany(self._sql(sql), rows)
 
     @contextmanager
     def tx(self, check: bool = True) -> Iterator[None]:
-        """One transaction; ``check`` first makes sure the schema is still this code's."""
+        """One transaction; ``check`` first makes sure the schema is still this code's.
+
+        On PostgreSQL the transaction runs in psycopg's pipeline mode: statements
+        are sent as they come and the client waits for the server only when it
+        reads a result (a fetch) or at the end, so a transaction that reads once
+        and then writes costs two round trips, not one per statement.  The
+        schema check is sent with ``BEGIN`` and settled at the first read (or
+        before ``COMMIT``), so no write commits under another schema version.
+        """
         if getattr(self._local, "conn", None) is not None:
             raise RuntimeError("IngestDB.tx() does not nest")
         if self._pool is None:
@@ -316,18 +347,37 @@ class IngestDB:
                 self._conn.execute("COMMIT")
             return
         with self._pool.connection() as conn:
-            conn.execute("BEGIN")
-            self._local.conn = conn
             try:
-                if check:
-                    self._check_in_tx()
-                yield
-            except BaseException:
-                conn.execute("ROLLBACK")
+                with conn.pipeline():
+                    conn.execute("BEGIN")
+                    self._local.conn = conn
+                    if check:
+                        self._local.check = conn.execute(self._sql(_VERSION_SQL))
+                    yield
+                    self._settle_check()
+                    conn.execute("COMMIT")
+            except BaseException as e:
+                pending, self._local.check = getattr(self._local, "check", None), None
+                self._local.conn = None
+                if not conn.closed:
+                    conn.execute("ROLLBACK")
+                if pending is not None and not isinstance(e, SchemaMismatch):
+                    # A statement that failed because a newer cngmrv changed the schema
+                    # under this server: say that, not the statement's error.
+                    _mismatch_of(pending, self.target, e)
                 raise
             finally:
                 self._local.conn = None
-            conn.execute("COMMIT")
+                self._local.check = None
+
+    def _settle_check(self) -> None:
+        """Read the schema check sent with ``BEGIN`` (its result has come by now); raise on a mismatch."""
+        pending = getattr(self._local, "check", None)
+        if pending is None:
+            return
+        self._local.check = None
+        row = pending.fetchone()
+        _mismatch(0 if row is None or row[0] is None else int(row[0]), self.target)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -371,7 +421,7 @@ class IngestDB:
 
     def _check_in_tx(self) -> None:
         # One indexed read per transaction; the table exists in every versioned database.
-        row = self.one("SELECT max(version) FROM schema_version")
+        row = self.one(_VERSION_SQL)
         _mismatch(0 if row is None or row[0] is None else int(row[0]), self.target)
 
     def is_unavailable(self, e: BaseException) -> bool:
@@ -400,6 +450,21 @@ class _Fetched:
 
     def fetchall(self) -> list[Any]:
         return self._rows
+
+
+_VERSION_SQL = "SELECT max(version) FROM schema_version"
+
+
+def _mismatch_of(pending: Any, target: str, cause: BaseException) -> None:
+    """Raise :class:`SchemaMismatch` from ``cause`` when the pending check's answer is one."""
+    try:
+        row = pending.fetchone()
+    except Exception:
+        return  # the check itself did not answer: the cause stands
+    try:
+        _mismatch(0 if row is None or row[0] is None else int(row[0]), target)
+    except SchemaMismatch as mismatch:
+        raise mismatch from cause
 
 
 def _mismatch(held: int, target: str) -> None:

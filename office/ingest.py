@@ -103,6 +103,22 @@ __all__ = [
 ]
 
 
+# What the checks of one batch read, in one statement that SQLite and PostgreSQL both run:
+# whether the device's first key has its device_keys row; the signing key's row; the
+# batches held at seq, seq - 1 (bytes) and seq + 1 (its prev_hash); the device's last seq.
+_FACTS = (
+    "SELECT (SELECT count(*) FROM device_keys k JOIN devices d "
+    "ON d.device_id = k.device_id AND d.kid = k.kid WHERE d.device_id = ?), "
+    "(SELECT pubkey_pem FROM device_keys WHERE device_id=? AND kid=?), "
+    "(SELECT valid_from FROM device_keys WHERE device_id=? AND kid=?), "
+    "(SELECT valid_until FROM device_keys WHERE device_id=? AND kid=?), "
+    "(SELECT bytes FROM batches WHERE device_id=? AND seq=?), "
+    "(SELECT bytes FROM batches WHERE device_id=? AND seq=?), "
+    "(SELECT prev_hash FROM batches WHERE device_id=? AND seq=?), "
+    "(SELECT max(seq) FROM batches WHERE device_id=?)"
+)
+
+
 def register_device(db: IngestDB, device_id: str, pubkey_pem: bytes) -> str:
     """Register (or confirm) a device's public key; returns its kid.
 
@@ -354,10 +370,6 @@ class Ingest:
             (dev, seq, kind, detail, b.raw, time.time(), bid),
         )
 
-    def _held(self, dev: str, seq: int) -> batch.Batch | None:
-        row = self.db.one("SELECT bytes FROM batches WHERE device_id=? AND seq=?", (dev, seq))
-        return None if row is None else stored_batch(bytes(row[0]))
-
     @staticmethod
     def _ack(status: str, b: batch.Batch) -> dict[str, Any]:
         # Names what was stored, so the uploader can tell this ingest's answer from any 2xx.
@@ -369,13 +381,19 @@ class Ingest:
         }
 
     def _accept(self, b: batch.Batch) -> tuple[int, dict[str, Any]]:
-        dev, seq = b.device_id, b.seq
-        row = self.db.one(
-            "SELECT kid, pubkey_pem FROM devices WHERE device_id=?" + self.db.for_update, (dev,)
+        dev, seq, kid = b.device_id, b.seq, b.header["kid"]
+        # Sent together (on PostgreSQL in one round trip, with BEGIN and the schema check):
+        # the lock on the device's row, then, under it, all that the checks below read.
+        lock = self.db.execute(
+            "SELECT kid FROM devices WHERE device_id=?" + self.db.for_update, (dev,)
         )
-        if row is None:
+        facts = self.db.one(
+            _FACTS, (dev, dev, kid, dev, kid, dev, kid, dev, seq, dev, seq - 1, dev, seq + 1, dev)
+        )
+        if lock.fetchone() is None:
             log.warning("event=batch_rejected reason=unknown_device device=%r", dev)
             return 403, {"error": "unknown_device", "device_id": dev}
+        adopted, key_pem, valid_from, valid_until, held_raw, before_raw, after_prev, last = facts
         alg = b.header["alg"]
         if alg not in self.allowed_algs:
             reason = f"alg {alg!r} is not allowed (allowed: {sorted(self.allowed_algs)})"
@@ -386,20 +404,21 @@ class Ingest:
                 "reasons": [reason],
                 "seq": seq,
             }
-        _adopt_first_key(self.db, dev)
-        key = self.db.one(
-            "SELECT pubkey_pem, valid_from, valid_until FROM device_keys "
-            "WHERE device_id=? AND kid=?",
-            (dev, b.header["kid"]),
-        )
-        if key is None:
+        if not adopted:
+            _adopt_first_key(self.db, dev)
+            key_pem, valid_from, valid_until = self.db.one(
+                "SELECT pubkey_pem, valid_from, valid_until FROM device_keys "
+                "WHERE device_id=? AND kid=?",
+                (dev, kid),
+            ) or (None, None, None)
+        if key_pem is None:
             log.warning("event=batch_rejected reason=kid_mismatch device=%r seq=%d", dev, seq)
             return 403, {
                 "error": "kid_mismatch",
                 "reason": f"signed with key {b.header['kid'][:16]}…, not one of device {dev!r}'s",
                 "seq": seq,
             }
-        problems = batch.check(b, self._key(bytes(key[0])), self.allowed_algs)
+        problems = batch.check(b, self._key(bytes(key_pem)), self.allowed_algs)
         if problems:
             log.warning(
                 "event=batch_rejected reason=%s device=%r seq=%d",
@@ -413,19 +432,19 @@ class Ingest:
                 "reasons": [p.text for p in problems],
                 "seq": seq,
             }
-        first, last = int(key[1]), None if key[2] is None else int(key[2])
-        if not first <= seq or (last is not None and seq > last):
+        first, until = int(valid_from), None if valid_until is None else int(valid_until)
+        if not first <= seq or (until is not None and seq > until):
             # A valid signature by a key that should no longer (or not yet) sign: a stolen
             # old key after a rotation or a revocation.
-            span = f"{first}..{'' if last is None else last}"
+            span = f"{first}..{'' if until is None else until}"
             self._alarm(b, "key_not_valid", f"key valid for {span} only")
             return 403, {
                 "error": "key_not_valid",
                 "reason": f"key {b.header['kid'][:16]}… signs batches {span} only",
                 "seq": seq,
             }
-        held = self._held(dev, seq)
-        if held is not None:
+        if held_raw is not None:
+            held = stored_batch(bytes(held_raw))
             if held.batch_id == b.batch_id:
                 log.info("event=batch_duplicate device=%r seq=%d", dev, seq)
                 return 200, self._ack("duplicate", b)
@@ -438,18 +457,14 @@ class Ingest:
                 "reasons": ["the first batch must carry 32 zero bytes as prev_hash"],
                 "seq": seq,
             }
-        before = self._held(dev, seq - 1)
+        before = None if before_raw is None else stored_batch(bytes(before_raw))
         if before is not None and not chain.linked(before, b.header["prev_hash"]):
             self._alarm(b, "chain_broken", f"prev_hash does not match batch {seq - 1}")
             return 409, {"error": "chain_broken", "seq": seq, "detail": f"batch {seq - 1}"}
-        after = self.db.one(
-            "SELECT prev_hash FROM batches WHERE device_id=? AND seq=?", (dev, seq + 1)
-        )
-        if after is not None and not chain.linked(b, bytes(after[0])):
+        if after_prev is not None and not chain.linked(b, bytes(after_prev)):
             self._alarm(b, "chain_broken", f"batch {seq + 1} does not chain to it")
             return 409, {"error": "chain_broken", "seq": seq, "detail": f"batch {seq + 1}"}
-        last_row = self.db.one("SELECT max(seq) FROM batches WHERE device_id=?", (dev,))
-        last_seq = None if last_row is None or last_row[0] is None else int(last_row[0])
+        last_seq = None if last is None else int(last)
         now = time.time()
         self.db.execute(
             "INSERT INTO batches(device_id, seq, sha256, prev_hash, bytes, received_at) "

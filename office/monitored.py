@@ -30,6 +30,7 @@ for bit (tests/test_fleetdb.py).
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -280,8 +281,7 @@ def store(db: IngestDB, b: batch.Batch) -> None:
         return
     if not runs:
         db.execute(_MARK, (b.device_id, b.seq, "empty", SUMS_VERSION))
-    for run in runs:
-        db.execute(_INSERT, _row(run))
+    db.executemany(_INSERT, [_row(run) for run in runs])
 
 
 def backfill(db: IngestDB) -> int:
@@ -379,6 +379,10 @@ def gather(
     every reading in order, which no stored sum holds: it is always recomputed.
     """
     db = ReadOnlyDB(source)
+    # A fleet's runs are hundreds of thousands of objects that all live to the end: the
+    # cyclic collector would re-scan the growing heap again and again (most of the time).
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         if db.kind() == "ingest":
             _refuse_newer(db)
@@ -398,6 +402,8 @@ def gather(
                 return _recomputed("ingest", devices, lo, hi, refill_kg, fame_at, stock)
             return _kept(db, known, keys, ranges, lo, hi, refill_kg, fame_at, fame_breaks)
     finally:
+        if collecting:
+            gc.enable()
         db.close()
     _, devices = rp.read_source(Path(source), bus)
     return _recomputed("store", devices, lo, hi, refill_kg, fame_at, stock)
@@ -555,15 +561,16 @@ def _kept(
         log.info("event=report_drill_down batches=%d", len(redo))
     devices, buses = [], []
     missing = _missing(db, known, dev_sql.replace("r.", ""), dev_arg)
-    held_range = {
-        str(dev): (int(a), int(b))
-        for dev, a, b in db.all(
-            "SELECT device_id, min(seq), max(seq) FROM batches WHERE 1 = 1"
-            + dev_sql.replace("r.", "")
-            + " GROUP BY device_id",
-            dev_arg,
-        )
-    }
+    # Every held batch's hash in one query (a fleet's devices one by one would be a round
+    # trip each), cut to each bus's range of sequences below.
+    hashes: dict[str, dict[int, bytes]] = {d: {} for d in known}
+    for dev, seq, sha in db.all(
+        "SELECT device_id, seq, sha256 FROM batches WHERE 1 = 1" + dev_sql.replace("r.", ""),
+        dev_arg,
+    ):
+        if str(dev) in hashes:
+            hashes[str(dev)][int(seq)] = bytes(sha)
+    held_range = {dev: (min(h), max(h)) for dev, h in hashes.items() if h}
     for dev in known:
         d = rp.DeviceBatches(dev, [], keys.get(dev), key_ranges=ranges.get(dev, []))
         # The ingest verified each batch on arrival, under the key valid for its sequence.
@@ -576,13 +583,7 @@ def _kept(
                 combine(bus, run, refill_kg)
         if bus.total.seqs:
             first, last = min(bus.total.seqs), max(bus.total.seqs)
-            d.held = {
-                int(s): bytes(h).hex()
-                for s, h in db.all(
-                    "SELECT seq, sha256 FROM batches WHERE device_id=? AND seq BETWEEN ? AND ?",
-                    (dev, first, last),
-                )
-            }
+            d.held = {s: h.hex() for s, h in sorted(hashes[dev].items()) if first <= s <= last}
         if dev in held_range:
             d.signed_by = _signed_by(d, *held_range[dev])
         devices.append(d)

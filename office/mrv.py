@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import math
 import tomllib
@@ -181,10 +182,20 @@ class Methodology:
     # -- parameter values ---------------------------------------------------
 
     def p(self, name: str) -> float:
-        for k, v in self.overrides:
-            if k == name:
-                return v
-        return self.parameters[name].value
+        return self._values[name]
+
+    # A methodology never changes once built, so what it derives is remembered: a fleet
+    # report evaluates it for every bus, about a hundred times over (conservative set,
+    # sensitivity).  Computed by the same operations, so the same floats.
+    @functools.cached_property
+    def _values(self) -> dict[str, float]:
+        values = {k: p.value for k, p in self.parameters.items()}
+        values.update(self.overrides)
+        return values
+
+    @functools.cached_property
+    def _memo(self) -> dict[tuple[Any, ...], Any]:
+        return {}
 
     def with_values(self, values: Mapping[str, float], **changes: Any) -> Methodology:
         """This methodology with some parameter values replaced (and fields changed)."""
@@ -206,20 +217,29 @@ class Methodology:
 
     def ef_diesel_kg_per_mj(self) -> float:
         """Counted emission (CO2, or CO2e with CH4/N2O) per MJ of fossil diesel."""
-        return (self.p("ef_co2_diesel") + self._non_co2("diesel")) / MJ_PER_TJ
+        key = ("ef_diesel",)
+        if key not in self._memo:
+            self._memo[key] = (self.p("ef_co2_diesel") + self._non_co2("diesel")) / MJ_PER_TJ
+        return self._memo[key]  # type: ignore[no-any-return]
 
     def ef_fame_kg_per_mj(self) -> float:
         """Counted emission per MJ of FAME: its CO2 times ``biogenic_co2_counted`` (0 by
         default), plus its CH4 and N2O."""
-        co2 = self.p("ef_co2_fame") * self.p("biogenic_co2_counted")
-        return (co2 + self._non_co2("fame")) / MJ_PER_TJ
+        key = ("ef_fame",)
+        if key not in self._memo:
+            co2 = self.p("ef_co2_fame") * self.p("biogenic_co2_counted")
+            self._memo[key] = (co2 + self._non_co2("fame")) / MJ_PER_TJ
+        return self._memo[key]  # type: ignore[no-any-return]
 
     def ef_gas_kg_per_mj(self, device_id: str | None = None) -> float:
-        kg_per_tj = self.p("ef_co2_gas")
-        if self.include_ch4_n2o:
-            kg_per_tj += self.ch4_gas_kg_per_tj(device_id) * self.p("gwp_ch4")
-            kg_per_tj += self.p("ef_n2o_gas") * self.p("gwp_n2o")
-        return kg_per_tj / MJ_PER_TJ
+        key = ("ef_gas", self.bus_engine.get(device_id or ""))
+        if key not in self._memo:
+            kg_per_tj = self.p("ef_co2_gas")
+            if self.include_ch4_n2o:
+                kg_per_tj += self.ch4_gas_kg_per_tj(device_id) * self.p("gwp_ch4")
+                kg_per_tj += self.p("ef_n2o_gas") * self.p("gwp_n2o")
+            self._memo[key] = kg_per_tj / MJ_PER_TJ
+        return self._memo[key]  # type: ignore[no-any-return]
 
     def ch4_gas_kg_per_tj(self, device_id: str | None) -> float:
         """Methane slip: the bus's engine type's measured factor if configured, else
@@ -231,23 +251,33 @@ class Methodology:
 
     def boundary_kg_per_kg_gas(self) -> float:
         """Station compression electricity and upstream methane, per kg of gas (if included)."""
+        key = ("boundary",)
+        if key in self._memo:
+            return self._memo[key]  # type: ignore[no-any-return]
         out = 0.0
         if self.include_compression:
             out += self.p("compression_kwh_per_kg") * self.p("grid_ef")
         if self.include_upstream_leakage:
             out += self.p("upstream_ch4_gas") * self.p("ncv_gas") / MJ_PER_TJ * self.p("gwp_ch4")
+        self._memo[key] = out
         return out
 
     def blend_mj_per_l(self, fame_share: float) -> tuple[float, float]:
         """(fossil MJ, FAME MJ) in one litre of a blend with this FAME share by volume."""
-        fossil = (1.0 - fame_share) * self.p("density_diesel") * self.p("ncv_diesel")
-        fame = fame_share * self.p("density_fame") * self.p("ncv_fame")
-        return fossil, fame
+        key = ("mj_per_l", fame_share)
+        if key not in self._memo:
+            fossil = (1.0 - fame_share) * self.p("density_diesel") * self.p("ncv_diesel")
+            fame = fame_share * self.p("density_fame") * self.p("ncv_fame")
+            self._memo[key] = (fossil, fame)
+        return self._memo[key]  # type: ignore[no-any-return]
 
     def blend_kg_per_l(self, fame_share: float) -> float:
         """Counted emission of one litre of the blend."""
-        fossil, fame = self.blend_mj_per_l(fame_share)
-        return fossil * self.ef_diesel_kg_per_mj() + fame * self.ef_fame_kg_per_mj()
+        key = ("kg_per_l", fame_share)
+        if key not in self._memo:
+            fossil, fame = self.blend_mj_per_l(fame_share)
+            self._memo[key] = fossil * self.ef_diesel_kg_per_mj() + fame * self.ef_fame_kg_per_mj()
+        return self._memo[key]  # type: ignore[no-any-return]
 
     def blend_kg_per_mj(self, fame_share: float) -> float:
         fossil, fame = self.blend_mj_per_l(fame_share)
@@ -406,8 +436,12 @@ def emissions(m: Methodology, q: Monitored, device_id: str) -> Emissions:
     def form_a(f: float) -> tuple[float, float]:
         return re_a_diesel + f * re_a_gas, diesel_kg + f * gas_kg * per_kg_gas
 
-    f_a = min((q.gas_low_factor, q.gas_high_factor), key=lambda f: form_a(f)[0] - form_a(f)[1])
-    re_a, pe_a = form_a(f_a)
+    # The factor of the lower ER; the low one on a tie.
+    (re_lo, pe_lo), (re_hi, pe_hi) = form_a(q.gas_low_factor), form_a(q.gas_high_factor)
+    if re_lo - pe_lo <= re_hi - pe_hi:
+        f_a, re_a, pe_a = q.gas_low_factor, re_lo, pe_lo
+    else:
+        f_a, re_a, pe_a = q.gas_high_factor, re_hi, pe_hi
     pe_b = diesel_kg + q.gas_high_factor * gas_kg * per_kg_gas
     if m.form == "A":
         re, pe, f = re_a, pe_a, f_a
@@ -450,15 +484,22 @@ def conservative(m: Methodology, fleet: Sequence[tuple[str, Monitored]]) -> Meth
     )
     names = base.ranged()
     chosen = {n: base.p(n) for n in names}
+    # A sweep re-evaluates corners an earlier one already did when nothing moved between.
+    seen: dict[tuple[tuple[str, float], ...], float] = {}
+
+    def er_at(values: dict[str, float]) -> float:
+        key = tuple(sorted(values.items()))
+        if key not in seen:
+            seen[key] = fleet_er(base.with_values(values), fleet)
+        return seen[key]
+
     # ER is close to linear in each parameter, so a few sweeps settle; each sweep is 2n fleets.
     for _ in range(len(names) + 1):
         moved = False
         for n in names:
             p = base.parameters[n]
             assert p.low is not None and p.high is not None
-            er_lo, er_hi = (
-                fleet_er(base.with_values({**chosen, n: v}), fleet) for v in (p.low, p.high)
-            )
+            er_lo, er_hi = (er_at({**chosen, n: v}) for v in (p.low, p.high))
             v = p.low if er_lo <= er_hi else p.high
             moved |= v != chosen[n]
             chosen[n] = v

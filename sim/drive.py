@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from cngmrv.sim.vehicle import Bus, State
+from cngmrv.sim.vehicle import CityBus, State
 
 TICK_S = 0.01  # the simulation's step; every broadcast period is a multiple of it
 # Sleeping for less than this costs more in scheduling than it keeps the pace.
@@ -21,7 +21,7 @@ SLACK_S = 0.001
 
 
 def drive(
-    vehicle: Bus,
+    vehicle: CityBus,
     ticks: int | None = None,
     *,
     speedup: float = 1.0,

@@ -12,7 +12,7 @@ import can
 
 from cngmrv.drivers import j1939
 from cngmrv.sim.drive import TICK_S
-from cngmrv.sim.vehicle import Bus, State
+from cngmrv.sim.vehicle import CityBus, State
 
 # (pgn, priority, period in ticks, phase in ticks).  The phases spread the
 # 1 s messages so they do not all land in the same tick, as on a real bus.
@@ -32,7 +32,7 @@ class EngineEcu:
     def __init__(
         self,
         bus: can.BusABC,
-        vehicle: Bus,
+        vehicle: CityBus,
         epoch0: float,
         source: int = 0,
         fuel_counter_l: float = 123456.0,

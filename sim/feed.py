@@ -18,7 +18,7 @@ from cngmrv.agent.pipeline import Pipeline
 from cngmrv.drivers import j1939, kit_codec
 from cngmrv.sim.drive import TICK_S, drive
 from cngmrv.sim.kit import STATUS_PERIOD_TICKS, STATUS_PHASE_TICKS
-from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
+from cngmrv.sim.vehicle import CityBus, CityBusParams, DriveCycle
 
 # The entries of cngmrv.sim.ecu.SCHEDULE the pipeline integrates (pgn, priority,
 # period and phase in ticks).  Copied, because that module imports python-can;
@@ -33,7 +33,7 @@ def readings(
 
     Deterministic for a given seed and ``t0`` (the bus time of the first tick).
     """
-    vehicle = Bus(BusParams(), DriveCycle.brt(duration_s, seed))
+    vehicle = CityBus(CityBusParams(), DriveCycle.brt(duration_s, seed))
     ids = {pgn: j1939.make_id(pgn, 0, prio) for pgn, prio, _, _ in SCHEDULE}
     timing = [(pgn, period, phase) for pgn, _, period, phase in SCHEDULE]
     boot_ms = 5000

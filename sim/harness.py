@@ -40,7 +40,7 @@ from cngmrv.sim.drive import TICK_S, drive
 from cngmrv.sim.ecu import EngineEcu
 from cngmrv.sim.gas import AGENT_LAW_TOLERANCE
 from cngmrv.sim.kit import INJ_DEAD_MS, INJ_FLOW, KitFaults, KitFirmware, KitLogic, LinkFaults
-from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
+from cngmrv.sim.vehicle import CityBus, CityBusParams, DriveCycle
 
 DEVICE_ID = "sim-bus-001"
 MAX_LAG_FRAMES = 100  # about 1.4 s of the engine's broadcast, unloaded
@@ -177,17 +177,17 @@ def _drive(
     port: Path,
     agent: Agent | None,
     epoch0: float,
-) -> tuple[Bus, EngineEcu, KitRun, Wire, Pacing]:
+) -> tuple[CityBus, EngineEcu, KitRun, Wire, Pacing]:
     """Run the drive cycle; ``agent`` is the in-process agent (None: in its own process, real time)."""
     logic = KitLogic(opts.kit_faults)
-    params = BusParams(
+    params = CityBusParams(
         tank_start_bar=opts.tank_start_bar,
         tank_volume_m3=opts.tank_volume_m3,
         tank_low_bar=opts.kit_faults.low_bar,
         refuel_below_bar=opts.refuel_below_bar,
         dpf_regens=opts.dpf_regens,
     )
-    vehicle = Bus(params, DriveCycle.brt(opts.duration, opts.seed), controller=logic)
+    vehicle = CityBus(params, DriveCycle.brt(opts.duration, opts.seed), controller=logic)
     ecu = EngineEcu(sim_bus, vehicle, epoch0)
     # In process, bus time runs ahead of the agent's receive clock, and the
     # agent anchors the kit's clock on the frames received around the kit's
@@ -620,7 +620,7 @@ def _summarise(
     stats: dict[str, Any],
     measured: dict[str, float],
     cfg: Any,
-    vehicle: Bus,
+    vehicle: CityBus,
     kit: KitRun,
     wire: Wire,
     pacing: Pacing,

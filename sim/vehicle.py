@@ -29,7 +29,7 @@ G = 9.81
 
 
 @dataclass(frozen=True)
-class BusParams:
+class CityBusParams:
     """A loaded 12 m BRT bus with a retrofitted dual-fuel kit."""
 
     mass_kg: float = 14000.0
@@ -132,11 +132,11 @@ class State:
     share: float = 0.0  # the share actually substituted, 0..1
 
 
-class Bus:
+class CityBus:
     """Steps the model forward and accumulates the ground truth."""
 
     def __init__(
-        self, params: BusParams, cycle: DriveCycle, controller: ModeController | None = None
+        self, params: CityBusParams, cycle: DriveCycle, controller: ModeController | None = None
     ) -> None:
         self.p = params
         self.cycle = cycle

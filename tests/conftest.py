@@ -8,11 +8,11 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pg_cluster
 import pytest
 from hypothesis import settings
 
 from cngmrv.signed import keys
+from cngmrv.sim import pg_cluster
 
 # No per-example deadline: the suite shares two cores with real-time runs, where
 # a stall is the machine's and not the code's; speed is measured in bench/.
@@ -52,7 +52,7 @@ def cli() -> Callable[..., CliResult]:
 
 @pytest.fixture(scope="session")
 def pg_cluster_session() -> Iterator[pg_cluster.Cluster]:
-    """One throwaway PostgreSQL cluster for the session (tests/pg_cluster.py).
+    """One throwaway PostgreSQL cluster for the session (cngmrv.sim.pg_cluster).
 
     Skips when no cluster can start here; with CNGMRV_REQUIRE_POSTGRES=1 (CI) that fails.
     """

@@ -38,7 +38,7 @@ from cngmrv.signed import batch, keys
 from cngmrv.sim.drive import TICK_S, drive
 from cngmrv.sim.ecu import EngineEcu
 from cngmrv.sim.kit import KitFirmware, KitLogic
-from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
+from cngmrv.sim.vehicle import CityBus, CityBusParams, DriveCycle
 
 NOW = 1_790_000_000.0  # 2026-09-21
 
@@ -266,7 +266,7 @@ def _simulated_run(
         kit_link = agent.kit
         _wait(lambda: kit_link.stats["connected"] == 1)
         logic = KitLogic()
-        vehicle = Bus(BusParams(), DriveCycle.brt(60.0, 7), controller=logic)
+        vehicle = CityBus(CityBusParams(), DriveCycle.brt(60.0, 7), controller=logic)
         # Bus time is the frames' own and fixed, whatever the wall clock does.
         ecu = EngineEcu(sim_bus, vehicle, NOW)
         stats = agent.pipeline.stats
@@ -424,7 +424,7 @@ def _real_time_run(
         assert kit_link is not None
         _wait(lambda: kit_link.stats["connected"] == 1)
         logic = KitLogic()
-        vehicle = Bus(BusParams(), DriveCycle.brt(seconds + 5, 11), controller=logic)
+        vehicle = CityBus(CityBusParams(), DriveCycle.brt(seconds + 5, 11), controller=logic)
         # Start on a whole second of the fake wall clock, so both runs share windows.
         start = float(int(fake.wall())) + 1.0
         while fake.wall() < start:

@@ -1,6 +1,6 @@
 """The fleet database on SQLite and a real PostgreSQL: schema versions, migrations, the report.
 
-PostgreSQL runs in a throwaway cluster (tests/pg_cluster.py); without its
+PostgreSQL runs in a throwaway cluster (sim/pg_cluster.py); without its
 binaries these tests skip, and fail under CNGMRV_REQUIRE_POSTGRES=1.
 """
 

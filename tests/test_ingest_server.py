@@ -6,17 +6,13 @@ back-pressure: every loop here is bounded and talks to 127.0.0.1 only.
 
 from __future__ import annotations
 
-import getpass
 import http.client
 import json
-import os
 import re
-import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +26,7 @@ from cngmrv.agent.upload import Uploader
 from cngmrv.office.ingest import open_db, register_device, stored_batches
 from cngmrv.office.ingest_app import MAX_BODY
 from cngmrv.signed import batch, keys
+from cngmrv.sim import pg_cluster
 from cngmrv.sim.agent_process import free_tcp_port
 
 DEADLINE_S = 2.0
@@ -354,94 +351,22 @@ def test_a_locked_database_gets_503_retry_after_and_every_batch_lands_once(
 
 
 # -- PostgreSQL ------------------------------------------------------------------------
-# A throwaway cluster of this module's own, until the shared PostgreSQL fixture
-# (tests/pg_cluster.py) is on main; then this uses that one.
-
-
-def _pg_bindir() -> Path | None:
-    try:
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True)
-        if out.returncode == 0 and (Path(out.stdout.strip()) / "initdb").exists():
-            return Path(out.stdout.strip())
-    except OSError:
-        pass
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    return found[-1].parent if found else None
-
-
-class Cluster:
-    """initdb/pg_ctl in a temporary folder on a private socket, as ``postgres`` under root."""
-
-    def __init__(self, root: Path) -> None:
-        bindir = _pg_bindir()
-        if bindir is None:
-            pytest.skip("no PostgreSQL server binaries (initdb): apt-get install postgresql")
-        try:
-            import psycopg  # type: ignore[import-not-found]  # noqa: F401
-        except ImportError:
-            pytest.skip("psycopg is not installed: pip install 'psycopg[binary]'")
-        self.bindir = bindir
-        self.as_user: list[str] = []
-        user = "postgres" if os.geteuid() == 0 else getpass.getuser()
-        self.root = root
-        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-            self.as_user = ["runuser", "-u", user, "--"]
-            shutil.chown(root, user)
-        self.data, self.log = root / "data", root / "log"
-        self.port = free_tcp_port()
-        self.opts = f"-c listen_addresses='' -k {root} -p {self.port}"
-        self.url = f"postgresql://{user}@/postgres?host={root}&port={self.port}"
-        self._pg("initdb", "-D", str(self.data), "-U", user, "-A", "trust")
-        self.start()
-
-    def _pg(self, tool: str, *args: str) -> None:
-        subprocess.run(
-            [*self.as_user, str(self.bindir / tool), *args], check=True, capture_output=True
-        )
-
-    def start(self) -> None:
-        self._pg(
-            "pg_ctl", "-D", str(self.data), "-o", self.opts, "-l", str(self.log), "-w", "start"
-        )
-
-    def stop(self) -> None:
-        self._pg("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-
-
-@pytest.fixture
-def pg() -> Iterator[Cluster]:
-    # Its own folder under the system's temporary one: pytest's base folder is the
-    # test user's alone, and the cluster runs as another user when the tests run as root.
-    root = Path(tempfile.mkdtemp(prefix="cngmrv-test-pg-"))
-    try:
-        cluster = Cluster(root)
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
-    yield cluster
-    subprocess.run(
-        [
-            *cluster.as_user,
-            str(cluster.bindir / "pg_ctl"),
-            "-D",
-            str(cluster.data),
-            "-m",
-            "immediate",
-            "stop",
-        ],
-        capture_output=True,
-    )
-    shutil.rmtree(root, ignore_errors=True)
+# The session's throwaway cluster (tests/conftest.py, cngmrv.sim.pg_cluster).
 
 
 def test_postgresql_stopped_mid_upload_gets_503_and_every_batch_lands_once(
-    pg: Cluster, keydir: Path, signer: keys.FileSigner, tmp_path: Path
+    pg_cluster_session: pg_cluster.Cluster,
+    pg_url: str,
+    keydir: Path,
+    signer: keys.FileSigner,
+    tmp_path: Path,
 ) -> None:
-    database = open_db(pg.url)
+    pg = pg_cluster_session
+    database = open_db(pg_url)
     register_device(database, "bus-7", (keydir / keys.PUB_FILE).read_bytes())
     database.close()
     srv = IngestProcess(
-        pg.url, "--db-deadline", "0.5", "--retry-after", "1", log=tmp_path / "ingest.log"
+        pg_url, "--db-deadline", "0.5", "--retry-after", "1", log=tmp_path / "ingest.log"
     )
     store = _store(tmp_path / "dev.sqlite", signer, 40)
     up = Uploader(store, srv.url, base_s=0.01, cap_s=5.0, seed=4)
@@ -462,7 +387,7 @@ def test_postgresql_stopped_mid_upload_gets_503_and_every_batch_lands_once(
         srv.stop()
     assert uploaded_at_stop < 40
     assert any(d >= 1.0 for d in up.delays), up.delays
-    database = open_db(pg.url)
+    database = open_db(pg_url)
     held = stored_batches(database, "bus-7")
     (rows,) = database.one("SELECT count(*) FROM batches")
     database.close()

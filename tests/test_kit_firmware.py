@@ -14,19 +14,19 @@ import pytest
 from cngmrv.drivers import kit_codec as kc
 from cngmrv.sim.ecu import TICK_S
 from cngmrv.sim.kit import INJ_DEAD_MS, INJ_FLOW, KitFaults, KitFirmware, KitLogic, LinkFaults
-from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
+from cngmrv.sim.vehicle import CityBus, CityBusParams, DriveCycle
 
 
 def run_firmware(
     duration: float,
     link: LinkFaults | None = None,
     faults: KitFaults | None = None,
-    params: BusParams | None = None,
+    params: CityBusParams | None = None,
     seed: int = 1,
-) -> tuple[bytes, KitFirmware, Bus]:
+) -> tuple[bytes, KitFirmware, CityBus]:
     """The kit's byte stream for ``duration`` simulated seconds, written to a file."""
     logic = KitLogic(faults or KitFaults())
-    vehicle = Bus(params or BusParams(), DriveCycle.brt(duration, seed), controller=logic)
+    vehicle = CityBus(params or CityBusParams(), DriveCycle.brt(duration, seed), controller=logic)
     with tempfile.TemporaryFile() as f:
         kit = KitFirmware(f.fileno(), logic, link or LinkFaults())
         for i in range(int(round(duration / TICK_S)) + 1):
@@ -93,7 +93,7 @@ def test_injection_events_carry_the_gas_and_follow_the_announced_model() -> None
 
 
 def test_tank_falls_with_use_falls_back_to_diesel_when_low_and_refuels() -> None:
-    params = BusParams(tank_start_bar=20.2, refuel_below_bar=20.1)
+    params = CityBusParams(tank_start_bar=20.2, refuel_below_bar=20.1)
     stream, kit, vehicle = run_firmware(400.0, params=params)
     status = messages(stream, "status")
     modes = [(m["mode"], m["reason"]) for m in messages(stream, "mode")]
@@ -114,7 +114,7 @@ def test_tank_falls_with_use_falls_back_to_diesel_when_low_and_refuels() -> None
 
 
 def test_dpf_regeneration_and_faults_cut_the_gas() -> None:
-    params = BusParams(dpf_regens=((30.0, 20.0),))
+    params = CityBusParams(dpf_regens=((30.0, 20.0),))
     faults = KitFaults(faults=((80.0, 5.0, kc.FAULT_INJECTOR_OPEN),))
     stream, _, _ = run_firmware(120.0, faults=faults, params=params)
     status = messages(stream, "status")
@@ -150,7 +150,7 @@ def test_agent_hello_gets_an_answer_and_can_lower_the_version() -> None:
     tty.setraw(slave)
     try:
         logic = KitLogic()
-        vehicle = Bus(BusParams(), DriveCycle.brt(10.0, 1), controller=logic)
+        vehicle = CityBus(CityBusParams(), DriveCycle.brt(10.0, 1), controller=logic)
         kit = KitFirmware(master, logic)
         os.write(slave, kc.encode_message({"type": "hello", "seq": 0, "tick_ms": 0, "role": 1,
                                            "max_version": 1}))  # fmt: skip

@@ -32,7 +32,7 @@ from cngmrv.sim.agent_process import free_tcp_port, new_mcast_port
 from cngmrv.sim.drive import TICK_S, drive
 from cngmrv.sim.ecu import EngineEcu
 from cngmrv.sim.kit import KitFirmware, KitLogic
-from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
+from cngmrv.sim.vehicle import CityBus, CityBusParams, DriveCycle
 
 GROUP = "239.74.163.2"
 # A port of its own per run (see new_mcast_port); the agent gets it through
@@ -120,7 +120,7 @@ stop_timeout_s = 3.0
 def _drive(bus: can.BusABC, kit_fd: int, seconds: float) -> tuple[int, int]:
     """The simulated engine and kit, in real time; returns (CAN frames, kit frames) sent."""
     logic = KitLogic()
-    vehicle = Bus(BusParams(), DriveCycle.brt(seconds + 5, 3), controller=logic)
+    vehicle = CityBus(CityBusParams(), DriveCycle.brt(seconds + 5, 3), controller=logic)
     ecu = EngineEcu(bus, vehicle, time.time())
     kit = KitFirmware(kit_fd, logic)
     for i, s in drive(vehicle, int(seconds / TICK_S)):

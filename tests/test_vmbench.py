@@ -86,3 +86,18 @@ def test_guest_results_count_failures_and_skips(tmp_path: Path) -> None:
     assert result["skipped_tests"] == ["hil_tests.b::hands: needs a person"]
     assert result["agent_diesel_l"] == 0.5
     assert result["full_load"] == {"dropped": 0, "offered": None}
+
+
+def test_the_sdist_requirements_are_those_before_the_first_extra(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from vmbench.run import sdist_requirements
+
+    requires = b"python-can>=4.4\ncffi>=1.16\n\n[office]\nmatplotlib>=3.8\n\n[test]\npytest>=8\n"
+    sdist = tmp_path / "cngmrv-0.1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as t:
+        info = tarfile.TarInfo("cngmrv-0.1.0/cngmrv.egg-info/requires.txt")
+        info.size = len(requires)
+        t.addfile(info, io.BytesIO(requires))
+    assert sdist_requirements(sdist) == ["python-can>=4.4", "cffi>=1.16"]

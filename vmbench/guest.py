@@ -34,6 +34,8 @@ STAGE_LIMITS_S = {
     "full-load": 600.0,
     "power-loss-arm": 600.0,
     "power-loss-check": 600.0,
+    "smoke-install": 2400.0,
+    "smoke": 1800.0,
 }
 SHUTDOWN_LIMIT_S = 120.0
 # systemd's colours and cursor moves on the console, left out of the lines kept.
@@ -52,7 +54,7 @@ class VmBenchError(RuntimeError):
 def bench_stage(guest_stage: str) -> str:
     if guest_stage in ("boot", "boot-ok"):
         return "boot"
-    if guest_stage == "install":
+    if guest_stage in ("install", "smoke-install"):
         return "install"
     return "suite"
 
@@ -68,14 +70,29 @@ class Boot:
     seconds: float = 0.0
 
 
+# Per guest arch: qemu's binary and its Debian package, the machine, the serial console.
+# arm64 is a Cortex-A72, the CPU of a Raspberry Pi 4.
+MACHINES = {
+    "amd64": ("qemu-system-x86_64", "qemu-system-x86", [], "ttyS0"),
+    "arm64": (
+        "qemu-system-aarch64",
+        "qemu-system-arm",
+        ["-M", "virt", "-cpu", "cortex-a72"],
+        "ttyAMA0",
+    ),
+}
+# TCG emulates another architecture more slowly than its own: the stage limits scale.
+SLOWDOWN = {"amd64": 1.0, "arm64": 3.0}
+
+
 def qemu_command(image: Image, share: Path, disk: Path, accel: str = "tcg") -> list[str]:
-    qemu = shutil.which("qemu-system-x86_64")
+    binary, package, machine, console = MACHINES[image.arch]
+    qemu = shutil.which(binary)
     if qemu is None:
-        raise VmBenchError(
-            "boot", "qemu-system-x86_64 not found: install the Debian package qemu-system-x86"
-        )
+        raise VmBenchError("boot", f"{binary} not found: install the Debian package {package}")
     return [
         qemu,
+        *machine,
         "-accel",
         accel,
         "-m",
@@ -93,7 +110,8 @@ def qemu_command(image: Image, share: Path, disk: Path, accel: str = "tcg") -> l
         "-initrd",
         str(image.initrd),
         "-append",
-        "root=/dev/vda rw console=ttyS0 panic=-1 loglevel=4 systemd.show_status=1",
+        f"root=/dev/vda rw console={console} panic=-1 loglevel=4 systemd.show_status=1"
+        f" systemd.mask=serial-getty@{console}.service",
         "-drive",
         f"file={disk},if=virtio,format=qcow2",
         "-virtfs",
@@ -130,7 +148,8 @@ def boot(
     result = Boot(console=console)
     tail: deque[str] = deque(maxlen=25)
     stage = "boot"
-    deadline = time.monotonic() + STAGE_LIMITS_S[stage]
+    slow = SLOWDOWN[image.arch]
+    deadline = time.monotonic() + STAGE_LIMITS_S[stage] * slow
     lock = threading.Lock()
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -160,11 +179,11 @@ def boot(
                         name = line.removeprefix("VMBENCH stage=").split()[0]
                         result.stages.append(name)
                         stage = name
-                        deadline = time.monotonic() + STAGE_LIMITS_S.get(name, 600.0)
+                        deadline = time.monotonic() + STAGE_LIMITS_S.get(name, 600.0) * slow
                     elif line.startswith("VMBENCH done rc="):
                         result.guest_rc = int(line.removeprefix("VMBENCH done rc="))
                         stage = "shutdown"
-                        deadline = time.monotonic() + SHUTDOWN_LIMIT_S
+                        deadline = time.monotonic() + SHUTDOWN_LIMIT_S * slow
                 if on_line is not None:
                     on_line(line)
                 if kill_on is not None and line.strip() == kill_on:
@@ -185,7 +204,7 @@ def boot(
                 raise VmBenchError(
                     bench_stage(where) if where != "shutdown" else "suite",
                     f"guest hung in its {where!r} stage (over its limit of "
-                    f"{STAGE_LIMITS_S.get(where, SHUTDOWN_LIMIT_S):.0f} s), killed; "
+                    f"{STAGE_LIMITS_S.get(where, SHUTDOWN_LIMIT_S) * slow:.0f} s), killed; "
                     f"console ({console}) ends:\n" + "\n".join(tail),
                 )
     finally:

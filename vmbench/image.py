@@ -52,7 +52,28 @@ PACKAGES = {
         "python3-venv",
         "sqlite3",
     ],
+    # The Pi's architecture: the same guest, plus the C compiler and Python's headers
+    # that build the cffi extension in the guest (the arm64 smoke, vmbench/guest/smoke.sh).
+    "arm64": [
+        "linux-image-arm64",
+        "systemd",
+        "systemd-sysv",
+        "udev",
+        "dbus",
+        "kmod",
+        "procps",
+        "iproute2",
+        "can-utils",
+        "python3",
+        "python3-venv",
+        "python3-dev",
+        "gcc",
+        "libc6-dev",
+        "sqlite3",
+    ],
 }
+# qemu-user's name for each arch, for the image build of a foreign arch (binfmt_misc).
+QEMU_USER = {"amd64": "x86_64", "arm64": "aarch64"}
 
 
 class ImageError(RuntimeError):
@@ -170,6 +191,15 @@ def build(image: Image, log=sys.stderr) -> None:  # type: ignore[no-untyped-def]
     _need("mmdebstrap", "mmdebstrap")
     _need("mkfs.ext4", "e2fsprogs")
     mirror = host_mirror()
+    host = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True)
+    if host.stdout.strip() != image.arch:
+        # mmdebstrap runs the foreign arch's maintainer scripts through qemu-user.
+        binfmt = Path("/proc/sys/fs/binfmt_misc") / f"qemu-{QEMU_USER[image.arch]}"
+        if not binfmt.exists():
+            raise ImageError(
+                f"image build: no binfmt_misc entry {binfmt} to run {image.arch} programs: "
+                "install the Debian packages qemu-user-static and binfmt-support"
+            )
     if os.geteuid() != 0:
         raise ImageError("image build: mmdebstrap makes the guest's root tree as root; run as root")
     tmp = Path(tempfile.mkdtemp(prefix=f"build-{image.arch}-", dir=image.folder.parent))

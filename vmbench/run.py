@@ -35,7 +35,22 @@ BENCH_REQUIREMENTS = ["pytest>=8"]
 GUEST_PLATFORMS = {
     "amd64": [f"manylinux_2_{n}_x86_64" for n in (36, 35, 34, 31, 28, 27, 24, 17, 12, 5)]
     + ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64"],
+    "arm64": [f"manylinux_2_{n}_aarch64" for n in (36, 35, 34, 31, 28, 27, 24, 17)]
+    + ["manylinux2014_aarch64", "linux_aarch64"],
 }
+# The arm64 smoke's guest builds the project from its sdist: its build requirements
+# (pyproject.toml's [build-system]) and the smoke's test tools come as wheels.
+SMOKE_REQUIREMENTS = ["setuptools>=68", "wheel", "cffi>=1.16", "pytest>=8", "hypothesis>=6.100"]
+# The C integrator's tests and what they import, run in the arm64 guest.
+SMOKE_TESTS = (
+    "tests/test_integrator.py",
+    "tests/test_integrator_kinds.py",
+    "tests/integrator_helpers.py",
+    "tests/conftest.py",
+    "tests/pg_cluster.py",
+    "conftest.py",
+    "pyproject.toml",
+)
 POWER_LOSS_MARK = "VMBENCH power-loss-ready"
 # Seconds of the full 500 kbit/s mix played into vcan0 for bench/vm_full_load.py.
 FULL_LOAD_S = 20.0
@@ -154,6 +169,118 @@ def run_bench(
     return result
 
 
+def run_smoke(
+    arch: str = "arm64", log: TextIO = sys.stderr, keep: Path | None = None
+) -> dict[str, Any]:
+    """The arm64 smoke (``make vm-bench-arm64``): one boot of the ``arch`` guest that builds
+    the cffi extension natively and runs ``cngmrv sim --duration 60``, ``cngmrv verify``,
+    ``cngmrv replay`` of the real recording and the C integrator's tests.
+
+    The result: ``arch``, ``kernel``, ``hil_passed``/``hil_failed``/``hil_skipped`` (the
+    integrator's tests), ``sim``, ``verify``, ``replay`` (their JSON), ``extension_machine``,
+    ``errors``, ``stage_seconds`` and ``seconds``.
+    """
+    result: dict[str, Any] = {k: None for k in ("arch", "kernel", "hil_passed", "hil_failed")}
+    result.update(hil_skipped=None, errors=[], failed_tests=[], skipped_tests=[], stage_seconds={})
+    t_start = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix=f"cngmrv-vm-{arch}-", dir=keep))
+    try:
+        t0 = time.monotonic()
+        try:
+            img, built = image.ensure(arch, log)
+        except image.ImageError as e:
+            raise VmBenchError("image build", str(e).removeprefix("image build: ")) from e
+        result["image_built"] = built
+        result["stage_seconds"]["image"] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
+        share = work / "share"
+        prepare_smoke_share(share, arch, log)
+        result["stage_seconds"]["prepare"] = round(time.monotonic() - t0, 1)
+        disk = work / "disk.qcow2"
+        guest.make_disk(img, disk)
+        (share / "phase").write_text("smoke\n")
+        t0 = time.monotonic()
+        boot = guest.boot(img, share, disk, work / "console-1.log", on_line=_echo(log))
+        result["stage_seconds"]["smoke_boot"] = round(time.monotonic() - t0, 1)
+        results = share / "results"
+        _read_suite(results, result)
+        for name in ("sim", "verify", "replay"):
+            result[name] = _json(results / f"{name}.json")
+        machine = results / "extension_machine"
+        if machine.exists():
+            # e_machine of the extension the guest built: b7 00 is EM_AARCH64.
+            result["extension_machine"] = machine.read_text().strip()
+        if boot.guest_rc != 0:
+            result["errors"].append(
+                f"[suite] the smoke failed in the guest (exit {boot.guest_rc}); see smoke.log"
+            )
+    except VmBenchError as e:
+        result["errors"].append(str(e))
+    finally:
+        result["seconds"] = round(time.monotonic() - t_start, 1)
+        results = work / "share" / "results"
+        if keep is None and results.exists():
+            last = image.cache_root() / f"last-run-{arch}"
+            shutil.rmtree(last, ignore_errors=True)
+            shutil.copytree(results, last, dirs_exist_ok=True)
+            for c in work.glob("console-*.log"):
+                shutil.copy2(c, last / c.name)
+            result["logs"] = str(last)
+        elif keep is not None:
+            result["logs"] = str(work)
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def prepare_smoke_share(share: Path, arch: str, log: TextIO) -> None:
+    """The arm64 smoke's share: guest scripts, the sdist, the tests, the recording, wheels."""
+    share.mkdir(parents=True)
+    shutil.copytree(Path(__file__).parent / "guest", share / "guest")
+    src = share / "src"
+    for rel in SMOKE_TESTS:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, src / rel)
+    try:
+        recording_to_candump(recording_path(), src / "recording.log")
+    except Exception as e:
+        raise VmBenchError(
+            "install", f"could not convert the recording {recording_path()}: {e}"
+        ) from e
+    build = Path(tempfile.mkdtemp(prefix="sdist-", dir=share))
+    try:
+        r = subprocess.run(
+            [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(build)],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        sdists = list(build.glob("cngmrv-*.tar.gz"))
+        if r.returncode != 0 or not sdists:
+            raise VmBenchError("install", f"the project's sdist failed (exit {r.returncode})")
+        shutil.move(str(sdists[0]), src / sdists[0].name)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    download_wheels(
+        share / "wheelhouse",
+        arch,
+        sdist_requirements(src / sdists[0].name) + SMOKE_REQUIREMENTS,
+        log,
+    )
+
+
+def sdist_requirements(sdist: Path) -> list[str]:
+    """The sdist's install requirements (egg-info ``requires.txt`` before its first extra)."""
+    import tarfile
+
+    with tarfile.open(sdist) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith(".egg-info/requires.txt"))
+        f = t.extractfile(member)
+        assert f is not None
+        text = f.read().decode()
+    return [line.strip() for line in text.split("\n[", 1)[0].splitlines() if line.strip()]
+
+
 def _echo(log: TextIO):  # type: ignore[no-untyped-def]
     def echo(line: str) -> None:
         if line.startswith("VMBENCH"):
@@ -256,7 +383,7 @@ def busload_to_candump(
 
     from cngmrv.sim.busload import BackgroundTraffic, Wire
     from cngmrv.sim.ecu import TICK_S, EngineEcu
-    from cngmrv.sim.vehicle import Bus, BusParams, DriveCycle
+    from cngmrv.sim.vehicle import CityBus, CityBusParams, DriveCycle
 
     t0 = 1_700_000_000.0
     n = 0
@@ -270,7 +397,7 @@ def busload_to_candump(
             n += 1
 
         wire = Wire(bitrate, t0, send, BackgroundTraffic(t0, 1), load_pct)
-        vehicle = Bus(BusParams(), DriveCycle.brt(seconds + 60.0, 1))
+        vehicle = CityBus(CityBusParams(), DriveCycle.brt(seconds + 60.0, 1))
         ecu = EngineEcu(None, vehicle, t0)  # type: ignore[arg-type]  # frames_due needs no bus
         for i in range(int(seconds / TICK_S)):
             for t, can_id, data in ecu.frames_due(i, vehicle.step(i * TICK_S)):
@@ -292,7 +419,13 @@ def build_wheelhouse(out: Path, arch: str, log: TextIO) -> None:
     wheels = list(out.glob("cngmrv-*.whl"))
     if r.returncode != 0 or not wheels:
         raise VmBenchError("install", f"pip wheel of the project failed (exit {r.returncode})")
-    requires = wheel_requirements(wheels[0])
+    download_wheels(out, arch, wheel_requirements(wheels[0]) + BENCH_REQUIREMENTS, log)
+
+
+def download_wheels(out: Path, arch: str, requires: list[str], log: TextIO) -> None:
+    """``requires`` and their dependencies as binary wheels for the guest's Python and ``arch``."""
+    out.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip"]
     platforms: list[str] = []
     for p in GUEST_PLATFORMS[arch]:
         platforms += ["--platform", p]
@@ -310,7 +443,6 @@ def build_wheelhouse(out: Path, arch: str, log: TextIO) -> None:
             "-d",
             str(out),
             *requires,
-            *BENCH_REQUIREMENTS,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -21,6 +21,22 @@ if [ "$phase" = "after-power-loss" ]; then
     finish $?
 fi
 
+if [ "$phase" = "smoke" ]; then
+    # The arm64 smoke (vmbench/guest/smoke.sh): the cffi extension built here, then the smoke suite.
+    stage smoke-install
+    sh "$B/guest/smoke.sh" install > "$R/install.log" 2>&1
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        echo "VMBENCH failed stage=smoke-install rc=$rc"; tail -20 "$R/install.log"
+        finish $rc
+    fi
+    stage smoke
+    sh "$B/guest/smoke.sh" run > "$R/smoke.log" 2>&1
+    rc=$?
+    tail -30 "$R/smoke.log"
+    finish $rc
+fi
+
 stage install
 sh "$B/guest/install.sh" > "$R/install.log" 2>&1
 rc=$?

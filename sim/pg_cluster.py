@@ -1,7 +1,11 @@
-"""A throwaway PostgreSQL cluster for the tests: initdb + pg_ctl in a temporary folder.
+"""A throwaway PostgreSQL cluster: initdb + pg_ctl in a temporary folder.
+
+The one way the test suite (tests/conftest.py) and the benchmarks (bench/)
+start a PostgreSQL server of their own.  The agent never imports it.
 
 The server listens on a unix socket in that folder only (no TCP port), with
-trust authentication, fsync off.  PostgreSQL refuses to run as root, so when
+trust authentication; fsync off unless ``durable=True`` (a benchmark that
+should pay for durable commits as a production server does).  PostgreSQL refuses to run as root, so when
 the tests run as root (CI does) the cluster runs as the system user
 ``cngmrv-pg``, created with ``useradd`` if missing; the binaries are started
 with ``subprocess``'s ``user``/``group``, not through a shell.
@@ -20,6 +24,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +70,12 @@ def unavailable() -> str | None:
 
 
 class Cluster:
-    """One running cluster; :meth:`new_database` hands out a fresh database's URL."""
+    """One running cluster; :meth:`new_database` hands out a fresh database's URL.
 
-    def __init__(self) -> None:
+    ``settings`` are added to its postgresql.conf (e.g. ``{"shared_buffers": "256MB"}``).
+    """
+
+    def __init__(self, durable: bool = False, settings: Mapping[str, str] | None = None) -> None:
         self.bin = bindir()
         assert self.bin is not None
         self.root = Path(tempfile.mkdtemp(prefix="cngmrv-pg-"))
@@ -97,9 +105,12 @@ class Cluster:
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.write(
                 f"unix_socket_directories = '{self.sock}'\nlisten_addresses = ''\nport = {PORT}\n"
-                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
                 "max_connections = 200\n"
             )
+            if not durable:
+                conf.write("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
+            for name, value in (settings or {}).items():
+                conf.write(f"{name} = '{value}'\n")
         self.start()
 
     def _pg(self, tool: str, *args: str) -> None:
@@ -140,6 +151,12 @@ class Cluster:
             "start",
         )  # fmt: skip
         self.running = True
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
 
     def destroy(self) -> None:
         try:
