@@ -38,7 +38,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/integrator.py
-	$(BIN)/python bench/kit_link.py
+	$(BIN)/python bench/kit_throughput.py
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/store_writes.py
 	$(BIN)/python bench/service_stop.py

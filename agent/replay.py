@@ -1,7 +1,7 @@
 """``cngmrv replay``: a recorded CAN log through the live agent's decoders and integrator.
 
 The same :class:`~cngmrv.agent.pipeline.Pipeline` the agent runs, fed from
-:class:`~cngmrv.drivers.replay.LogFile` instead of a bus, so a year of
+:class:`~cngmrv.drivers.can_logs.LogFile` instead of a bus, so a year of
 recordings can be re-run and compared with what the agent signed.  Time comes
 from the recording only; the totals are the same on every run.
 
@@ -21,8 +21,8 @@ from typing import Any, TextIO
 
 from cngmrv.agent.pipeline import GAP_SIGNALS, Pipeline, PipelineConfig, period_quantile
 from cngmrv.drivers import j1939
+from cngmrv.drivers.can_logs import LogError, LogFile
 from cngmrv.drivers.dbc import DbcSignals
-from cngmrv.drivers.replay import LogError, LogFile
 
 ADVANCE_EVERY = 4096  # frames between pops of finished readings (bounds memory on long logs)
 # A detected logger period P bridges gaps up to this times P: a frame's jitter

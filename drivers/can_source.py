@@ -58,9 +58,9 @@ import can
 
 from cngmrv.drivers import j1939
 from cngmrv.drivers.address import AddressClaimer
+from cngmrv.drivers.can_logs import Frame, ReplayBus
 from cngmrv.drivers.canlink import LinkState, read_link
 from cngmrv.drivers.j1939 import STANDARD_ID_FLAG
-from cngmrv.drivers.replay import Frame, ReplayBus
 from cngmrv.drivers.socketcan_drops import OverflowCountingBus
 
 __all__ = [
@@ -136,7 +136,7 @@ def open_bus(
     standard_ids: Iterable[int] = (),
     **kwargs: Any,
 ) -> can.BusABC:
-    """Open a python-can bus, or a :class:`~cngmrv.drivers.replay.ReplayBus` for ``"replay"``.
+    """Open a python-can bus, or a :class:`~cngmrv.drivers.can_logs.ReplayBus` for ``"replay"``.
 
     ``pgns`` become kernel acceptance filters on SocketCAN, so the frames the
     agent ignores never cost a system call.  Other interfaces get no filters:

@@ -305,7 +305,7 @@ def test_requests_claim_an_address_first_and_stop_when_it_is_lost(channel: str) 
 
 
 def test_paced_replay_holds_a_frame_until_it_is_due(tmp_path: Path) -> None:
-    from cngmrv.drivers.replay import ReplayBus
+    from cngmrv.drivers.can_logs import ReplayBus
 
     log = tmp_path / "two.log"
     log.write_text("(1000.000000) can0 18FEF200#01\n(1000.100000) can0 18FEF200#02\n")

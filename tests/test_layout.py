@@ -56,3 +56,14 @@ def test_the_check_counts_a_class_with_its_nested_ones(tmp_path: Path) -> None:
         "agent/big.py:Big": MAX_CLASS_LINES + 2,
         "agent/big.py:Inner": MAX_CLASS_LINES + 1,
     }
+
+
+def test_no_two_modules_share_a_file_name() -> None:
+    """A name says what a module is for; the same name in two folders says it twice."""
+    seen: dict[str, list[str]] = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0].startswith(".") or path.name in ("__init__.py", "conftest.py"):
+            continue
+        seen.setdefault(path.name, []).append(rel.as_posix())
+    assert {name: where for name, where in seen.items() if len(where) > 1} == {}

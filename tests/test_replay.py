@@ -16,8 +16,8 @@ import pytest
 
 from cngmrv.agent.pipeline import PipelineConfig
 from cngmrv.agent.replay import replay
+from cngmrv.drivers.can_logs import LogError, LogFile
 from cngmrv.drivers.dbc import DbcSignals
-from cngmrv.drivers.replay import LogError, LogFile
 
 
 def _shared_data() -> Path:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from cngmrv.agent.replay import replay
 from cngmrv.drivers import j1939
-from cngmrv.drivers.replay import CONSOLE, CONSOLE_UNTIMED, LogError, LogFile, ReplayBus
+from cngmrv.drivers.can_logs import CONSOLE, CONSOLE_UNTIMED, LogError, LogFile, ReplayBus
 
 LFE = j1939.make_id(j1939.PGN_LFE, 0)
 T0 = 1_600_000_000.0

@@ -11,7 +11,7 @@ import pytest
 from cngmrv.agent.pipeline import Pipeline, PipelineConfig
 from cngmrv.agent.replay import replay
 from cngmrv.drivers import j1939
-from cngmrv.drivers.replay import LogFile
+from cngmrv.drivers.can_logs import LogFile
 
 LFE_HEX = "64000000FFFFFFFF"  # fuel rate 100 * 0.05 = 5 L/h
 

@@ -8,7 +8,7 @@ as JSON, with the goal of 20 times the highest rate the protocol allows
 (``kit_codec.MAX_FRAMES_PER_S``).  The in-memory decoder rate (no pty, no
 thread) is printed next to it, to show where the time goes.
 
-    python bench/kit_link.py [--frames N] [--repeat R]
+    python bench/kit_throughput.py [--frames N] [--repeat R]
 """
 
 from __future__ import annotations
