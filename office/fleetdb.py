@@ -195,7 +195,33 @@ assert [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
 # -- the read-write database -------------------------------------------------------
 
 
-class IngestDB:
+class _Schema:
+    """What both the read-write and the read-only database answer about their schema."""
+
+    dialect: str
+
+    def all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        raise NotImplementedError
+
+    def tables(self) -> set[str]:
+        if self.dialect == "sqlite":
+            rows = self.all("SELECT name FROM sqlite_master WHERE type='table'")
+        else:
+            rows = self.all(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema()"
+            )
+        return {str(r[0]) for r in rows}
+
+    def version(self) -> int:
+        """The schema version held: 0 for an empty database or one from before versioning."""
+        if "schema_version" not in self.tables():
+            return 0
+        rows = self.all("SELECT max(version) FROM schema_version")
+        return 0 if not rows or rows[0][0] is None else int(rows[0][0])
+
+
+class IngestDB(_Schema):
     """The fleet database for writing: plain SQL with ``?`` markers, on SQLite or PostgreSQL.
 
     Thread-safe.  SQLite: one connection behind one lock.  PostgreSQL: a
@@ -388,23 +414,6 @@ class IngestDB:
 
     # -- schema version -------------------------------------------------------------
 
-    def tables(self) -> set[str]:
-        if self.dialect == "sqlite":
-            rows = self.all("SELECT name FROM sqlite_master WHERE type='table'")
-        else:
-            rows = self.all(
-                "SELECT table_name FROM information_schema.tables "
-                "WHERE table_schema = current_schema()"
-            )
-        return {str(r[0]) for r in rows}
-
-    def version(self) -> int:
-        """The schema version held: 0 for an empty database or one from before versioning."""
-        if "schema_version" not in self.tables():
-            return 0
-        row = self.one("SELECT max(version) FROM schema_version")
-        return 0 if row is None or row[0] is None else int(row[0])
-
     def _create_if_empty(self) -> None:
         with self.tx(check=False):
             self._lock_migrations()
@@ -542,7 +551,7 @@ def open_db(target: str | Path, migrate: bool = False, pool_size: int = 4) -> In
 # -- reading only -------------------------------------------------------------------
 
 
-class ReadOnlyDB:
+class ReadOnlyDB(_Schema):
     """A fleet database opened for reading (the report): never creates or changes anything."""
 
     def __init__(self, target: str | Path) -> None:
@@ -575,16 +584,6 @@ class ReadOnlyDB:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise IngestError(f"cannot read {redact(self.target)}: {first}") from None
 
-    def tables(self) -> set[str]:
-        if self.dialect == "sqlite":
-            rows = self.all("SELECT name FROM sqlite_master WHERE type='table'")
-        else:
-            rows = self.all(
-                "SELECT table_name FROM information_schema.tables "
-                "WHERE table_schema = current_schema()"
-            )
-        return {str(r[0]) for r in rows}
-
     def kind(self) -> Kind:
         """Ingest database or device store (:func:`cngmrv.signed.archive.classify`)."""
         if self.dialect == "sqlite":
@@ -595,12 +594,6 @@ class ReadOnlyDB:
                 "WHERE table_schema = current_schema() AND table_name = 'batches'"
             )
         return classify(self.tables(), {str(r[0]) for r in cols}, redact(self.target))
-
-    def version(self) -> int:
-        if "schema_version" not in self.tables():
-            return 0
-        row = self.all("SELECT max(version) FROM schema_version")
-        return 0 if not row or row[0][0] is None else int(row[0][0])
 
     def close(self) -> None:
         self._conn.close()
