@@ -1,7 +1,8 @@
 """Serving the ingest app: uvicorn with worker processes, and a light in-process server.
 
 :func:`serve` is the production server (``cngmrv ingest``): uvicorn, several
-worker processes on one listening socket, each with its own pool of database
+worker processes, each listening on its own socket bound to the one address
+(``SO_REUSEPORT``, :class:`OwnListener`) and holding its own pool of database
 connections (:class:`cngmrv.office.ingest_app.Pool`).  TLS is the reverse
 proxy's (deploy/office/nginx.conf).  :class:`IngestServer` runs the same app
 and the same limits in a background thread, for the tests and ``cngmrv sim``.
@@ -38,6 +39,7 @@ from typing import Any
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.supervisors import Multiprocess
 
 from cngmrv.office.ingest import Ingest, IngestDB, open_db
 from cngmrv.office.ingest_app import (
@@ -59,6 +61,7 @@ log = logging.getLogger("cngmrv.ingest")
 REQUEST_DEADLINE_S = 30.0
 MAX_CONNECTIONS = 1000  # per worker process
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
+BACKLOG = 2048  # connections each worker's socket holds before accepting them
 
 ENV_REQUEST_DEADLINE = "CNGMRV_INGEST_REQUEST_DEADLINE_S"
 ENV_MAX_CONNECTIONS = "CNGMRV_INGEST_MAX_CONNECTIONS"
@@ -154,6 +157,56 @@ def _free_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     sock.set_inheritable(True)
+    return sock
+
+
+class OwnListener(socket.socket):
+    """The address every worker listens on; handed to a worker, its own listening socket.
+
+    uvicorn's supervisor gives each worker the socket it passes them, pickled.
+    One socket shared by every worker wakes them all for a new connection, and
+    the first awake accepts every connection waiting: a burst of keep-alive
+    connections (a reverse proxy's upstream pool, a load test's clients) all
+    land on one worker, which then does all the work on one core while the
+    others idle.  This socket only reserves the address in the supervisor
+    (bound with ``SO_REUSEPORT``, never listening); unpickled in a worker it
+    becomes a socket of the worker's own, bound to the same address with
+    ``SO_REUSEPORT`` and listening, and the kernel spreads new connections over
+    the workers' sockets.  A worker that exits takes its socket with it, so a
+    restarted or added worker (SIGHUP, SIGTTIN) simply binds its own.
+    """
+
+    backlog = 2048
+
+    @classmethod
+    def reserve(cls, host: str, port: int, backlog: int) -> OwnListener:
+        """Bind ``host:port`` (port 0: a free one) for the workers; raises OSError if taken."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = cls(family, socket.SOCK_STREAM)
+        sock.backlog = backlog
+        try:
+            _reuse_port(sock)
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_listen_own, (self.family, self.getsockname()[:2], self.backlog))
+
+
+def _reuse_port(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+
+
+def _listen_own(family: int, address: tuple[str, int], backlog: int) -> socket.socket:
+    # In a worker: its own socket on the supervisor's address (OwnListener).
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    _reuse_port(sock)
+    sock.bind(address)
+    sock.listen(backlog)
     return sock
 
 
@@ -299,23 +352,36 @@ def serve(
         os.environ[ENV_READ_TOKEN] = read_token
     else:
         os.environ.pop(ENV_READ_TOKEN, None)
+    config = uvicorn.Config(
+        "cngmrv.office.ingest_app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        http="cngmrv.office.ingest_serve:DeadlineProtocol",
+        timeout_keep_alive=KEEP_ALIVE_S,
+        timeout_graceful_shutdown=10,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        backlog=BACKLOG,
+        server_header=False,
+        access_log=False,
+        proxy_headers=forwarded_allow_ips is not None,
+        forwarded_allow_ips=forwarded_allow_ips,
+    )
+    listener: OwnListener | None = None
     try:
-        uvicorn.run(
-            "cngmrv.office.ingest_app:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            http="cngmrv.office.ingest_serve:DeadlineProtocol",
-            timeout_keep_alive=KEEP_ALIVE_S,
-            timeout_graceful_shutdown=10,
-            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-            backlog=2048,
-            server_header=False,
-            access_log=False,
-            proxy_headers=forwarded_allow_ips is not None,
-            forwarded_allow_ips=forwarded_allow_ips,
+        listener = OwnListener.reserve(host, port, BACKLOG)
+        log.info(
+            "event=ingest_listening address=%s:%d workers=%d",
+            host,
+            listener.getsockname()[1],
+            workers,
         )
+        Multiprocess(config, sockets=[listener]).run()
+    except KeyboardInterrupt:
+        pass
     finally:
+        if listener is not None:
+            listener.close()
         if made_metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
