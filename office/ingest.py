@@ -418,7 +418,7 @@ class Ingest:
                 "reason": f"signed with key {b.header['kid'][:16]}…, not one of device {dev!r}'s",
                 "seq": seq,
             }
-        problems = batch.check(b, self._key(bytes(key_pem)), self.allowed_algs)
+        problems, payload = batch.check_payload(b, self._key(bytes(key_pem)), self.allowed_algs)
         if problems:
             log.warning(
                 "event=batch_rejected reason=%s device=%r seq=%d",
@@ -472,7 +472,7 @@ class Ingest:
             (dev, seq, b.file_hash, b.header["prev_hash"], b.raw, now),
         )
         self._follow_rotation(b)
-        monitored.store(self.db, b)
+        monitored.store(self.db, b, payload)
         answer = self._ack("stored", b)
         if b.legacy:
             self._count(201, {"status": "legacy_v1"})

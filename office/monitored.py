@@ -150,6 +150,7 @@ def runs_of(
     hi: float = math.inf,
     refill_kg: float = INGEST_REFILL_KG,
     fame_at: FameAt | None = None,
+    payload: dict[str, Any] | None = None,
 ) -> list[Run]:
     """The runs of ``b``'s readings, each summing only its readings with ``lo <= t0 < hi``.
 
@@ -159,11 +160,12 @@ def runs_of(
     not read either (BatchFormatError, KeyError, TypeError, ValueError).
     ``fame_at`` gives each reading's diesel blend (FAME share by volume); the
     ingest stores runs without it (share 0), relabelled by :func:`gather`.
+    ``payload``: ``b.payload()`` when the caller decoded it already.
     """
     sha = b.file_hash.hex()
     runs: list[Run] = []
     part, hour, cur = -1, None, None
-    for r in b.payload().get("readings") or []:
+    for r in (b.payload() if payload is None else payload).get("readings") or []:
         why = reading.problem(r)
         if why is not None:
             raise ValueError(why)
@@ -264,15 +266,18 @@ _MARK = "INSERT INTO batch_runs(device_id, seq, part, status, sums_version, read
 _MARK += "VALUES(?, ?, 0, ?, ?, 0)"
 
 
-def store(db: IngestDB, b: batch.Batch) -> None:
+def store(db: IngestDB, b: batch.Batch, payload: dict[str, Any] | None = None) -> None:
     """Store ``b``'s runs; call in the transaction that stores the batch.
+
+    ``payload``: ``b.payload()``, when the caller decoded it already (the ingest,
+    verifying the batch: :func:`cngmrv.signed.batch.check_payload`).
 
     A batch with no readings gets one ``empty`` row, and one whose readings
     the sums code cannot read a ``raw`` row (the report then decodes it as
     before): the batch itself is stored either way.
     """
     try:
-        runs = runs_of(b)
+        runs = runs_of(b, payload=payload)
     except (batch.BatchFormatError, KeyError, TypeError, ValueError, AttributeError) as e:
         log.warning(
             "event=batch_sums_underivable device=%s seq=%d error=%r", b.device_id, b.seq, str(e)

@@ -119,31 +119,45 @@ class Sums:
     def add(
         self, r: Mapping[str, Any], credited_km: float, seq: int, sha: str, fame: float = 0.0
     ) -> None:
-        part = self.parts.setdefault(fame, [0.0, 0.0, 0.0, 0.0])
-        part[0] += float(r["diesel_l"])
-        part[1] += float(r["gas_kg"])
-        part[2] += float(r["distance_km"])
+        # Called for every reading of a fleet (60 a batch, at ingest and in a recompute):
+        # each field is read and converted once.  The additions are the same, in the
+        # same order, so the sums are the same to the last bit.
+        diesel, gas = float(r["diesel_l"]), float(r["gas_kg"])
+        distance, dur, t0 = float(r["distance_km"]), float(r["dur"]), float(r["t0"])
+        part = self.parts.get(fame)
+        if part is None:
+            part = self.parts[fame] = [0.0, 0.0, 0.0, 0.0]
+        part[0] += diesel
+        part[1] += gas
+        part[2] += distance
         part[3] += credited_km
         self.readings += 1
-        self.dur_s += float(r["dur"])
-        self.diesel_l += float(r["diesel_l"])
-        self.gas_kg += float(r["gas_kg"])
-        self.distance_km += float(r["distance_km"])
+        self.dur_s += dur
+        self.diesel_l += diesel
+        self.gas_kg += gas
+        self.distance_km += distance
         self.distance_credited_km += credited_km
-        cov = r.get("cov") or {}
+        cov, into = r.get("cov") or {}, self.cov
         for ch in CHANNELS:
-            self.cov[ch] += float(cov.get(ch, 0.0))
-        for ch, (count, longest) in (r.get("gaps") or {}).items():
-            if ch in self.gaps:
-                self.gaps[ch] += int(count)
-                self.longest_gap_s[ch] = max(self.longest_gap_s[ch], float(longest))
-        for m, s in (r.get("mode_s") or {}).items():
-            if m in self.mode_s:
-                self.mode_s[m] += float(s)
+            into[ch] += float(cov.get(ch, 0.0))
+        gaps = r.get("gaps")
+        if gaps:
+            for ch, (count, longest) in gaps.items():
+                if ch in self.gaps:
+                    self.gaps[ch] += int(count)
+                    self.longest_gap_s[ch] = max(self.longest_gap_s[ch], float(longest))
+        modes = r.get("mode_s")
+        if modes:
+            mode_s = self.mode_s
+            for m, v in modes.items():
+                if m in mode_s:
+                    mode_s[m] += float(v)
         if r.get("clock") != reading.SYNCHRONISED:
-            self.unsynced_s += float(r["dur"])
-        self.first_t0 = min(self.first_t0, float(r["t0"]))
-        self.last_t1 = max(self.last_t1, float(r["t0"]) + float(r["dur"]))
+            self.unsynced_s += dur
+        if t0 < self.first_t0:  # min() and max(), without their calls
+            self.first_t0 = t0
+        if t0 + dur > self.last_t1:
+            self.last_t1 = t0 + dur
         self.seqs[seq] = sha
 
     def coverage(self) -> dict[str, float]:
@@ -242,6 +256,8 @@ class CrossCheck:
 
 
 def _opt_number(v: Any) -> float | None:
+    if v is None:  # the common case, for optional fields: answered first
+        return None
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         return None
     return float(v)

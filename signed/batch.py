@@ -37,6 +37,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import PurePath
 from typing import Any
 
@@ -142,18 +143,19 @@ def unpackb(data: bytes, max_len: int | None = None) -> Any:
 
 def _depth(obj: Any, limit: int = MAX_DEPTH) -> bool:
     """True when ``obj`` nests lists and maps no deeper than ``limit``."""
-    stack = [(obj, 0)]
-    while stack:
-        o, d = stack.pop()
-        if isinstance(o, dict):
-            if d >= limit:
-                return False
-            stack.extend((v, d + 1) for v in o.values())
-        elif isinstance(o, list):
-            if d >= limit:
-                return False
-            stack.extend((v, d + 1) for v in o)
-    return True
+    # Level by level, following only the containers: a payload holds thousands of
+    # scalars and few containers (it is checked for every batch the ingest takes).
+    level = [obj] if isinstance(obj, dict | list) else []
+    for _ in range(limit):
+        below: list[Any] = []
+        for o in level:
+            for v in o.values() if isinstance(o, dict) else o:
+                if isinstance(v, dict | list):
+                    below.append(v)
+        if not below:
+            return True
+        level = below
+    return not level
 
 
 def sha256(data: bytes) -> bytes:
@@ -338,12 +340,14 @@ class Batch:
     def device_id(self) -> str:
         return str(self.header["device_id"])
 
-    @property
+    # Hashes of the batch's own immutable bytes, computed once (the ingest reads each
+    # several times a batch).
+    @cached_property
     def file_hash(self) -> bytes:
         """SHA-256 of the whole file (version 1's chain id; informative for version 2)."""
         return sha256(self.raw)
 
-    @property
+    @cached_property
     def batch_id(self) -> bytes:
         """The batch's identity: SHA-256 of the exact header bytes, whatever its signature.
 
@@ -648,10 +652,25 @@ def check(
     The algorithm is checked first and alone: a header naming an algorithm
     outside the allow-list is refused whatever its signature says.
     """
+    return check_payload(batch, public_key, allowed_algs)[0]
+
+
+def check_payload(
+    batch: Batch,
+    public_key: ec.EllipticCurvePublicKey,
+    allowed_algs: Iterable[str] = ALLOWED_ALGS,
+) -> tuple[list[Problem], dict[str, Any] | None]:
+    """:func:`check`, and the payload it decoded: None unless the batch has no problem.
+
+    For a caller that reads the payload next (the ingest's per-batch sums): the
+    payload of a verified batch, decoded once.
+    """
     allowed = sorted(allowed_algs)
     alg = batch.header["alg"]
     if alg not in allowed:
-        return [Problem("alg_not_allowed", f"alg {alg!r} is not allowed (allowed: {allowed})")]
+        return [
+            Problem("alg_not_allowed", f"alg {alg!r} is not allowed (allowed: {allowed})")
+        ], None
     problems = []
     if batch.header["kid"] != kid_of(public_key):
         problems.append(Problem("kid_mismatch", "kid does not match the public key"))
@@ -660,11 +679,11 @@ def check(
     if sha256(batch.payload_bytes) != batch.header["payload_sha256"]:
         problems.append(Problem("payload_hash", "payload SHA-256 does not match the signed header"))
     if problems:
-        return problems
+        return problems, None
     try:
         body = batch.payload()
     except BatchFormatError as e:
-        return [Problem("bad_payload", f"payload: {e}")]
+        return [Problem("bad_payload", f"payload: {e}")], None
     n = batch.header.get("n_readings")
     if n is not None and n != len(body["readings"]):
         problems.append(
@@ -672,7 +691,8 @@ def check(
                 "bad_payload", f"header says {n} readings, payload holds {len(body['readings'])}"
             )
         )
-    return problems
+        return problems, None
+    return problems, body
 
 
 # -- auditing a set of batches ---------------------------------------------------

@@ -68,22 +68,28 @@ REQUIRED = ("t0", "dur", "diesel_l", "gas_kg", "distance_km")
 
 
 def _number(v: Any) -> bool:
+    if type(v) is float:  # the common case, checked for every field of every reading
+        return math.isfinite(v)
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def problem(r: Any) -> str | None:
     """Why ``r`` is not a reading the office can sum, or None if it is one."""
-    if not isinstance(r, Mapping):
+    # Run for every reading the office sums: plain dicts and floats (what msgpack gives)
+    # are answered without the ABC checks, to the same verdicts.
+    if type(r) is not dict and not isinstance(r, Mapping):
         return f"a reading is a map, not {type(r).__name__}"
     for name in REQUIRED:
         if name not in r:
             return f"reading has no {name!r}"
-        if not _number(r[name]):
-            return f"reading's {name!r} is not a finite number: {r[name]!r}"
+        v = r[name]
+        if not (math.isfinite(v) if type(v) is float else _number(v)):
+            return f"reading's {name!r} is not a finite number: {v!r}"
     if r["dur"] < 0:
         return f"reading's 'dur' is negative: {r['dur']!r}"
     for name in ("cov", "mode_s", "gaps"):
-        if name in r and r[name] is not None and not isinstance(r[name], Mapping):
+        v = r.get(name)
+        if v is not None and type(v) is not dict and not isinstance(v, Mapping):
             return f"reading's {name!r} is not a map"
     for ch, s in (r.get("cov") or {}).items():
         if not _number(s) or s < 0:
