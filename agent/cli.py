@@ -18,9 +18,12 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cngmrv.agent import config
 from cngmrv.agent.store import StoreError
 from cngmrv.signed import archive, batch, keys
+
+# cngmrv.agent.config is imported by the commands that read a config: it pulls in
+# python-can (and with it asammdf, seconds of imports) that `report` and the other
+# office commands never use.  Its ConfigError is a ValueError, caught in main().
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -46,6 +49,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _keygen_token(args: argparse.Namespace) -> int:
     """The key on the token the config's ``[signer]`` names: generated there, or exported."""
+    from cngmrv.agent import config
     from cngmrv.signed import hsm
 
     cfg = config.load(Path(args.config))
@@ -79,6 +83,7 @@ def _keygen_token(args: argparse.Namespace) -> int:
 
 def _rotate_key(args: argparse.Namespace) -> int:
     """Hand the device's chain from the config's key to the new config's, with the agent stopped."""
+    from cngmrv.agent import config
     from cngmrv.agent.recorder import Recorder
     from cngmrv.agent.runtime import recorder_config
 
@@ -242,7 +247,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cngmrv.agent import service
+    from cngmrv.agent import config, service
 
     cfg = config.load(Path(args.config))
     # Checked here for a one-line error; the agent opens its own (a token session holds the login).
@@ -251,6 +256,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
+    from cngmrv.agent import config
+
     path = Path(args.file)
     cfg = config.load(path)
     signer = config.open_signer(cfg)
@@ -266,7 +273,7 @@ def _config_check(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from urllib.error import URLError
 
-    from cngmrv.agent import health
+    from cngmrv.agent import config, health
 
     cfg = config.load(Path(args.config))
     try:
@@ -532,7 +539,6 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except (
         keys.SignerError,
         StoreError,
-        config.ConfigError,
         batch.BatchFormatError,
         archive.ArchiveError,
         FileNotFoundError,
