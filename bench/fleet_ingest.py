@@ -19,7 +19,12 @@ commits), posts everything over HTTP and prints one JSON object:
   --json`` over everything loaded, run as a user runs it (a fresh process,
   imports included); null with ``report_error`` when it fails;
 - ``load_avg``: the machine's 1-minute load average at the end of each phase
-  (the machine is shared: the figures are only as quiet as it was).
+  (the machine is shared: the figures are only as quiet as it was);
+- ``cpu_ms_per_batch``: CPU milliseconds each distinct batch cost in the
+  full-speed phase, by process (ingest server, PostgreSQL when it runs on this
+  machine, the posting client) and in total: unlike the rates, it hardly
+  depends on what else the machine runs, and ``cores / total`` bounds
+  ``stored_per_s``.
 
 The load: regular devices post one batch a minute, minute by minute; a share
 of them lose a batch's order (a gap, closed by the late batch); some devices
@@ -405,6 +410,68 @@ def _pct(values: list[float], q: float) -> float:
 # -- the run ---------------------------------------------------------------------------
 
 
+def _tree_cpu_s(root: int | None) -> float | None:
+    """CPU seconds (user + system) of a process and its descendants, living or reaped; None
+    without /proc."""
+    if root is None:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        parent[int(entry.name)] = int(fields[1])
+        # Its own time and its exited children's (a database's ended backends).
+        cpu[int(entry.name)] = sum(int(f) for f in fields[11:15]) / tick
+    if root not in cpu:
+        return None
+    tree, grew = {root}, True
+    while grew:
+        kids = {pid for pid, pp in parent.items() if pp in tree} - tree
+        tree |= kids
+        grew = bool(kids)
+    return sum(cpu[p] for p in tree)
+
+
+def _postmaster(url: str) -> int | None:
+    # The server's main process, when it runs on this machine: a backend's parent.
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as c:
+        row = c.execute("SELECT pg_backend_pid()").fetchone()
+        try:
+            stat = Path(f"/proc/{row[0]}/stat").read_text()
+        except OSError:
+            return None
+    return int(stat[stat.rfind(")") + 2 :].split()[1])
+
+
+def _cpu_of(ingest: int, postmaster: int | None) -> dict[str, float | None]:
+    return {
+        "ingest": _tree_cpu_s(ingest),
+        "postgres": _tree_cpu_s(postmaster),
+        "client": time.process_time(),  # this process: the posting threads
+    }
+
+
+def _per_batch_ms(
+    before: dict[str, float | None], after: dict[str, float | None], n: int
+) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for k, a in after.items():
+        b = before[k]
+        out[k] = None if a is None or b is None else round((a - b) / n * 1000, 3)
+    known = [v for v in out.values() if v is not None]
+    out["total"] = round(sum(known), 3) if known else None
+    return out
+
+
 def _load_avg() -> float:
     return round(os.getloadavg()[0], 1)
 
@@ -515,9 +582,12 @@ def main() -> None:
             register_device(db, dev, pem)
         load: dict[str, float] = {"start": _load_avg()}
         proc, port, log = start_ingest(url, args.workers, args.pool)
+        postmaster = _postmaster(url)
         try:
             poster = Poster(port)
+            cpu0 = _cpu_of(proc.pid, postmaster)
             took, fast_lat = full_speed(poster, posts, args.clients)
+            cpu_ms = _per_batch_ms(cpu0, _cpu_of(proc.pid, postmaster), len(distinct))
             load["full_speed"] = _load_avg()
             fast_201 = poster.statuses[201]
             paced_lat = paced(poster, paced_posts, args.paced_rate, args.clients)
@@ -552,6 +622,9 @@ def main() -> None:
             len(distinct) / took / min(verify, db_ceiling_per_s), 3
         ),
         "full_speed_s": round(took, 1),
+        # CPU milliseconds per distinct batch stored in the full-speed phase, by process:
+        # what the machine's cores pay for each batch (the floor of stored_per_s).
+        "cpu_ms_per_batch": cpu_ms,
         "full_speed_p50_ms": round(_pct(fast_lat, 0.5), 1),
         "full_speed_p99_ms": round(_pct(fast_lat, 0.99), 1),
         "paced_rate_per_s": args.paced_rate,
