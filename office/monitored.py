@@ -30,6 +30,7 @@ for bit (tests/test_fleetdb.py).
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
@@ -304,11 +305,20 @@ def backfill(db: IngestDB) -> int:
 # -- combining ------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _day_of(hour: int) -> str:
+    # The UTC date of an hour, asked once per run of a fleet's report: remembered.
+    return datetime.fromtimestamp(hour, UTC).date().isoformat()
+
+
 def combine(bus: rp.BusData, run: Run, refill_kg: float) -> None:
     """Add one run to a bus's totals, day and hour: the one place runs are summed."""
     s = run.sums
-    day = datetime.fromtimestamp(run.hour, UTC).date().isoformat()
-    for into in (bus.total, bus.days.setdefault(day, rp.Sums())):
+    day = _day_of(run.hour)
+    day_sums = bus.days.get(day)
+    if day_sums is None:
+        day_sums = bus.days[day] = rp.Sums()
+    for into in (bus.total, day_sums):
         rp._merge_sums(into, s)
         into.seqs[run.seq] = run.sha
     hour = bus.hours.setdefault(run.hour, [0.0, 0.0, 0.0])

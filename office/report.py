@@ -911,25 +911,35 @@ GAP_TREATMENT["both"] = (
 
 
 def _merge_sums(into: Sums, s: Sums) -> None:
+    # Twice per stored run in a fleet report (its bus and its day): each dict is looked up
+    # once, min() and max() are comparisons.  The same additions in the same order.
     into.readings += s.readings
     into.dur_s += s.dur_s
     into.diesel_l += s.diesel_l
     into.gas_kg += s.gas_kg
     into.distance_km += s.distance_km
     into.distance_credited_km += s.distance_credited_km
+    cov, gaps, longest = into.cov, into.gaps, into.longest_gap_s
+    s_cov, s_gaps, s_longest = s.cov, s.gaps, s.longest_gap_s
     for ch in CHANNELS:
-        into.cov[ch] += s.cov[ch]
-        into.gaps[ch] += s.gaps[ch]
-        into.longest_gap_s[ch] = max(into.longest_gap_s[ch], s.longest_gap_s[ch])
+        cov[ch] += s_cov[ch]
+        gaps[ch] += s_gaps[ch]
+        if s_longest[ch] > longest[ch]:
+            longest[ch] = s_longest[ch]
+    mode_s, s_mode = into.mode_s, s.mode_s
     for k in MODES:
-        into.mode_s[k] += s.mode_s[k]
+        mode_s[k] += s_mode[k]
     into.unsynced_s += s.unsynced_s
     for share, v in s.parts.items():
-        part = into.parts.setdefault(share, [0.0, 0.0, 0.0, 0.0])
+        part = into.parts.get(share)
+        if part is None:
+            part = into.parts[share] = [0.0, 0.0, 0.0, 0.0]
         for i, x in enumerate(v):
             part[i] += x
-    into.first_t0 = min(into.first_t0, s.first_t0)
-    into.last_t1 = max(into.last_t1, s.last_t1)
+    if s.first_t0 < into.first_t0:
+        into.first_t0 = s.first_t0
+    if s.last_t1 > into.last_t1:
+        into.last_t1 = s.last_t1
 
 
 def _period_text(start: datetime | None, end: datetime | None) -> str:
