@@ -359,6 +359,7 @@ def serve(
         port=port,
         workers=workers,
         http="cngmrv.office.ingest_serve:DeadlineProtocol",
+        loop="auto",  # uvloop (the office install's), else asyncio's own
         timeout_keep_alive=KEEP_ALIVE_S,
         timeout_graceful_shutdown=10,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
