@@ -17,7 +17,8 @@ commits), posts everything over HTTP and prints one JSON object:
   holds, without HTTP or verification;
 - ``duplicates_stored`` (must be 0), ``report_s``: ``cngmrv report --db URL
   --json`` over everything loaded, run as a user runs it (a fresh process,
-  imports included); null with ``report_error`` when it fails;
+  imports included); null with ``report_error`` when it fails; ``report_cpu_s``
+  the CPU seconds it took (on a busy machine, less than its wall time);
 - ``load_avg``: the machine's 1-minute load average at the end of each phase
   (the machine is shared: the figures are only as quiet as it was);
 - ``cpu_ms_per_batch``: CPU milliseconds each distinct batch cost in the
@@ -476,15 +477,22 @@ def _load_avg() -> float:
     return round(os.getloadavg()[0], 1)
 
 
-def fleet_report(url: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    """``cngmrv report --db URL --json`` over everything loaded, as a user runs it; its seconds."""
-    start = time.perf_counter()
+def fleet_report(url: str) -> tuple[subprocess.CompletedProcess[str], float, float]:
+    """``cngmrv report --db URL --json`` over everything loaded, as a user runs it; its
+    seconds, wall and CPU (the report's process, user + system)."""
+    import resource
+
+    def children_cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    start, cpu = time.perf_counter(), children_cpu()
     rep = subprocess.run(
         [sys.executable, "-m", "cngmrv.agent.cli", "report", "--db", url, "--json"],
         capture_output=True,
         text=True,
     )
-    return rep, time.perf_counter() - start
+    return rep, time.perf_counter() - start, children_cpu() - cpu
 
 
 def _report_buses(stdout: str) -> int | None:
@@ -599,7 +607,7 @@ def main() -> None:
         (gaps,) = db.one("SELECT count(*) FROM gaps")
         (alarms,) = db.one("SELECT count(*) FROM alarms")
         db.close()
-        rep, report_s = fleet_report(url)
+        rep, report_s, report_cpu_s = fleet_report(url)
         load["report"] = _load_avg()
         verify = verify_ceiling(sample, pems, args.workers)
         db_ceiling_per_s = db_ceiling(url, sample, args.workers * args.pool)
@@ -618,6 +626,7 @@ def main() -> None:
         "duplicates_stored": max(0, rows - unique) + max(0, poster.statuses[201] - unique),
         "report_s": round(report_s, 2) if rep.returncode == 0 else None,
         "report_buses": _report_buses(rep.stdout) if rep.returncode == 0 else None,
+        "report_cpu_s": round(report_cpu_s, 2),
         "stored_share_of_smaller_ceiling": round(
             len(distinct) / took / min(verify, db_ceiling_per_s), 3
         ),
