@@ -446,6 +446,8 @@ def _postmaster(url: str) -> int | None:
 
     with psycopg.connect(url, autocommit=True) as c:
         row = c.execute("SELECT pg_backend_pid()").fetchone()
+        if row is None:
+            return None
         try:
             stat = Path(f"/proc/{row[0]}/stat").read_text()
         except OSError:
