@@ -71,6 +71,11 @@ class LinkContext:
         # their own timeline.
         self.rebase_can_time = config.can_interface in WALL_STAMPED
 
+    def to_wall(self) -> float:
+        """Add to a ``time.monotonic()`` stamp to place it on the bus's timeline: the
+        step-free one when CAN time is rebased, else the wall clock now."""
+        return self.clock.base if self.rebase_can_time else time.time() - time.monotonic()
+
 
 class CanBus(Source):
     """J1939 on the vehicle's CAN bus (python-can, or a recorded log replayed)."""
@@ -233,8 +238,7 @@ class KitLink(Link):
         # does (the pipeline ties the two clocks through it); the pipeline
         # also wants epoch seconds for its pre-CAN anchor, on the step-free
         # timeline when the CAN time is rebased.
-        ctx = self._ctx
-        to_wall = ctx.clock.base if ctx.rebase_can_time else time.time() - time.monotonic()
+        to_wall = self._ctx.to_wall()
         for received, msg in items:
             pipeline.on_kit(received + to_wall, msg, received)
 

@@ -19,7 +19,7 @@ from cngmrv.agent import transport
 from cngmrv.agent.checks import address, j1939_name, nonnegative, one_of, positive
 from cngmrv.agent.pipeline import FuelFactors, GasCalibration, PipelineConfig
 from cngmrv.agent.recorder import RecorderConfig
-from cngmrv.agent.source import Key, registered
+from cngmrv.agent.source import ConfigProblem, Key, built, registered
 from cngmrv.agent.transport import TIMEOUT_S
 from cngmrv.agent.upload import BASE_S, CAP_S
 from cngmrv.drivers.address import SIGNALS, check_source_rule
@@ -195,6 +195,7 @@ SCHEMA: dict[str, Mapping[str, Key]] = {
     },
     "clock": {
         "source": (str, ClockSettings.source, one_of("none", "ntp", "gps")),
+        # The older names of gps.port and gps.baudrate, read when [gps] names no port.
         "gps_port": (str, ClockSettings.gps_port, None),
         "gps_baudrate": (int, ClockSettings.gps_baudrate, positive),
         "gps_max_age_s": (
@@ -329,8 +330,7 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
             dbc_pgns |= KitCanDecoder(kit_dbc, v["kit.can_source_address"]).pgns
         except Exception as e:  # cantools raises several unrelated types on a bad file
             raise ConfigError(f"kit.dbc: cannot load {kit_dbc}: {e}") from None
-    if v["clock.source"] == "gps" and not v["clock.gps_port"]:
-        raise ConfigError("clock.gps_port: required when clock.source = 'gps'")
+    settled, gaps = _sources(v, base)
     source = _can_source(v, base, dbc_pgns)
     engine_name = v["pipeline.engine_name"]
     if v["store.drop_fraction"] <= v["store.alarm_fraction"]:
@@ -371,6 +371,7 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
             gas=GasCalibration(**_section(v, "gas")),
             engine_name=int(engine_name, 16) if engine_name else None,
             sources={sig: rule for sig, rule in _section(v, "sources").items() if rule != "auto"},
+            max_gap_s=gaps,
         ),
         can_source=source,
         can_dbc=dbc,
@@ -385,8 +386,33 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         health=HealthSettings(**_section(v, "health")),
         clock=ClockSettings(**_section(v, "clock")),
         signer=signer,
-        source_values={name: _section(v, name) for name in SOURCES},
+        source_values=settled,
     )
+
+
+def _sources(v: dict[str, Any], base: Path) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Each source's settled values, and the gap rules of the signals the sources feed.
+
+    Refuses two sources feeding one integrator channel.
+    """
+    settled = {}
+    for name, cls in SOURCES.items():
+        try:
+            settled[name] = cls.settle(name, v, base)
+        except ConfigProblem as e:
+            raise ConfigError(str(e)) from None
+    feeder: dict[str, str] = {}
+    gaps: dict[str, float] = {}
+    for source in built(SOURCES, settled):
+        for channel in source.feeds:
+            if channel in feeder:
+                raise ConfigError(
+                    f"{source.name}: feeds {channel}, which {feeder[channel]} feeds already"
+                    " (one source per channel)"
+                )
+            feeder[channel] = source.name
+        gaps.update(source.max_gap_s)
+    return settled, gaps
 
 
 def _signer(v: dict[str, Any], base: Path) -> SignerSettings:

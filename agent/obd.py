@@ -98,7 +98,7 @@ class ObdDecoder(FrameDecoder):
         self.stats = stats
         self._pids = pids
         self._ecu = ecu | STANDARD_ID_FLAG
-        self.channels = tuple(PIDS[p][1] for p in sorted(pids))
+        self.channels = tuple(PIDS[p][1] for p in sorted(pids))  # ObdSource.feeds
         self.counters = stats.plugins.setdefault("obd", {"answers": 0, "foreign": 0})
 
     def on_frame(self, t: float, can_id: int, data: bytes, mono: float) -> None:
@@ -187,6 +187,10 @@ class ObdSource(Source):
         return frozenset(
             pid for pid, key in ((PID_FUEL_RATE, "fuel_rate"), (PID_SPEED, "wheel_speed")) if v[key]
         )
+
+    @property
+    def feeds(self) -> tuple[str, ...]:
+        return tuple(PIDS[p][1] for p in sorted(self.pids))
 
     @property
     def standard_ids(self) -> frozenset[int]:

@@ -55,8 +55,10 @@ class Agent:
         """``clock``: a state to assert (the simulator's), a monitor, or None for the config's."""
         self.config = config
         self.signer = open_signer(config)
+        self.sources = configured(config)
         if clock is None:
-            clock = ClockMonitor.from_settings(config.clock)
+            utc = next((u for s in self.sources if (u := s.utc_reference()) is not None), None)
+            clock = ClockMonitor.from_settings(config.clock, utc)
         self.clock = FixedClock(clock) if isinstance(clock, str) else clock
         self.clock.poll()  # the first poll only sets the state and the step baseline
         clock = self.clock.state
@@ -69,7 +71,6 @@ class Agent:
         if config.kit_transport == "can":
             kit_can = KitCanDecoder(config.kit_dbc or DEFAULT_DBC, config.kit_can_source_address)
         dbc = DbcSignals(config.can_dbc) if config.can_dbc else None
-        self.sources = configured(config)
         self.pipeline = Pipeline(
             config.pipeline,
             self.boot_epoch,
