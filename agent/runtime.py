@@ -81,7 +81,8 @@ class Agent:
         )
         ctx = self._links = LinkContext(config, self.sources, self.clock, self._poll_clock)
         # The first link (the CAN bus's) is waited on; the others are drained after it.
-        self.links: list[Link] = [link for s in self.sources if (link := s.link(ctx)) is not None]
+        self._linked = [(s.name, link) for s in self.sources if (link := s.link(ctx)) is not None]
+        self.links: list[Link] = [link for _, link in self._linked]
         can = next(link for link in self.links if isinstance(link, CanLink))
         kit = next((link for link in self.links if isinstance(link, KitLink)), None)
         # The readers themselves, for health, the simulator and the tests.
@@ -260,9 +261,24 @@ class Agent:
             "engine_address": self.pipeline.engine.address,
             "can_outages": s.can_outages,
             "integrator": self.pipeline.counters(),
-            "sources": {name: dict(c) for name, c in s.plugins.items()},
+            "sources": self.source_counters(),
             "store": dict(self.recorder.stats),
         }
         for link in self.links:
             out.setdefault(link.name, link.stats)
+        return out
+
+    def source_counters(self) -> dict[str, dict[str, Any]]:
+        """Each configured source's own counters, by source name: its link's (lines or
+        frames read, refusals by reason, reopens…) and its decoder's
+        (``PipelineStats.plugins`` under the source's name), whatever each counts.
+
+        The one path by which a source's counters reach :meth:`stats` and the health
+        metrics (agent/health.py), so a new source's show without editing either.
+        """
+        out: dict[str, dict[str, Any]] = {s.name: {} for s in self.sources}
+        for name, link in self._linked:
+            out[name].update(link.stats)
+        for name, counters in self.pipeline.stats.plugins.items():
+            out.setdefault(name, {}).update(counters)
         return out

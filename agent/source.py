@@ -138,7 +138,14 @@ class Link(ABC):
 
     @property
     @abstractmethod
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> dict[str, Any]:
+        """Its own counters: numbers, or tables of numbers by key (refusals by reason).
+
+        With its decoder's (``PipelineStats.plugins[source name]``), they are the
+        source's figures in the agent's stats and health metrics
+        (:meth:`~cngmrv.agent.runtime.Agent.source_counters`) with no code of its own
+        there.
+        """
 
 
 class Source:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cngmrv.agent import config
+from cngmrv.agent import config, health
 from cngmrv.agent.clock import SYNCHRONISED, GpsSource
 from cngmrv.agent.gps_source import Gps, GpsDecoder, GpsLink
 from cngmrv.agent.pipeline import Pipeline, PipelineConfig
@@ -280,8 +280,8 @@ def test_agent_takes_distance_and_time_from_one_gps_reader(
         thread.start()
         time.sleep(4.0)
         clock_state = agent.clock.state
-        stats = agent.stats()
-        counters = {**stats["gps"], **stats["sources"]["gps"]}
+        counters = agent.stats()["sources"]["gps"]
+        metrics = health.parse(health.render(health.collect(agent)))
     finally:
         stop.set()
         if thread.is_alive():
@@ -293,6 +293,9 @@ def test_agent_takes_distance_and_time_from_one_gps_reader(
         os.close(slave)
     assert clock_state == SYNCHRONISED
     assert counters["fixes"] >= 15 and counters["speed_samples"] >= 15
+    # Its counters are health metrics with no code of the GPS source's in agent/health.py.
+    assert metrics['cngmrv_source_counter{source="gps",counter="fixes"}'] >= 15
+    assert metrics['cngmrv_source_counter{source="gps",counter="speed_samples"}'] >= 15
     readings = _stored_readings(tmp_path / "s.sqlite")
     covered = sum(r["cov"]["distance_km"] for r in readings)
     assert covered > 2.0
