@@ -30,8 +30,6 @@ from cngmrv.agent.recorder import Recorder, RecorderConfig
 from cngmrv.agent.source import Link, configured
 from cngmrv.agent.store import Sealed, Store
 from cngmrv.agent.upload import Uploader
-from cngmrv.drivers.dbc import DbcSignals
-from cngmrv.drivers.kit_can import DEFAULT_DBC, KitCanDecoder
 
 log = logging.getLogger("cngmrv.agent")
 
@@ -67,17 +65,17 @@ class Agent:
         )
         self.boot = self.recorder.start()
         self.boot_epoch = self.boot.epoch
-        kit_can = None
-        if config.kit_transport == "can":
-            kit_can = KitCanDecoder(config.kit_dbc or DEFAULT_DBC, config.kit_can_source_address)
-        dbc = DbcSignals(config.can_dbc) if config.can_dbc else None
+        # What the sources bring the core (a DBC, the kit's CAN decoder), built from
+        # their own values: the runtime knows none of a source's options.
+        inputs: dict[str, Any] = {}
+        for s in self.sources:
+            inputs.update(s.pipeline_inputs())
         self.pipeline = Pipeline(
             config.pipeline,
             self.boot_epoch,
             clock,
-            kit_can=kit_can,
-            dbc=dbc,
             decoders=[s.decoder for s in self.sources],
+            **inputs,
         )
         ctx = self._links = LinkContext(config, self.sources, self.clock, self._poll_clock)
         # The first link (the CAN bus's) is waited on; the others are drained after it.

@@ -15,12 +15,24 @@ section, and the class declares in one place what it brings:
   (:attr:`Source.standard_ids`) and, only when its config enables sending, a
   :class:`~cngmrv.drivers.can_source.Talker`;
 * for a source with a link of its own (a serial port), a :class:`Link`: the
-  I/O half, a supervised reader thread and its bounded queue.
+  I/O half, a supervised reader thread and its bounded queue, and a pure
+  :class:`Decoder` its link feeds;
+* :meth:`Source.settle`: how its section becomes the values it is built
+  with (paths resolved, the files they name loaded and checked at
+  ``cngmrv config check``), and what it builds from them for the others: the
+  pipeline's inputs (:meth:`Source.pipeline_inputs`), the 29-bit PGNs the CAN
+  link must pass (:meth:`Source.extended_pgns`), the channels it takes over
+  from J1939 (:attr:`Source.feeds`) and their gap rule, the clock check's UTC
+  (:meth:`Source.utc_reference`);
+* its counters, in its link's ``stats`` and its decoder's
+  ``PipelineStats.plugins[name]``, which reach the agent's stats and health
+  metrics with no code of its own there.
 
 The runtime (:mod:`cngmrv.agent.runtime`) loops over the configured sources'
-links and knows nothing of their inputs' layout.  Adding a source is one
-module, its tests and one line of registration; ``agent/obd.py`` is the
-example.
+links and knows nothing of their inputs' layout or their options.  Adding a
+source is one module, its tests and one line of registration;
+``agent/obd.py`` (on the CAN bus) and ``agent/gps_source.py`` (a link of its
+own) are the examples.
 """
 
 from __future__ import annotations
@@ -48,6 +60,12 @@ GROUP = "cngmrv.sources"
 Check = Callable[[Any], str | None]
 # A config key: (type, default, check); a default of None means required.
 Key = tuple[type, Any, Check | None]
+
+
+def path_of(value: str, base: Path) -> Path:
+    """A config's path ``value``, ``~`` expanded, a relative one taken from ``base`` (its folder)."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
 
 
 class ConfigProblem(ValueError):

@@ -39,7 +39,7 @@ def test_example_is_a_valid_config() -> None:
     cfg = config.from_mapping(tomllib.loads(EXAMPLE.read_text()), EXAMPLE.parent)
     assert cfg.device_id == "bus-001"
     assert cfg.health.port == 9108 and cfg.service.log_format == "kv"
-    assert cfg.clock.source == "ntp" and cfg.can_listen_only
+    assert cfg.clock.source == "ntp" and cfg.source_values["can"]["listen_only"]
 
 
 def _write(tmp_path: Path, extra: str, key: str = "keys/device.key") -> Path:

@@ -70,7 +70,7 @@ def test_served_on_loopback_only_and_only_metrics(agent: Agent) -> None:
 def test_scrapes_see_the_main_loops_snapshot(agent: Agent) -> None:
     server = health.HealthServer(0, refresh_s=0.0).start(agent)
     port = server._http.server_address[1]
-    bus = can.Bus(interface="virtual", channel=agent.config.can_channel)
+    bus = can.Bus(interface="virtual", channel=agent.config.source_values["can"]["channel"])
     try:
         before = health.fetch(port)['cngmrv_frames_received_total{source="can"}']
         for i in range(30):
