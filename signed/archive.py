@@ -122,17 +122,6 @@ def kind_of(db: sqlite3.Connection, path: Path) -> Kind:
     return classify(tables, cols, path)
 
 
-def store_device_id(db: sqlite3.Connection, path: Path) -> str:
-    """The device id a device store was made for."""
-    try:
-        row = db.execute("SELECT value FROM meta WHERE key='device_id'").fetchone()
-    except sqlite3.Error:
-        row = None
-    if row is None:
-        raise ArchiveError(f"{path}: device store without a device id (no meta.device_id)")
-    return str(row[0])
-
-
 KeyRange = tuple[bytes, int, int | None]  # a key's PEM, first seq, last seq or None
 
 
