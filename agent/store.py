@@ -334,7 +334,7 @@ class Store(SealedBatches):
                 self._set_meta("running", 0)
         return Sealed(state.next_seq, raw, first, len(readings), len(events))
 
-    # -- upload bookkeeping -------------------------------------------------
+    # -- reading back ---------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -354,7 +354,7 @@ class Store(SealedBatches):
                 ),
             }
 
-    # -- pruning (the quota) ----------------------------------------------------
+    # -- pruning (the quota; sealed batches: store_batches.py) -------------------
 
     def drop_sealed_rows(self) -> int:
         """Delete readings and events already sealed into batches; returns readings deleted.
@@ -374,7 +374,7 @@ class Store(SealedBatches):
             self._db.execute("DELETE FROM events WHERE seq < ?", (state.next_event,))
         return int(n)
 
-    # -- salvage -------------------------------------------------------------------
+    # -- salvage (reading the damaged store: store_salvage.py) ---------------------
 
     def import_batch(self, seq: int, raw: bytes, uploaded: bool) -> None:
         """Take over a verified batch from a damaged store, advancing the chain past it."""

@@ -124,6 +124,8 @@ class SealedBatches(StoreFile):
         for seq, raw in rows:
             yield int(seq), bytes(raw)
 
+    # -- pruning (the quota; the recorder decides when) ------------------------
+
     def drop_uploaded(self, n: int) -> int:
         """Delete the ``n`` oldest batches the ingest acknowledged; returns how many went."""
         with self._tx():
