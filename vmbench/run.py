@@ -48,7 +48,6 @@ SMOKE_TESTS = (
     "tests/test_integrator_kinds.py",
     "tests/integrator_helpers.py",
     "tests/conftest.py",
-    "tests/pg_cluster.py",
     "conftest.py",
     "pyproject.toml",
 )
@@ -255,6 +254,9 @@ def prepare_smoke_share(share: Path, arch: str, log: TextIO) -> None:
     share.mkdir(parents=True)
     shutil.copytree(Path(__file__).parent / "guest", share / "guest")
     src = share / "src"
+    missing = [rel for rel in SMOKE_TESTS if not (ROOT / rel).is_file()]
+    if missing:
+        raise VmBenchError("install", f"the smoke's test files are missing: {', '.join(missing)}")
     for rel in SMOKE_TESTS:
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, src / rel)
