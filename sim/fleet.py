@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -23,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cngmrv.office.ingest import IngestServer, register_device
-from cngmrv.sim.harness import SimOptions, ensure_key, run_bus
+from cngmrv.sim.harness import SimOptions, ensure_key, run_bus, run_folder
 
 
 def device_id(i: int) -> str:
@@ -34,18 +32,8 @@ def run_fleet(
     opts: SimOptions, buses: int, unplug: dict[int, tuple[tuple[float, float], ...]]
 ) -> dict[str, Any]:
     """Run ``buses`` buses for ``opts.duration`` simulated seconds; returns the summary."""
-    tmp = None
-    if opts.workdir is None:
-        tmp = tempfile.mkdtemp(prefix="cngmrv-fleet-")
-        workdir = Path(tmp)
-    else:
-        workdir = opts.workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with run_folder(opts, "cngmrv-fleet-") as workdir:
         return _run_in(opts, workdir, buses, unplug)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run_in(

@@ -12,6 +12,7 @@ ingest server, batch verification), as an operator's own harness would.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import threading
 import time
 import tty
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,18 +349,22 @@ def run(
 
     ``on_agent``: see :func:`run_bus`.
     """
-    tmp = None
-    if opts.workdir is None:
-        tmp = tempfile.mkdtemp(prefix="cngmrv-sim-")
-        workdir = Path(tmp)
-    else:
-        workdir = opts.workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with run_folder(opts, "cngmrv-sim-") as workdir:
         return _run_in(opts, workdir, progress, on_agent)
+
+
+@contextlib.contextmanager
+def run_folder(opts: SimOptions, prefix: str) -> Iterator[Path]:
+    """``opts.workdir`` (made if missing, kept), or a temporary folder removed afterwards."""
+    if opts.workdir is not None:
+        opts.workdir.mkdir(parents=True, exist_ok=True)
+        yield opts.workdir
+        return
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield Path(tmp)
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ensure_key(workdir: Path) -> bytes:

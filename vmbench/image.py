@@ -37,40 +37,24 @@ IMAGE_SIZE = "3G"
 # What the suite needs in the guest: systemd as PID 1 (networkd and udev for the
 # shipped files), the kernel with can/can_raw/vcan/9p, python3 with venv for the
 # install of docs/deploy-pi.md, iproute2 and can-utils for the interface and its peers.
+GUEST_PACKAGES = [
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "kmod",
+    "procps",
+    "iproute2",
+    "can-utils",
+    "python3",
+    "python3-venv",
+    "sqlite3",
+]
 PACKAGES = {
-    "amd64": [
-        "linux-image-amd64",
-        "systemd",
-        "systemd-sysv",
-        "udev",
-        "dbus",
-        "kmod",
-        "procps",
-        "iproute2",
-        "can-utils",
-        "python3",
-        "python3-venv",
-        "sqlite3",
-    ],
+    "amd64": ["linux-image-amd64", *GUEST_PACKAGES],
     # The Pi's architecture: the same guest, plus the C compiler and Python's headers
     # that build the cffi extension in the guest (the arm64 smoke, vmbench/guest/smoke.sh).
-    "arm64": [
-        "linux-image-arm64",
-        "systemd",
-        "systemd-sysv",
-        "udev",
-        "dbus",
-        "kmod",
-        "procps",
-        "iproute2",
-        "can-utils",
-        "python3",
-        "python3-venv",
-        "python3-dev",
-        "gcc",
-        "libc6-dev",
-        "sqlite3",
-    ],
+    "arm64": ["linux-image-arm64", *GUEST_PACKAGES, "python3-dev", "gcc", "libc6-dev"],
 }
 # qemu-user's name for each arch, for the image build of a foreign arch (binfmt_misc).
 QEMU_USER = {"amd64": "x86_64", "arm64": "aarch64"}

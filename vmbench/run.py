@@ -19,6 +19,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 import zipfile
+from collections.abc import Callable
 from email.parser import Parser
 from pathlib import Path
 from typing import Any, TextIO
@@ -47,7 +48,6 @@ SMOKE_TESTS = (
     "tests/test_integrator_kinds.py",
     "tests/integrator_helpers.py",
     "tests/conftest.py",
-    "tests/pg_cluster.py",
     "conftest.py",
     "pyproject.toml",
 )
@@ -97,41 +97,20 @@ def run_bench(
     """
     result: dict[str, Any] = {k: None for k in RESULT_KEYS}
     result["full_load"] = {k: None for k in FULL_LOAD_KEYS}
-    result.update(errors=[], failed_tests=[], skipped_tests=[], stage_seconds={}, image_built=None)
-    t_start = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="cngmrv-vm-", dir=keep))
-    try:
-        t0 = time.monotonic()
-        try:
-            img, built = image.ensure(arch, log)
-        except image.ImageError as e:
-            raise VmBenchError("image build", str(e).removeprefix("image build: ")) from e
-        result["image_built"] = built
-        result["stage_seconds"]["image"] = round(time.monotonic() - t0, 1)
 
-        t0 = time.monotonic()
-        share = work / "share"
-        prepare_share(share, arch, log)
-        result["stage_seconds"]["prepare"] = round(time.monotonic() - t0, 1)
-
+    def suite(img: image.Image, work: Path) -> None:
+        share = _prepared(work, arch, log, result, prepare_share)
         disk = work / "disk.qcow2"
         guest.make_disk(img, disk)
         (share / "phase").write_text("suite+power-loss\n")
-        t0 = time.monotonic()
-        first = guest.boot(
-            img, share, disk, work / "console-1.log", kill_on=POWER_LOSS_MARK, on_line=_echo(log)
-        )
-        result["stage_seconds"]["suite_boot"] = round(time.monotonic() - t0, 1)
-        _read_suite(share / "results", result)
+        first = _boot(img, share, disk, work, 1, result, "suite_boot", log, POWER_LOSS_MARK)
         if first.killed_on is None:
             result["errors"].append(
                 f"[suite] the guest never armed the power-loss test (exit {first.guest_rc})"
             )
         else:
             (share / "phase").write_text("after-power-loss\n")
-            t0 = time.monotonic()
-            second = guest.boot(img, share, disk, work / "console-2.log", on_line=_echo(log))
-            result["stage_seconds"]["power_loss_boot"] = round(time.monotonic() - t0, 1)
+            second = _boot(img, share, disk, work, 2, result, "power_loss_boot", log)
             check = _json(share / "results" / "power_loss.json")
             if check:
                 result["power_loss_chain_ok"] = bool(check.get("chain_ok"))
@@ -148,6 +127,69 @@ def run_bench(
             )
         if first.guest_rc not in (0, None) and not result["hil_failed"]:
             result["errors"].append(f"[suite] the guest suite exited {first.guest_rc}")
+
+    return _guest_run(arch, log, keep, result, suite)
+
+
+def run_smoke(
+    arch: str = "arm64", log: TextIO = sys.stderr, keep: Path | None = None
+) -> dict[str, Any]:
+    """The arm64 smoke (``make vm-bench-arm64``): one boot of the ``arch`` guest that builds
+    the cffi extension natively and runs ``cngmrv sim --duration 60``, ``cngmrv verify``,
+    ``cngmrv replay`` of the real recording and the C integrator's tests.
+
+    The result: ``arch``, ``kernel``, ``hil_passed``/``hil_failed``/``hil_skipped`` (the
+    integrator's tests), ``sim``, ``verify``, ``replay`` (their JSON), ``extension_machine``,
+    ``errors``, ``stage_seconds`` and ``seconds``.
+    """
+    result: dict[str, Any] = {k: None for k in ("arch", "kernel", "hil_passed", "hil_failed")}
+    result["hil_skipped"] = None
+
+    def smoke(img: image.Image, work: Path) -> None:
+        share = _prepared(work, arch, log, result, prepare_smoke_share)
+        disk = work / "disk.qcow2"
+        guest.make_disk(img, disk)
+        (share / "phase").write_text("smoke\n")
+        boot = _boot(img, share, disk, work, 1, result, "smoke_boot", log)
+        results = share / "results"
+        for name in ("sim", "verify", "replay"):
+            result[name] = _json(results / f"{name}.json")
+        machine = results / "extension_machine"
+        if machine.exists():
+            # e_machine of the extension the guest built: b7 00 is EM_AARCH64.
+            result["extension_machine"] = machine.read_text().strip()
+        if boot.guest_rc != 0:
+            result["errors"].append(
+                f"[suite] the smoke failed in the guest (exit {boot.guest_rc}); see smoke.log"
+            )
+
+    return _guest_run(arch, log, keep, result, smoke)
+
+
+def _guest_run(
+    arch: str,
+    log: TextIO,
+    keep: Path | None,
+    result: dict[str, Any],
+    body: Callable[[image.Image, Path], None],
+) -> dict[str, Any]:
+    """The frame of every run: the image (built or cached), a work folder, ``body(image, work)``,
+    then the run's time and its guest logs kept (``keep``, else ``last-run-<arch>`` in the cache).
+
+    A :class:`VmBenchError` from any stage lands in ``result["errors"]``, never raised.
+    """
+    result.update(errors=[], failed_tests=[], skipped_tests=[], stage_seconds={}, image_built=None)
+    t_start = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix=f"cngmrv-vm-{arch}-", dir=keep))
+    try:
+        t0 = time.monotonic()
+        try:
+            img, built = image.ensure(arch, log)
+        except image.ImageError as e:
+            raise VmBenchError("image build", str(e).removeprefix("image build: ")) from e
+        result["image_built"] = built
+        result["stage_seconds"]["image"] = round(time.monotonic() - t0, 1)
+        body(img, work)
     except VmBenchError as e:
         result["errors"].append(str(e))
     finally:
@@ -169,68 +211,42 @@ def run_bench(
     return result
 
 
-def run_smoke(
-    arch: str = "arm64", log: TextIO = sys.stderr, keep: Path | None = None
-) -> dict[str, Any]:
-    """The arm64 smoke (``make vm-bench-arm64``): one boot of the ``arch`` guest that builds
-    the cffi extension natively and runs ``cngmrv sim --duration 60``, ``cngmrv verify``,
-    ``cngmrv replay`` of the real recording and the C integrator's tests.
+def _prepared(
+    work: Path,
+    arch: str,
+    log: TextIO,
+    result: dict[str, Any],
+    prepare: Callable[[Path, str, TextIO], None],
+) -> Path:
+    """The run's 9p share, filled by ``prepare`` (timed as the ``prepare`` stage)."""
+    t0 = time.monotonic()
+    share = work / "share"
+    prepare(share, arch, log)
+    result["stage_seconds"]["prepare"] = round(time.monotonic() - t0, 1)
+    return share
 
-    The result: ``arch``, ``kernel``, ``hil_passed``/``hil_failed``/``hil_skipped`` (the
-    integrator's tests), ``sim``, ``verify``, ``replay`` (their JSON), ``extension_machine``,
-    ``errors``, ``stage_seconds`` and ``seconds``.
-    """
-    result: dict[str, Any] = {k: None for k in ("arch", "kernel", "hil_passed", "hil_failed")}
-    result.update(hil_skipped=None, errors=[], failed_tests=[], skipped_tests=[], stage_seconds={})
-    t_start = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix=f"cngmrv-vm-{arch}-", dir=keep))
-    try:
-        t0 = time.monotonic()
-        try:
-            img, built = image.ensure(arch, log)
-        except image.ImageError as e:
-            raise VmBenchError("image build", str(e).removeprefix("image build: ")) from e
-        result["image_built"] = built
-        result["stage_seconds"]["image"] = round(time.monotonic() - t0, 1)
-        t0 = time.monotonic()
-        share = work / "share"
-        prepare_smoke_share(share, arch, log)
-        result["stage_seconds"]["prepare"] = round(time.monotonic() - t0, 1)
-        disk = work / "disk.qcow2"
-        guest.make_disk(img, disk)
-        (share / "phase").write_text("smoke\n")
-        t0 = time.monotonic()
-        boot = guest.boot(img, share, disk, work / "console-1.log", on_line=_echo(log))
-        result["stage_seconds"]["smoke_boot"] = round(time.monotonic() - t0, 1)
-        results = share / "results"
-        _read_suite(results, result)
-        for name in ("sim", "verify", "replay"):
-            result[name] = _json(results / f"{name}.json")
-        machine = results / "extension_machine"
-        if machine.exists():
-            # e_machine of the extension the guest built: b7 00 is EM_AARCH64.
-            result["extension_machine"] = machine.read_text().strip()
-        if boot.guest_rc != 0:
-            result["errors"].append(
-                f"[suite] the smoke failed in the guest (exit {boot.guest_rc}); see smoke.log"
-            )
-    except VmBenchError as e:
-        result["errors"].append(str(e))
-    finally:
-        result["seconds"] = round(time.monotonic() - t_start, 1)
-        results = work / "share" / "results"
-        if keep is None and results.exists():
-            last = image.cache_root() / f"last-run-{arch}"
-            shutil.rmtree(last, ignore_errors=True)
-            shutil.copytree(results, last, dirs_exist_ok=True)
-            for c in work.glob("console-*.log"):
-                shutil.copy2(c, last / c.name)
-            result["logs"] = str(last)
-        elif keep is not None:
-            result["logs"] = str(work)
-        if keep is None:
-            shutil.rmtree(work, ignore_errors=True)
-    return result
+
+def _boot(
+    img: image.Image,
+    share: Path,
+    disk: Path,
+    work: Path,
+    n: int,
+    result: dict[str, Any],
+    stage: str,
+    log: TextIO,
+    kill_on: str | None = None,
+) -> guest.Boot:
+    """Boot ``n`` of the run (console ``console-<n>.log``), timed as ``stage``; the guest
+    tests' results read into ``result`` after the first."""
+    t0 = time.monotonic()
+    boot = guest.boot(
+        img, share, disk, work / f"console-{n}.log", kill_on=kill_on, on_line=_echo(log)
+    )
+    result["stage_seconds"][stage] = round(time.monotonic() - t0, 1)
+    if n == 1:
+        _read_suite(share / "results", result)
+    return boot
 
 
 def prepare_smoke_share(share: Path, arch: str, log: TextIO) -> None:
@@ -238,6 +254,9 @@ def prepare_smoke_share(share: Path, arch: str, log: TextIO) -> None:
     share.mkdir(parents=True)
     shutil.copytree(Path(__file__).parent / "guest", share / "guest")
     src = share / "src"
+    missing = [rel for rel in SMOKE_TESTS if not (ROOT / rel).is_file()]
+    if missing:
+        raise VmBenchError("install", f"the smoke's test files are missing: {', '.join(missing)}")
     for rel in SMOKE_TESTS:
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, src / rel)
