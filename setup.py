@@ -96,6 +96,7 @@ setup(
             "can = cngmrv.agent.builtin_sources:CanBus",
             "kit = cngmrv.agent.builtin_sources:Kit",
             "obd = cngmrv.agent.obd:ObdSource",
+            "gps = cngmrv.agent.gps_source:Gps",
         ],
         # Upload transports, one per URL scheme (agent/transport.py): the core keeps retry,
         # backoff and the acknowledgement rule; a transport only carries one batch.

@@ -2,7 +2,9 @@
 
 Registered in ``setup.py`` under ``cngmrv.sources`` like any plug-in.  Their
 keys are the ``[can]`` and ``[kit]`` sections (deploy/agent.example.toml,
-docs/can.md); their decoding is the core's own
+docs/can.md), which each settles and builds itself from (a replayed log's path,
+the DBCs loaded and checked, the acceptance filters' PGNs); their decoding is
+the core's own
 (:class:`~cngmrv.agent.decode_j1939.J1939Decoder`,
 :class:`~cngmrv.agent.decode_kit.KitDecoder`).  Their links wrap the
 supervised readers of :mod:`cngmrv.drivers`: :class:`CanLink` (which also
@@ -15,14 +17,26 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from cngmrv.agent.checks import address, j1939_name, nonempty, nonnegative, positive
 from cngmrv.agent.decode_j1939 import J1939_CHANNELS
 from cngmrv.agent.decode_kit import KIT_CHANNELS
-from cngmrv.agent.source import Key, Link, Source
-from cngmrv.drivers.can_source import INTERFACES, CanSource, Frame, make_source
+from cngmrv.agent.source import ConfigProblem, Key, Link, Source, path_of
+from cngmrv.drivers.can_source import (
+    DEFAULT_PGNS,
+    INTERFACES,
+    REPLAY,
+    CanSource,
+    Frame,
+    RequestPlan,
+    SourceSettings,
+    make_source,
+)
+from cngmrv.drivers.dbc import DbcError, DbcSignals
+from cngmrv.drivers.kit_can import DEFAULT_DBC as DEFAULT_KIT_DBC
+from cngmrv.drivers.kit_can import KitCanDecoder
 from cngmrv.drivers.kit_link import KitSerialSource
 
 if TYPE_CHECKING:
@@ -69,7 +83,14 @@ class LinkContext:
         # True when the bus stamps frames with the kernel's wall clock, which steps
         # (see ClockMonitor.rebase); a replay or the simulator's preserved timestamps are
         # their own timeline.
-        self.rebase_can_time = config.can_interface in WALL_STAMPED
+        self.rebase_can_time = any(
+            s.values["interface"] in WALL_STAMPED for s in sources if isinstance(s, CanBus)
+        )
+
+    def to_wall(self) -> float:
+        """Add to a ``time.monotonic()`` stamp to place it on the bus's timeline: the
+        step-free one when CAN time is rebased, else the wall clock now."""
+        return self.clock.base if self.rebase_can_time else time.time() - time.monotonic()
 
 
 class CanBus(Source):
@@ -92,18 +113,79 @@ class CanBus(Source):
     }
     CHANNELS = J1939_CHANNELS
 
-    def link(self, ctx: LinkContext) -> Link | None:
+    @classmethod
+    def settle(cls, name: str, values: Mapping[str, Any], base: Path) -> dict[str, Any]:
+        """Its section, with a replayed log's path and the DBC's resolved and checked: the
+        DBC is loaded (``dbc`` a path or None, ``dbc_pgns`` its PGNs)."""
+        own = super().settle(name, values, base)
+        if own["interface"] == REPLAY:
+            path = path_of(own["channel"], base)
+            if not path.is_file():
+                raise ConfigProblem(f"{name}.channel: replay log {path} not found")
+            own["channel"] = str(path)
+        if own["requests"]:
+            if own["listen_only"]:
+                raise ConfigProblem(
+                    f"{name}.requests: needs {name}.listen_only = false (listen-only never sends)"
+                )
+            if not own["name"]:
+                raise ConfigProblem(
+                    f"{name}.name: required when {name}.requests = true (the NAME to claim with)"
+                )
+        own["dbc_pgns"] = frozenset()
+        if own["dbc"]:
+            own["dbc"] = path_of(own["dbc"], base)
+            try:
+                own["dbc_pgns"] = DbcSignals(own["dbc"]).pgns
+            except DbcError as e:
+                raise ConfigProblem(f"{name}.dbc: {e}") from None
+        else:
+            own["dbc"] = None
+        return own
+
+    @property
+    def extended_pgns(self) -> frozenset[int]:
+        return frozenset(self.values.get("dbc_pgns", ()))
+
+    def pipeline_inputs(self) -> Mapping[str, Any]:
+        dbc = self.values.get("dbc")
+        return {"dbc": DbcSignals(dbc)} if dbc else {}
+
+    def settings(self, sources: list[Source]) -> SourceSettings:
+        """How its reader is built: its keys, with every configured source's 11-bit
+        identifiers, talkers and extra PGNs (``sources``, this one included)."""
+        v = self.values
+        requests = None
+        if v["requests"]:
+            requests = RequestPlan(
+                name=int(v["name"], 16),
+                address=v["source_address"],
+                period_s=v["request_period_s"],
+            )
         standard: set[int] = set()
+        pgns: set[int] = set()
         talkers = []
-        for src in ctx.sources:
+        for src in sources:
             standard |= src.standard_ids
+            pgns |= src.extended_pgns
             talker = src.talker()
             if talker is not None:
                 talkers.append(talker)
-        settings = ctx.config.can_source
-        if standard or talkers:
-            settings = replace(settings, standard_ids=frozenset(standard), talkers=tuple(talkers))
-        return CanLink(make_source(settings), ctx)
+        return SourceSettings(
+            interface=v["interface"],
+            channel=v["channel"],
+            listen_only=v["listen_only"],
+            pgns=DEFAULT_PGNS | pgns if v["filters"] else None,
+            queue_size=v["queue_size"],
+            replay_speed=v["replay_speed"],
+            backoff_max_s=v["backoff_max_s"],
+            requests=requests,
+            standard_ids=frozenset(standard),
+            talkers=tuple(talkers),
+        )
+
+    def link(self, ctx: LinkContext) -> Link | None:
+        return CanLink(make_source(self.settings(ctx.sources)), ctx)
 
 
 class CanLink(Link):
@@ -192,17 +274,43 @@ class Kit(Source):
             )
         return None
 
+    @classmethod
+    def settle(cls, name: str, values: Mapping[str, Any], base: Path) -> dict[str, Any]:
+        """Its section, with ``dbc`` resolved (None: the DBC shipped with cngmrv.drivers);
+        over CAN the DBC is loaded and its PGNs kept (``pgns``)."""
+        own = super().settle(name, values, base)
+        own["dbc"] = path_of(own["dbc"], base) if own["dbc"] else None
+        own["pgns"] = frozenset()
+        if own["transport"] == "can":
+            dbc = own["dbc"] or DEFAULT_KIT_DBC
+            try:
+                own["pgns"] = KitCanDecoder(dbc, own["can_source_address"]).pgns
+            except Exception as e:  # cantools raises several unrelated types on a bad file
+                raise ConfigProblem(f"{name}.dbc: cannot load {dbc}: {e}") from None
+        return own
+
+    @property
+    def extended_pgns(self) -> frozenset[int]:
+        # The kit's PropB frames must pass the kernel's acceptance filters too.
+        return frozenset(self.values.get("pgns", ()))
+
+    def pipeline_inputs(self) -> Mapping[str, Any]:
+        v = self.values
+        if v.get("transport") != "can":
+            return {}
+        return {"kit_can": KitCanDecoder(v["dbc"] or DEFAULT_KIT_DBC, v["can_source_address"])}
+
     def link(self, ctx: LinkContext) -> Link | None:
-        c = ctx.config
-        if not c.kit_port:
+        v = self.values
+        if not v["port"]:
             return None  # no kit, or a kit on the CAN bus (the core decodes its frames)
         source = KitSerialSource(
-            c.kit_port,
-            c.kit_baudrate,
-            read_timeout=c.kit_read_timeout_s,
-            queue_size=c.kit_queue_size,
-            reconnect_backoff=c.kit_reconnect_s,
-            handshake=c.kit_handshake,
+            v["port"],
+            v["baudrate"],
+            read_timeout=v["read_timeout_s"],
+            queue_size=v["queue_size"],
+            reconnect_backoff=(v["reconnect_min_s"], v["reconnect_max_s"]),
+            handshake=v["handshake"],
         )
         return KitLink(source, ctx)
 
@@ -233,8 +341,7 @@ class KitLink(Link):
         # does (the pipeline ties the two clocks through it); the pipeline
         # also wants epoch seconds for its pre-CAN anchor, on the step-free
         # timeline when the CAN time is rebased.
-        ctx = self._ctx
-        to_wall = ctx.clock.base if ctx.rebase_can_time else time.time() - time.monotonic()
+        to_wall = self._ctx.to_wall()
         for received, msg in items:
             pipeline.on_kit(received + to_wall, msg, received)
 

@@ -550,6 +550,18 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except OSError as e:
         print(f"cngmrv {args.command}: error: {e}", file=sys.stderr)
         code = EXIT_USAGE
+    except ModuleNotFoundError as e:
+        # A command of the office or the simulator, on the bus install that leaves their
+        # packages out: say so, rather than a traceback.  A missing module of our own is a bug.
+        if e.name is None or e.name.partition(".")[0] == "cngmrv":
+            raise
+        print(
+            f"cngmrv {args.command}: error: needs the Python package {e.name!r}, which this "
+            "install lacks: the bus install leaves out the office and the simulator "
+            "(pip install 'cngmrv[office]')",
+            file=sys.stderr,
+        )
+        code = EXIT_USAGE
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from cngmrv.agent.config import ClockSettings
 from cngmrv.drivers.can_source import Frame
-from cngmrv.drivers.gps import GpsReader
+from cngmrv.drivers.gps import Fix
 
 log = logging.getLogger("cngmrv.clock")
 
@@ -77,10 +77,19 @@ class NtpSource:
         return bool(0 <= state != TIME_ERROR)
 
 
+class UtcReference(Protocol):
+    """A receiver of UTC (the ``gps`` source's reader, :class:`~cngmrv.drivers.gps.GpsReader`)."""
+
+    @property
+    def latest(self) -> tuple[Fix, float] | None:
+        """The last valid fix and ``time.monotonic()`` when it arrived."""
+        ...
+
+
 class GpsSource:
     """A GPS receiver's recent valid fix, compared with the wall clock."""
 
-    def __init__(self, reader: GpsReader, max_age_s: float, tolerance_s: float) -> None:
+    def __init__(self, reader: UtcReference, max_age_s: float, tolerance_s: float) -> None:
         self.reader = reader
         self.max_age_s = max_age_s
         self.tolerance_s = tolerance_s
@@ -122,21 +131,22 @@ class ClockMonitor:
         self._levels = [0.0]  # the latest few levels, for stamps taken before a step was seen
 
     @classmethod
-    def from_settings(cls, s: ClockSettings) -> ClockMonitor:
+    def from_settings(cls, s: ClockSettings, utc: UtcReference | None = None) -> ClockMonitor:
+        """The monitor ``s`` describes; ``utc`` is the ``gps`` source's reader, which the
+        ``gps`` clock source needs (the source owns the port: one reader of it)."""
         source: TimeSource
         if s.source == "ntp":
             source = NtpSource()
         elif s.source == "gps":
-            reader = GpsReader(s.gps_port, s.gps_baudrate)
-            reader.start()
-            source = GpsSource(reader, s.gps_max_age_s, s.gps_tolerance_s)
+            if utc is None:
+                raise ValueError("clock.source = 'gps' needs the gps source (gps.port)")
+            source = GpsSource(utc, s.gps_max_age_s, s.gps_tolerance_s)
         else:
             source = NoSource()
         return cls(source, s.step_threshold_s, s.min_year)
 
     def close(self) -> None:
-        if isinstance(self.source, GpsSource):
-            self.source.reader.stop()
+        """Nothing to release: a receiver it reads belongs to its source's link."""
 
     def poll(self) -> list[dict[str, Any]]:
         """Update :attr:`state`; returns a ``CLOCK_STEP`` event for a step since the last poll."""

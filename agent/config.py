@@ -19,19 +19,10 @@ from cngmrv.agent import transport
 from cngmrv.agent.checks import address, j1939_name, nonnegative, one_of, positive
 from cngmrv.agent.pipeline import FuelFactors, GasCalibration, PipelineConfig
 from cngmrv.agent.recorder import RecorderConfig
-from cngmrv.agent.source import Key, registered
+from cngmrv.agent.source import ConfigProblem, Key, built, path_of, registered
 from cngmrv.agent.transport import TIMEOUT_S
 from cngmrv.agent.upload import BASE_S, CAP_S
 from cngmrv.drivers.address import SIGNALS, check_source_rule
-from cngmrv.drivers.can_source import (
-    DEFAULT_PGNS,
-    REPLAY,
-    RequestPlan,
-    SourceSettings,
-)
-from cngmrv.drivers.dbc import DbcError, DbcSignals
-from cngmrv.drivers.kit_can import DEFAULT_DBC as DEFAULT_KIT_DBC
-from cngmrv.drivers.kit_can import KitCanDecoder
 from cngmrv.signed import hsm
 from cngmrv.signed.batch import device_id_problem
 from cngmrv.signed.keys import Signer, SignerError, load_signer
@@ -195,6 +186,7 @@ SCHEMA: dict[str, Mapping[str, Key]] = {
     },
     "clock": {
         "source": (str, ClockSettings.source, one_of("none", "ntp", "gps")),
+        # The older names of gps.port and gps.baudrate, read when [gps] names no port.
         "gps_port": (str, ClockSettings.gps_port, None),
         "gps_baudrate": (int, ClockSettings.gps_baudrate, positive),
         "gps_max_age_s": (
@@ -229,25 +221,10 @@ class SignerSettings:
 class Config:
     device_id: str
     key_file: Path | None
-    can_interface: str
-    can_channel: str
-    can_listen_only: bool
-    can_queue_size: int
-    kit_port: str
-    kit_baudrate: int
-    kit_read_timeout_s: float
-    kit_reconnect_s: tuple[float, float]
-    kit_queue_size: int
-    kit_handshake: bool
-    kit_transport: str
-    kit_can_source_address: int
-    kit_dbc: Path | None
     store_path: Path
     readings_per_batch: int
     upload_url: str
     pipeline: PipelineConfig
-    can_source: SourceSettings = SourceSettings()
-    can_dbc: Path | None = None
     store_buffer_s: float = RecorderConfig.buffer_s
     store_quota_bytes: int = RecorderConfig.quota_bytes
     store_alarm_fraction: float = RecorderConfig.alarm_fraction
@@ -272,16 +249,11 @@ def _coerce(key: str, kind: type, value: Any, base: Path) -> Any:
     if kind is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: must be a non-empty path string")
-        return _path(value, base)
+        return path_of(value, base)
     # bool is an int in Python; a TOML `true` for a count is a mistake, not a 1.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {kind.__name__}, got {type(value).__name__}")
     return value
-
-
-def _path(value: str, base: Path) -> Path:
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else base / p
 
 
 def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
@@ -314,24 +286,7 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         problem = cls.check(v)
         if problem is not None:
             raise ConfigError(f"{problem[0]}: {problem[1]}")
-    dbc: Path | None = None
-    dbc_pgns: frozenset[int] = frozenset()
-    if v["can.dbc"]:
-        dbc = _path(v["can.dbc"], base)
-        try:
-            dbc_pgns = DbcSignals(dbc).pgns
-        except DbcError as e:
-            raise ConfigError(f"can.dbc: {e}") from None
-    if v["kit.transport"] == "can":
-        # The kit's PropB frames must pass the kernel's acceptance filters too.
-        kit_dbc = _path(v["kit.dbc"], base) if v["kit.dbc"] else DEFAULT_KIT_DBC
-        try:
-            dbc_pgns |= KitCanDecoder(kit_dbc, v["kit.can_source_address"]).pgns
-        except Exception as e:  # cantools raises several unrelated types on a bad file
-            raise ConfigError(f"kit.dbc: cannot load {kit_dbc}: {e}") from None
-    if v["clock.source"] == "gps" and not v["clock.gps_port"]:
-        raise ConfigError("clock.gps_port: required when clock.source = 'gps'")
-    source = _can_source(v, base, dbc_pgns)
+    settled, gaps = _sources(v, base)
     engine_name = v["pipeline.engine_name"]
     if v["store.drop_fraction"] <= v["store.alarm_fraction"]:
         raise ConfigError("store.drop_fraction: must be above store.alarm_fraction")
@@ -341,19 +296,6 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
     return Config(
         device_id=v["device.id"],
         key_file=v["device.key_file"] or None,
-        can_interface=v["can.interface"],
-        can_channel=v["can.channel"],
-        can_listen_only=v["can.listen_only"],
-        can_queue_size=v["can.queue_size"],
-        kit_port=v["kit.port"],
-        kit_baudrate=v["kit.baudrate"],
-        kit_read_timeout_s=v["kit.read_timeout_s"],
-        kit_reconnect_s=(v["kit.reconnect_min_s"], v["kit.reconnect_max_s"]),
-        kit_queue_size=v["kit.queue_size"],
-        kit_handshake=v["kit.handshake"],
-        kit_transport=v["kit.transport"],
-        kit_can_source_address=v["kit.can_source_address"],
-        kit_dbc=_path(v["kit.dbc"], base) if v["kit.dbc"] else None,
         store_path=v["store.path"],
         readings_per_batch=v["batch.readings_per_batch"],
         upload_url=v["upload.url"],
@@ -371,9 +313,8 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
             gas=GasCalibration(**_section(v, "gas")),
             engine_name=int(engine_name, 16) if engine_name else None,
             sources={sig: rule for sig, rule in _section(v, "sources").items() if rule != "auto"},
+            max_gap_s=gaps,
         ),
-        can_source=source,
-        can_dbc=dbc,
         store_buffer_s=v["store.buffer_s"],
         store_quota_bytes=int(v["store.quota_mb"] * MIB),
         store_alarm_fraction=v["store.alarm_fraction"],
@@ -385,8 +326,33 @@ def from_mapping(data: Mapping[str, Any], base: Path) -> Config:
         health=HealthSettings(**_section(v, "health")),
         clock=ClockSettings(**_section(v, "clock")),
         signer=signer,
-        source_values={name: _section(v, name) for name in SOURCES},
+        source_values=settled,
     )
+
+
+def _sources(v: dict[str, Any], base: Path) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Each source's settled values, and the gap rules of the signals the sources feed.
+
+    Refuses two sources feeding one integrator channel.
+    """
+    settled = {}
+    for name, cls in SOURCES.items():
+        try:
+            settled[name] = cls.settle(name, v, base)
+        except ConfigProblem as e:
+            raise ConfigError(str(e)) from None
+    feeder: dict[str, str] = {}
+    gaps: dict[str, float] = {}
+    for source in built(SOURCES, settled):
+        for channel in source.feeds:
+            if channel in feeder:
+                raise ConfigError(
+                    f"{source.name}: feeds {channel}, which {feeder[channel]} feeds already"
+                    " (one source per channel)"
+                )
+            feeder[channel] = source.name
+        gaps.update(source.max_gap_s)
+    return settled, gaps
 
 
 def _signer(v: dict[str, Any], base: Path) -> SignerSettings:
@@ -411,46 +377,11 @@ def _signer(v: dict[str, Any], base: Path) -> SignerSettings:
         )
     return SignerSettings(
         kind="pkcs11",
-        module=_path(v["signer.module"], base),
+        module=path_of(v["signer.module"], base),
         token_label=v["signer.token_label"],
         key_label=v["signer.key_label"],
-        pin_file=_path(v["signer.pin_file"], base) if v["signer.pin_file"] else None,
+        pin_file=path_of(v["signer.pin_file"], base) if v["signer.pin_file"] else None,
         pin_env=v["signer.pin_env"],
-    )
-
-
-def _can_source(v: dict[str, Any], base: Path, extra_pgns: frozenset[int]) -> SourceSettings:
-    """The ``[can]`` keys as source settings, with the checks that span several keys."""
-    channel = v["can.channel"]
-    if v["can.interface"] == REPLAY:
-        path = _path(channel, base)
-        if not path.is_file():
-            raise ConfigError(f"can.channel: replay log {path} not found")
-        channel = str(path)
-    requests = None
-    if v["can.requests"]:
-        if v["can.listen_only"]:
-            raise ConfigError(
-                "can.requests: needs can.listen_only = false (listen-only never sends)"
-            )
-        if not v["can.name"]:
-            raise ConfigError(
-                "can.name: required when can.requests = true (the NAME to claim with)"
-            )
-        requests = RequestPlan(
-            name=int(v["can.name"], 16),
-            address=v["can.source_address"],
-            period_s=v["can.request_period_s"],
-        )
-    return SourceSettings(
-        interface=v["can.interface"],
-        channel=channel,
-        listen_only=v["can.listen_only"],
-        pgns=DEFAULT_PGNS | extra_pgns if v["can.filters"] else None,
-        queue_size=v["can.queue_size"],
-        replay_speed=v["can.replay_speed"],
-        backoff_max_s=v["can.backoff_max_s"],
-        requests=requests,
     )
 
 

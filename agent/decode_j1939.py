@@ -71,9 +71,6 @@ class J1939Decoder:
         self._w = window
         self.stats = stats
         self._taken = frozenset(CHANNEL_SIGNALS[ch] for ch in taken if ch in CHANNEL_SIGNALS)
-        # Latest wheel speed (t, km/h or None): engine samples are classified
-        # off / idle / moving against it.
-        self._speed: tuple[float, float | None] | None = None
         self.engine = EngineTracker(config.engine_source_address, config.engine_name)
         unknown = set(config.sources) - set(SIGNALS)
         if unknown:
@@ -168,7 +165,7 @@ class J1939Decoder:
     def _on_ccvs(self, t: float, can_id: int, data: bytes, mono: float) -> None:
         if self._from_source(t, "wheel_speed", can_id):
             speed = self._decode_into("distance_km", "wheel_speed_kmh", t, j1939.PGN_CCVS, data)
-            self._speed = (t, speed)
+            self._w.speed = (t, speed)
 
     def _decode_into(
         self, channel: str, signal: str, t: float, pgn: int, data: bytes
@@ -398,16 +395,18 @@ class J1939Decoder:
     def _engine_state(self, t: float, rpm: float | None) -> float | None:
         """Engine off / idle (running, vehicle stationary) / moving, or None if unknown.
 
-        Idle needs a wheel speed no older than ``can_max_gap_s``; without one a
-        running engine's state is unknown, not guessed.
+        Idle needs a vehicle speed (J1939's CCVS, or the plug-in source feeding
+        distance) no further than the wheel speed's gap rule from ``t``; without
+        one a running engine's state is unknown, not guessed.
         """
         if rpm is None:
             return None
         if rpm < self.config.engine_running_rpm:
             return float(ENGINE_OFF)
-        if self._speed is None:
+        speed = self._w.speed  # from whichever source feeds distance_km
+        if speed is None:
             return None
-        ts, kmh = self._speed
+        ts, kmh = speed
         if kmh is None or abs(t - ts) > self.config.gap_of("wheel_speed"):
             return None
         return float(ENGINE_IDLE if kmh <= self.config.idle_max_kmh else ENGINE_MOVING)

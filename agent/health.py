@@ -12,6 +12,7 @@ exporter or a person on the device, never for the cellular side.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
@@ -66,6 +67,11 @@ METRICS: dict[str, tuple[str, str]] = {
         "Batches the ingest refused for good since start (parked in the store, not lost)",
     ),
     "cngmrv_queue_depth": ("gauge", "Inputs waiting in a source queue"),
+    "cngmrv_source_counter": (
+        "untyped",
+        "Each source's own counters (its link's and its decoder's), by source and counter;"
+        " one kept per key (refusals by reason) carries the key",
+    ),
     "cngmrv_store_bytes": ("gauge", "Store size on disk (database, WAL and shared memory)"),
     "cngmrv_store_quota_bytes": ("gauge", "Store quota (0 = none configured)"),
     "cngmrv_disk_free_bytes": ("gauge", "Free space on the store's filesystem"),
@@ -118,6 +124,7 @@ def collect(agent: Agent) -> dict[str, list[tuple[dict[str, str], float]]]:
     last = agent.uploader.last_upload if agent.uploader else None
     m["cngmrv_last_upload_timestamp_seconds"].append(({}, float(last or 0)))
     m["cngmrv_queue_depth"].append(({"queue": "can"}, agent.can.pending()))
+    m["cngmrv_source_counter"] = source_samples(agent.source_counters())
     path = agent.config.store_path
     m["cngmrv_store_bytes"].append(({}, store_bytes(path)))
     quota = getattr(agent.config, "store_quota_bytes", None) or 0
@@ -129,6 +136,28 @@ def collect(agent: Agent) -> dict[str, list[tuple[dict[str, str], float]]]:
     m["cngmrv_clock_steps_total"].append(({}, agent.clock.steps))
     m["cngmrv_boot_epoch"].append(({}, agent.boot_epoch))
     return m
+
+
+def source_samples(
+    counters: dict[str, dict[str, Any]],
+) -> list[tuple[dict[str, str], float]]:
+    """The sources' counters (:meth:`Agent.source_counters`) as samples: a number as
+    ``{source, counter}``, a table of numbers (refusals by reason) one sample per
+    ``key``; text and flags are not figures and are left out."""
+    out: list[tuple[dict[str, str], float]] = []
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    for source, table in sorted(counters.items()):
+        for name, value in sorted(table.items()):
+            if number(value):
+                out.append(({"source": source, "counter": name}, value))
+            elif isinstance(value, dict):
+                for key, v in sorted(value.items(), key=lambda kv: str(kv[0])):
+                    if number(v):
+                        out.append(({"source": source, "counter": name, "key": str(key)}, v))
+    return out
 
 
 def store_bytes(path: Path) -> int:
@@ -150,10 +179,15 @@ def render(metrics: dict[str, list[tuple[dict[str, str], float]]], age_s: float 
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples.get(name, []):
-            lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lab = ",".join(f'{k}="{escape(v)}"' for k, v in labels.items())
             text = format_number(value)
             lines.append(f"{name}{{{lab}}} {text}" if lab else f"{name} {text}")
     return "\n".join(lines) + "\n"
+
+
+def escape(label: str) -> str:
+    """A label value as the exposition format writes it (backslash, quote and newline escaped)."""
+    return label.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def format_number(value: float) -> str:
@@ -280,7 +314,21 @@ def describe(samples: dict[str, float]) -> list[str]:
         "last upload     "
         + (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)) if last else "never"),
         f"snapshot age    {g('cngmrv_snapshot_age_seconds'):.1f} s",
+        *_counter_lines(samples),
     ]
+
+
+_COUNTER = re.compile(r'cngmrv_source_counter\{source="([^"]*)",counter="([^"]*)"\}')
+
+
+def _counter_lines(samples: dict[str, float]) -> list[str]:
+    """Each source's own counters (those kept per key left to the metrics), one line a source."""
+    by_source: dict[str, list[str]] = {}
+    for key, value in samples.items():
+        m = _COUNTER.fullmatch(key)
+        if m:
+            by_source.setdefault(m[1], []).append(f"{m[2]} {format_number(value)}")
+    return [f"{'source ' + name:<15} {', '.join(parts)}" for name, parts in by_source.items()]
 
 
 def _sources_line(samples: dict[str, float]) -> str:

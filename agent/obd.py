@@ -98,7 +98,7 @@ class ObdDecoder(FrameDecoder):
         self.stats = stats
         self._pids = pids
         self._ecu = ecu | STANDARD_ID_FLAG
-        self.channels = tuple(PIDS[p][1] for p in sorted(pids))
+        self.channels = tuple(PIDS[p][1] for p in sorted(pids))  # ObdSource.feeds
         self.counters = stats.plugins.setdefault("obd", {"answers": 0, "foreign": 0})
 
     def on_frame(self, t: float, can_id: int, data: bytes, mono: float) -> None:
@@ -110,7 +110,7 @@ class ObdDecoder(FrameDecoder):
             reject(self.stats, str(e))
             pid = data[2] if len(data) > 2 and data[1:2] == b"\x41" else -1
             if pid in self._pids and can_id == self._ecu:
-                self._w.add(PIDS[pid][1], t, None)
+                self._sample(pid, t, None)
             return
         if pid not in self._pids:
             return
@@ -120,7 +120,13 @@ class ObdDecoder(FrameDecoder):
             self.counters["foreign"] += 1
             return
         self.counters["answers"] += 1
+        self._sample(pid, t, value)
+
+    def _sample(self, pid: int, t: float, value: float | None) -> None:
         self._w.add(PIDS[pid][1], t, value)
+        if pid == PID_SPEED:
+            # The vehicle's speed: the engine's idle/moving state is taken against it.
+            self._w.speed = (t, value)
 
 
 class ObdRequester:
@@ -187,6 +193,10 @@ class ObdSource(Source):
         return frozenset(
             pid for pid, key in ((PID_FUEL_RATE, "fuel_rate"), (PID_SPEED, "wheel_speed")) if v[key]
         )
+
+    @property
+    def feeds(self) -> tuple[str, ...]:
+        return tuple(PIDS[p][1] for p in sorted(self.pids))
 
     @property
     def standard_ids(self) -> frozenset[int]:

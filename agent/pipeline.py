@@ -10,7 +10,7 @@ replay gives the same readings every time.
   (PGN dispatch, transport protocol, DM1, address claims, DBC extras),
   :class:`~cngmrv.agent.decode_kit.KitDecoder` (the kit's messages, over serial
   or, through :class:`~cngmrv.drivers.kit_can.KitCanDecoder`, over CAN), and
-  any plug-in source's :class:`~cngmrv.agent.source.FrameDecoder` (OBD-II);
+  any plug-in source's :class:`~cngmrv.agent.source.Decoder` (OBD-II's frames, GPS fixes);
 * **windowing**, :class:`~cngmrv.agent.window.Windower`: sample buffers, the
   per-source watermark, the kit clock's anchoring and reading assembly.
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from cngmrv.agent.decode_j1939 import J1939Decoder
 from cngmrv.agent.decode_kit import INJECTION_TYPE, KitDecoder, injection_fields
@@ -49,7 +49,7 @@ from cngmrv.agent.pipeline_config import (
     period_quantile,
     reject,
 )
-from cngmrv.agent.source import FrameDecoder
+from cngmrv.agent.source import Decoder, FrameDecoder
 from cngmrv.agent.window import Windower
 from cngmrv.drivers.address import EngineTracker, SignalSource
 from cngmrv.drivers.dbc import DbcSignals
@@ -75,7 +75,8 @@ __all__ = [
 ]
 
 # Builds a plug-in source's decoder on the pipeline's windowing and counters (None: none).
-DecoderFactory = Callable[[Windower, PipelineStats], FrameDecoder | None]
+DecoderFactory = Callable[[Windower, PipelineStats], Decoder | None]
+D = TypeVar("D", bound=Decoder)
 
 _MAX_CAN_ID = 0x1FFFFFFF
 
@@ -105,7 +106,14 @@ class Pipeline:
         self.window = Windower(config, boot_epoch, clock)
         built = (make(self.window, self.stats) for make in decoders)
         self.plugins = [d for d in built if d is not None]
-        taken = {ch for d in self.plugins for ch in d.channels}
+        self._frame_plugins = [d for d in self.plugins if isinstance(d, FrameDecoder)]
+        # Channels fed by a source with a link of its own (GPS): a CAN outage does not cut them.
+        self._off_can = {
+            ch for d in self.plugins if not isinstance(d, FrameDecoder) for ch in d.channels
+        }
+        taken = [ch for d in self.plugins for ch in d.channels]
+        if len(taken) != len(set(taken)):
+            raise ValueError(f"two plug-in sources feed one channel: {sorted(taken)}")
         self.j1939 = J1939Decoder(config, self.window, self.stats, dbc, taken)
         self.kit = KitDecoder(config, self.window, self.stats)
         self._handlers = self.j1939.handlers
@@ -145,6 +153,10 @@ class Pipeline:
         """Per J1939 signal, where it is taken from."""
         return self.j1939.sources
 
+    def plugin(self, kind: type[D]) -> D | None:
+        """The plug-in source's decoder of class ``kind`` (its link feeds it), or None."""
+        return next((d for d in self.plugins if isinstance(d, kind)), None)
+
     def dm1_active(self) -> dict[int, Dm1]:
         """The latest DM1 of each source address."""
         return self.j1939.dm1_active()
@@ -168,8 +180,8 @@ class Pipeline:
         self.stats.frames += 1
         m = t if mono is None else mono
         if not 0 <= can_id <= _MAX_CAN_ID:
-            if can_id & ~0x7FF == STANDARD_ID_FLAG and self.plugins:
-                for d in self.plugins:
+            if can_id & ~0x7FF == STANDARD_ID_FLAG and self._frame_plugins:
+                for d in self._frame_plugins:
                     d.on_frame(t, can_id, data, m)
                 self.window.saw_can(t, m)
                 return
@@ -231,7 +243,8 @@ class Pipeline:
             # timestamp, so a marker at exactly that time would not cut the span.
             cut = math.nextafter(t, math.inf)
             for channel in CAN_CHANNELS:
-                w.add(channel, cut, None)
+                if channel not in self._off_can:
+                    w.add(channel, cut, None)
 
     # -- outputs --------------------------------------------------------
 

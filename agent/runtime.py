@@ -30,8 +30,6 @@ from cngmrv.agent.recorder import Recorder, RecorderConfig
 from cngmrv.agent.source import Link, configured
 from cngmrv.agent.store import Sealed, Store
 from cngmrv.agent.upload import Uploader
-from cngmrv.drivers.dbc import DbcSignals
-from cngmrv.drivers.kit_can import DEFAULT_DBC, KitCanDecoder
 
 log = logging.getLogger("cngmrv.agent")
 
@@ -48,6 +46,15 @@ def recorder_config(config: Config) -> RecorderConfig:
     )
 
 
+# How long the service's main loop waits for the first source's frames before a pass
+# anyway.  Below ``wake_after`` queued frames (a quiet bus, or the few a kernel filter
+# passes) this sets the pass rate, and each pass costs a clock check, a window advance and
+# the watchdog and metrics tick whether frames came or not: at 0.05 s that was most of an
+# idle agent's CPU.  A quarter second keeps readings well inside their one-second windows
+# and a stop prompt.
+RUN_WAIT_S = 0.25
+
+
 class Agent:
     """One device's agent, built from a validated :class:`Config`."""
 
@@ -55,8 +62,10 @@ class Agent:
         """``clock``: a state to assert (the simulator's), a monitor, or None for the config's."""
         self.config = config
         self.signer = open_signer(config)
+        self.sources = configured(config)
         if clock is None:
-            clock = ClockMonitor.from_settings(config.clock)
+            utc = next((u for s in self.sources if (u := s.utc_reference()) is not None), None)
+            clock = ClockMonitor.from_settings(config.clock, utc)
         self.clock = FixedClock(clock) if isinstance(clock, str) else clock
         self.clock.poll()  # the first poll only sets the state and the step baseline
         clock = self.clock.state
@@ -65,22 +74,22 @@ class Agent:
         )
         self.boot = self.recorder.start()
         self.boot_epoch = self.boot.epoch
-        kit_can = None
-        if config.kit_transport == "can":
-            kit_can = KitCanDecoder(config.kit_dbc or DEFAULT_DBC, config.kit_can_source_address)
-        dbc = DbcSignals(config.can_dbc) if config.can_dbc else None
-        self.sources = configured(config)
+        # What the sources bring the core (a DBC, the kit's CAN decoder), built from
+        # their own values: the runtime knows none of a source's options.
+        inputs: dict[str, Any] = {}
+        for s in self.sources:
+            inputs.update(s.pipeline_inputs())
         self.pipeline = Pipeline(
             config.pipeline,
             self.boot_epoch,
             clock,
-            kit_can=kit_can,
-            dbc=dbc,
             decoders=[s.decoder for s in self.sources],
+            **inputs,
         )
         ctx = self._links = LinkContext(config, self.sources, self.clock, self._poll_clock)
         # The first link (the CAN bus's) is waited on; the others are drained after it.
-        self.links: list[Link] = [link for s in self.sources if (link := s.link(ctx)) is not None]
+        self._linked = [(s.name, link) for s in self.sources if (link := s.link(ctx)) is not None]
+        self.links: list[Link] = [link for _, link in self._linked]
         can = next(link for link in self.links if isinstance(link, CanLink))
         kit = next((link for link in self.links if isinstance(link, KitLink)), None)
         # The readers themselves, for health, the simulator and the tests.
@@ -194,7 +203,7 @@ class Agent:
         metrics snapshot), so it stops when the loop hangs.
         """
         while not stop.is_set():
-            self.poll()
+            self.poll(RUN_WAIT_S)
             if tick is not None:
                 tick()
             first = self.links[0]
@@ -259,9 +268,24 @@ class Agent:
             "engine_address": self.pipeline.engine.address,
             "can_outages": s.can_outages,
             "integrator": self.pipeline.counters(),
-            "sources": {name: dict(c) for name, c in s.plugins.items()},
+            "sources": self.source_counters(),
             "store": dict(self.recorder.stats),
         }
         for link in self.links:
             out.setdefault(link.name, link.stats)
+        return out
+
+    def source_counters(self) -> dict[str, dict[str, Any]]:
+        """Each configured source's own counters, by source name: its link's (lines or
+        frames read, refusals by reason, reopens…) and its decoder's
+        (``PipelineStats.plugins`` under the source's name), whatever each counts.
+
+        The one path by which a source's counters reach :meth:`stats` and the health
+        metrics (agent/health.py), so a new source's show without editing either.
+        """
+        out: dict[str, dict[str, Any]] = {s.name: {} for s in self.sources}
+        for name, link in self._linked:
+            out[name].update(link.stats)
+        for name, counters in self.pipeline.stats.plugins.items():
+            out.setdefault(name, {}).update(counters)
         return out

@@ -108,9 +108,25 @@ class Windower:
         self.can_latest_mono = -math.inf  # when that frame was received
         self.annotators: list[Annotator] = []
         self.src: Callable[[], dict[str, int | None]] = dict
+        # The vehicle's latest speed (bus time, km/h or None), from whichever source feeds
+        # distance_km: engine samples are classified off / idle / moving against it.
+        self.speed: tuple[float, float | None] | None = None
 
     def window_index(self, t: float) -> int:
         return math.floor(t / self.config.period_s)
+
+    def bus_time(self, received_at: float, mono: float) -> float:
+        """The bus time of an input received at ``mono`` (the CAN frames' receive clock).
+
+        The latest frame's bus time plus the receive-clock time since it came,
+        never below that frame's time; ``received_at`` (the receive time on the
+        bus's timeline) before any frame came.  While the CAN source is out its
+        latest time stands still and the receive clock carries it on.
+        """
+        can_t = self.latest.get("can")
+        if can_t is None:
+            return received_at
+        return can_t + max(0.0, mono - self.can_latest_mono)
 
     def saw_can(self, t: float, mono: float) -> None:
         """A CAN frame of bus time ``t`` received at ``mono`` moves the CAN source on."""
@@ -251,15 +267,9 @@ class KitClock:
             self._wraps, rebooted = 0, True
         self._last_tick = tick_ms
         tick_s = (tick_ms + (self._wraps << 32)) / 1000.0
-        can_t = w.latest.get("can")
-        if can_t is None:
-            reference = received_at
-        else:
-            # While the CAN source is out its latest time stands still; the
-            # receive clock carries it on.  Never below the latest frame's time,
-            # so a message received just before that frame, or a caller with no
-            # receive clock to give, gets that time.
-            reference = can_t + max(0.0, mono - w.can_latest_mono)
+        # A message received just before the latest frame, or from a caller with no
+        # receive clock to give, gets that frame's time.
+        reference = w.bus_time(received_at, mono)
         if self.offset is None:
             self.offset = reference - tick_s
         elif rebooted or abs(self.offset + tick_s - reference) > w.config.kit_resync_s:

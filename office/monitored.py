@@ -44,6 +44,7 @@ from cngmrv.office import refills as refill_records
 from cngmrv.office import report as rp
 from cngmrv.office.fleetdb import IngestError, ReadOnlyDB, redact, stored_batch
 from cngmrv.signed import batch, reading
+from cngmrv.signed.archive import Holdings
 
 if TYPE_CHECKING:
     from cngmrv.office.fleetdb import IngestDB
@@ -399,29 +400,22 @@ def gather(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        if db.kind() == "ingest":
+        held = Holdings(db, redact(db.target))
+        if held.kind == "ingest":
             _refuse_newer(db)
-            known, keys = _known(db, bus)
-            ranges = (
-                rp.key_ranges(
-                    db.all("SELECT device_id, pubkey_pem, valid_from, valid_until FROM device_keys")
-                )
-                if "device_keys" in db.tables()
-                else {}
-            )
-            if recompute or stock or "batch_runs" not in db.tables() or db.version() < 2:
-                devices = [_device_batches(db, dev, keys.get(dev)) for dev in known]
-                for d in devices:
-                    d.key_ranges = ranges.get(d.device_id, [])
-                    rp._check("ingest", d)
-                return _recomputed("ingest", devices, lo, hi, refill_kg, fame_at, stock)
+        known = rp.buses_held(held, bus)
+        kept = not (recompute or stock or "batch_runs" not in db.tables() or db.version() < 2)
+        if held.kind == "ingest" and kept:
+            keys, ranges = held.keys(), held.key_ranges()
             return _kept(db, known, keys, ranges, lo, hi, refill_kg, fame_at, fame_breaks)
+        devices = rp.device_batches(held, known)
+        for d in devices:
+            rp._check(held.kind, d)
+        return _recomputed(held.kind, devices, lo, hi, refill_kg, fame_at, stock)
     finally:
         if collecting:
             gc.enable()
         db.close()
-    _, devices = rp.read_source(Path(source), bus)
-    return _recomputed("store", devices, lo, hi, refill_kg, fame_at, stock)
 
 
 def _refuse_newer(db: ReadOnlyDB) -> None:
@@ -433,27 +427,6 @@ def _refuse_newer(db: ReadOnlyDB) -> None:
             f"ingest database {redact(db.target)} is at schema version {held}, written by a "
             f"newer cngmrv; this one reads versions up to {SCHEMA_VERSION}: upgrade cngmrv"
         )
-
-
-def _known(db: ReadOnlyDB, bus: str | None) -> tuple[list[str], dict[str, bytes]]:
-    where = redact(db.target)
-    tables = db.tables()
-    keys: dict[str, bytes] = {}
-    if "devices" in tables:
-        keys = {str(d): bytes(k) for d, k in db.all("SELECT device_id, pubkey_pem FROM devices")}
-    held = {str(r[0]) for r in db.all("SELECT DISTINCT device_id FROM batches")}
-    # Sorted here, not in SQL: a PostgreSQL collation may order ids unlike SQLite.
-    known = sorted(held | set(keys))
-    if not known:
-        raise rp.ReportError(f"no buses in {where}")
-    if bus is not None and bus not in known:
-        raise rp.ReportError(f"unknown bus {bus!r} in {where} (known: {', '.join(known)})")
-    return ([bus] if bus is not None else known), keys
-
-
-def _device_batches(db: ReadOnlyDB, dev: str, key: bytes | None) -> rp.DeviceBatches:
-    rows = db.all("SELECT seq, bytes FROM batches WHERE device_id=? ORDER BY seq", (dev,))
-    return rp.DeviceBatches(dev, [(int(s), bytes(b)) for s, b in rows], key)
 
 
 def _recomputed(

@@ -37,7 +37,6 @@ import html
 import io
 import json
 import math
-import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -56,7 +55,7 @@ from cngmrv.office.mrv import (
     sensitivity,
 )
 from cngmrv.signed import batch, chain, reading
-from cngmrv.signed.archive import ArchiveError, kind_of, open_readonly, store_device_id
+from cngmrv.signed.archive import Holdings
 from cngmrv.signed.keys import kid_of, public_key_from_pem
 
 CHANNELS = reading.CHANNELS
@@ -331,63 +330,40 @@ def signed_by(batches: Iterable[batch.Batch]) -> list[tuple[str, int, int]]:
     return out
 
 
-def key_ranges(
-    rows: Iterable[tuple[Any, Any, Any, Any]],
-) -> dict[str, list[tuple[bytes, int, int | None]]]:
-    """Rows of ``device_keys`` (device, PEM, valid from, valid until) per device."""
-    out: dict[str, list[tuple[bytes, int, int | None]]] = {}
-    for dev, pem, first, last in rows:
-        out.setdefault(str(dev), []).append(
-            (bytes(pem), int(first), None if last is None else int(last))
-        )
-    return out
+def read_source(path: str | Path, bus: str | None = None) -> tuple[str, list[DeviceBatches]]:
+    """(kind, devices) of an ingest database (``"ingest"``) or a device store (``"store"``),
+    an SQLite file or, for an ingest database, a ``postgresql://`` URL, opened read-only;
+    each device's batches checked (only those that pass count)."""
+    from cngmrv.office.fleetdb import ReadOnlyDB, redact
 
-
-def read_source(path: Path, bus: str | None = None) -> tuple[str, list[DeviceBatches]]:
-    """(kind, devices) of an ingest database (``"ingest"``) or a device store (``"store"``)."""
-    db = open_readonly(path)
+    db = ReadOnlyDB(path)
     try:
-        kind = kind_of(db, path)
-        keys: dict[str, bytes] = {}
-        ranges: dict[str, list[tuple[bytes, int, int | None]]] = {}
-        if kind == "ingest":
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if "devices" in tables:
-                keys = {
-                    str(d): bytes(k)
-                    for d, k in db.execute("SELECT device_id, pubkey_pem FROM devices")
-                }
-            if "device_keys" in tables:
-                ranges = key_ranges(
-                    db.execute(
-                        "SELECT device_id, pubkey_pem, valid_from, valid_until FROM device_keys"
-                    ).fetchall()
-                )
-            held = {str(r[0]) for r in db.execute("SELECT DISTINCT device_id FROM batches")}
-            known = sorted(held | set(keys))
-        else:
-            known = [store_device_id(db, path)]
-        if not known:
-            raise ReportError(f"no buses in {path}")
-        if bus is not None and bus not in known:
-            raise ReportError(f"unknown bus {bus!r} in {path} (known: {', '.join(known)})")
-        devices = []
-        for dev in [bus] if bus is not None else known:
-            if kind == "ingest":
-                q = db.execute(
-                    "SELECT seq, bytes FROM batches WHERE device_id=? ORDER BY seq", (dev,)
-                )
-            else:
-                q = db.execute("SELECT seq, bytes FROM batches ORDER BY seq")
-            rows = [(int(s), bytes(b)) for s, b in q]
-            devices.append(DeviceBatches(dev, rows, keys.get(dev), key_ranges=ranges.get(dev, [])))
-    except sqlite3.Error as e:
-        raise ArchiveError(f"cannot read {path}: {e}") from None
+        held = Holdings(db, redact(db.target))
+        devices = device_batches(held, buses_held(held, bus))
     finally:
         db.close()
     for d in devices:
-        _check(kind, d)
-    return kind, devices
+        _check(held.kind, d)
+    return held.kind, devices
+
+
+def buses_held(held: Holdings, bus: str | None = None) -> list[str]:
+    """The buses to report on: ``bus`` if it is held, else every one held."""
+    known = held.devices()
+    if not known:
+        raise ReportError(f"no buses in {held.where}")
+    if bus is not None and bus not in known:
+        raise ReportError(f"unknown bus {bus!r} in {held.where} (known: {', '.join(known)})")
+    return [bus] if bus is not None else known
+
+
+def device_batches(held: Holdings, buses: Iterable[str]) -> list[DeviceBatches]:
+    """Each bus's batches as held, with the keys the database trusts for it (unchecked)."""
+    keys, ranges = held.keys(), held.key_ranges()
+    return [
+        DeviceBatches(dev, held.batches(dev), keys.get(dev), key_ranges=ranges.get(dev, []))
+        for dev in buses
+    ]
 
 
 def _check(kind: str, d: DeviceBatches) -> None:

@@ -4,7 +4,11 @@ Both are SQLite files with a ``batches`` table.  A device store holds one
 device's chain (its id in ``meta``); an ingest database holds many devices
 (``batches.device_id``) and their registered keys (``devices``).  This module
 is the one place that tells them apart, so ``cngmrv export``, ``cngmrv verify``
-and the office's reports read both the same way.
+and the office's reports read both the same way: :class:`Holdings` is the one
+reader of what either holds (devices, their registered keys, their batches),
+over any :class:`Queries`; :class:`ReadOnlySQLite` is the SQLite one, and the
+office adds PostgreSQL (``cngmrv.office.fleetdb.ReadOnlyDB``), whose driver the
+bus does not install.
 
 Every open is read-only: an auditor's copy, or a store on read-only media,
 must never be changed by reading it.
@@ -15,8 +19,9 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 Kind = Literal["store", "ingest"]
 
@@ -117,15 +122,125 @@ def kind_of(db: sqlite3.Connection, path: Path) -> Kind:
     return classify(tables, cols, path)
 
 
-def store_device_id(db: sqlite3.Connection, path: Path) -> str:
-    """The device id a device store was made for."""
-    try:
-        row = db.execute("SELECT value FROM meta WHERE key='device_id'").fetchone()
-    except sqlite3.Error:
-        row = None
-    if row is None:
-        raise ArchiveError(f"{path}: device store without a device id (no meta.device_id)")
-    return str(row[0])
+KeyRange = tuple[bytes, int, int | None]  # a key's PEM, first seq, last seq or None
+
+
+class Queries(Protocol):
+    """A read-only connection to a store or an ingest database: SQL with ``?`` markers."""
+
+    def all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]: ...
+
+    def tables(self) -> set[str]: ...
+
+    def kind(self) -> Kind: ...
+
+
+class ReadOnlySQLite:
+    """A store or an ingest database in an SQLite file, opened by :func:`open_readonly`.
+
+    SQLite errors come out as :class:`ArchiveError` naming the file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = open_readonly(path)
+
+    def all(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        try:
+            return self._db.execute(sql, tuple(params)).fetchall()
+        except sqlite3.Error as e:
+            raise ArchiveError(f"cannot read {self.path}: {e}") from None
+
+    def tables(self) -> set[str]:
+        return {str(r[0]) for r in self.all("SELECT name FROM sqlite_master WHERE type='table'")}
+
+    def kind(self) -> Kind:
+        try:
+            return kind_of(self._db, self.path)
+        except sqlite3.Error as e:
+            raise ArchiveError(f"cannot read {self.path}: {e}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ReadOnlySQLite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Holdings:
+    """What a store or an ingest database holds: the one reader, for every backend.
+
+    An ingest database: the devices that have batches or a registered key,
+    their keys (``devices``: the first; ``device_keys``: each with its range
+    of sequences, where the table exists) and their batches.  A device store:
+    its one device (``meta.device_id``), no keys, its batches.  ``where``
+    names the database in errors (a URL already redacted).  One report's
+    reading: the registered keys are read once.
+    """
+
+    def __init__(self, db: Queries, where: str | Path) -> None:
+        self.db = db
+        self.where = str(where)
+        self.kind: Kind = db.kind()
+        self._tables = db.tables()
+        self._keys: dict[str, bytes] | None = None
+
+    def devices(self) -> list[str]:
+        """Every device held, sorted (in Python: a PostgreSQL collation may order ids unlike
+        SQLite)."""
+        if self.kind == "store":
+            rows = []
+            if "meta" in self._tables:
+                rows = self.db.all("SELECT value FROM meta WHERE key='device_id'")
+            if not rows:
+                raise ArchiveError(
+                    f"{self.where}: device store without a device id (no meta.device_id)"
+                )
+            return [str(rows[0][0])]
+        held = {str(r[0]) for r in self.db.all("SELECT DISTINCT device_id FROM batches")}
+        return sorted(held | set(self.keys()))
+
+    def has_registry(self) -> bool:
+        """Whether the database registers device keys (an ingest database's ``devices``)."""
+        return self.kind == "ingest" and "devices" in self._tables
+
+    def keys(self) -> dict[str, bytes]:
+        """Each registered device's first key (PEM); empty for a device store."""
+        if self._keys is None:
+            rows = []
+            if self.has_registry():
+                rows = self.db.all("SELECT device_id, pubkey_pem FROM devices")
+            self._keys = {str(d): bytes(k) for d, k in rows}
+        return dict(self._keys)
+
+    def key_ranges(self) -> dict[str, list[KeyRange]]:
+        """Per device, the keys registered from a sequence on (``device_keys``), if any."""
+        out: dict[str, list[KeyRange]] = {}
+        if self.kind != "ingest" or "device_keys" not in self._tables:
+            return out
+        for dev, pem, first, last in self.db.all(
+            "SELECT device_id, pubkey_pem, valid_from, valid_until FROM device_keys"
+        ):
+            out.setdefault(str(dev), []).append(
+                (bytes(pem), int(first), None if last is None else int(last))
+            )
+        return out
+
+    def batches(self, device: str) -> list[tuple[int, bytes]]:
+        """(seq, bytes) of ``device``'s batches, in sequence order; empty for a device
+        store of another device."""
+        if self.kind == "ingest":
+            rows = self.db.all(
+                "SELECT seq, bytes FROM batches WHERE device_id=? ORDER BY seq", (device,)
+            )
+        elif device in self.devices():
+            rows = self.db.all("SELECT seq, bytes FROM batches ORDER BY seq")
+        else:
+            rows = []
+        return [(int(s), bytes(b)) for s, b in rows]
 
 
 def read_batches(path: Path, device: str | None = None) -> list[tuple[str, int, bytes]]:
@@ -134,24 +249,10 @@ def read_batches(path: Path, device: str | None = None) -> list[tuple[str, int, 
     ``device`` narrows an ingest database to one device; for a device store of
     another device it gives an empty list.
     """
-    db = open_readonly(path)
-    try:
-        if kind_of(db, path) == "ingest":
-            rows = db.execute(
-                "SELECT device_id, seq, bytes FROM batches "
-                "WHERE ? IS NULL OR device_id = ? ORDER BY device_id, seq",
-                (device, device),
-            ).fetchall()
-            return [(str(d), int(s), bytes(b)) for d, s, b in rows]
-        dev = store_device_id(db, path)
-        if device is not None and device != dev:
-            return []
-        rows = db.execute("SELECT seq, bytes FROM batches ORDER BY seq").fetchall()
-        return [(dev, int(s), bytes(b)) for s, b in rows]
-    except sqlite3.Error as e:
-        raise ArchiveError(f"cannot read batches from {path}: {e}") from None
-    finally:
-        db.close()
+    with ReadOnlySQLite(path) as db:
+        held = Holdings(db, path)
+        devices = held.devices() if device is None else [device]
+        return [(dev, seq, raw) for dev in devices for seq, raw in held.batches(dev)]
 
 
 def registered_key_ranges(path: Path) -> list[tuple[str, bytes, int, int | None]]:
@@ -160,25 +261,17 @@ def registered_key_ranges(path: Path) -> list[tuple[str, bytes, int, int | None]
     Keys rotated to or registered from a sequence on are in ``device_keys``;
     a database from before it existed has only each device's first key.
     """
-    db = open_readonly(path)
-    try:
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "devices" not in tables:
+    with ReadOnlySQLite(path) as db:
+        held = Holdings(db, path)
+        if not held.has_registry():
             raise ArchiveError(f"{path} has no device registry")
         rows: dict[tuple[str, bytes], tuple[int, int | None]] = {
-            (str(d), bytes(k)): (0, None)
-            for d, k in db.execute("SELECT device_id, pubkey_pem FROM devices")
+            (d, k): (0, None) for d, k in held.keys().items()
         }
-        if "device_keys" in tables:
-            for d, k, first, last in db.execute(
-                "SELECT device_id, pubkey_pem, valid_from, valid_until FROM device_keys"
-            ):
-                rows[(str(d), bytes(k))] = (int(first), None if last is None else int(last))
+        for d, ranges in held.key_ranges().items():
+            for k, first, last in ranges:
+                rows[(d, k)] = (first, last)
         return [(d, k, first, last) for (d, k), (first, last) in rows.items()]
-    except sqlite3.Error as e:
-        raise ArchiveError(f"{path} has no device registry: {e}") from None
-    finally:
-        db.close()
 
 
 def ingest_alarms(path: Path) -> list[dict[str, object]]:

@@ -117,3 +117,18 @@ def test_bus_install_resolves_without_office_packages(tmp_path: Path) -> None:
     names = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
     assert "cngmrv" in names
     assert not names & set(OFFICE_ONLY), sorted(names & set(OFFICE_ONLY))
+
+
+def test_an_office_command_on_the_bus_install_names_the_missing_package(tmp_path: Path) -> None:
+    # sys.modules[name] = None is Python's own way to make that import fail, as on a bus
+    # install without the office extra (h11 comes with uvicorn).
+    code = (
+        "import sys; sys.modules['h11'] = None\n"
+        "from cngmrv.agent.cli import main\n"
+        f"main(['sim', '--duration', '1', '--workdir', {str(tmp_path)!r}])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "needs the Python package 'h11'" in out.stderr
+    assert "pip install 'cngmrv[office]'" in out.stderr

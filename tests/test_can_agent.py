@@ -14,8 +14,10 @@ import can
 import pytest
 
 from cngmrv.agent import config
+from cngmrv.agent.builtin_sources import CanBus
 from cngmrv.agent.replay import replay
 from cngmrv.agent.runtime import Agent
+from cngmrv.agent.source import configured
 from cngmrv.drivers import j1939
 from cngmrv.signed import batch
 
@@ -258,7 +260,9 @@ def test_engine_name_in_config(tmp_path: Path, keydir: Path) -> None:
         tmp_path,
     )
     assert cfg.pipeline.engine_name == NAME
-    assert cfg.can_source.listen_only and cfg.can_source.requests is None
+    sources = configured(cfg)
+    settings = next(s for s in sources if isinstance(s, CanBus)).settings(sources)
+    assert settings.listen_only and settings.requests is None
 
 
 def test_a_short_outage_is_an_explicit_gap_not_bridged() -> None:

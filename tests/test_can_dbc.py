@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 from cngmrv.agent import config
+from cngmrv.agent.builtin_sources import CanBus
 from cngmrv.agent.pipeline import Pipeline, PipelineConfig
+from cngmrv.agent.source import configured
 from cngmrv.drivers import j1939
+from cngmrv.drivers.can_source import SourceSettings
 from cngmrv.drivers.dbc import DbcError, DbcSignals
 
 
@@ -162,11 +165,19 @@ def _cfg(tmp_path: Path, can_section: dict) -> config.Config:
     )
 
 
+def _can_settings(cfg: config.Config) -> SourceSettings:
+    """What the CAN source builds its reader with, among the configured sources."""
+    sources = configured(cfg)
+    can_bus = next(s for s in sources if isinstance(s, CanBus))
+    return can_bus.settings(sources)
+
+
 def test_config_dbc_adds_its_pgns_to_the_kernel_filters(tmp_path: Path, fleet_dbc: Path) -> None:
     cfg = _cfg(tmp_path, {"dbc": fleet_dbc.name})
-    assert cfg.can_dbc == fleet_dbc
-    assert cfg.can_source.pgns is not None and {0xFF10, 0xFF11} <= cfg.can_source.pgns
-    assert _cfg(tmp_path, {"filters": False}).can_source.pgns is None
+    assert cfg.source_values["can"]["dbc"] == fleet_dbc
+    pgns = _can_settings(cfg).pgns
+    assert pgns is not None and {0xFF10, 0xFF11} <= pgns
+    assert _can_settings(_cfg(tmp_path, {"filters": False})).pgns is None
     (tmp_path / "bad.dbc").write_text("BO_ nonsense")
     with pytest.raises(config.ConfigError, match=r"^can\.dbc: cannot load"):
         _cfg(tmp_path, {"dbc": "bad.dbc"})

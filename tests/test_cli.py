@@ -134,7 +134,8 @@ def test_bad_config_names_the_key(tmp_path: Path, extra: str, message: str) -> N
 
 def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     cfg = config.load(_cfg(tmp_path, ""))
-    assert cfg.can_interface == "socketcan" and cfg.can_listen_only is True
+    can_values = cfg.source_values["can"]
+    assert can_values["interface"] == "socketcan" and can_values["listen_only"] is True
     assert cfg.key_file == tmp_path.resolve() / "k" / "device.key"
     assert cfg.readings_per_batch == 60
     assert (cfg.store_buffer_s, cfg.store_quota_bytes) == (10.0, 1024 * 1024 * 1024)

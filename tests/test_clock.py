@@ -117,7 +117,8 @@ def test_ntp_source_reads_the_kernel_without_privilege() -> None:
 
 def test_rmc_gives_utc_and_validity() -> None:
     fix = parse_rmc(_sentence("GPRMC,123519.50,A,4807.038,N,01131.000,E,022.4,084.4,230394,,"))
-    assert fix == Fix(utc=764426119.5, valid=True)  # 1994-03-23T12:35:19.5Z
+    # 1994-03-23T12:35:19.5Z, 22.4 knots
+    assert fix == Fix(utc=764426119.5, valid=True, speed_kmh=pytest.approx(22.4 * 1.852))
     fix = parse_rmc(_sentence("GNRMC,000000,V,,,,,,,010125,,,N"))
     assert fix is not None and not fix.valid
     assert parse_rmc(_sentence("GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,,,,")) is None

@@ -39,7 +39,7 @@ def test_example_is_a_valid_config() -> None:
     cfg = config.from_mapping(tomllib.loads(EXAMPLE.read_text()), EXAMPLE.parent)
     assert cfg.device_id == "bus-001"
     assert cfg.health.port == 9108 and cfg.service.log_format == "kv"
-    assert cfg.clock.source == "ntp" and cfg.can_listen_only
+    assert cfg.clock.source == "ntp" and cfg.source_values["can"]["listen_only"]
 
 
 def _write(tmp_path: Path, extra: str, key: str = "keys/device.key") -> Path:
@@ -59,7 +59,7 @@ def _write(tmp_path: Path, extra: str, key: str = "keys/device.key") -> Path:
         ("[service]\nstop_timeout_s = true\n", "service.stop_timeout_s: expected float"),
         ('[service]\nlog_format = "xml"\n', "service.log_format: must be one of 'kv', 'json'"),
         ('[clock]\nsorce = "gps"\n', "clock.sorce: unknown key"),
-        ('[clock]\nsource = "gps"\n', "clock.gps_port: required when clock.source = 'gps'"),
+        ('[clock]\nsource = "gps"\n', "gps.port: required when clock.source = 'gps'"),
         ("[clock]\nmin_year = 1970\n", "clock.min_year: must be a year"),
         ("[sources]\nwheel_speed = 300\n", "sources.wheel_speed: must be a J1939 source address"),
         ('[sources]\nfuel_rate = "brakes"\n', "sources.fuel_rate: must be 'auto', 'engine'"),

@@ -70,7 +70,7 @@ def test_served_on_loopback_only_and_only_metrics(agent: Agent) -> None:
 def test_scrapes_see_the_main_loops_snapshot(agent: Agent) -> None:
     server = health.HealthServer(0, refresh_s=0.0).start(agent)
     port = server._http.server_address[1]
-    bus = can.Bus(interface="virtual", channel=agent.config.can_channel)
+    bus = can.Bus(interface="virtual", channel=agent.config.source_values["can"]["channel"])
     try:
         before = health.fetch(port)['cngmrv_frames_received_total{source="can"}']
         for i in range(30):
@@ -128,3 +128,26 @@ def test_counters_past_a_million_keep_every_digit() -> None:
     assert 'cngmrv_frames_received_total{source="can"} 2280001\n' in text
     text = health.render({"cngmrv_disk_free_bytes": [({}, 0.1)]})
     assert health.parse(text)["cngmrv_disk_free_bytes"] == 0.1
+
+
+def test_a_sources_own_counters_are_metrics_with_no_code_of_its_own(agent: Agent) -> None:
+    # A source the health module has never heard of: its link's and decoder's counters
+    # reach the exposition through Agent.source_counters alone.
+    agent.pipeline.stats.plugins["newsource"] = {"lines": 7, "rejected": {'bad "crc"\n': 2}}
+    samples = health.parse(health.render(health.collect(agent)))
+    assert samples['cngmrv_source_counter{source="newsource",counter="lines"}'] == 7
+    key = 'cngmrv_source_counter{source="newsource",counter="rejected",key="bad \\"crc\\"\\n"}'
+    assert samples[key] == 2
+    # The CAN link's own counters come the same way.
+    assert samples['cngmrv_source_counter{source="can",counter="frames"}'] == 0
+    assert "source newsource lines 7" in health.describe(samples)
+
+
+def test_source_samples_leave_out_text_and_flags() -> None:
+    samples = health.source_samples(
+        {"gps": {"fixes": 3, "connected": True, "port": "/dev/x", "rejected": {"checksum": 1}}}
+    )
+    assert samples == [
+        ({"source": "gps", "counter": "fixes"}, 3),
+        ({"source": "gps", "counter": "rejected", "key": "checksum"}, 1),
+    ]

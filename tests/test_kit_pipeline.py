@@ -175,22 +175,20 @@ def test_kit_config_keys_are_validated(tmp_path: Path, kit: dict[str, Any], erro
 
 def test_kit_config_defaults_and_values(tmp_path: Path) -> None:
     base = {"device": {"id": "b", "key_file": "k"}, "store": {"path": "s"}}
-    cfg = config.from_mapping(base, tmp_path)
-    assert (cfg.kit_port, cfg.kit_baudrate, cfg.kit_reconnect_s, cfg.kit_handshake) == (
+    kit = config.from_mapping(base, tmp_path).source_values["kit"]
+    assert (kit["port"], kit["baudrate"], kit["reconnect_min_s"], kit["reconnect_max_s"]) == (
         "",
         115200,
-        (0.5, 30.0),
-        True,
+        0.5,
+        30.0,
     )
+    assert kit["handshake"] is True
     kit = {"port": "/dev/ttyUSB0", "baudrate": 230400, "read_timeout_s": 0.2,
            "reconnect_min_s": 1, "reconnect_max_s": 10, "handshake": False}  # fmt: skip
-    cfg = config.from_mapping({**base, "kit": kit}, tmp_path)
-    assert (cfg.kit_baudrate, cfg.kit_read_timeout_s, cfg.kit_reconnect_s) == (
-        230400,
-        0.2,
-        (1.0, 10.0),
-    )
-    assert cfg.kit_handshake is False and kc.PROTOCOL_VERSION == 2
+    got = config.from_mapping({**base, "kit": kit}, tmp_path).source_values["kit"]
+    assert (got["baudrate"], got["read_timeout_s"], got["reconnect_min_s"]) == (230400, 0.2, 1.0)
+    assert got["reconnect_max_s"] == 10.0
+    assert got["handshake"] is False and kc.PROTOCOL_VERSION == 2
 
 
 def _gas_and_diesel(out: list[dict[str, Any]]) -> tuple[float, float]:

@@ -275,3 +275,20 @@ def _stored_readings(store: Path) -> list[dict[str, Any]]:
     for raw in raws:
         out.extend(batch.parse(raw).payload()["readings"])
     return out
+
+
+@pytest.mark.parametrize(("kmh", "idle"), [(0.0, True), (36.0, False)])
+def test_idle_time_is_known_with_the_speed_from_obd(kmh: float, idle: bool) -> None:
+    # Old code: the engine's state needed J1939's CCVS, so with OBD-II's speed a running
+    # engine's state was unknown: idle_s and engine_on_s stayed 0.
+    p = _pipeline(enabled=True)
+    eec1 = j1939.make_id(j1939.PGN_EEC1, 0, 3)
+    running = j1939.encode(j1939.PGN_EEC1, {"engine_speed_rpm": 800.0})
+    for i in range(51):  # 5 s at 10 Hz
+        t = 1000.0 + i * 0.1
+        p.on_can(t, ECU1, _answer(0x0D, kmh))
+        p.on_can(t + 0.01, eec1, running)
+    out = p.finish()
+    on_s = sum(r["engine_on_s"] for r in out)
+    assert on_s == pytest.approx(5.0, abs=0.05)
+    assert sum(r["idle_s"] for r in out) == (pytest.approx(on_s) if idle else 0.0)

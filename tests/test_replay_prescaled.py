@@ -102,7 +102,9 @@ def test_the_live_agent_keeps_the_strict_rule() -> None:
     from cngmrv.agent import config
 
     gap_keys = {f"{s}.{k}" for s, table in config.SCHEMA.items() for k in table if "gap" in k}
-    assert gap_keys == {"pipeline.can_max_gap_s", "pipeline.kit_max_gap_s"}
+    # The GPS's own rule applies only to the distance it feeds when asked (gps.wheel_speed,
+    # off by default), for its one fix a second: never to a J1939 signal.
+    assert gap_keys == {"pipeline.can_max_gap_s", "pipeline.kit_max_gap_s", "gps.max_gap_s"}
     assert PipelineConfig().max_gap_s == {}
     with pytest.raises(ValueError, match="no gap rule"):
         Pipeline(PipelineConfig(max_gap_s={"fuel_total": 5.0}))

@@ -41,6 +41,8 @@ GUEST_PLATFORMS = {
 }
 # The arm64 smoke's guest builds the project from its sdist: its build requirements
 # (pyproject.toml's [build-system]) and the smoke's test tools come as wheels.
+# cngmrv sim runs the office's ingest beside the agent, so the smoke installs the office too.
+SMOKE_EXTRAS = ("office",)
 SMOKE_REQUIREMENTS = ["setuptools>=68", "wheel", "cffi>=1.16", "pytest>=8", "hypothesis>=6.100"]
 # The C integrator's tests and what they import, run in the arm64 guest.
 SMOKE_TESTS = (
@@ -48,7 +50,6 @@ SMOKE_TESTS = (
     "tests/test_integrator_kinds.py",
     "tests/integrator_helpers.py",
     "tests/conftest.py",
-    "tests/pg_cluster.py",
     "conftest.py",
     "pyproject.toml",
 )
@@ -255,6 +256,9 @@ def prepare_smoke_share(share: Path, arch: str, log: TextIO) -> None:
     share.mkdir(parents=True)
     shutil.copytree(Path(__file__).parent / "guest", share / "guest")
     src = share / "src"
+    missing = [rel for rel in SMOKE_TESTS if not (ROOT / rel).is_file()]
+    if missing:
+        raise VmBenchError("install", f"the smoke's test files are missing: {', '.join(missing)}")
     for rel in SMOKE_TESTS:
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, src / rel)
@@ -281,13 +285,13 @@ def prepare_smoke_share(share: Path, arch: str, log: TextIO) -> None:
     download_wheels(
         share / "wheelhouse",
         arch,
-        sdist_requirements(src / sdists[0].name) + SMOKE_REQUIREMENTS,
+        sdist_requirements(src / sdists[0].name, SMOKE_EXTRAS) + SMOKE_REQUIREMENTS,
         log,
     )
 
 
-def sdist_requirements(sdist: Path) -> list[str]:
-    """The sdist's install requirements (egg-info ``requires.txt`` before its first extra)."""
+def sdist_requirements(sdist: Path, extras: tuple[str, ...] = ()) -> list[str]:
+    """The sdist's install requirements (egg-info ``requires.txt``), with those of ``extras``."""
     import tarfile
 
     with tarfile.open(sdist) as t:
@@ -295,7 +299,13 @@ def sdist_requirements(sdist: Path) -> list[str]:
         f = t.extractfile(member)
         assert f is not None
         text = f.read().decode()
-    return [line.strip() for line in text.split("\n[", 1)[0].splitlines() if line.strip()]
+    base, *sections = text.split("\n[")
+    out = [line.strip() for line in base.splitlines() if line.strip()]
+    for section in sections:
+        name, _, body = section.partition("]")
+        if name in extras:
+            out += [line.strip() for line in body.splitlines() if line.strip()]
+    return out
 
 
 def _echo(log: TextIO):  # type: ignore[no-untyped-def]

@@ -13,7 +13,9 @@ case "$1" in
 install)
     python3 -m venv $V
     # pip builds the sdist in an isolated env from the wheelhouse (setuptools, wheel, cffi).
-    $V/bin/pip install --no-index --find-links "$W" "$B"/src/cngmrv-*.tar.gz
+    # With the office (run.py's SMOKE_EXTRAS): cngmrv sim runs the ingest beside the agent.
+    sdist=$(ls "$B"/src/cngmrv-*.tar.gz)
+    $V/bin/pip install --no-index --find-links "$W" "cngmrv[office] @ file://$sdist"
     $V/bin/pip install --no-index --find-links "$W" pytest hypothesis
     # The extension is the guest's own build: an aarch64 ELF under the venv.
     so=$($V/bin/python -c 'import cngmrv.native._integrator as m; print(m.__file__)')
