@@ -50,9 +50,10 @@ def recorder_config(config: Config) -> RecorderConfig:
 # anyway.  Below ``wake_after`` queued frames (a quiet bus, or the few a kernel filter
 # passes) this sets the pass rate, and each pass costs a clock check, a window advance and
 # the watchdog and metrics tick whether frames came or not: at 0.05 s that was most of an
-# idle agent's CPU.  A quarter second keeps readings well inside their one-second windows
-# and a stop prompt.
-RUN_WAIT_S = 0.25
+# idle agent's CPU.  Not longer: when bus time runs ahead of the receive clock (the
+# simulator unpaced, a replay), a kit message is anchored up to one wait late
+# (tests/test_sim.py::test_the_kits_clock_is_anchored_on_bus_time).
+RUN_WAIT_S = 0.1
 
 
 class Agent:

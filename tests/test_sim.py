@@ -100,9 +100,9 @@ def test_the_kits_clock_is_anchored_on_bus_time(first_run: dict, run_dir: Path) 
     The kit's boot HELLO is stamped at the drive's time 0, where the first
     reading starts: the simulator lets the kit speak only after a frame is in,
     and the agent times it by the frames received before it, not after.  It is
-    late by the time the first frame waited for the agent's pass (up to 50 ms)
-    and scheduling; anchored on the wall clock or the pass's last frame, it was
-    late by most of a second.
+    late by the time the first frame waited for the agent's pass (up to
+    ``RUN_WAIT_S``, 100 ms) and scheduling; anchored on the wall clock or the
+    pass's last frame, it was late by most of a second.
     """
     db = sqlite3.connect(run_dir / "store.sqlite")
     payloads = [batch.parse(bytes(raw)).payload() for (raw,) in db.execute(
