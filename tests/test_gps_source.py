@@ -26,7 +26,7 @@ from cngmrv.agent.source import registered
 from cngmrv.drivers import j1939
 from cngmrv.drivers.gps import KINDS, KMH_PER_KNOT, Fix, NmeaError, checksum, parse_rmc
 from cngmrv.signed import batch
-from cngmrv.signed.archive import open_readonly
+from cngmrv.signed.archive import read_batches
 
 
 def _sentence(body: str) -> str:
@@ -206,12 +206,7 @@ def test_config_check_names_the_gps_key(
 
 
 def _stored_readings(store: Path) -> list[dict[str, Any]]:
-    db = open_readonly(store)
-    try:
-        raws = [bytes(b) for (b,) in db.execute("SELECT bytes FROM batches ORDER BY seq")]
-    finally:
-        db.close()
-    return [r for raw in raws for r in batch.parse(raw).payload()["readings"]]
+    return [r for _, _, raw in read_batches(store) for r in batch.parse(raw).payload()["readings"]]
 
 
 class Vehicle:

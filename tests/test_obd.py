@@ -22,7 +22,7 @@ from cngmrv.drivers import j1939
 from cngmrv.drivers.can_source import CanSource
 from cngmrv.drivers.j1939 import STANDARD_ID_FLAG
 from cngmrv.signed import batch
-from cngmrv.signed.archive import open_readonly
+from cngmrv.signed.archive import read_batches
 
 ECU1 = 0x7E8 | STANDARD_ID_FLAG
 ECU2 = 0x7E9 | STANDARD_ID_FLAG
@@ -266,15 +266,7 @@ def test_config_check_names_the_obd_key(tmp_path: Path, keydir: Path) -> None:
 
 
 def _stored_readings(store: Path) -> list[dict[str, Any]]:
-    db = open_readonly(store)
-    try:
-        raws = [bytes(b) for (b,) in db.execute("SELECT bytes FROM batches ORDER BY seq")]
-    finally:
-        db.close()
-    out: list[dict[str, Any]] = []
-    for raw in raws:
-        out.extend(batch.parse(raw).payload()["readings"])
-    return out
+    return [r for _, _, raw in read_batches(store) for r in batch.parse(raw).payload()["readings"]]
 
 
 @pytest.mark.parametrize(("kmh", "idle"), [(0.0, True), (36.0, False)])
