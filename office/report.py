@@ -305,12 +305,21 @@ class DeviceBatches:
     def keyring(self) -> batch.KeyRing:
         """The registered key, and every key the ingest trusts from a sequence on."""
         items: dict[str, tuple[Any, int, int | None]] = {}
+        # The registered key is most often the first of the ranges too: loaded once.
+        loaded: dict[bytes, tuple[Any, str]] = {}
+
+        def load(pem: bytes, where: str) -> tuple[Any, str]:
+            if pem not in loaded:
+                pub = public_key_from_pem(pem, where)
+                loaded[pem] = (pub, kid_of(pub))
+            return loaded[pem]
+
         if self.pubkey_pem is not None:
-            pub = public_key_from_pem(self.pubkey_pem, f"registered key of {self.device_id}")
-            items[kid_of(pub)] = (pub, 0, None)
+            pub, kid = load(self.pubkey_pem, f"registered key of {self.device_id}")
+            items[kid] = (pub, 0, None)
         for pem, first, last in self.key_ranges:
-            pub = public_key_from_pem(pem, f"a registered key of {self.device_id}")
-            items[kid_of(pub)] = (pub, first, last)
+            pub, kid = load(pem, f"a registered key of {self.device_id}")
+            items[kid] = (pub, first, last)
         return batch.KeyRing(
             {kid: (pub, self.device_id) for kid, (pub, _, _) in items.items()},
             {(self.device_id, kid): (a, b) for kid, (_, a, b) in items.items()},
