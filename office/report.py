@@ -52,6 +52,7 @@ from cngmrv.office.mrv import (
     Part,
     conservative,
     emissions,
+    fleet_er,
     sensitivity,
 )
 from cngmrv.signed import batch, chain, reading
@@ -870,8 +871,8 @@ def _sensitivity(
 ) -> dict[str, Any]:
     cons = used if used.parameter_set == "conservative" else conservative(central, fleet)
     return {
-        "er_kg_co2_central": sum(emissions(central, q, dev).er_kg for dev, q in fleet),
-        "er_kg_co2_conservative": sum(emissions(cons, q, dev).er_kg for dev, q in fleet),
+        "er_kg_co2_central": fleet_er(central, fleet),
+        "er_kg_co2_conservative": fleet_er(cons, fleet),
         "conservative_values": dict(cons.overrides),
         "parameters": sensitivity(central, fleet),
     }
