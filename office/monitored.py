@@ -747,7 +747,7 @@ def _kept(
     hashes: dict[str, dict[int, str]] = {d: {} for d in known}
     sql, args = only("device_id")
     for dev, seq, sha in db.all(
-        "SELECT device_id, seq, sha256 FROM batches WHERE 1 = 1" + sql, args
+        "SELECT device_id, seq, sha256 FROM batches WHERE 1 = 1" + sql, args, binary=True
     ):
         of_dev = hashes.get(dev)
         if of_dev is not None:
@@ -758,6 +758,7 @@ def _kept(
         f"SELECT {', '.join(COLUMNS)} FROM batch_runs "
         "WHERE ((hour > ? AND hour < ?) OR status = 'raw' OR sums_version <> ?)" + sql,
         (_bound_lo(lo, big), _bound(hi, big), SUMS_VERSION, *args),
+        binary=True,
     )
     # Per device: (seq, part, blend, row, hash) of each stored run that answers exactly.
     stored: dict[str, list[tuple[Any, ...]]] = {d: [] for d in known}
