@@ -31,7 +31,6 @@ for bit (tests/test_fleetdb.py).
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 import math
 import multiprocessing
@@ -502,6 +501,7 @@ RECOMPUTED = "recomputed from the signed batch bytes"
 KEPT = "per-batch sums kept by the ingest, checked on arrival"
 
 
+@rp.paused_gc()
 def gather(
     source: str | Path,
     lo: float,
@@ -527,10 +527,6 @@ def gather(
     every reading in order, which no stored sum holds: it is always recomputed.
     """
     db = ReadOnlyDB(source)
-    # A fleet's runs are hundreds of thousands of objects that all live to the end: the
-    # cyclic collector would re-scan the growing heap again and again (most of the time).
-    collecting = gc.isenabled()
-    gc.disable()
     try:
         held = Holdings(db, redact(db.target))
         if held.kind == "ingest":
@@ -551,15 +547,13 @@ def gather(
             rp._check(held.kind, d)
         return _recomputed(held.kind, devices, lo, hi, refill_kg, fame_at, stock)
     finally:
-        if collecting:
-            gc.enable()
         db.close()
 
 
 #: A fleet of at least this many devices is gathered in several processes, one per core
 #: (below it, starting them and sending their totals back costs more than it saves):
 #: measured with bench/fleet_report.py, docs/office.md.
-PARALLEL_MIN_DEVICES = 2000
+PARALLEL_MIN_DEVICES = 1000
 
 
 def processes_for(devices: int) -> int:

@@ -374,8 +374,12 @@ class Monitored:
         return sum(p.gas_kg for p in self.parts)
 
     def at_blend(self, fame_share: float) -> Monitored:
-        parts = tuple(dataclasses.replace(p, fame_share=fame_share) for p in self.parts)
-        return dataclasses.replace(self, parts=parts)
+        # Built directly, not by dataclasses.replace: twice per bus and day of a fleet report.
+        parts = tuple(
+            Part(fame_share, p.diesel_l, p.gas_kg, p.distance_km, p.distance_credited_km)
+            for p in self.parts
+        )
+        return Monitored(parts, self.gas_low_factor, self.gas_high_factor)
 
 
 @dataclass(frozen=True)
