@@ -48,12 +48,17 @@ def recorder_config(config: Config) -> RecorderConfig:
 
 # How long the service's main loop waits for the first source's frames before a pass
 # anyway.  Below ``wake_after`` queued frames (a quiet bus, or the few a kernel filter
-# passes) this sets the pass rate, and each pass costs a clock check, a window advance and
-# the watchdog and metrics tick whether frames came or not: at 0.05 s that was most of an
-# idle agent's CPU.  Not longer: when bus time runs ahead of the receive clock (the
-# simulator unpaced, a replay), a kit message is anchored up to one wait late
-# (tests/test_sim.py::test_the_kits_clock_is_anchored_on_bus_time).
+# passes) this sets the pass rate, and each pass costs a clock check, a window advance, the
+# watchdog and metrics tick and a thread's wake-up, whether frames came or not: at 0.05 s
+# that was most of an idle agent's CPU.  With several sources (CAN and a kit, or GPS) not
+# longer than RUN_WAIT_S: their inputs are merged by receive time, and when bus time runs
+# ahead of the receive clock (the simulator unpaced, a replay) a kit message is anchored up
+# to one wait late (tests/test_sim.py::test_the_kits_clock_is_anchored_on_bus_time).  One
+# source alone has nothing to merge: its frames carry their own times, readings are one
+# second long and committed every few seconds, so it waits RUN_WAIT_ALONE_S (a stop is
+# then noticed up to that late, well inside service.stop_timeout_s).
 RUN_WAIT_S = 0.1
+RUN_WAIT_ALONE_S = 0.5
 
 
 class Agent:
@@ -203,8 +208,9 @@ class Agent:
         ``tick`` is called after every pass (the service's watchdog ping and
         metrics snapshot), so it stops when the loop hangs.
         """
+        wait = RUN_WAIT_S if len(self.links) > 1 else RUN_WAIT_ALONE_S
         while not stop.is_set():
-            self.poll(RUN_WAIT_S)
+            self.poll(wait)
             if tick is not None:
                 tick()
             first = self.links[0]

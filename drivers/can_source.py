@@ -95,6 +95,10 @@ DEFAULT_PGNS: frozenset[int] = frozenset(
 REPLAY = "replay"
 #: Every value ``interface`` may take: python-can's interfaces and ``"replay"``.
 INTERFACES: frozenset[str] = frozenset(can.interfaces.VALID_INTERFACES) | {REPLAY}
+#: A listening reader's longest wait in ``recv``: on a silent bus it wakes this often, and
+#: notices a stop or an outage this late (the bare python-can loop of bench/vm_full_load.py
+#: waits about as long).  At 0.05 s its 20 wake-ups a second were most of an idle agent's.
+LISTEN_POLL_S = 0.25
 
 
 class Talker(Protocol):
@@ -251,13 +255,18 @@ class CanSource:
     a thread switch (and a GIL hand-over) per frame, which on a full bus is
     thousands a second for nothing; the price of batching is latency, at most
     the consumer's timeout.
+
+    ``poll_s`` is the reader's longest wait in ``recv``: how late it notices
+    :meth:`stop` or an outage on a silent bus, and how often it wakes with no
+    frame.  By default 0.05 s when it transmits (requests and talkers are timed
+    on those wake-ups), else ``LISTEN_POLL_S``.
     """
 
     def __init__(
         self,
         bus: can.BusABC | BusOpener,
         queue_size: int = 65536,
-        poll_s: float = 0.05,
+        poll_s: float | None = None,
         *,
         listen_only: bool = True,
         backoff_s: float = 0.1,
@@ -293,7 +302,8 @@ class CanSource:
         self._waiting = False
         self._wake_after = wake_after
         self._events: deque[dict[str, Any]] = deque(maxlen=10000)
-        self._poll_s = poll_s
+        transmits = requests is not None or bool(self._talkers)
+        self._poll_s = poll_s if poll_s is not None else 0.05 if transmits else LISTEN_POLL_S
         self._backoff = (backoff_s, backoff_max_s)
         self._link = link
         self._link_poll_s = link_poll_s

@@ -16,7 +16,7 @@ import pytest
 from cngmrv.agent import config
 from cngmrv.agent.builtin_sources import CanBus
 from cngmrv.agent.replay import replay
-from cngmrv.agent.runtime import Agent
+from cngmrv.agent.runtime import RUN_WAIT_ALONE_S, Agent
 from cngmrv.agent.source import configured
 from cngmrv.drivers import j1939
 from cngmrv.signed import batch
@@ -281,3 +281,23 @@ def test_a_short_outage_is_an_explicit_gap_not_bridged() -> None:
 
     assert run(False) == pytest.approx(36.0 / 3600 * (1.9 + 0.4 + 1.9), rel=1e-9)
     assert run(True) == pytest.approx(36.0 / 3600 * (1.9 + 1.9), rel=1e-9)
+
+
+def test_an_agent_with_one_source_passes_a_few_times_a_second_on_a_silent_bus(
+    tmp_path: Path, keydir: Path
+) -> None:
+    channel = f"quiet-{uuid.uuid4().hex[:8]}"
+    agent = Agent(_config(tmp_path, keydir, {"interface": "virtual", "channel": channel}))
+    stop = threading.Event()
+    passes: list[float] = []
+    loop = threading.Thread(target=agent.run, args=(stop, lambda: passes.append(time.monotonic())))
+    agent.start()
+    loop.start()
+    try:
+        time.sleep(3.0)
+    finally:
+        stop.set()
+        loop.join()
+        agent.close(upload_timeout=0)
+    # One pass per RUN_WAIT_ALONE_S: a pass every 0.1 s, as with several sources, is 30.
+    assert 0 < len(passes) <= 3.0 / RUN_WAIT_ALONE_S + 2

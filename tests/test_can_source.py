@@ -12,9 +12,11 @@ from pathlib import Path
 
 import can
 import pytest
+from can.interfaces.virtual import VirtualBus
 
 from cngmrv.drivers import j1939
 from cngmrv.drivers.can_source import (
+    LISTEN_POLL_S,
     CanSource,
     RequestPlan,
     SourceSettings,
@@ -401,3 +403,26 @@ def test_wake_after_must_fit_the_queue(channel: str) -> None:
             CanSource(bus, queue_size=8, wake_after=9)
     finally:
         bus.shutdown()
+
+
+class CountingBus(VirtualBus):  # type: ignore[misc]
+    """A virtual bus that counts the reader's receive calls: its wake-ups."""
+
+    receives = 0
+
+    def _recv_internal(self, timeout: float | None) -> tuple[can.Message | None, bool]:
+        self.receives += 1
+        return super()._recv_internal(timeout)  # type: ignore[no-any-return]
+
+
+def test_a_listening_reader_on_a_silent_bus_wakes_a_few_times_a_second(channel: str) -> None:
+    bus = CountingBus(channel=channel)
+    src = CanSource(bus)
+    src.start()
+    try:
+        time.sleep(2.0)
+    finally:
+        src.stop()
+    # At most one wake-up per LISTEN_POLL_S (and one for the stop): every 0.05 s, as it
+    # was, is 40 in these 2 s.
+    assert bus.receives <= 2.0 / LISTEN_POLL_S + 2
