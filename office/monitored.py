@@ -758,6 +758,10 @@ def _kept(
     stored: dict[str, list[tuple[Any, ...]]] = {d: [] for d in known}
     redo: set[tuple[str, int]] = set()
     breaks = tuple(fame_breaks)
+    # The hours a change of blend falls in: a run elsewhere cannot hold one, and in an hour
+    # without one every reading has the same blend (asked once per hour, not per run).
+    cut = {int(k // 3600) * 3600 for k in breaks}
+    blend_of: dict[int, float] = {}
     for v in rows:
         dev, seq = v[0], v[1]
         of_dev = hashes.get(dev)
@@ -777,10 +781,17 @@ def _kept(
             # The stored run holds share 0: it takes the blend in force, unless one changes
             # inside it.
             first, last = v[_FIRST_T0], v[_LAST_T1]
-            if any(first < k < last for k in breaks):
-                redo.add((dev, seq))
-                continue
-            fame = fame_at(first)
+            within = hour <= first < hour + 3600 and last <= hour + 7200
+            if not within or hour in cut or hour + 3600 in cut:
+                if any(first < k < last for k in breaks):
+                    redo.add((dev, seq))
+                    continue
+                fame = fame_at(first)
+            else:
+                known_blend = blend_of.get(hour)
+                if known_blend is None:
+                    known_blend = blend_of[hour] = fame_at(first)
+                fame = known_blend
         stored[dev].append((seq, v[_PART], fame, v, sha))
     # Batches stored without sums (by a cngmrv from before them): decoded here.
     sql, args = only("b.device_id")

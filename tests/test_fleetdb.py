@@ -248,15 +248,19 @@ def test_migrations_on_postgresql_backfill_the_sums(tmp_path: Path, pg_url: str)
     _both_ways(pg_url, mrv.load())
 
 
-def test_a_blend_change_inside_a_stored_hour_agrees_with_recompute(tmp_path: Path) -> None:
+@pytest.mark.parametrize("change", ["21:30:00", "21:00:00"])
+def test_a_blend_change_inside_a_stored_hour_agrees_with_recompute(
+    tmp_path: Path, change: str
+) -> None:
     # The ingest's sums hold no blend: the report labels each stored hour with the blend in
-    # force, and decodes the batches of an hour that a change of blend cuts (21:30 here).
+    # force, and decodes the batches of an hour that a change of blend cuts (21:30), or a
+    # run that straddles it (21:00, an hour's first instant).
     project = tmp_path / "blend.toml"
     project.write_text(
         '[methodology]\nbase = "jcm-id-dual-fuel-bus"\nversion = "2.0.0+blend-test"\n'
-        '[[blend]]\nname = "B0"\nfrom = 2000-01-01\nto = 2025-03-01T21:30:00Z\n'
+        f'[[blend]]\nname = "B0"\nfrom = 2000-01-01\nto = 2025-03-01T{change}Z\n'
         'fame_share_vol = 0.0\nsource = "test"\n'
-        '[[blend]]\nname = "B40"\nfrom = 2025-03-01T21:30:00Z\nfame_share_vol = 0.4\n'
+        f'[[blend]]\nname = "B40"\nfrom = 2025-03-01T{change}Z\nfame_share_vol = 0.4\n'
         'source = "test"\n'
     )
     m = mrv.load(project)
