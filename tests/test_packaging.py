@@ -7,13 +7,14 @@ with the tests, which (like bench/) use them from the source tree.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from vmbench.run import source_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_PROGRAMS = ("crash_harness", "sanitize_native", "selftest_integrator")
@@ -25,19 +26,7 @@ OLD_TEST_MODULES = ("cngmrv/sim/crash.py", "cngmrv/native/sanitize.py", "cngmrv/
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("wheel")
     # From a copy: setuptools builds in the source folder, and this checkout may be in use.
-    src = out / "src"
-    skip = shutil.ignore_patterns(
-        ".git",
-        ".venv*",
-        ".hypothesis",
-        "build",
-        "dist",
-        "*.egg-info",
-        "__pycache__",
-        ".*_cache",
-        "*.so",
-    )
-    shutil.copytree(ROOT, src, ignore=skip)
+    src = source_copy(out / "src")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(src)],
         capture_output=True,

@@ -112,3 +112,15 @@ def test_the_arm64_smokes_test_files_exist() -> None:
     # A moved test file broke the arm64 smoke once; the smoke runs rarely, so this checks it.
     missing = [rel for rel in run.SMOKE_TESTS if not (run.ROOT / rel).is_file()]
     assert missing == []
+
+
+def test_the_wheel_and_sdist_are_built_from_a_copy_without_earlier_builds(tmp_path: Path) -> None:
+    root = tmp_path / "checkout"
+    for rel in ("agent/runtime.py", "build/lib/cngmrv/agent/gone.py", "cngmrv.egg-info/PKG-INFO"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x = 1\n")
+    (root / ".git").mkdir()
+    (root / "agent" / "__pycache__").mkdir()
+    copy = run.source_copy(tmp_path / "copy", root)
+    got = sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*"))
+    assert got == ["agent", "agent/runtime.py"]

@@ -272,7 +272,7 @@ def prepare_smoke_share(share: Path, arch: str, log: TextIO) -> None:
     try:
         r = subprocess.run(
             [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(build)],
-            cwd=ROOT,
+            cwd=source_copy(build / "tree"),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -433,16 +433,51 @@ def busload_to_candump(
     return n
 
 
+#: What a build from a copy of the checkout leaves out: version control, virtual
+#: environments, caches and earlier builds' output.
+NOT_SOURCE = shutil.ignore_patterns(
+    ".git",
+    ".venv*",
+    ".hypothesis",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    "*.so",
+)
+
+
+def source_copy(dest: Path, root: Path = ROOT) -> Path:
+    """A copy of the checkout's source (``root``) in ``dest``, to build a wheel or an sdist from.
+
+    setuptools builds in the source folder (``build/``, ``*.egg-info``): from the
+    checkout itself it would leave those behind, where the tree's own checks read them
+    as modules, and package whatever an earlier build left in ``build/lib``.
+    """
+    shutil.copytree(root, dest, ignore=NOT_SOURCE)
+    return dest
+
+
 def build_wheelhouse(out: Path, arch: str, log: TextIO) -> None:
     """The project's wheel (built here, its C extension by the host's compiler) and every
     dependency as a binary wheel for the guest's Python and platform."""
     out.mkdir(parents=True)
     pip = [sys.executable, "-m", "pip"]
-    r = subprocess.run(
-        [*pip, "wheel", "--quiet", "--no-deps", "-w", str(out), str(ROOT)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with tempfile.TemporaryDirectory(prefix="wheel-src-") as tmp:
+        r = subprocess.run(
+            [
+                *pip,
+                "wheel",
+                "--quiet",
+                "--no-deps",
+                "-w",
+                str(out),
+                str(source_copy(Path(tmp) / "src")),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     wheels = list(out.glob("cngmrv-*.whl"))
     if r.returncode != 0 or not wheels:
         raise VmBenchError("install", f"pip wheel of the project failed (exit {r.returncode})")
