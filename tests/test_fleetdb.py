@@ -17,7 +17,7 @@ import pytest
 from test_report import DAY0, STEP, make_store, reading
 
 from cngmrv.office import monitored, mrv, report
-from cngmrv.office.fleetdb import SCHEMA_VERSION, IngestDB, SchemaMismatch
+from cngmrv.office.fleetdb import SCHEMA_VERSION, IngestDB, IngestError, SchemaMismatch
 from cngmrv.office.ingest import Ingest, register_device
 from cngmrv.signed import keys
 
@@ -324,3 +324,16 @@ def test_an_error_in_another_process_is_the_reports_error(
     with pytest.raises(report.ReportError, match=r"no diesel blend .* for 2025-03-02"):
         report.build(pg_url, mrv.load(project))
     assert calls == [3]
+
+
+def test_a_gathering_process_that_dies_is_named(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    _load(pg_url, tmp_path)
+    _in_processes(monkeypatch, 3)
+    # A process killed before it answers (out of memory, say): the report stops and says which.
+    monkeypatch.setattr(monitored, "_answer", lambda *args: os._exit(9))
+    with pytest.raises(IngestError, match=r"gathering bus-b\.\.bus-b ended without an answer"):
+        report.build(pg_url, mrv.load())
