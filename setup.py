@@ -46,6 +46,9 @@ setup(
         "office": [
             # The HTML report's plots (Agg backend, no display needed).
             "matplotlib>=3.8",
+            # The fleet ER of the conservative set and the sensitivity, every bus at once
+            # (mrv.FleetColumns); matplotlib needs it anyway.
+            "numpy>=1.26",
             # The monitoring-report workbook (cngmrv report --format xlsx).
             "openpyxl>=3.1",
             # cngmrv sfc-ref writes into a project's methodology file, keeping its comments.

@@ -31,12 +31,17 @@ for bit (tests/test_fleetdb.py).
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 import math
+import multiprocessing
+import operator
+import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +81,12 @@ _FLOATS = (
 _INTS = ["readings"] + [f"gaps_{ch}" for ch in rp.CHANNELS] + ["inj_n", "tank_refills", "tank_n"]
 _KEY = ["device_id", "seq", "part", "hour", "status", "sums_version"]
 COLUMNS = (*_KEY, *_INTS, *_FLOATS, "epochs")
+
+
+# Where each column sits in a row selected as COLUMNS (the report reads rows by position).
+_AT = {c: i for i, c in enumerate(COLUMNS)}
+_PART, _HOUR, _STATUS, _VERSION = _AT["part"], _AT["hour"], _AT["status"], _AT["sums_version"]
+_READINGS, _FIRST_T0, _LAST_T1 = _AT["readings"], _AT["first_t0"], _AT["last_t1"]
 
 
 def create_table(db: IngestDB) -> None:
@@ -353,6 +364,126 @@ def combine(bus: rp.BusData, run: Run, refill_kg: float) -> None:
     bus.epochs |= run.epochs
 
 
+def _valid_for(v: Sequence[Any], refill_kg: float) -> bool:
+    """:meth:`Run.valid_for` of the stored row ``v``."""
+    dmax, dmin = v[_DMAX_USE], v[_DMIN_REFILL]
+    return (dmax is None or dmax <= refill_kg) and (dmin is None or refill_kg < dmin)
+
+
+@functools.lru_cache(maxsize=1 << 10)
+def _epochs_of(text: str | None) -> frozenset[int]:
+    # A few distinct values over a fleet (the boots of a batch): parsed once each.
+    return frozenset(int(e) for e in str(text or "").split(",") if e)
+
+
+_COV = tuple((ch, _AT[f"cov_{ch}"]) for ch in rp.CHANNELS)
+_GAPS = tuple((ch, _AT[f"gaps_{ch}"], _AT[f"longest_{ch}"]) for ch in rp.CHANNELS)
+_MODE = tuple((m, _AT[f"mode_{m}"]) for m in rp.MODES)
+_COV_GAS, _COV_DIESEL = _AT["cov_gas_kg"], _AT["cov_diesel_l"]
+(_DUR, _DIESEL, _GAS, _DISTANCE, _CREDITED, _UNSYNCED) = (
+    _AT[c]
+    for c in ("dur_s", "diesel_l", "gas_kg", "distance_km", "distance_credited_km", "unsynced_s")
+)
+(_LFC_FIRST, _LFC_LAST, _LFC_FIRST_DIESEL, _LFC_REST) = (
+    _AT[c] for c in ("lfc_first", "lfc_last", "lfc_first_diesel", "lfc_rest_diesel")
+)
+(_INJ_KG, _INJ_FLOW, _INJ_N) = (_AT[c] for c in ("inj_kg", "inj_flow_kg", "inj_n"))
+(_TANK_FIRST, _TANK_FIRST_GAS, _TANK_LAST, _TANK_USED, _TANK_FLOW, _TANK_REFILLS, _TANK_N) = (
+    _AT[c]
+    for c in (
+        "tank_first", "tank_first_gas", "tank_last", "tank_used_kg", "tank_flow_kg",
+        "tank_refills", "tank_n",
+    )
+)  # fmt: skip
+_DMAX_USE, _DMIN_REFILL, _EPOCHS = _AT["tank_dmax_use"], _AT["tank_dmin_refill"], _AT["epochs"]
+
+
+def combine_stored(
+    bus: rp.BusData, v: Sequence[Any], seq: int, sha: str, fame: float, refill_kg: float
+) -> None:
+    """:func:`combine` of the stored row ``v`` (COLUMNS' order, status ``ok``), its blend
+    ``fame``: the same additions in the same order, without building its :class:`Run`.
+
+    A fleet's report adds hundreds of thousands of stored runs: a Run each (its sums'
+    dictionaries, its cross-checks) cost more than the additions.  tests/test_monitored.py
+    holds it to :func:`combine` bit for bit.
+    """
+    hour_start = int(v[_HOUR])
+    day = _day_of(hour_start)
+    day_sums = bus.days.get(day)
+    if day_sums is None:
+        day_sums = bus.days[day] = rp.Sums()
+    readings = int(v[_READINGS])
+    dur, diesel, gas = v[_DUR], v[_DIESEL], v[_GAS]
+    distance, credited = v[_DISTANCE], v[_CREDITED]
+    first_t0, last_t1 = v[_FIRST_T0], v[_LAST_T1]
+    for into in (bus.total, day_sums):
+        into.readings += readings
+        into.dur_s += dur
+        into.diesel_l += diesel
+        into.gas_kg += gas
+        into.distance_km += distance
+        into.distance_credited_km += credited
+        cov, gaps, longest = into.cov, into.gaps, into.longest_gap_s
+        for ch, i in _COV:
+            cov[ch] += v[i]
+        for ch, i, j in _GAPS:
+            gaps[ch] += int(v[i])
+            if v[j] > longest[ch]:
+                longest[ch] = v[j]
+        mode_s = into.mode_s
+        for m, i in _MODE:
+            mode_s[m] += v[i]
+        into.unsynced_s += v[_UNSYNCED]
+        if readings:
+            part = into.parts.get(fame)
+            if part is None:
+                part = into.parts[fame] = [0.0, 0.0, 0.0, 0.0]
+            part[0] += diesel
+            part[1] += gas
+            part[2] += distance
+            part[3] += credited
+        if first_t0 < into.first_t0:
+            into.first_t0 = first_t0
+        if last_t1 > into.last_t1:
+            into.last_t1 = last_t1
+        into.seqs[seq] = sha
+    hour = bus.hours.get(hour_start)
+    if hour is None:
+        hour = bus.hours[hour_start] = [0.0, 0.0, 0.0]
+    hour[0] += dur
+    hour[1] += v[_COV_GAS]
+    hour[2] += v[_COV_DIESEL]
+    c = bus.checks
+    if v[_LFC_FIRST] is not None:
+        if c.lfc_first is None:
+            c.lfc_first = v[_LFC_FIRST]
+        else:
+            c.lfc_diesel_l += float(v[_LFC_FIRST_DIESEL] or 0.0)
+        c.lfc_diesel_l += v[_LFC_REST]
+        c.lfc_last = v[_LFC_LAST]
+    c.inj_kg += v[_INJ_KG]
+    c.inj_flow_kg += v[_INJ_FLOW]
+    c.inj_n += int(v[_INJ_N])
+    tank_n = int(v[_TANK_N])
+    if tank_n:
+        tank_first = v[_TANK_FIRST]
+        if c.tank_prev is not None and tank_first is not None:
+            if tank_first - c.tank_prev > refill_kg:
+                c.tank_refills += 1
+            else:
+                c.tank_used_kg += c.tank_prev - tank_first
+                c.tank_flow_kg += float(v[_TANK_FIRST_GAS] or 0.0)
+        c.tank_used_kg += v[_TANK_USED]
+        c.tank_flow_kg += v[_TANK_FLOW]
+        c.tank_refills += int(v[_TANK_REFILLS])
+        c.tank_n += tank_n
+        c.tank_prev = v[_TANK_LAST]
+    epochs = _epochs_of(v[_EPOCHS])
+    if epochs:
+        bus.epochs |= epochs
+
+
 # -- the seam: where the report gets its monitored totals -------------------------------
 
 
@@ -370,6 +501,7 @@ RECOMPUTED = "recomputed from the signed batch bytes"
 KEPT = "per-batch sums kept by the ingest, checked on arrival"
 
 
+@rp.paused_gc()
 def gather(
     source: str | Path,
     lo: float,
@@ -395,10 +527,6 @@ def gather(
     every reading in order, which no stored sum holds: it is always recomputed.
     """
     db = ReadOnlyDB(source)
-    # A fleet's runs are hundreds of thousands of objects that all live to the end: the
-    # cyclic collector would re-scan the growing heap again and again (most of the time).
-    collecting = gc.isenabled()
-    gc.disable()
     try:
         held = Holdings(db, redact(db.target))
         if held.kind == "ingest":
@@ -407,15 +535,125 @@ def gather(
         kept = not (recompute or stock or "batch_runs" not in db.tables() or db.version() < 2)
         if held.kind == "ingest" and kept:
             keys, ranges = held.keys(), held.key_ranges()
-            return _kept(db, known, keys, ranges, lo, hi, refill_kg, fame_at, fame_breaks)
+            args = (keys, ranges, lo, hi, refill_kg, fame_at, fame_breaks)
+            n = 1 if bus is not None else processes_for(len(known))
+            if n == 1:
+                return _kept(db, known, *args, whole=bus is None)
+            # Each process opens its own connection: none is carried across a fork.
+            db.close()
+            return _kept_in_parallel(str(source), _slices(known, n), args)
         devices = rp.device_batches(held, known)
         for d in devices:
             rp._check(held.kind, d)
         return _recomputed(held.kind, devices, lo, hi, refill_kg, fame_at, stock)
     finally:
-        if collecting:
-            gc.enable()
         db.close()
+
+
+#: A fleet of at least this many devices is gathered in several processes, one per core
+#: (below it, starting them and sending their totals back costs more than it saves):
+#: measured with bench/fleet_report.py, docs/office.md.
+PARALLEL_MIN_DEVICES = 1000
+
+
+def processes_for(devices: int) -> int:
+    """How many processes gather a fleet of ``devices`` (1: in this one)."""
+    if devices < PARALLEL_MIN_DEVICES:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, devices // (PARALLEL_MIN_DEVICES // 2)))
+
+
+def _slices(known: list[str], n: int) -> list[list[str]]:
+    """``known`` (sorted) cut into ``n`` contiguous slices of about equal length."""
+    size = len(known)
+    return [known[i * size // n : (i + 1) * size // n] for i in range(n)]
+
+
+_KeptArgs = tuple[
+    dict[str, bytes],
+    dict[str, list[tuple[bytes, int, int | None]]],
+    float,
+    float,
+    float,
+    "FameAt | None",
+    Sequence[float],
+]
+
+
+def _kept_slice(source: str, known: list[str], args: _KeptArgs) -> Totals:
+    db = ReadOnlyDB(source)
+    try:
+        return _kept(db, known, *args, whole=False)
+    finally:
+        db.close()
+
+
+def _answer(conn: Connection, source: str, known: list[str], args: _KeptArgs) -> None:
+    """A forked process's work: gather ``known``, send the totals (or the error) back."""
+    out: tuple[str, Any]
+    try:
+        out = ("ok", _kept_slice(source, known, args))
+    except BaseException as e:  # sent to the parent, which raises it
+        out = ("error", e)
+    try:
+        conn.send(out)
+    except Exception as e:  # an exception that does not pickle: its text
+        conn.send(("error", IngestError(f"gathering {known[0]}..{known[-1]}: {e}")))
+    conn.close()
+
+
+def _kept_in_parallel(source: str, slices: list[list[str]], args: _KeptArgs) -> Totals:
+    """:func:`_kept` of each slice of devices in its own process, this one doing the first;
+    the totals in device order.
+
+    Exactness does not depend on the split: each device's runs are added in the same
+    order whichever process adds them, and the report combines buses in device order
+    afterwards.  Forked (the arguments, a methodology's ``fame_at`` among them, are not
+    pickled); only the totals come back through a pipe.
+    """
+    ctx = multiprocessing.get_context("fork")
+    # A forked child flushes the parent's buffered output as its own when it ends.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    workers: list[tuple[BaseProcess, Connection]] = []
+    done = False
+    try:
+        for part in slices[1:]:
+            here, there = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_answer, args=(there, source, part, args), daemon=True)
+            proc.start()
+            there.close()
+            workers.append((proc, here))
+        got = [_kept_slice(source, slices[0], args)]
+        for (p, here), part in zip(workers, slices[1:], strict=True):
+            try:
+                status, value = here.recv()
+            except EOFError:
+                p.join()
+                raise IngestError(
+                    f"the process gathering {part[0]}..{part[-1]} ended without an answer "
+                    f"(exit code {p.exitcode})"
+                ) from None
+            if status != "ok":
+                raise value
+            got.append(value)
+        done = True
+    finally:
+        for p, here in workers:
+            here.close()
+            if not done and p.is_alive():
+                p.terminate()
+            p.join()
+    return Totals(
+        "ingest",
+        KEPT,
+        [d for t in got for d in t.devices],
+        [b for t in got for b in t.buses],
+    )
 
 
 def _refuse_newer(db: ReadOnlyDB) -> None:
@@ -491,74 +729,106 @@ def _kept(
     refill_kg: float,
     fame_at: FameAt | None = None,
     fame_breaks: Sequence[float] = (),
+    whole: bool = True,
 ) -> Totals:
+    """The totals of the devices ``known`` (sorted) from the stored runs; ``whole``: they are
+    every device the database holds (no filter in SQL)."""
     big = 2**62
-    one = len(known) == 1
-    dev_sql = " AND r.device_id = ?" if one else ""
-    dev_arg: tuple[Any, ...] = (known[0],) if one else ()
+    only = functools.partial(_only, db, known, whole)
+    # Every held batch's hash in one query (a fleet's devices one by one would be a round
+    # trip each), cut to each bus's range of sequences below.  Hex once per batch: the
+    # runs' sums and the trace share the string.
+    hashes: dict[str, dict[int, str]] = {d: {} for d in known}
+    sql, args = only("device_id")
+    for dev, seq, sha in db.all(
+        "SELECT device_id, seq, sha256 FROM batches WHERE 1 = 1" + sql, args, binary=True
+    ):
+        of_dev = hashes.get(dev)
+        if of_dev is not None:
+            of_dev[seq] = sha.hex()
     # Rows whose hour overlaps [lo, hi); those cut by lo or hi are re-derived below.
+    sql, args = only("device_id")
     rows = db.all(
-        f"SELECT {', '.join('r.' + c for c in COLUMNS)}, b.sha256 FROM batch_runs r "
-        "JOIN batches b ON b.device_id = r.device_id AND b.seq = r.seq "
-        "WHERE ((r.hour > ? AND r.hour < ?) OR r.status = 'raw' OR r.sums_version <> ?)" + dev_sql,
-        (_bound_lo(lo, big), _bound(hi, big), SUMS_VERSION, *dev_arg),
+        f"SELECT {', '.join(COLUMNS)} FROM batch_runs "
+        "WHERE ((hour > ? AND hour < ?) OR status = 'raw' OR sums_version <> ?)" + sql,
+        (_bound_lo(lo, big), _bound(hi, big), SUMS_VERSION, *args),
+        binary=True,
     )
-    runs: dict[str, dict[int, list[Run]]] = {d: {} for d in known}
+    # Per device: (seq, part, blend, row, hash) of each stored run that answers exactly.
+    stored: dict[str, list[tuple[Any, ...]]] = {d: [] for d in known}
     redo: set[tuple[str, int]] = set()
-    for values in rows:
-        row = dict(zip(COLUMNS, values, strict=False))
-        dev, seq = str(row["device_id"]), int(row["seq"])
-        if dev not in runs:
+    breaks = tuple(fame_breaks)
+    # The hours a change of blend falls in: a run elsewhere cannot hold one, and in an hour
+    # without one every reading has the same blend (asked once per hour, not per run).
+    cut = {int(k // 3600) * 3600 for k in breaks}
+    blend_of: dict[int, float] = {}
+    for v in rows:
+        dev, seq = v[0], v[1]
+        of_dev = hashes.get(dev)
+        sha = None if of_dev is None else of_dev.get(seq)
+        if sha is None:  # another device's, or a row without its batch
             continue
-        if row["status"] != "ok" or row["sums_version"] != SUMS_VERSION:
-            if row["status"] != "empty" or row["sums_version"] != SUMS_VERSION:
+        if v[_STATUS] != "ok" or v[_VERSION] != SUMS_VERSION:
+            if v[_STATUS] != "empty" or v[_VERSION] != SUMS_VERSION:
                 redo.add((dev, seq))
             continue
-        run = _run(row, bytes(values[-1]).hex())
-        if run.hour < lo or run.hour + 3600 > hi or not run.valid_for(refill_kg):
+        hour = v[_HOUR]
+        if hour < lo or hour + 3600 > hi or not _valid_for(v, refill_kg):
             redo.add((dev, seq))
-        elif fame_at is not None and not _relabel(run, fame_at, fame_breaks):
-            redo.add((dev, seq))
-        runs[dev].setdefault(seq, []).append(run)
+            continue
+        fame = 0.0
+        if fame_at is not None and v[_READINGS]:
+            # The stored run holds share 0: it takes the blend in force, unless one changes
+            # inside it.
+            first, last = v[_FIRST_T0], v[_LAST_T1]
+            within = hour <= first < hour + 3600 and last <= hour + 7200
+            if not within or hour in cut or hour + 3600 in cut:
+                if any(first < k < last for k in breaks):
+                    redo.add((dev, seq))
+                    continue
+                fame = fame_at(first)
+            else:
+                known_blend = blend_of.get(hour)
+                if known_blend is None:
+                    known_blend = blend_of[hour] = fame_at(first)
+                fame = known_blend
+        stored[dev].append((seq, v[_PART], fame, v, sha))
     # Batches stored without sums (by a cngmrv from before them): decoded here.
+    sql, args = only("b.device_id")
     for dev, seq in db.all(
         "SELECT b.device_id, b.seq FROM batches b WHERE NOT EXISTS (SELECT 1 FROM batch_runs r "
-        "WHERE r.device_id = b.device_id AND r.seq = b.seq)" + dev_sql.replace("r.", "b."),
-        dev_arg,
+        "WHERE r.device_id = b.device_id AND r.seq = b.seq)" + sql,
+        args,
     ):
-        if str(dev) in runs:
+        if str(dev) in stored:
             redo.add((str(dev), int(seq)))
     # Stored, then its key was revoked from before it (ingest.revoke_key): it no longer counts.
     revoked: dict[str, dict[str, list[str]]] = {}
+    gone: set[tuple[str, int]] = set()
+    sql, args = only("a.device_id")
     for dev, seq, detail in db.all(
         "SELECT a.device_id, a.seq, a.detail FROM alarms a JOIN batches b "
         "ON b.device_id = a.device_id AND b.seq = a.seq AND b.sha256 IS NOT NULL "
-        "WHERE a.kind = 'revoked_key'" + dev_sql.replace("r.", "a."),
-        dev_arg,
+        "WHERE a.kind = 'revoked_key'" + sql,
+        args,
     ):
-        if str(dev) in runs:
-            runs[str(dev)].pop(int(seq), None)
+        if str(dev) in stored:
+            gone.add((str(dev), int(seq)))
             redo.discard((str(dev), int(seq)))
             revoked.setdefault(str(dev), {})[f"batch_seq {int(seq)}"] = [
                 f"signed with a revoked key: {detail}"
             ]
     for dev, seq in sorted(redo):
         (raw,) = db.all("SELECT bytes FROM batches WHERE device_id=? AND seq=?", (dev, seq))[0]
-        runs[dev][seq] = runs_of(stored_batch(bytes(raw)), lo, hi, refill_kg, fame_at)
+        gone.add((dev, seq))
+        for run in runs_of(stored_batch(bytes(raw)), lo, hi, refill_kg, fame_at):
+            # A decoded run: no blend, row or hash, it carries its own.
+            stored[dev].append((seq, run.part, None, run, None))
     if redo:
         log.info("event=report_drill_down batches=%d", len(redo))
     devices, buses = [], []
-    missing = _missing(db, known, dev_sql.replace("r.", ""), dev_arg)
-    # Every held batch's hash in one query (a fleet's devices one by one would be a round
-    # trip each), cut to each bus's range of sequences below.
-    hashes: dict[str, dict[int, bytes]] = {d: {} for d in known}
-    for dev, seq, sha in db.all(
-        "SELECT device_id, seq, sha256 FROM batches WHERE 1 = 1" + dev_sql.replace("r.", ""),
-        dev_arg,
-    ):
-        if str(dev) in hashes:
-            hashes[str(dev)][int(seq)] = bytes(sha)
-    held_range = {dev: (min(h), max(h)) for dev, h in hashes.items() if h}
+    sql, args = only("device_id")
+    missing = _missing(db, known, sql, args)
     for dev in known:
         d = rp.DeviceBatches(dev, [], keys.get(dev), key_ranges=ranges.get(dev, []))
         # The ingest verified each batch on arrival, under the key valid for its sequence.
@@ -566,17 +836,41 @@ def _kept(
         d.excluded = revoked.get(dev, {})
         d.missing = missing.get(dev, [])
         bus = rp.BusData(dev)
-        for seq in sorted(runs[dev]):
-            for run in sorted(runs[dev][seq], key=lambda r: r.part):
-                combine(bus, run, refill_kg)
+        runs = stored[dev]
+        if gone:
+            runs = [r for r in runs if r[2] is None or (dev, r[0]) not in gone]
+        # In batch sequence, then run, order: the one order both ways add in.
+        runs.sort(key=_SEQ_PART)
+        for seq, _, fame, v, sha in runs:
+            if fame is None:
+                combine(bus, v, refill_kg)
+            else:
+                combine_stored(bus, v, seq, sha, fame, refill_kg)
+        of_dev = hashes[dev]
         if bus.total.seqs:
             first, last = min(bus.total.seqs), max(bus.total.seqs)
-            d.held = {s: h.hex() for s, h in sorted(hashes[dev].items()) if first <= s <= last}
-        if dev in held_range:
-            d.signed_by = _signed_by(d, *held_range[dev])
+            d.held = {s: h for s, h in sorted(of_dev.items()) if first <= s <= last}
+        if of_dev:
+            d.signed_by = _signed_by(d, min(of_dev), max(of_dev))
         devices.append(d)
         buses.append(bus)
     return Totals("ingest", KEPT, devices, buses)
+
+
+_SEQ_PART = operator.itemgetter(0, 1)
+
+
+def _only(db: ReadOnlyDB, known: list[str], whole: bool, col: str) -> tuple[str, tuple[Any, ...]]:
+    """The SQL condition (`` AND ...``) and arguments that select the devices ``known``."""
+    if whole:
+        return "", ()
+    if len(known) == 1:
+        return f" AND {col} = ?", (known[0],)
+    # A contiguous slice of the sorted ids.  Python orders strings by code point, as SQLite's
+    # BINARY and PostgreSQL's "C" collation do (UTF-8 keeps it); the database's own
+    # collation may not.  A superset would do too: rows of other devices are skipped.
+    collate = ' COLLATE "C"' if db.dialect == "postgresql" else ""
+    return f" AND {col}{collate} >= ? AND {col}{collate} <= ?", (known[0], known[-1])
 
 
 def _signed_by(d: rp.DeviceBatches, first: int, last: int) -> list[tuple[str, int, int]]:

@@ -374,8 +374,12 @@ class Monitored:
         return sum(p.gas_kg for p in self.parts)
 
     def at_blend(self, fame_share: float) -> Monitored:
-        parts = tuple(dataclasses.replace(p, fame_share=fame_share) for p in self.parts)
-        return dataclasses.replace(self, parts=parts)
+        # Built directly, not by dataclasses.replace: twice per bus and day of a fleet report.
+        parts = tuple(
+            Part(fame_share, p.diesel_l, p.gas_kg, p.distance_km, p.distance_credited_km)
+            for p in self.parts
+        )
+        return Monitored(parts, self.gas_low_factor, self.gas_high_factor)
 
 
 @dataclass(frozen=True)
@@ -428,8 +432,8 @@ def _balance(
     m: Methodology, q: Monitored, device_id: str
 ) -> tuple[float, float, float, float, float, float, float, float]:
     """:func:`emissions`' arithmetic: (RE, PE, gas factor, fossil MJ, biogenic MJ, gas kg,
-    form A's RE, form B's RE).  :func:`fleet_er` needs only RE - PE, a hundred times
-    per bus: it skips building the :class:`Emissions`."""
+    form A's RE, form B's RE): the definition :class:`FleetColumns` repeats on a whole
+    fleet at once."""
     ef_g = m.ef_gas_kg_per_mj(device_id)
     ncv_g = m.p("ncv_gas")
     per_kg_gas = ncv_g * ef_g + m.boundary_kg_per_kg_gas()
@@ -477,12 +481,131 @@ def _balance(
 
 def fleet_er(m: Methodology, fleet: Sequence[tuple[str, Monitored]]) -> float:
     """The fleet's ER: :func:`emissions`' ``er_kg`` of each bus, summed in fleet order."""
-    return sum(_er(m, q, dev) for dev, q in fleet)
+    return FleetColumns(m, fleet).er(m)
 
 
 def _er(m: Methodology, q: Monitored, device_id: str) -> float:
     re, pe = _balance(m, q, device_id)[:2]
     return re - pe
+
+
+class FleetColumns:
+    """A fleet's monitored sums as columns, one entry per bus, for its ER under many
+    variants of one methodology (the conservative set and the sensitivity evaluate it
+    some 80 times over).
+
+    :meth:`er` is :func:`_balance`'s arithmetic (RE - PE per bus, summed in fleet
+    order) done on every bus at once: the same float64 operations in the same order,
+    and numpy's are IEEE's as Python's are, so the same floats to the last bit
+    (tests/test_mrv.py holds it to the bus-by-bus sum).  ``m`` gives what the variants
+    share: which buses have an engine type or a reference consumption of their own.
+    """
+
+    def __init__(self, m: Methodology, fleet: Sequence[tuple[str, Monitored]]) -> None:
+        import numpy as np
+
+        self._np = np
+        devices = [dev for dev, _ in fleet]
+        self._base = m
+        self.size = len(fleet)
+        self.low = np.array([q.gas_low_factor for _, q in fleet], dtype=np.float64)
+        self.high = np.array([q.gas_high_factor for _, q in fleet], dtype=np.float64)
+        # The blends in the fleet: each part's blend is an index into them.
+        self.shares = sorted({p.fame_share for _, q in fleet for p in q.parts})
+        where = {share: i for i, share in enumerate(self.shares)}
+        slots = max((len(q.parts) for _, q in fleet), default=0)
+        self.parts = []  # per slot: (present, blend, diesel L, gas kg, credited km)
+        for k in range(slots):
+            rows = [q.parts[k] if k < len(q.parts) else None for _, q in fleet]
+            self.parts.append(
+                (
+                    np.array([p is not None for p in rows], dtype=bool),
+                    np.array([where[p.fame_share] if p else 0 for p in rows], dtype=np.intp),
+                    *(
+                        np.array([getattr(p, f) if p else 0.0 for p in rows], dtype=np.float64)
+                        for f in ("diesel_l", "gas_kg", "distance_credited_km")
+                    ),
+                )
+            )
+        # Each bus's engine type (its gas's methane slip): a representative device each.
+        engines: dict[str | None, str] = {}
+        for dev in devices:
+            engines.setdefault(m.bus_engine.get(dev), dev)
+        self.engines = list(engines.values())
+        index = {e: i for i, e in enumerate(engines)}
+        self.engine = np.array([index[m.bus_engine.get(dev)] for dev in devices], dtype=np.intp)
+        self.refs: list[Parameter] = []
+        self.ref = np.zeros(self.size, dtype=np.intp)
+        if m.uses_form_b():
+            seen: dict[int, int] = {}
+            for i, dev in enumerate(devices):
+                ref = m.sfc_ref(dev)
+                if id(ref) not in seen:
+                    seen[id(ref)] = len(self.refs)
+                    self.refs.append(ref)
+                self.ref[i] = seen[id(ref)]
+
+    def er(self, m: Methodology) -> float:
+        """The fleet's ER under ``m``, a variant of the methodology the columns were made
+        with (:meth:`Methodology.with_values`): :func:`fleet_er`, to the last bit."""
+        np = self._np
+        base = self._base
+        if (m.bus_engine, m.bus_reference, m.bus_class, m.form) != (
+            base.bus_engine,
+            base.bus_reference,
+            base.bus_class,
+            base.form,
+        ):
+            raise ValueError("FleetColumns.er: not a variant of the columns' methodology")
+        ncv_g = m.p("ncv_gas")
+        boundary = m.boundary_kg_per_kg_gas()
+        per_kg_gas = np.array(
+            [ncv_g * m.ef_gas_kg_per_mj(dev) + boundary for dev in self.engines], dtype=np.float64
+        )[self.engine]
+        table = [m.blend_mj_per_l(s) for s in self.shares]
+        fossil_of = np.array([f for f, _ in table], dtype=np.float64)
+        fame_of = np.array([b for _, b in table], dtype=np.float64)
+        per_mj_of = np.array([m.blend_kg_per_mj(s) for s in self.shares], dtype=np.float64)
+        kg_per_l_of = np.array([m.blend_kg_per_l(s) for s in self.shares], dtype=np.float64)
+        form_b = m.uses_form_b()
+        if form_b:
+            ref_value = np.array([r.value for r in self.refs], dtype=np.float64)[self.ref]
+            own = [r.fame_share_vol is not None for r in self.refs]
+            ref_own = np.array(own, dtype=bool)[self.ref]
+            ref_mj_of = np.array(
+                [
+                    sum(m.blend_mj_per_l(r.fame_share_vol)) if r.fame_share_vol is not None else 0.0
+                    for r in self.refs
+                ],
+                dtype=np.float64,
+            )[self.ref]
+        zero = np.zeros(self.size, dtype=np.float64)
+        diesel_kg, gas_kg, re_a_diesel, re_a_gas, re_b = (zero.copy() for _ in range(5))
+        for present, blend, diesel, gas, credited in self.parts:
+            fossil, fame, per_mj = fossil_of[blend], fame_of[blend], per_mj_of[blend]
+            # A bus with fewer parts adds nothing in this slot (not even a zero).
+            diesel_kg = np.where(present, diesel_kg + diesel * kg_per_l_of[blend], diesel_kg)
+            gas_kg = np.where(present, gas_kg + gas, gas_kg)
+            re_a_diesel = np.where(
+                present, re_a_diesel + diesel * (fossil + fame) * per_mj, re_a_diesel
+            )
+            re_a_gas = np.where(present, re_a_gas + gas * ncv_g * per_mj, re_a_gas)
+            if form_b:
+                ref_mj = np.where(ref_own, ref_mj_of, fossil + fame)
+                re_b = np.where(present, re_b + credited * ref_value * ref_mj * per_mj, re_b)
+        low, high = self.low, self.high
+        re_lo, pe_lo = re_a_diesel + low * re_a_gas, diesel_kg + low * gas_kg * per_kg_gas
+        re_hi, pe_hi = re_a_diesel + high * re_a_gas, diesel_kg + high * gas_kg * per_kg_gas
+        at_low = re_lo - pe_lo <= re_hi - pe_hi
+        re_a, pe_a = np.where(at_low, re_lo, re_hi), np.where(at_low, pe_lo, pe_hi)
+        if m.form == "A":
+            re, pe = re_a, pe_a
+        elif m.form == "B":
+            re, pe = re_b, pe_hi
+        else:  # Python's min() and max(): the first unless the second is below (above) it
+            re, pe = np.where(re_b < re_a, re_b, re_a), np.where(pe_hi > pe_a, pe_hi, pe_a)
+        # The bus-by-bus sum, in fleet order, as sum() adds Python floats.
+        return float(sum((re - pe).tolist()))
 
 
 def conservative(m: Methodology, fleet: Sequence[tuple[str, Monitored]]) -> Methodology:
@@ -502,10 +625,12 @@ def conservative(m: Methodology, fleet: Sequence[tuple[str, Monitored]]) -> Meth
     # A sweep re-evaluates corners an earlier one already did when nothing moved between.
     seen: dict[tuple[tuple[str, float], ...], float] = {}
 
+    columns = FleetColumns(base, fleet)
+
     def er_at(values: dict[str, float]) -> float:
         key = tuple(sorted(values.items()))
         if key not in seen:
-            seen[key] = fleet_er(base.with_values(values), fleet)
+            seen[key] = columns.er(base.with_values(values))
         return seen[key]
 
     # ER is close to linear in each parameter, so a few sweeps settle; each sweep is 2n fleets.
@@ -538,15 +663,16 @@ def sensitivity(m: Methodology, fleet: Sequence[tuple[str, Monitored]]) -> list[
     A parameter of a boundary term that ``m`` leaves out is swung with its term
     included (``with_term``), so its weight shows; the term's own row is its switch.
     """
-    central = fleet_er(m, fleet)
+    columns = FleetColumns(m, fleet)
+    central = columns.er(m)
     rows: list[dict[str, Any]] = []
     for n in m.ranged():
         p = m.parameters[n]
         assert p.low is not None and p.high is not None
         switch = BOUNDARY_OF.get(n)
         mm = m if switch is None or getattr(m, switch) else m.with_values({}, **{switch: True})
-        er_lo = fleet_er(mm.with_values({n: p.low}), fleet)
-        er_hi = fleet_er(mm.with_values({n: p.high}), fleet)
+        er_lo = columns.er(mm.with_values({n: p.low}))
+        er_hi = columns.er(mm.with_values({n: p.high}))
         rows.append(
             {
                 "parameter": n,
@@ -562,7 +688,7 @@ def sensitivity(m: Methodology, fleet: Sequence[tuple[str, Monitored]]) -> list[
             }
         )
     for switch in sorted(set(BOUNDARY_OF.values())):
-        on, off = (fleet_er(m.with_values({}, **{switch: v}), fleet) for v in (True, False))
+        on, off = (columns.er(m.with_values({}, **{switch: v})) for v in (True, False))
         rows.append(
             {
                 "parameter": switch,

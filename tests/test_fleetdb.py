@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from test_report import DAY0, STEP, make_store, reading
 
-from cngmrv.office import mrv, report
-from cngmrv.office.fleetdb import SCHEMA_VERSION, IngestDB, SchemaMismatch
+from cngmrv.office import monitored, mrv, report
+from cngmrv.office.fleetdb import SCHEMA_VERSION, IngestDB, IngestError, SchemaMismatch
 from cngmrv.office.ingest import Ingest, register_device
 from cngmrv.signed import keys
 
@@ -248,15 +248,19 @@ def test_migrations_on_postgresql_backfill_the_sums(tmp_path: Path, pg_url: str)
     _both_ways(pg_url, mrv.load())
 
 
-def test_a_blend_change_inside_a_stored_hour_agrees_with_recompute(tmp_path: Path) -> None:
+@pytest.mark.parametrize("change", ["21:30:00", "21:00:00"])
+def test_a_blend_change_inside_a_stored_hour_agrees_with_recompute(
+    tmp_path: Path, change: str
+) -> None:
     # The ingest's sums hold no blend: the report labels each stored hour with the blend in
-    # force, and decodes the batches of an hour that a change of blend cuts (21:30 here).
+    # force, and decodes the batches of an hour that a change of blend cuts (21:30), or a
+    # run that straddles it (21:00, an hour's first instant).
     project = tmp_path / "blend.toml"
     project.write_text(
         '[methodology]\nbase = "jcm-id-dual-fuel-bus"\nversion = "2.0.0+blend-test"\n'
-        '[[blend]]\nname = "B0"\nfrom = 2000-01-01\nto = 2025-03-01T21:30:00Z\n'
+        f'[[blend]]\nname = "B0"\nfrom = 2000-01-01\nto = 2025-03-01T{change}Z\n'
         'fame_share_vol = 0.0\nsource = "test"\n'
-        '[[blend]]\nname = "B40"\nfrom = 2025-03-01T21:30:00Z\nfame_share_vol = 0.4\n'
+        f'[[blend]]\nname = "B40"\nfrom = 2025-03-01T{change}Z\nfame_share_vol = 0.4\n'
         'source = "test"\n'
     )
     m = mrv.load(project)
@@ -267,3 +271,69 @@ def test_a_blend_change_inside_a_stored_hour_agrees_with_recompute(tmp_path: Pat
     shares = [p["fame_share_vol"] for p in by["bus-a"]["blend_parts"]]
     assert shares == [0.0, 0.4]
     assert [p["fame_share_vol"] for p in by["bus-c"]["blend_parts"]] == [0.4]
+
+
+def _in_processes(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
+    """Make every fleet report gather in ``n`` processes; the list counts the times it did."""
+    calls: list[int] = []
+    parallel = monitored._kept_in_parallel
+
+    def counted(source: str, slices: list[list[str]], args: Any) -> monitored.Totals:
+        calls.append(len(slices))
+        return parallel(source, slices, args)
+
+    monkeypatch.setattr(monitored, "processes_for", lambda devices: n)
+    monkeypatch.setattr(monitored, "_kept_in_parallel", counted)
+    return calls
+
+
+def test_gathering_in_several_processes_changes_no_bit(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sqlite_db = tmp_path / "ingest.sqlite"
+    _load(sqlite_db, tmp_path, skip=(3,))
+    _load(pg_url, tmp_path, skip=(3,))
+    m = mrv.load()
+    serial = {target: _both_ways(target, m) for target in (sqlite_db, pg_url)}
+    for n in (2, 3):
+        with monkeypatch.context() as mp:
+            calls = _in_processes(mp, n)
+            for target in (sqlite_db, pg_url):
+                # Each period's kept-sums report (the recompute is never split) in n slices.
+                assert _both_ways(target, m) == serial[target]
+            assert calls == [n] * 2 * len(PERIODS)
+    # One bus is never split.
+    calls = _in_processes(monkeypatch, 3)
+    one = report.build(pg_url, m, bus="bus-b")
+    assert calls == [] and [b["device_id"] for b in one.data["buses"]] == ["bus-b"]
+
+
+def test_an_error_in_another_process_is_the_reports_error(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bus-c drives on 2 March, after the schedule's only blend: its process (the last
+    # slice, not this one) finds no blend for its readings.
+    project = tmp_path / "short.toml"
+    project.write_text(
+        '[methodology]\nbase = "jcm-id-dual-fuel-bus"\nversion = "2.0.0+short"\n'
+        '[[blend]]\nname = "B0"\nfrom = 2000-01-01\nto = 2025-03-02T00:00:00Z\n'
+        'fame_share_vol = 0.0\nsource = "test"\n'
+    )
+    _load(pg_url, tmp_path)
+    calls = _in_processes(monkeypatch, 3)
+    with pytest.raises(report.ReportError, match=r"no diesel blend .* for 2025-03-02"):
+        report.build(pg_url, mrv.load(project))
+    assert calls == [3]
+
+
+def test_a_gathering_process_that_dies_is_named(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    _load(pg_url, tmp_path)
+    _in_processes(monkeypatch, 3)
+    # A process killed before it answers (out of memory, say): the report stops and says which.
+    monkeypatch.setattr(monitored, "_answer", lambda *args: os._exit(9))
+    with pytest.raises(IngestError, match=r"gathering bus-b\.\.bus-b ended without an answer"):
+        report.build(pg_url, mrv.load())

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cngmrv.office import mrv
@@ -378,3 +378,85 @@ def test_less_measured_gas_never_raises_er_on_fossil_diesel(
     m = mrv.load().with_values({}, include_ch4_n2o=False)
     full = mrv.emissions(m, _q(diesel, gas, km), "bus").er_kg
     assert mrv.emissions(m, _q(diesel, gas * less, km), "bus").er_kg <= full + 1e-9
+
+
+# Every form, with a bus on its own engine type and one on its own reference (of its own blend).
+VARIANTS = {
+    form: BASE
+    + f'form = "{form}"\n'
+    + '[engine_slip.wp10]\nvalue = 300.0\nunit = "kg/TJ"\nsource = "t"\n[buses.engine]\n"b2" = "wp10"\n'
+    + '[bus_reference.b3]\nvalue = 0.35\nunit = "L/km"\nfame_share_vol = 0.3\nsource = "t"\n'
+    + '[buses.class]\n"b0" = "large"\n"b1" = "medium"\n"b2" = "large"\n"b4" = "medium"\n'
+    for form in ("A", "B", "both")
+}
+
+
+def _amount() -> st.SearchStrategy[float]:
+    return st.one_of(st.floats(0.0, 1e5), st.sampled_from([0.0, 1e-9, 3.3]))
+
+
+@st.composite
+def fleets(draw: st.DrawFn) -> list[tuple[str, mrv.Monitored]]:
+    out = []
+    for i in range(draw(st.integers(1, 5))):
+        shares = draw(st.lists(st.sampled_from([0.0, 0.3, 0.35, 0.4]), max_size=3, unique=True))
+        parts = tuple(
+            mrv.Part(
+                s,
+                draw(_amount()),
+                draw(_amount()),
+                km := draw(_amount()),
+                km * draw(st.floats(0, 1)),
+            )
+            for s in sorted(shares)
+        )
+        low = draw(st.sampled_from([1.0, 0.8, draw(st.floats(0.0, 1.0))]))
+        high = draw(st.sampled_from([1.0, 1.25, draw(st.floats(1.0, 3.0))]))
+        out.append((f"b{i}", mrv.Monitored(parts, low, high)))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(fleets(), st.sampled_from(sorted(VARIANTS)), st.data())
+def test_the_fleet_columns_give_the_bus_by_bus_er_to_the_bit(
+    tmp_path_factory: pytest.TempPathFactory,
+    fleet: list[tuple[str, mrv.Monitored]],
+    form: str,
+    data: st.DataObject,
+) -> None:
+    m = _methodology(tmp_path_factory, form)
+    columns = mrv.FleetColumns(m, fleet)
+    # The variants the conservative set and the sensitivity evaluate: values and switches.
+    names = m.ranged()
+    for _ in range(4):
+        values = {
+            n: data.draw(st.sampled_from([m.parameters[n].low, m.parameters[n].high]))
+            for n in data.draw(st.lists(st.sampled_from(names), max_size=4, unique=True))
+        }
+        switches = {
+            k: data.draw(st.booleans())
+            for k in ("include_compression", "include_upstream_leakage", "include_ch4_n2o")
+        }
+        v = m.with_values(values, **switches)
+        by_bus = sum(mrv._er(v, q, dev) for dev, q in fleet)
+        assert columns.er(v).hex() == float(by_bus).hex()
+        assert mrv.fleet_er(v, fleet).hex() == float(by_bus).hex()
+
+
+_LOADED: dict[str, mrv.Methodology] = {}
+
+
+def _methodology(tmp_path_factory: pytest.TempPathFactory, form: str) -> mrv.Methodology:
+    if form not in _LOADED:
+        path = tmp_path_factory.mktemp("variants") / f"{form}.toml"
+        path.write_text(VARIANTS[form])
+        _LOADED[form] = mrv.load(path)
+    return _LOADED[form]
+
+
+def test_the_fleet_columns_refuse_another_methodology(tmp_path: Path) -> None:
+    fleet = [("b0", _q(diesel_l=5.0, gas_kg=3.0))]
+    columns = mrv.FleetColumns(mrv.load(), fleet)
+    other = _project(tmp_path, BASE + 'form = "B"\n' + CLASSES.replace('"bus"', '"b0"'))
+    with pytest.raises(ValueError, match="not a variant"):
+        columns.er(other)
