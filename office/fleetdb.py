@@ -550,16 +550,32 @@ def open_db(target: str | Path, migrate: bool = False, pool_size: int = 4) -> In
 
 # -- reading only -------------------------------------------------------------------
 
+_SNAPSHOT_ID = re.compile(r"[0-9A-F]+-[0-9A-F]+(-[0-9]+)?")
+
 
 class ReadOnlyDB(_Schema):
-    """A fleet database opened for reading (the report): never creates or changes anything."""
+    """A fleet database opened for reading (the report): never creates or changes anything.
 
-    def __init__(self, target: str | Path) -> None:
+    Every query reads one snapshot, the database as it was at the first: on a
+    database the ingest is writing, a report's queries (the sums, the hashes it
+    names, the missing ranges, the revoked keys) must not each see a different
+    moment, or a batch stored between two of them would be named by one and
+    absent from another.  PostgreSQL: one ``REPEATABLE READ, READ ONLY``
+    transaction, which :meth:`snapshot` exports for other connections to join
+    (``snapshot=``, as ``pg_dump --jobs`` does).  SQLite: one read transaction;
+    its snapshot cannot be shared, so another connection reads its own moment.
+    The snapshot is held until :meth:`close`; a long report on PostgreSQL holds
+    back vacuum that long, as any long read does.
+    """
+
+    def __init__(self, target: str | Path, snapshot: str | None = None) -> None:
         text = str(target)
         self.target = text
         self.dialect = "postgresql" if is_url(text) else "sqlite"
         self._conn: Any
         if self.dialect == "postgresql":
+            if snapshot is not None and not _SNAPSHOT_ID.fullmatch(snapshot):
+                raise ValueError(f"not a PostgreSQL snapshot id: {snapshot!r}")
             psycopg = _psycopg()
             try:
                 self._conn = psycopg.connect(
@@ -568,12 +584,26 @@ class ReadOnlyDB(_Schema):
                     autocommit=True,
                     options="-c default_transaction_read_only=on",
                 )
+                self._conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                if snapshot is not None:
+                    # SET TRANSACTION takes no parameters; the id is checked above.
+                    self._conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
             except psycopg.Error as e:
                 raise _pg_error(text, e) from None
             self._errors: tuple[type[BaseException], ...] = (psycopg.Error,)
         else:
+            if snapshot is not None:
+                raise ValueError("a SQLite database's snapshot cannot be shared")
             self._conn = open_readonly(Path(text))
+            self._conn.execute("BEGIN")
             self._errors = (sqlite3.Error,)
+
+    def snapshot(self) -> str | None:
+        """The id another :class:`ReadOnlyDB` joins this one's snapshot with (PostgreSQL;
+        valid while this one is open), or ``None`` where snapshots cannot be shared."""
+        if self.dialect != "postgresql":
+            return None
+        return str(self.all("SELECT pg_export_snapshot()")[0][0])
 
     def all(self, sql: str, params: Iterable[Any] = (), binary: bool = False) -> list[Any]:
         """Every row of ``sql``.  ``binary``: PostgreSQL sends the values in binary (a float

@@ -539,9 +539,7 @@ def gather(
             n = 1 if bus is not None else processes_for(len(known))
             if n == 1:
                 return _kept(db, known, *args, whole=bus is None)
-            # Each process opens its own connection: none is carried across a fork.
-            db.close()
-            return _kept_in_parallel(str(source), _slices(known, n), args)
+            return _kept_in_parallel(db, _slices(known, n), args)
         devices = rp.device_batches(held, known)
         for d in devices:
             rp._check(held.kind, d)
@@ -584,19 +582,21 @@ _KeptArgs = tuple[
 ]
 
 
-def _kept_slice(source: str, known: list[str], args: _KeptArgs) -> Totals:
-    db = ReadOnlyDB(source)
+def _kept_slice(source: str, snapshot: str | None, known: list[str], args: _KeptArgs) -> Totals:
+    db = ReadOnlyDB(source, snapshot)
     try:
         return _kept(db, known, *args, whole=False)
     finally:
         db.close()
 
 
-def _answer(conn: Connection, source: str, known: list[str], args: _KeptArgs) -> None:
+def _answer(
+    conn: Connection, source: str, snapshot: str | None, known: list[str], args: _KeptArgs
+) -> None:
     """A forked process's work: gather ``known``, send the totals (or the error) back."""
     out: tuple[str, Any]
     try:
-        out = ("ok", _kept_slice(source, known, args))
+        out = ("ok", _kept_slice(source, snapshot, known, args))
     except BaseException as e:  # sent to the parent, which raises it
         out = ("error", e)
     try:
@@ -606,15 +606,20 @@ def _answer(conn: Connection, source: str, known: list[str], args: _KeptArgs) ->
     conn.close()
 
 
-def _kept_in_parallel(source: str, slices: list[list[str]], args: _KeptArgs) -> Totals:
-    """:func:`_kept` of each slice of devices in its own process, this one doing the first;
-    the totals in device order.
+def _kept_in_parallel(db: ReadOnlyDB, slices: list[list[str]], args: _KeptArgs) -> Totals:
+    """:func:`_kept` of each slice of devices in its own process, this one doing the first
+    on ``db``; the totals in device order.
 
     Exactness does not depend on the split: each device's runs are added in the same
     order whichever process adds them, and the report combines buses in device order
-    afterwards.  Forked (the arguments, a methodology's ``fame_at`` among them, are not
-    pickled); only the totals come back through a pipe.
+    afterwards.  On PostgreSQL every process reads ``db``'s snapshot (exported, and held
+    by ``db`` until they are done), so the fleet is read at one moment; on SQLite each
+    process reads its own, a moment per slice.  Forked (the arguments, a methodology's
+    ``fame_at`` among them, are not pickled); only the totals come back through a pipe.
+    A child never touches the connection it inherits: it opens its own, and ends with
+    ``os._exit`` (multiprocessing's fork), which closes nothing of the parent's.
     """
+    source, snapshot = db.target, db.snapshot()
     ctx = multiprocessing.get_context("fork")
     # A forked child flushes the parent's buffered output as its own when it ends.
     sys.stdout.flush()
@@ -624,11 +629,13 @@ def _kept_in_parallel(source: str, slices: list[list[str]], args: _KeptArgs) -> 
     try:
         for part in slices[1:]:
             here, there = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_answer, args=(there, source, part, args), daemon=True)
+            proc = ctx.Process(
+                target=_answer, args=(there, source, snapshot, part, args), daemon=True
+            )
             proc.start()
             there.close()
             workers.append((proc, here))
-        got = [_kept_slice(source, slices[0], args)]
+        got = [_kept(db, slices[0], *args, whole=False)]
         for (p, here), part in zip(workers, slices[1:], strict=True):
             try:
                 status, value = here.recv()

@@ -17,7 +17,13 @@ import pytest
 from test_report import DAY0, STEP, make_store, reading
 
 from cngmrv.office import monitored, mrv, report
-from cngmrv.office.fleetdb import SCHEMA_VERSION, IngestDB, IngestError, SchemaMismatch
+from cngmrv.office.fleetdb import (
+    SCHEMA_VERSION,
+    IngestDB,
+    IngestError,
+    ReadOnlyDB,
+    SchemaMismatch,
+)
 from cngmrv.office.ingest import Ingest, register_device
 from cngmrv.signed import keys
 
@@ -278,9 +284,9 @@ def _in_processes(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
     calls: list[int] = []
     parallel = monitored._kept_in_parallel
 
-    def counted(source: str, slices: list[list[str]], args: Any) -> monitored.Totals:
+    def counted(db: ReadOnlyDB, slices: list[list[str]], args: Any) -> monitored.Totals:
         calls.append(len(slices))
-        return parallel(source, slices, args)
+        return parallel(db, slices, args)
 
     monkeypatch.setattr(monitored, "processes_for", lambda devices: n)
     monkeypatch.setattr(monitored, "_kept_in_parallel", counted)
@@ -337,3 +343,54 @@ def test_a_gathering_process_that_dies_is_named(
     monkeypatch.setattr(monitored, "_answer", lambda *args: os._exit(9))
     with pytest.raises(IngestError, match=r"gathering bus-b\.\.bus-b ended without an answer"):
         report.build(pg_url, mrv.load())
+
+
+def _send_late(target: str | Path, tmp: Path, seq: int) -> None:
+    """bus-b's batch ``seq`` (held back by ``_load(skip=...)``) through the real ingest now."""
+    con = sqlite3.connect(tmp / "bus-b.sqlite")
+    (raw,) = con.execute("SELECT bytes FROM batches WHERE seq = ?", (seq,)).fetchone()
+    con.close()
+    db = IngestDB(target)
+    try:
+        status, body = Ingest(db).accept(bytes(raw))
+        assert status == 201, body
+    finally:
+        db.close()
+
+
+def _counts(db: ReadOnlyDB) -> tuple[int, int]:
+    batches = db.all("SELECT count(*) FROM batches")[0][0]
+    runs = db.all("SELECT count(*) FROM batch_runs")[0][0]
+    return int(batches), int(runs)
+
+
+def test_a_report_reads_one_moment_while_the_ingest_stores(tmp_path: Path, pg_url: str) -> None:
+    """A batch stored between two of a report's queries is in neither, not in one of them:
+    the sums and the hashes they name come from one snapshot (and, on PostgreSQL, every
+    gathering process joins it)."""
+    for target in (tmp_path / "ingest.sqlite", pg_url):
+        _load(target, tmp_path, skip=(3,))
+        reading = ReadOnlyDB(target)
+        try:
+            before = _counts(reading)
+            snapshot = reading.snapshot()
+            _send_late(target, tmp_path, 3)
+            assert _counts(reading) == before
+            if target == pg_url:
+                assert snapshot is not None
+                joined = ReadOnlyDB(target, snapshot)
+                try:
+                    assert _counts(joined) == before
+                finally:
+                    joined.close()
+            else:
+                assert snapshot is None
+        finally:
+            reading.close()
+        fresh = ReadOnlyDB(target)
+        try:
+            assert _counts(fresh)[0] == before[0] + 1
+        finally:
+            fresh.close()
+    with pytest.raises(ValueError, match="snapshot id"):
+        ReadOnlyDB(pg_url, "1'; DROP TABLE batches; --")
