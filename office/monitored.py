@@ -238,42 +238,6 @@ def _row(run: Run) -> tuple[Any, ...]:
     return tuple(values[k] for k in COLUMNS)
 
 
-def _run(row: dict[str, Any], sha: str) -> Run:
-    run = Run(str(row["device_id"]), int(row["seq"]), int(row["part"]), int(row["hour"]), sha)
-    s, c = run.sums, run.checks
-    s.readings = int(row["readings"])
-    s.dur_s, s.diesel_l, s.gas_kg = row["dur_s"], row["diesel_l"], row["gas_kg"]
-    s.distance_km, s.distance_credited_km = row["distance_km"], row["distance_credited_km"]
-    for ch in rp.CHANNELS:
-        s.cov[ch] = row[f"cov_{ch}"]
-        s.gaps[ch] = int(row[f"gaps_{ch}"])
-        s.longest_gap_s[ch] = row[f"longest_{ch}"]
-    for m in rp.MODES:
-        s.mode_s[m] = row[f"mode_{m}"]
-    s.unsynced_s, s.first_t0, s.last_t1 = row["unsynced_s"], row["first_t0"], row["last_t1"]
-    s.seqs[run.seq] = sha
-    if s.readings:
-        # Stored at share 0: the same additions as the totals, so equal to them bit for bit.
-        s.parts[0.0] = [s.diesel_l, s.gas_kg, s.distance_km, s.distance_credited_km]
-    c.lfc_first, c.lfc_last, c.lfc_diesel_l = (
-        row["lfc_first"],
-        row["lfc_last"],
-        row["lfc_rest_diesel"],
-    )
-    run.lfc_first_diesel = row["lfc_first_diesel"]
-    c.inj_kg, c.inj_flow_kg, c.inj_n = row["inj_kg"], row["inj_flow_kg"], int(row["inj_n"])
-    run.tank_first, run.tank_first_gas = row["tank_first"], row["tank_first_gas"]
-    c.tank_prev, c.tank_used_kg, c.tank_flow_kg = (
-        row["tank_last"],
-        row["tank_used_kg"],
-        row["tank_flow_kg"],
-    )
-    c.tank_refills, c.tank_n = int(row["tank_refills"]), int(row["tank_n"])
-    run.tank_dmax_use, run.tank_dmin_refill = row["tank_dmax_use"], row["tank_dmin_refill"]
-    run.epochs = {int(e) for e in str(row["epochs"] or "").split(",") if e}
-    return run
-
-
 _INSERT = f"INSERT INTO batch_runs({', '.join(COLUMNS)}) VALUES({', '.join('?' * len(COLUMNS))})"
 _MARK = "INSERT INTO batch_runs(device_id, seq, part, status, sums_version, readings) "
 _MARK += "VALUES(?, ?, 0, ?, ?, 0)"
@@ -703,17 +667,6 @@ def _add_stock(bus: rp.BusData, b: batch.Batch, lo: float, hi: float) -> None:
             day = datetime.fromtimestamp(t0, UTC).date().isoformat()
             bus.stock.add(r)
             bus.day_stock.setdefault(day, refill_records.Stock()).add(r)
-
-
-def _relabel(run: Run, fame_at: FameAt, breaks: Sequence[float]) -> bool:
-    """Give a stored run (share 0) its blend; False when the blend may change inside it."""
-    s = run.sums
-    if not s.readings:
-        return True
-    if any(s.first_t0 < k < s.last_t1 for k in breaks):
-        return False
-    s.parts = {fame_at(s.first_t0): s.parts[0.0]}
-    return True
 
 
 def _bound(hi: float, big: int) -> int:

@@ -484,11 +484,6 @@ def fleet_er(m: Methodology, fleet: Sequence[tuple[str, Monitored]]) -> float:
     return FleetColumns(m, fleet).er(m)
 
 
-def _er(m: Methodology, q: Monitored, device_id: str) -> float:
-    re, pe = _balance(m, q, device_id)[:2]
-    return re - pe
-
-
 class FleetColumns:
     """A fleet's monitored sums as columns, one entry per bus, for its ER under many
     variants of one methodology (the conservative set and the sensitivity evaluate it

@@ -438,7 +438,7 @@ def test_the_fleet_columns_give_the_bus_by_bus_er_to_the_bit(
             for k in ("include_compression", "include_upstream_leakage", "include_ch4_n2o")
         }
         v = m.with_values(values, **switches)
-        by_bus = sum(mrv._er(v, q, dev) for dev, q in fleet)
+        by_bus = sum(mrv.emissions(v, q, dev).er_kg for dev, q in fleet)
         assert columns.er(v).hex() == float(by_bus).hex()
         assert mrv.fleet_er(v, fleet).hex() == float(by_bus).hex()
 
